@@ -1,0 +1,60 @@
+"""The two records that cross the drafter -> verifier seam.
+
+A `Proposal` is what a drafter offers: draft tokens arranged as a chain or a token tree, with the draft
+distribution each token was *sampled* from when the drafter has one. A `Verdict` is what the verifier decides
+after one target forward over [pending token, *proposal tokens]:
+
+- accepted tokens: the draft tokens on the longest verified path;
+- one more token from the target itself: the **bonus** token when the whole path was accepted up to a leaf
+  with no matching child, or the **recovered** token resampled from the residual after a rejection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Proposal:
+    """Draft tokens for one step.
+
+    Node i of the proposal is scored at input index i + 1 of the target forward (index 0 is the pending token,
+    the last emitted token whose KV is not yet cached). Its parent is `parents[i]` (-1 = the pending token).
+    A chain has parents [-1, 0, 1, ...]. Siblings must carry distinct tokens.
+    """
+
+    tokens: torch.Tensor  # [n] int64, on the target's device
+    parents: tuple[int, ...] | None = None  # [n] parent node index or -1; None = chain
+    probs: torch.Tensor | None = None  # [n, V] float32: the draft distribution node i was sampled from; None = point masses
+
+    @property
+    def size(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def is_chain(self) -> bool:
+        return self.parents is None
+
+    def parent_list(self) -> tuple[int, ...]:
+        return tuple(range(-1, self.size - 1)) if self.parents is None else self.parents
+
+    @staticmethod
+    def empty(device: torch.device | str) -> Proposal:
+        return Proposal(tokens=torch.empty(0, dtype=torch.long, device=device))
+
+
+@dataclass
+class Verdict:
+    """The verifier's decision for one step (host values: read after the step's single sync)."""
+
+    path: list[int]  # accepted proposal node indices, root to deepest, e.g. [0, 1, 2] for 3 accepted chain tokens
+    tokens: list[int]  # emitted tokens: the accepted draft tokens then the bonus/recovered token (len(path) + 1)
+    proposed: int  # number of draft tokens scored this step (the proposal's size)
+    depth: int = 0  # depth of the proposal (chain length, or the deepest tree level)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def accepted(self) -> int:
+        return len(self.path)
