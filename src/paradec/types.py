@@ -27,7 +27,9 @@ class Proposal:
 
     tokens: torch.Tensor  # [n] int64, on the target's device
     parents: tuple[int, ...] | None = None  # [n] parent node index or -1; None = chain
-    probs: torch.Tensor | None = None  # [n, V] float32: the draft distribution node i was sampled from; None = point masses
+    probs: torch.Tensor | None = (
+        None  # [n, V] float32: the draft distribution node i was sampled from; None = point masses
+    )
 
     @property
     def size(self) -> int:

@@ -71,7 +71,9 @@ class Runner(Protocol):
         ...
 
 
-def prefill(runner: Runner, token_ids: torch.Tensor, *, logits: LogitsWanted = "none", hidden: bool = False) -> RunnerOutput:
+def prefill(
+    runner: Runner, token_ids: torch.Tensor, *, logits: LogitsWanted = "none", hidden: bool = False
+) -> RunnerOutput:
     """Append `token_ids` to the committed prefix."""
     out = runner.forward(token_ids, logits=logits, hidden=hidden)
     runner.commit(int(token_ids.shape[0]))

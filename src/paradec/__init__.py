@@ -1,0 +1,26 @@
+"""paradec: lossless parallel decoding for Hugging Face causal LMs.
+
+import paradec
+engine = paradec.load()                      # the embedded default model and its draft
+result = engine.generate("def add(a, b):", method="pld", max_new_tokens=64)
+print(result.text, result.stats.tau)
+"""
+
+from paradec.config import SamplingParams
+from paradec.decode import Generation, Result
+from paradec.drafters import methods
+from paradec.engine import Engine, load
+from paradec.errors import ParadecError
+from paradec.metrics import GenerationStats
+
+__all__ = [
+    "Engine",
+    "Generation",
+    "GenerationStats",
+    "ParadecError",
+    "Result",
+    "SamplingParams",
+    "load",
+    "methods",
+]
+__version__ = "0.1.0"

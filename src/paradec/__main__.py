@@ -1,0 +1,3 @@
+from paradec.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""`paradec generate | zoo | bench | serve | train`.
+
+User mistakes (`ParadecError`, bad arguments) print one line on stderr and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from paradec.errors import ParadecError
+
+
+def _kv(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that loads an engine."""
+    parser.add_argument("--model", help="local checkpoint directory or hub id (default: the embedded model)")
+    parser.add_argument("--draft", help="draft model directory or hub id (default with no --model: the embedded draft)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--dtype", default="auto", help="auto (default), float32, bfloat16 or float16")
+    parser.add_argument("--runner", default="auto", choices=["auto", "native", "hf"], help="model runner")
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    from paradec.drafters import methods
+
+    parser.add_argument("--method", default="vanilla", help=f"decoding method: {', '.join(methods())}")
+    parser.add_argument(
+        "--opt",
+        action="append",
+        type=_kv,
+        default=[],
+        metavar="NAME=VALUE",
+        help="method option, repeatable (e.g. --opt k=6 for draft, --opt max_ngram=4 for pld); see `paradec methods`",
+    )
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def sampling_from_args(args: argparse.Namespace):
+    from paradec.config import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed
+    )
+
+
+def load_engine(args: argparse.Namespace):
+    import paradec
+
+    return paradec.load(
+        args.model,
+        args.draft,
+        heads=getattr(args, "heads", None),
+        device=args.device,
+        dtype=args.dtype,
+        runner=args.runner,
+    )
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt_file is None:
+        return args.prompt
+    path = Path(args.prompt_file)
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParadecError(f"cannot read prompt file {args.prompt_file!r}: {exc}") from exc
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = _read_prompt(args)
+    sampling = sampling_from_args(args)
+    engine = load_engine(args)
+    stream = engine.stream(
+        prompt,
+        method=args.method,
+        sampling=sampling,
+        max_new_tokens=args.max_new_tokens,
+        stop=args.stop or None,
+        options=dict(args.opt),
+    )
+    if args.json:
+        result = stream.run()
+        record = {
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "finish_reason": result.finish_reason,
+            "method": args.method,
+            "model": engine.config.model,
+            "stats": result.stats.to_dict(),
+        }
+        print(json.dumps(record))
+        return 0
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print(stream.result.stats.summary(), file=sys.stderr)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from paradec.drafters import REGISTRY
+
+    for name, cls in REGISTRY.items():
+        fields = [f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.options_class)]
+        lossy = " (LOSSY)" if cls.lossy else ""
+        print(f"{name}{lossy}: {', '.join(fields) or 'no options'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paradec", description="Lossless parallel decoding for causal LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate a completion, streamed to stdout")
+    add_model_args(gen)
+    add_method_args(gen)
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="prompt text")
+    prompt.add_argument("--prompt-file", help="file holding the prompt text")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    add_sampling_args(gen)
+    gen.add_argument("--stop", action="append", default=[], help="stop string, repeatable")
+    gen.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, stats)")
+    gen.set_defaults(func=cmd_generate)
+
+    meth = sub.add_parser("methods", help="list decoding methods and their options")
+    meth.set_defaults(func=cmd_methods)
+
+    for module in _SUBCOMMAND_MODULES:
+        __import__(module, fromlist=["add_parser"]).add_parser(sub)
+    return parser
+
+
+# Each of these modules has `add_parser(subparsers)`, registering a sub-command whose `func(args) -> int` runs it.
+_SUBCOMMAND_MODULES: list[str] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ParadecError as exc:
+        print(f"paradec: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0

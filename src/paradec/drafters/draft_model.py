@@ -1,0 +1,92 @@
+"""`draft`: a smaller language model with the target's vocabulary proposes a chain of k tokens.
+
+The draft model has its own runner and cache, kept in step with the committed sequence: before proposing, the
+draft cache holds the first `runner.length` tokens of the sequence; the drafter feeds the rest (the tokens
+emitted since, the pending one last) and then its own k - 1 draft tokens. After verification it rolls the cache
+back to the tokens that are still valid (the sequence up to the pending token plus the accepted drafts).
+Sampling draws each draft token from the draft's warped distribution q, which goes to the verifier for
+rejection sampling (Leviathan et al. 2023).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from paradec.drafters import register
+from paradec.drafters.base import DecodeState, Drafter, Resources
+from paradec.errors import ParadecError
+from paradec.runners.base import prefill
+from paradec.sampling import sample, warp
+from paradec.types import Proposal, Verdict
+
+
+@dataclass(frozen=True)
+class DraftOptions:
+    k: int = 5  # draft tokens per step
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ParadecError(f"draft option k must be an integer >= 1, got {self.k!r}")
+
+
+def align_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Cut or pad (with -inf) the last dimension to the target's logits width."""
+    width = logits.shape[-1]
+    if width == vocab_size:
+        return logits
+    if width > vocab_size:
+        return logits[..., :vocab_size]
+    pad = logits.new_full((*logits.shape[:-1], vocab_size - width), float("-inf"))
+    return torch.cat([logits, pad], -1)
+
+
+@register
+class DraftModel(Drafter):
+    name = "draft"
+    options_class = DraftOptions
+
+    def __init__(self, resources: Resources, options: DraftOptions) -> None:
+        super().__init__(resources, options)
+        self.runner = resources.draft_runner()
+        self._base = 0  # sequence length (pending token included) when the last proposal was made
+        self._drafted = 0
+
+    def begin(self, state: DecodeState) -> None:
+        if len(state.tokens) > self.runner.max_length:
+            raise ParadecError(
+                f"prompt of {len(state.tokens)} tokens exceeds the draft model's context of {self.runner.max_length}"
+            )
+        self.runner.reset()
+        if len(state.tokens) > 1:
+            prefill(self.runner, torch.tensor(state.tokens[:-1], device=self.runner.device))
+
+    def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
+        k = min(self.options.k, max_tokens, self.runner.max_length - len(state.tokens))
+        self._base, self._drafted = len(state.tokens), max(k, 0)
+        if k <= 0:
+            return Proposal.empty(state.device)
+        fresh = torch.tensor(state.tokens[self.runner.length :], device=self.runner.device)
+        out = prefill(self.runner, fresh, logits="last")
+        tokens, probs = [], []
+        for i in range(k):
+            logits = align_vocab(out.logits[-1], state.vocab_size)  # [V]
+            if state.sampling.greedy:
+                token = logits.argmax(-1)
+            else:
+                q = warp(logits, state.sampling)  # [V]
+                token = sample(q, state.generator)
+                probs.append(q)
+            tokens.append(token)
+            if i < k - 1:
+                out = prefill(self.runner, token.view(1), logits="last")
+        return Proposal(
+            tokens=torch.stack(tokens).to(state.device),
+            probs=torch.stack(probs).to(state.device) if probs else None,
+        )
+
+    def update(self, state: DecodeState, verdict: Verdict) -> None:
+        # cached now: the sequence up to the pending token, then drafts 1..k-1; keep what was accepted
+        valid = self._base + min(verdict.accepted, self._drafted - 1) if self._drafted else self.runner.length
+        self.runner.rollback(min(valid, self.runner.length))

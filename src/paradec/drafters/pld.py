@@ -1,0 +1,83 @@
+"""`pld`: prompt lookup decoding — draft by copying what followed the last n-gram's previous occurrence.
+
+The sequence so far (prompt + output) is indexed incrementally: for each n in [min_ngram, max_ngram], a map from
+n-gram to the position right after its most recent occurrence. To propose, the drafter takes the longest suffix
+n-gram seen before and copies the tokens that followed its most recent occurrence. When the copy would run past
+the end of the sequence (the match is close behind, as in a repeating pattern), it continues with the period
+of the repetition, so a loop of period p yields a full draft. Drafts are point masses (no q): verified by token
+match, exactly, also when sampling (Saxena 2023, "Prompt Lookup Decoding"; Yang et al. 2023, "Inference with
+Reference").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from paradec.drafters import register
+from paradec.drafters.base import DecodeState, Drafter, Resources
+from paradec.errors import ParadecError
+from paradec.types import Proposal
+
+
+@dataclass(frozen=True)
+class PLDOptions:
+    max_ngram: int = 3  # longest suffix n-gram matched
+    min_ngram: int = 1  # shortest suffix n-gram matched
+    num_draft_tokens: int = 10  # tokens copied per step
+
+    def __post_init__(self) -> None:
+        for name in ("max_ngram", "min_ngram", "num_draft_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ParadecError(f"pld option {name} must be an integer >= 1, got {value!r}")
+        if self.min_ngram > self.max_ngram:
+            raise ParadecError(f"pld option min_ngram={self.min_ngram} exceeds max_ngram={self.max_ngram}")
+
+
+class NgramIndex:
+    """Most recent continuation start of every n-gram (n in [min_n, max_n]) of a growing token list."""
+
+    def __init__(self, min_n: int, max_n: int) -> None:
+        self.sizes = range(max_n, min_n - 1, -1)  # longest first
+        self.maps: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in self.sizes}
+        self.indexed = 0  # positions < indexed have been entered as continuation starts
+
+    def extend(self, tokens: list[int]) -> None:
+        for start in range(max(self.indexed, 1), len(tokens)):
+            for n in self.sizes:
+                if start >= n:
+                    self.maps[n][tuple(tokens[start - n : start])] = start
+        self.indexed = max(self.indexed, len(tokens))
+
+    def lookup(self, tokens: list[int], count: int) -> list[int]:
+        """Up to `count` tokens predicted to follow `tokens` (empty if no suffix n-gram occurred before)."""
+        self.extend(tokens)
+        end = len(tokens)
+        for n in self.sizes:
+            if n > end:
+                continue
+            start = self.maps[n].get(tuple(tokens[end - n :]))
+            if start is None:
+                continue
+            period = end - start  # a repetition of this period is what we assume
+            return [tokens[start + (i % period)] for i in range(count)]
+        return []
+
+
+@register
+class PromptLookup(Drafter):
+    name = "pld"
+    options_class = PLDOptions
+
+    def __init__(self, resources: Resources, options: PLDOptions) -> None:
+        super().__init__(resources, options)
+        self.index = NgramIndex(options.min_ngram, options.max_ngram)
+
+    def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
+        count = min(self.options.num_draft_tokens, max_tokens)
+        draft = self.index.lookup(state.tokens, count) if count > 0 else []
+        if not draft:
+            return Proposal.empty(state.device)
+        return Proposal(tokens=torch.tensor(draft, dtype=torch.long, device=state.device))

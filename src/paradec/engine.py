@@ -1,0 +1,243 @@
+"""The engine: one target model (and optionally a draft model / trained heads) behind `generate` and `stream`.
+
+`paradec.load(...)` builds an Engine; the Engine validates every request (naming the bad value in a
+`ParadecError`), picks the drafter class of the requested method from the registry and runs the decode loop.
+One Engine runs one generation at a time: it owns one target cache.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from paradec.config import EngineConfig, SamplingParams
+from paradec.decode import Generation, Result
+from paradec.drafters import get_drafter, parse_options
+from paradec.errors import ParadecError
+from paradec.loading import load_tokenizer, resolve_device, resolve_dtype, resolve_model_dir
+from paradec.runners import Runner, load_runner
+
+
+class Engine:
+    def __init__(
+        self,
+        target: Runner,
+        tokenizer,
+        config: EngineConfig,
+        *,
+        draft: Runner | None = None,
+        heads_dir: Path | None = None,
+        eos_token_ids: set[int] | None = None,
+    ) -> None:
+        self.target = target
+        self.tokenizer = tokenizer
+        self.config = config
+        self._draft = draft
+        self._heads_dir = heads_dir
+        self.eos_token_ids = set(eos_token_ids or ())
+        self._busy = threading.Lock()
+
+    # --- resources lent to drafters -------------------------------------------------------------------------
+    def draft_runner(self) -> Runner:
+        if self._draft is None:
+            raise ParadecError("method 'draft' needs a draft model: pass draft=... to paradec.load() or --draft DIR")
+        return self._draft
+
+    # --- public API -----------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: str | list[int] | torch.Tensor,
+        *,
+        method: str = "vanilla",
+        sampling: SamplingParams | dict | None = None,
+        max_new_tokens: int = 128,
+        stop: str | list[str] | None = None,
+        options: dict | Any = None,
+    ) -> Result:
+        """Generate a completion of `prompt`; returns text, new token ids and stats."""
+        return self.stream(
+            prompt, method=method, sampling=sampling, max_new_tokens=max_new_tokens, stop=stop, options=options
+        ).run()
+
+    def stream(
+        self,
+        prompt: str | list[int] | torch.Tensor,
+        *,
+        method: str = "vanilla",
+        sampling: SamplingParams | dict | None = None,
+        max_new_tokens: int = 128,
+        stop: str | list[str] | None = None,
+        options: dict | Any = None,
+    ) -> Generation:
+        """Like `generate`, but iterate the returned object for text pieces as tokens are accepted;
+        its `.result` is set when the iteration ends."""
+        sampling = _sampling(sampling)
+        drafter_cls = get_drafter(method)
+        parsed = parse_options(drafter_cls, options)
+        prompt_ids = self.encode(prompt)
+        _check_max_new_tokens(max_new_tokens)
+        total = len(prompt_ids) + max_new_tokens
+        if total > self.target.max_length:
+            raise ParadecError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
+                f"model's context of {self.target.max_length} tokens"
+            )
+        stops = _stop_list(stop)
+        drafter = drafter_cls(self, parsed)
+        return Generation(
+            self.target,
+            drafter,
+            self.tokenizer,
+            prompt_ids,
+            sampling,
+            max_new_tokens,
+            self.eos_token_ids,
+            stops,
+            method,
+            lock=self._busy,
+        )
+
+    def encode(self, prompt: str | list[int] | torch.Tensor) -> list[int]:
+        """Prompt -> token ids, validated (non-empty, ids inside the vocabulary)."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ParadecError("prompt is empty")
+            if self.tokenizer is None:
+                raise ParadecError("this engine has no tokenizer: pass the prompt as token ids")
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        elif isinstance(prompt, torch.Tensor):
+            if prompt.dim() == 2 and prompt.shape[0] == 1:
+                prompt = prompt[0]
+            if prompt.dim() != 1 or prompt.dtype not in (torch.int32, torch.int64):
+                raise ParadecError(f"prompt tensor must be 1-D integer token ids, got shape {tuple(prompt.shape)}")
+            ids = prompt.tolist()
+        elif isinstance(prompt, (list, tuple)):
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+                raise ParadecError("prompt list must hold integer token ids")
+            ids = list(prompt)
+        else:
+            raise ParadecError(f"prompt must be a string or token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ParadecError("prompt is empty (it encodes to no tokens)")
+        bad = [t for t in ids if not 0 <= t < self.target.vocab_size]
+        if bad:
+            raise ParadecError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")
+        return ids
+
+
+def _sampling(sampling: SamplingParams | dict | None) -> SamplingParams:
+    if sampling is None:
+        return SamplingParams()
+    if isinstance(sampling, SamplingParams):
+        return sampling
+    if isinstance(sampling, dict):
+        try:
+            return SamplingParams(**sampling)
+        except TypeError as exc:
+            raise ParadecError(f"bad sampling parameters {sampling!r}: {exc}") from exc
+    raise ParadecError(f"sampling must be SamplingParams or a dict, got {type(sampling).__name__}")
+
+
+def _check_max_new_tokens(value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ParadecError(f"max_new_tokens must be an integer >= 1, got {value!r}")
+
+
+def _stop_list(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    for s in stops:
+        if not isinstance(s, str) or not s:
+            raise ParadecError(f"stop strings must be non-empty strings, got {s!r}")
+    return stops
+
+
+def _eos_ids(path: Path, tokenizer) -> set[int]:
+    from transformers import GenerationConfig
+
+    ids: set[int] = set()
+    try:
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    except OSError:
+        eos = None
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(e) for e in eos)
+    return ids
+
+
+def load(
+    model: str | Path | None = None,
+    draft: str | Path | None = None,
+    *,
+    heads: str | Path | None = None,
+    device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = "auto",
+    runner: str = "auto",
+) -> Engine:
+    """Load a target (a local Hugging Face checkpoint directory or a hub id; None = the embedded default model
+    with its draft and heads) and optionally a draft model with the same vocabulary."""
+    if model is None:
+        from paradec import zoo
+
+        model_dir = zoo.default_model_dir()
+        draft = zoo.default_draft_dir() if draft is None else draft
+    else:
+        model_dir = resolve_model_dir(model, "model")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    tokenizer = load_tokenizer(model_dir)
+    draft_runner = None
+    if draft is not None:
+        draft_dir = resolve_model_dir(draft, "draft model")
+        _check_same_vocab(model_dir, tokenizer, draft_dir)
+        draft_runner = load_runner(draft_dir, runner, dev, dt)
+    target = load_runner(model_dir, runner, dev, dt)
+    heads_dir = resolve_heads_dir(heads) if heads is not None else None
+    config = EngineConfig(
+        model=str(model_dir),
+        draft=None if draft is None else str(draft),
+        heads=None if heads_dir is None else str(heads_dir),
+        device=str(dev),
+        dtype=str(dt).removeprefix("torch."),
+        runner=type(target).__name__,
+    )
+    return Engine(
+        target, tokenizer, config, draft=draft_runner, heads_dir=heads_dir, eos_token_ids=_eos_ids(model_dir, tokenizer)
+    )
+
+
+def resolve_heads_dir(heads: str | Path) -> Path:
+    path = Path(heads).expanduser()
+    if not path.is_dir():
+        raise ParadecError(f"heads path {str(heads)!r} does not exist or is not a directory")
+    return path
+
+
+def _check_same_vocab(model_dir: Path, tokenizer, draft_dir: Path) -> None:
+    from paradec.loading import read_config
+
+    try:
+        draft_vocab = load_tokenizer(draft_dir).get_vocab()
+    except ParadecError:
+        draft_vocab = None
+    if draft_vocab is not None:
+        if draft_vocab != tokenizer.get_vocab():
+            raise ParadecError(
+                f"draft model {str(draft_dir)!r} has a different vocabulary ({len(draft_vocab)} tokens) from the "
+                f"target {str(model_dir)!r} ({len(tokenizer.get_vocab())} tokens); speculative decoding needs the "
+                "same tokenizer"
+            )
+        return
+    target_size, draft_size = read_config(model_dir).get("vocab_size"), read_config(draft_dir).get("vocab_size")
+    if target_size != draft_size:
+        raise ParadecError(
+            f"draft model {str(draft_dir)!r} has vocab_size {draft_size}, the target {str(model_dir)!r} has {target_size}"
+        )

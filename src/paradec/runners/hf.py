@@ -1,0 +1,130 @@
+"""Generic runner: any `transformers` AutoModelForCausalLM, with a DynamicCache cut back after rejections.
+
+Chains use the model's own causal masking. Token trees pass a 4D additive attention mask (committed prefix fully
+visible, the provisional part from `TreeBuffers.mask`) with per-node position ids; `transformers` hands a 4D mask
+to the attention unchanged. Commit keeps the accepted provisional entries by slicing (chain) or gathering (tree)
+each layer's key/value tensors.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from paradec.errors import ParadecError
+from paradec.runners.base import LogitsWanted, RunnerOutput
+from paradec.tree import TreeBuffers
+
+
+class HFRunner:
+    """Runs a `transformers` causal LM for one sequence (batch 1)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model.eval()
+        config = model.config.get_text_config(decoder=True)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self.hidden_size = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
+        self.max_length = int(
+            getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 1 << 30
+        )
+        params = inspect.signature(model.forward).parameters
+        self._keep_kw = "logits_to_keep" in params
+        # transformers renamed `past_key_values` to `cache` (5.2x); support both spellings
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache = DynamicCache()
+        self._length = 0
+        self._provisional = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def reset(self) -> None:
+        self._cache = DynamicCache()
+        self._length = 0
+        self._provisional = 0
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        tree: TreeBuffers | None = None,
+        *,
+        logits: LogitsWanted = "all",
+        hidden: bool = False,
+    ) -> RunnerOutput:
+        if self._provisional:
+            raise RuntimeError("forward() called twice without commit()")
+        n = int(token_ids.shape[0])
+        if self._length + n > self.max_length:
+            raise ParadecError(
+                f"sequence of {self._length + n} tokens exceeds the model's context of {self.max_length}"
+            )
+        start = self._length
+        kwargs: dict = {}
+        if tree is None or tree.is_chain:
+            positions = torch.arange(start, start + n, device=self.device)
+        else:
+            positions = start + tree.depth.to(self.device)
+            visible = torch.cat(
+                [torch.ones(n, start, dtype=torch.bool, device=self.device), tree.mask.to(self.device)], 1
+            )
+            mask = torch.zeros(1, 1, n, start + n, dtype=self.dtype, device=self.device)  # (B, 1, q, kv) additive
+            kwargs["attention_mask"] = mask.masked_fill(~visible, torch.finfo(self.dtype).min)
+        if self._keep_kw and logits != "all":
+            kwargs["logits_to_keep"] = 1
+        out = self.model(
+            input_ids=token_ids.view(1, n).to(self.device),
+            position_ids=positions.view(1, n),
+            use_cache=True,
+            output_hidden_states=hidden,
+            **{self._cache_kw: self._cache},
+            **kwargs,
+        )
+        self._provisional = n
+        result_logits = None
+        if logits == "all":
+            result_logits = out.logits[0].float()  # [n, V]
+        elif logits == "last":
+            result_logits = out.logits[0, -1:].float()  # [1, V]
+        return RunnerOutput(logits=result_logits, hidden=out.hidden_states[-1][0] if hidden else None)
+
+    def commit(self, keep: list[int] | int) -> None:
+        n = self._provisional
+        if isinstance(keep, int):
+            if not 0 <= keep <= n:
+                raise ValueError(f"commit({keep}) with {n} provisional entries")
+            self._truncate(self._length + keep)
+            self._length += keep
+        elif list(keep) == list(range(len(keep))):
+            self.commit(len(keep))
+            return
+        else:
+            index = torch.tensor([self._length + k for k in keep], device=self.device)
+            for layer in self._cache.layers:
+                if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+                    continue
+                layer.keys = torch.cat([layer.keys[..., : self._length, :], layer.keys.index_select(-2, index)], -2)
+                layer.values = torch.cat(
+                    [layer.values[..., : self._length, :], layer.values.index_select(-2, index)], -2
+                )
+            self._length += len(keep)
+        self._provisional = 0
+
+    def rollback(self, length: int) -> None:
+        if self._provisional:
+            raise RuntimeError("rollback() with uncommitted provisional entries")
+        if not 0 <= length <= self._length:
+            raise ValueError(f"rollback({length}) with {self._length} committed tokens")
+        self._truncate(length)
+        self._length = length
+
+    def _truncate(self, length: int) -> None:
+        for layer in self._cache.layers:
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                layer.keys = layer.keys[..., :length, :]
+                layer.values = layer.values[..., :length, :]

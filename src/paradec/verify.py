@@ -1,0 +1,149 @@
+"""Verification: the ONLY place where draft tokens are accepted.
+
+One target forward scores [pending token, node 0, node 1, ...]; `logits[j]` is the target's next-token logits
+after input j (input 0 is the pending token, input i + 1 is proposal node i). The verifier walks the proposal
+from the root and emits the accepted draft tokens plus exactly one token from the target itself: the **bonus**
+token (sampled/argmaxed at the deepest accepted node) or the **recovered** token (drawn from the residual after
+a rejection). Every emitted token is distributed exactly as plain decoding would draw it. Let p be the target's
+warped distribution (paradec.sampling.warp) at a node and q the drafter's warped distribution there.
+
+Greedy (temperature 0), chain or tree:
+    x_j = argmax p_j for every input j. Node i is accepted iff its token equals x at its parent and its parent
+    is accepted. Emit the accepted tokens, then x at the deepest accepted input. Identical to greedy decoding.
+
+Point masses (sampling, drafter has no q: prompt lookup, Jacobi, lookahead, top-k trees):
+    x_j ~ p_j independently for every input j, then exactly the greedy walk with x in place of argmax.
+    Exact: the emitted token at every prefix is a draw from p at that prefix. For a single draft d this is
+    rejection sampling with q = δ_d: accept with prob p(d) = min(1, p(d)/1), and on rejection x ~ p conditioned
+    on x != d, which is norm(max(0, p - δ_d)), the residual.
+
+Rejection sampling, chain with q (Leviathan et al. 2023, Algorithm 1; Chen et al. 2023):
+    draft token d_i was sampled from q_i. Accept d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first
+    rejection emit a recovered token from norm(max(0, p_i - q_i)); if all n are accepted emit a bonus token from
+    p_n. Then P(emit y) = min(p, q)(y) + (1 - Σ min(p, q)) * norm(max(0, p - q))(y) = p(y).
+
+Recursive rejection sampling, tree with q (multi-candidate, SpecInfer / EAGLE style; the without-replacement form
+of Jeon et al. 2024, "Recursive Speculative Decoding"):
+    the children c_1..c_m of a node were drawn without replacement from q, in that order. For k = 1..m: accept
+    c_k with probability min(1, p(c_k) / q(c_k)); on rejection p <- norm(max(0, p - q)) and q <- q with c_k
+    removed, renormalised. If no child is accepted emit a recovered token from the final p. Each rejected
+    sibling's q is taken out of the residual, which keeps the emitted token distributed as the original p.
+
+Host syncs: one per step for greedy, point-mass and chain verification (the accepted count, the final token and
+the draft tokens travel together); tree rejection sampling is sequential by nature and syncs once per sibling tried.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from paradec.config import SamplingParams
+from paradec.sampling import sample, warp
+from paradec.tree import TreeBuffers, build_tree
+from paradec.types import Proposal, Verdict
+
+
+def verify(
+    proposal: Proposal,
+    logits: torch.Tensor,  # [n+1, V] float32 target logits for [pending, *proposal]
+    sp: SamplingParams,
+    generator: torch.Generator | None = None,
+    tree: TreeBuffers | None = None,
+) -> Verdict:
+    """Accept a prefix/path of `proposal` against the target's `logits` (see the module docstring)."""
+    if tree is None:
+        tree = build_tree(proposal.parent_list(), logits.device)
+    if sp.greedy:
+        return _walk(proposal, logits.argmax(-1), tree)
+    probs = warp(logits, sp)  # [n+1, V]
+    if proposal.probs is None or proposal.size == 0:
+        return _walk(proposal, sample(probs, generator), tree)
+    if tree.is_chain:
+        return _rejection_chain(proposal, probs, generator, tree)
+    return _rejection_tree(proposal, probs, generator, tree)
+
+
+def _walk(proposal: Proposal, picks: torch.Tensor, tree: TreeBuffers) -> Verdict:
+    """Greedy / point-mass walk. `picks[j]` is the target's token after input j ([n+1])."""
+    n = proposal.size
+    if n == 0:
+        return Verdict(path=[], tokens=[int(picks[0])], proposed=0, depth=0)
+    edge_ok = proposal.tokens == picks[tree.parent[1:]]  # [n] node token == the target's pick at its parent
+    ok = torch.cat([edge_ok.new_ones(1), edge_ok])  # [n+1] the root is always "accepted"
+    reachable = ~(tree.mask & ~ok).any(-1)  # [n+1] every input on the root path is ok
+    deepest = torch.where(reachable, tree.depth, -1).argmax()  # unique: reachable inputs form one path
+    host = torch.cat([deepest.view(1), picks[deepest].view(1), proposal.tokens]).tolist()  # the step's one sync
+    best, final, draft = host[0], host[1], host[2:]
+    path = _path_to(tree, best)
+    return Verdict(path=path, tokens=[draft[i] for i in path] + [final], proposed=n, depth=tree.max_depth)
+
+
+def _path_to(tree: TreeBuffers, input_index: int) -> list[int]:
+    """Proposal node indices from the root's child down to input `input_index` (exclusive of the root)."""
+    path = []
+    j = input_index
+    while j > 0:
+        path.append(j - 1)
+        j = tree.parents[j - 1] + 1
+    return path[::-1]
+
+
+def _rejection_chain(
+    proposal: Proposal, probs: torch.Tensor, generator: torch.Generator | None, tree: TreeBuffers
+) -> Verdict:
+    n = proposal.size
+    q = proposal.probs.float()  # [n, V]
+    draft = proposal.tokens  # [n]
+    rows = torch.arange(n, device=probs.device)
+    p_draft = probs[rows, draft]  # [n]
+    q_draft = q[rows, draft]  # [n] > 0: each draft token was sampled from q
+    u = torch.rand(n, generator=generator, device=probs.device)
+    accept = u * q_draft < p_draft  # u < p/q, i.e. accept with probability min(1, p/q)
+    accepted = accept.long().cumprod(0).sum()  # length of the accepted prefix
+    residual = (probs[:n] - q).clamp_min(0.0)  # [n, V]
+    mass = residual.sum(-1, keepdim=True)
+    # mass == 0 means p <= q everywhere, i.e. p == q: a rejection then has probability 0; fall back to p
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), probs[:n])
+    candidates = torch.cat([sample(residual, generator), sample(probs[n : n + 1], generator)])  # [n+1]
+    host = torch.cat([accepted.view(1), candidates[accepted].view(1), draft]).tolist()  # the step's one sync
+    count, final, draft_host = host[0], host[1], host[2:]
+    return Verdict(path=list(range(count)), tokens=[*draft_host[:count], final], proposed=n, depth=n)
+
+
+def _rejection_tree(
+    proposal: Proposal, probs: torch.Tensor, generator: torch.Generator | None, tree: TreeBuffers
+) -> Verdict:
+    q_all = proposal.probs.float()  # [n, V]
+    draft = proposal.tokens.tolist()
+    children: list[list[int]] = [[] for _ in range(tree.size)]
+    for node, parent in enumerate(tree.parents):
+        children[parent + 1].append(node)
+    path: list[int] = []
+    current = 0  # input index
+    while True:
+        p = probs[current]
+        q = None
+        moved = False
+        for node in children[current]:
+            token = draft[node]
+            if q is None:
+                q = q_all[node]
+            u = torch.rand((), generator=generator, device=probs.device)
+            ok = u * q[token] < p[token]
+            if bool(ok):  # one sync per sibling tried
+                path.append(node)
+                current = node + 1
+                moved = True
+                break
+            residual = (p - q).clamp_min(0.0)
+            mass = residual.sum()
+            p = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p)
+            q = q.clone()
+            q[token] = 0.0
+            q_mass = q.sum()
+            q = torch.where(q_mass > 0, q / q_mass.clamp_min(1e-30), q)
+        if not moved:
+            final = int(sample(p.view(1, -1), generator)[0])
+            return Verdict(
+                path=path, tokens=[draft[i] for i in path] + [final], proposed=len(draft), depth=tree.max_depth
+            )

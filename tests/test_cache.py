@@ -1,0 +1,76 @@
+"""After rejections the runner's cache equals a cache built from scratch over the accepted tokens."""
+
+from __future__ import annotations
+
+import torch
+
+from paradec.runners import HFRunner, load_hf_model, prefill
+from paradec.tree import build_tree
+
+
+def cache_tensors(runner: HFRunner) -> list[torch.Tensor]:
+    return [torch.cat([layer.keys, layer.values]) for layer in runner._cache.layers]
+
+
+def fresh(path, tokens: list[int]) -> HFRunner:
+    runner = HFRunner(load_hf_model(path, torch.device("cpu"), torch.float32))
+    prefill(runner, torch.tensor(tokens))
+    return runner
+
+
+def assert_same_cache(a: HFRunner, b: HFRunner) -> None:
+    assert a.length == b.length
+    for x, y in zip(cache_tensors(a), cache_tensors(b)):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_chain_rejection_then_tree_commit_equal_fresh_cache(model_dirs):
+    for arch in ("llama", "gpt2"):
+        path = model_dirs[arch]
+        runner = HFRunner(load_hf_model(path, torch.device("cpu"), torch.float32))
+        prefill(runner, torch.tensor([5, 6, 7]))
+        runner.forward(torch.tensor([8, 9, 10, 11]))
+        runner.commit(2)  # a chain step that accepted the pending token and one draft
+        tree = build_tree((-1, -1, 0, 1, 3))
+        out_tree = runner.forward(torch.tensor([12, 13, 14, 15, 16, 17]), tree)
+        runner.commit([0, 2, 4, 5])  # pending 12, then node 1 (14), node 3 (16), node 4 (17)
+        expected = fresh(path, [5, 6, 7, 8, 9, 12, 14, 16, 17])
+        assert_same_cache(runner, expected)
+        # tree logits equal scoring the committed path as a chain
+        chain = fresh(path, [5, 6, 7, 8, 9])
+        out_chain = chain.forward(torch.tensor([12, 14, 16, 17]))
+        torch.testing.assert_close(out_tree.logits[[0, 2, 4, 5]], out_chain.logits, rtol=1e-4, atol=1e-4)
+        runner.rollback(4)
+        assert_same_cache(runner, fresh(path, [5, 6, 7, 8]))
+
+
+def test_engine_cache_after_generation_with_rejections(model_dirs):
+    import paradec
+
+    engine = paradec.load(model_dirs["llama"], model_dirs["llama-draft"], runner="hf")
+    result = engine.generate("def fibonacci(n):\n", method="draft", max_new_tokens=30)
+    assert result.stats.proposed_tokens > result.stats.accepted_tokens  # there were rejections
+    tokens = engine.encode("def fibonacci(n):\n") + result.token_ids
+    # the target cache holds every token but the last emitted (pending) one
+    assert_same_cache(engine.target, fresh(model_dirs["llama"], tokens[:-1]))
+
+
+def test_draft_model_cache_rolls_back_to_accepted(model_dirs):
+    import paradec
+    from paradec.config import SamplingParams
+    from paradec.drafters.base import DecodeState
+    from paradec.drafters.draft_model import DraftModel, DraftOptions
+    from paradec.types import Verdict
+
+    engine = paradec.load(model_dirs["llama"], model_dirs["llama-draft"], runner="hf")
+    drafter = DraftModel(engine, DraftOptions(k=4))
+    state = DecodeState([5, 6, 7], 3, SamplingParams(), None, torch.device("cpu"), engine.target.vocab_size)
+    drafter.begin(state)
+    for accepted in (2, 0, 4, 1):
+        proposal = drafter.propose(state, max_tokens=10)
+        drafts = proposal.tokens.tolist()
+        state.tokens += [*drafts[:accepted], 300 + accepted]  # accepted drafts, then a recovered/bonus token
+        drafter.update(state, Verdict(path=list(range(accepted)), tokens=[], proposed=4, depth=4))
+        valid = len(state.tokens) - 1 - accepted + min(accepted, 3)  # up to the old pending token + cached drafts
+        assert drafter.runner.length == valid
+        assert_same_cache(drafter.runner, fresh(model_dirs["llama-draft"], state.tokens[:valid]))

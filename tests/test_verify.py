@@ -1,0 +1,97 @@
+"""Hand-worked cases for the verifier and the tree buffers."""
+
+from __future__ import annotations
+
+import torch
+
+from paradec.config import SamplingParams
+from paradec.tree import build_tree
+from paradec.types import Proposal
+from paradec.verify import verify
+
+GREEDY = SamplingParams()
+
+
+def one_hot_logits(picks: list[int], vocab: int = 8) -> torch.Tensor:
+    logits = torch.zeros(len(picks), vocab)
+    logits[torch.arange(len(picks)), torch.tensor(picks)] = 5.0
+    return logits
+
+
+def test_greedy_chain_accepts_longest_matching_prefix():
+    proposal = Proposal(tokens=torch.tensor([3, 4, 5, 6]))
+    # target picks after [pending, 3, 4, 5, 6]: 3, 4, 7, ...: accepts 3, 4; emits 7 (recovered = argmax)
+    verdict = verify(proposal, one_hot_logits([3, 4, 7, 1, 2]), GREEDY)
+    assert verdict.path == [0, 1]
+    assert verdict.tokens == [3, 4, 7]
+    assert verdict.accepted == 2 and verdict.proposed == 4
+
+
+def test_greedy_chain_all_accepted_gives_bonus():
+    verdict = verify(Proposal(tokens=torch.tensor([3, 4])), one_hot_logits([3, 4, 6]), GREEDY)
+    assert verdict.tokens == [3, 4, 6] and verdict.path == [0, 1]
+
+
+def test_greedy_empty_proposal_is_a_plain_step():
+    verdict = verify(Proposal.empty("cpu"), one_hot_logits([5]), GREEDY)
+    assert verdict.tokens == [5] and verdict.path == []
+
+
+def test_tree_buffers_hand_worked():
+    # root -> a(0), b(1); a -> c(2), d(3); d -> e(4)
+    tree = build_tree((-1, -1, 0, 0, 3))
+    assert tree.depth.tolist() == [0, 1, 1, 2, 2, 3]
+    assert tree.parent.tolist() == [-1, 0, 0, 1, 1, 4]
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 0, 1, 0, 0, 0],
+            [1, 1, 0, 1, 0, 0],
+            [1, 1, 0, 0, 1, 0],
+            [1, 1, 0, 0, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(tree.mask, expected)
+    assert tree.paths == ((0, 2), (0, 1, 3), (0, 1, 4, 5))
+    assert tree.max_depth == 3 and not tree.is_chain
+    assert build_tree((-1, 0, 1)).is_chain
+
+
+def test_greedy_tree_follows_the_matching_branch():
+    # nodes: a=1 (root child), b=2 (root child), c=3 under a, d=4 under a, e=5 under d
+    proposal = Proposal(tokens=torch.tensor([1, 2, 3, 4, 5]), parents=(-1, -1, 0, 0, 3))
+    # target picks per input [root, a, b, c, d, e]: root->1 (a), a->4 (d), d->6 (no child e=5): emit 6
+    verdict = verify(proposal, one_hot_logits([1, 4, 0, 0, 6, 0]), GREEDY)
+    assert verdict.path == [0, 3]
+    assert verdict.tokens == [1, 4, 6]
+
+
+def test_greedy_tree_second_sibling_and_full_depth():
+    proposal = Proposal(tokens=torch.tensor([1, 2, 3, 4, 5]), parents=(-1, -1, 0, 0, 3))
+    assert verify(proposal, one_hot_logits([2, 0, 7, 0, 0, 0]), GREEDY).tokens == [2, 7]
+    verdict = verify(proposal, one_hot_logits([1, 4, 0, 0, 5, 3]), GREEDY)
+    assert verdict.path == [0, 3, 4] and verdict.tokens == [1, 4, 5, 3]
+
+
+def test_rejection_chain_identical_distributions_accepts_all():
+    vocab = 6
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0))
+    sp = SamplingParams(temperature=1.0, seed=1)
+    q = torch.softmax(logits[:3], -1)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        draft = torch.multinomial(q, 1, generator=gen).view(-1)
+        verdict = verify(Proposal(tokens=draft, probs=q), logits, sp, gen)
+        assert verdict.accepted == 3  # p == q: min(1, p/q) = 1
+        assert verdict.tokens[:3] == draft.tolist()
+
+
+def test_rejection_chain_rejects_token_target_forbids():
+    # target puts zero mass on token 0 (top-k 1 keeps only token 2): a draft of 0 is always rejected
+    logits = torch.tensor([[0.0, 1.0, 3.0], [0.0, 0.0, 0.0]])
+    sp = SamplingParams(temperature=1.0, top_k=1)
+    q = torch.tensor([[1.0, 0.0, 0.0]])
+    verdict = verify(Proposal(tokens=torch.tensor([0]), probs=q), logits, sp, torch.Generator().manual_seed(0))
+    assert verdict.path == [] and verdict.tokens == [2]
