@@ -6,7 +6,10 @@ User mistakes (`ParadecError`, bad arguments) print one line on stderr and exit 
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
+import pkgutil
 import sys
 from pathlib import Path
 
@@ -117,9 +120,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from paradec.drafters import REGISTRY
+    from paradec.drafters import get_drafter, methods
 
-    for name, cls in REGISTRY.items():
+    for name in methods():
+        cls = get_drafter(name)
         fields = [f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.options_class)]
         lossy = " (LOSSY)" if cls.lossy else ""
         print(f"{name}{lossy}: {', '.join(fields) or 'no options'}")
@@ -145,13 +149,21 @@ def build_parser() -> argparse.ArgumentParser:
     meth = sub.add_parser("methods", help="list decoding methods and their options")
     meth.set_defaults(func=cmd_methods)
 
-    for module in _SUBCOMMAND_MODULES:
-        __import__(module, fromlist=["add_parser"]).add_parser(sub)
+    for module in _subcommand_modules():
+        importlib.import_module(module).add_parser(sub)
     return parser
 
 
-# Each of these modules has `add_parser(subparsers)`, registering a sub-command whose `func(args) -> int` runs it.
-_SUBCOMMAND_MODULES: list[str] = []
+def _subcommand_modules() -> list[str]:
+    """`paradec.<package>.cli` of every sub-package that has one (zoo, bench, serve, train): each defines
+    `add_parser(subparsers)`, registering a sub-command whose `func(args) -> int` runs it."""
+    import paradec
+
+    found = []
+    for package in sorted(pkgutil.iter_modules(paradec.__path__), key=lambda m: m.name):
+        if package.ispkg and importlib.util.find_spec(f"paradec.{package.name}.cli") is not None:
+            found.append(f"paradec.{package.name}.cli")
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from paradec.drafters.base import DecodeState, Drafter, NoOptions, Resources, parse_options
 from paradec.errors import ParadecError
 
@@ -22,11 +25,18 @@ def get_drafter(name: str) -> type[Drafter]:
 
 
 def methods() -> list[str]:
-    return list(REGISTRY)
+    """Registered method names, `vanilla` first."""
+    return sorted(REGISTRY, key=lambda name: (name != "vanilla", name))
 
 
-# Importing the modules registers their drafters, in the order `methods()` lists them.
-from paradec.drafters import draft_model, pld, vanilla  # noqa: E402, F401
+def _import_all() -> None:
+    """Every module of this package defines and registers drafters: importing it is registering them."""
+    for module in pkgutil.iter_modules(__path__):
+        if module.name != "base":
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+_import_all()
 
 __all__ = [
     "REGISTRY",
