@@ -74,3 +74,21 @@ def test_draft_model_cache_rolls_back_to_accepted(model_dirs):
         valid = len(state.tokens) - 1 - accepted + min(accepted, 3)  # up to the old pending token + cached drafts
         assert drafter.runner.length == valid
         assert_same_cache(drafter.runner, fresh(model_dirs["llama-draft"], state.tokens[:valid]))
+
+
+def test_aux_inputs_are_scored_but_never_committed(model_dirs):
+    path = model_dirs["qwen2"]
+    runner = HFRunner(load_hf_model(path, torch.device("cpu"), torch.float32))
+    prefill(runner, torch.tensor([5, 6, 7]))
+    tree = build_tree((-1, 0))  # a 2-token chain after the pending token 8
+    # two aux inputs forming their own chain from the root: 8 -> 20 -> 21 (positions +1, +2)
+    aux_mask = torch.tensor([[1, 0, 0, 1, 0], [1, 0, 0, 1, 1]], dtype=torch.bool)
+    layout = tree.with_aux(torch.tensor([1, 2]), aux_mask)
+    assert layout.size == 5 and not layout.is_chain and layout.parents == tree.parents
+    out = runner.forward(torch.tensor([8, 9, 10, 20, 21]), layout)
+    runner.commit([0, 1])
+    assert_same_cache(runner, fresh(path, [5, 6, 7, 8, 9]))
+    chain = fresh(path, [5, 6, 7]).forward(torch.tensor([8, 20, 21]))
+    torch.testing.assert_close(out.logits[[0, 3, 4]], chain.logits, rtol=1e-4, atol=1e-4)
+    other = fresh(path, [5, 6, 7]).forward(torch.tensor([8, 9, 10]))
+    torch.testing.assert_close(out.logits[:3], other.logits, rtol=1e-4, atol=1e-4)

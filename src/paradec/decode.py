@@ -117,9 +117,15 @@ class Generation:
             remaining = self.max_new_tokens - len(new_ids)
             proposal = drafter.propose(state, max_tokens=remaining - 1)
             tree = build_tree(proposal.parent_list(), device)
-            inputs = torch.cat([torch.tensor([state.tokens[-1]], device=device), proposal.tokens])  # [1 + n]
-            out = target.forward(inputs, tree, logits="all", hidden=drafter.needs_hidden)
-            verdict = self.verifier(proposal, out.logits, self.sampling, state.generator, tree)
+            pieces = [torch.tensor([state.tokens[-1]], device=device), proposal.tokens]
+            layout = tree
+            if proposal.aux is not None:
+                pieces.append(proposal.aux.tokens)
+                layout = tree.with_aux(proposal.aux.depth, proposal.aux.mask)
+            inputs = torch.cat(pieces)  # [1 + n (+ m)] pending token, proposal nodes, auxiliary inputs
+            out = target.forward(inputs, layout, logits="all", hidden=drafter.needs_hidden)
+            state.target_logits = out.logits
+            verdict = self.verifier(proposal, out.logits[: proposal.size + 1], self.sampling, state.generator, tree)
             keep = [0] + [i + 1 for i in verdict.path]
             target.commit(keep)
             if out.hidden is not None:

@@ -10,6 +10,10 @@ Buffers (all indexed by forward input index 0..n):
                         Every input also attends to the whole committed cache (the runner adds that part).
 - `parent`   [n+1]      parent input index (-1 for the root).
 - `paths`    tuple of root-to-leaf input-index tuples (for tests and for "score every path separately").
+
+`with_aux` appends auxiliary inputs (scored, never accepted; see `types.AuxInputs`) after the tree's inputs: the
+result's `mask` and `depth` cover all inputs, while `parents`, `parent` and `paths` still describe the tree part
+that the verifier walks. Runners read only `mask`, `depth`, `size` and `is_chain`.
 """
 
 from __future__ import annotations
@@ -33,15 +37,25 @@ class TreeBuffers:
 
     @property
     def size(self) -> int:
-        """Number of forward inputs (root included)."""
-        return len(self.parents) + 1
+        """Number of forward inputs (root and auxiliary inputs included)."""
+        return int(self.depth.shape[0])
 
     @property
     def is_chain(self) -> bool:
-        return self.parents == tuple(range(-1, len(self.parents) - 1))
+        return self.size == len(self.parents) + 1 and self.parents == tuple(range(-1, len(self.parents) - 1))
 
-    def to(self, device: torch.device | str) -> TreeBuffers:
-        return _build(self.parents, str(torch.device(device)))
+    def with_aux(self, aux_depth: torch.Tensor, aux_mask: torch.Tensor) -> TreeBuffers:
+        """These buffers plus m auxiliary inputs: `aux_depth` [m], `aux_mask` [m, size + m] (see the module doc)."""
+        m = int(aux_depth.shape[0])
+        n1 = self.size
+        if aux_mask.shape != (m, n1 + m):
+            raise ValueError(f"aux mask of shape {tuple(aux_mask.shape)}, expected {(m, n1 + m)}")
+        device = self.mask.device
+        mask = torch.zeros(n1 + m, n1 + m, dtype=torch.bool, device=device)
+        mask[:n1, :n1] = self.mask
+        mask[n1:] = aux_mask.to(device)
+        depth = torch.cat([self.depth, aux_depth.to(device)])
+        return TreeBuffers(self.parents, depth, mask, self.parent, self.paths, max(self.max_depth, int(depth.max())))
 
 
 def build_tree(parents: tuple[int, ...] | list[int], device: torch.device | str = "cpu") -> TreeBuffers:

@@ -17,6 +17,18 @@ import torch
 
 
 @dataclass
+class AuxInputs:
+    """Extra inputs scored in the same target forward but never accepted (e.g. Lookahead decoding's lookahead
+    branch). Their logits reach the drafter through `DecodeState.target_logits`; their KV is dropped at commit.
+
+    Forward inputs are ordered [pending, proposal nodes (n), aux inputs (m)]."""
+
+    tokens: torch.Tensor  # [m] int64
+    depth: torch.Tensor  # [m] int64 position offsets from the pending token (which sits at offset 0)
+    mask: torch.Tensor  # [m, 1 + n + m] bool: what each aux input attends to besides the committed prefix
+
+
+@dataclass
 class Proposal:
     """Draft tokens for one step.
 

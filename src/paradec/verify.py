@@ -115,7 +115,7 @@ def _rejection_tree(
 ) -> Verdict:
     q_all = proposal.probs.float()  # [n, V]
     draft = proposal.tokens.tolist()
-    children: list[list[int]] = [[] for _ in range(tree.size)]
+    children: list[list[int]] = [[] for _ in range(len(tree.parents) + 1)]
     for node, parent in enumerate(tree.parents):
         children[parent + 1].append(node)
     path: list[int] = []

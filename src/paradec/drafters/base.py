@@ -34,6 +34,7 @@ class DecodeState:
     device: torch.device
     vocab_size: int  # width of the target's logits
     target_hidden: torch.Tensor | None = None  # [m, H] target hidden states of the inputs committed last step
+    target_logits: torch.Tensor | None = None  # [n+1(+aux), V] target logits of every input of the last step
 
 
 class Resources(Protocol):
