@@ -39,9 +39,9 @@ class Proposal:
 
     tokens: torch.Tensor  # [n] int64, on the target's device
     parents: tuple[int, ...] | None = None  # [n] parent node index or -1; None = chain
-    probs: torch.Tensor | None = (
-        None  # [n, V] float32: the draft distribution node i was sampled from; None = point masses
-    )
+    # [n, V] float32: the draft distribution node i was sampled from; None = point masses
+    probs: torch.Tensor | None = None
+    aux: AuxInputs | None = None  # inputs to score alongside but never to accept
 
     @property
     def size(self) -> int:
