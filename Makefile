@@ -16,7 +16,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/paradec generate --prompt 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n' --method pld --max-new-tokens 64
+	$(BIN)/paradec generate --prompt-file examples/demo_prompt.py --method draft --max-new-tokens 96
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests scripts

@@ -113,11 +113,12 @@ class Generation:
         streamed = 0  # characters of detok.text already yielded
         finish = ""
         cut = -1  # where a stop string starts in the text
+        pending = torch.tensor([state.tokens[-1]], device=device)  # [1] the last token, not yet in the target cache
         while not finish:
             remaining = self.max_new_tokens - len(new_ids)
             proposal = drafter.propose(state, max_tokens=remaining - 1)
             tree = build_tree(proposal.parent_list(), device)
-            pieces = [torch.tensor([state.tokens[-1]], device=device), proposal.tokens]
+            pieces = [pending, proposal.tokens]
             layout = tree
             if proposal.aux is not None:
                 pieces.append(proposal.aux.tokens)
@@ -131,6 +132,9 @@ class Generation:
             if out.hidden is not None:
                 state.target_hidden = out.hidden[keep]
             stats.record_step(verdict.depth, proposal.size, verdict.accepted)
+            pending = verdict.final_device
+            if pending is None:  # a verifier that returned host values only
+                pending = torch.tensor(verdict.tokens[-1:], device=device)
 
             for token in verdict.tokens:
                 new_ids.append(token)

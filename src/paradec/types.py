@@ -11,7 +11,7 @@ after one target forward over [pending token, *proposal tokens]:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -67,7 +67,8 @@ class Verdict:
     tokens: list[int]  # emitted tokens: the accepted draft tokens then the bonus/recovered token (len(path) + 1)
     proposed: int  # number of draft tokens scored this step (the proposal's size)
     depth: int = 0  # depth of the proposal (chain length, or the deepest tree level)
-    extra: dict = field(default_factory=dict)
+    # [1] the last emitted token (bonus/recovered) still on the device: the next step's pending input, no upload
+    final_device: torch.Tensor | None = None
 
     @property
     def accepted(self) -> int:

@@ -67,7 +67,7 @@ def _walk(proposal: Proposal, picks: torch.Tensor, tree: TreeBuffers) -> Verdict
     """Greedy / point-mass walk. `picks[j]` is the target's token after input j ([n+1])."""
     n = proposal.size
     if n == 0:
-        return Verdict(path=[], tokens=[int(picks[0])], proposed=0, depth=0)
+        return Verdict(path=[], tokens=[int(picks[0])], proposed=0, depth=0, final_device=picks[:1])
     edge_ok = proposal.tokens == picks[tree.parent[1:]]  # [n] node token == the target's pick at its parent
     ok = torch.cat([edge_ok.new_ones(1), edge_ok])  # [n+1] the root is always "accepted"
     reachable = ~(tree.mask & ~ok).any(-1)  # [n+1] every input on the root path is ok
@@ -75,7 +75,8 @@ def _walk(proposal: Proposal, picks: torch.Tensor, tree: TreeBuffers) -> Verdict
     host = torch.cat([deepest.view(1), picks[deepest].view(1), proposal.tokens]).tolist()  # the step's one sync
     best, final, draft = host[0], host[1], host[2:]
     path = _path_to(tree, best)
-    return Verdict(path=path, tokens=[draft[i] for i in path] + [final], proposed=n, depth=tree.max_depth)
+    tokens = [draft[i] for i in path] + [final]
+    return Verdict(path=path, tokens=tokens, proposed=n, depth=tree.max_depth, final_device=picks[deepest].view(1))
 
 
 def _path_to(tree: TreeBuffers, input_index: int) -> list[int]:
@@ -107,7 +108,10 @@ def _rejection_chain(
     candidates = torch.cat([sample(residual, generator), sample(probs[n : n + 1], generator)])  # [n+1]
     host = torch.cat([accepted.view(1), candidates[accepted].view(1), draft]).tolist()  # the step's one sync
     count, final, draft_host = host[0], host[1], host[2:]
-    return Verdict(path=list(range(count)), tokens=[*draft_host[:count], final], proposed=n, depth=n)
+    tokens = [*draft_host[:count], final]
+    return Verdict(
+        path=list(range(count)), tokens=tokens, proposed=n, depth=n, final_device=candidates[accepted].view(1)
+    )
 
 
 def _rejection_tree(
@@ -143,7 +147,6 @@ def _rejection_tree(
             q_mass = q.sum()
             q = torch.where(q_mass > 0, q / q_mass.clamp_min(1e-30), q)
         if not moved:
-            final = int(sample(p.view(1, -1), generator)[0])
-            return Verdict(
-                path=path, tokens=[draft[i] for i in path] + [final], proposed=len(draft), depth=tree.max_depth
-            )
+            final = sample(p.view(1, -1), generator)  # [1]
+            tokens = [draft[i] for i in path] + [int(final[0])]
+            return Verdict(path=path, tokens=tokens, proposed=len(draft), depth=tree.max_depth, final_device=final)
