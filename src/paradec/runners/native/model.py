@@ -1,0 +1,369 @@
+"""Our own small Llama-family transformer: Llama, Mistral, Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm).
+
+This module owns the model's shape (`ModelArgs`, read from a Hugging Face config), its weights (`Transformer`)
+and the arithmetic of one forward over T new inputs of one sequence. It keeps no state between calls: the caller
+passes the KV cache tensor, the committed length `start` and the inputs' tree (depth + ancestor mask), and the
+forward
+
+- places input j at position `start + depth[j]` and writes its keys/values to cache slot `start + j`;
+- lets input j attend to the committed slots [0, start) and to the inputs that `tree_mask[j]` allows.
+
+So one code path scores a prompt, a chain or a token tree. Weights follow the Hugging Face checkpoints with two
+fusions made at load time (q/k/v is one matrix, gate/up is one matrix): a decode step reads each layer with four
+matrix-vector products. All index arithmetic stays on the device, so a forward never synchronises with the host and
+can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from paradec.errors import ParadecError
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    architecture: str  # one of ARCHITECTURES
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    hidden_act: str
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    rope: tuple[tuple[str, float | str], ...]  # the standardized rope_parameters, sorted (hashable)
+    sliding_window: int | None  # the attention window where some layer uses one, else None
+
+    @property
+    def rope_parameters(self) -> dict:
+        return dict(self.rope)
+
+    @staticmethod
+    def from_config(config: dict) -> ModelArgs:
+        """Parse a config.json dict; raises ParadecError for configs this model cannot run."""
+        hf = _hf_config(config)
+        architecture = _architecture(config)
+        rope = dict(hf.rope_parameters or {})
+        sliding_window = None
+        if architecture == "mistral" or "sliding_attention" in (getattr(hf, "layer_types", None) or ()):
+            sliding_window = hf.sliding_window
+        bias = bool(getattr(hf, "attention_bias", False))
+        return ModelArgs(
+            architecture=architecture,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            n_layers=hf.num_hidden_layers,
+            n_heads=hf.num_attention_heads,
+            n_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
+            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
+            norm_eps=float(hf.rms_norm_eps),
+            hidden_act=getattr(hf, "hidden_act", "silu"),
+            max_position_embeddings=hf.max_position_embeddings,
+            tie_word_embeddings=bool(hf.tie_word_embeddings),
+            qkv_bias=True if architecture == "qwen2" else bias,
+            o_bias=False if architecture == "qwen2" else bias,
+            mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+            qk_norm=architecture == "qwen3",
+            rope=tuple(sorted((k, v) for k, v in rope.items() if isinstance(v, (int, float, str)))),
+            sliding_window=sliding_window,
+        )
+
+
+def _architecture(config: dict) -> str:
+    names = config.get("architectures") or []
+    for name in names:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    if names:
+        raise ParadecError(f"architecture {names[0]!r} is not supported by the native runner")
+    model_type = config.get("model_type")
+    if model_type in ARCHITECTURES.values():
+        return model_type
+    raise ParadecError(f"model_type {model_type!r} is not supported by the native runner")
+
+
+def _hf_config(config: dict):
+    """The config as transformers reads it, so defaults and legacy rope keys mean exactly what they mean there."""
+    from transformers import AutoConfig
+
+    fields = dict(config)
+    model_type = fields.pop("model_type", None) or _architecture(config)
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ParadecError(f"cannot read the {model_type!r} config: {error}") from error
+
+
+def unsupported_reason(config: dict, max_cache_len: int | None = None) -> str | None:
+    """Why the native runner cannot run this config exactly (None if it can).
+
+    A sliding window only changes attention once the sequence outgrows it, so it is accepted when it is at least
+    `max_cache_len` (default: the config's max_position_embeddings).
+    """
+    try:
+        args = ModelArgs.from_config(config)
+    except ParadecError as error:
+        return str(error)
+    if config.get("quantization_config"):
+        return "quantized checkpoints are not supported by the native runner"
+    if args.hidden_act != "silu":
+        return f"hidden_act {args.hidden_act!r} is not supported by the native runner (only 'silu')"
+    rope = args.rope_parameters
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        return f"rope_type {rope_type!r} is not supported by the native runner (supported: {', '.join(ROPE_TYPES)})"
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        return f"partial_rotary_factor {rope['partial_rotary_factor']!r} is not supported by the native runner"
+    if args.n_heads % args.n_kv_heads:
+        return f"num_attention_heads {args.n_heads} is not a multiple of num_key_value_heads {args.n_kv_heads}"
+    if args.head_dim % 2:
+        return f"head_dim {args.head_dim} must be even for rotary embeddings"
+    context = max_cache_len or args.max_position_embeddings
+    if args.sliding_window is not None and args.sliding_window < context:
+        return (
+            f"sliding_window {args.sliding_window} is in effect for a context of {context} tokens; the native runner "
+            f"implements full attention only (pass max_cache_len <= {args.sliding_window} or use the hf runner)"
+        )
+    return None
+
+
+def supports(config: dict) -> bool:
+    """True when the native runner computes exactly what transformers computes for this config."""
+    return unsupported_reason(config) is None
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Rotary inverse frequencies [head_dim/2] float32, with the 'linear' or 'llama3' rescaling applied."""
+    rope = args.rope_parameters
+    base = float(rope.get("rope_theta", 10000.0))
+    dim = args.head_dim
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rope_type = rope.get("rope_type", "default")
+    if rope_type == "linear":
+        inv_freq = inv_freq / float(rope["factor"])
+    elif rope_type == "llama3":
+        # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between.
+        factor = float(rope["factor"])
+        low, high = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+        old_context = float(rope.get("original_max_position_embeddings", args.max_position_embeddings))
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in float32, round back to the model dtype, then scale (the reference order of roundings)
+        y = x.float()
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def add_norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual stream's pending add, then the norm: (norm(residual + x), residual + x).
+
+    A block hands its last branch output to the next block un-added, so that add and the next norm are one fused
+    kernel (compiled mode) instead of two.
+    """
+    residual = residual + x
+    return norm(residual), residual
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (T, h, hs) by per-input angles; cos/sin (T, 1, hs). Half-split layout, as in the HF checkpoints."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, sdpa_backends: tuple[SDPBackend, ...] | None = None) -> None:
+        super().__init__()
+        q_size, kv_size = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        self.wqkv = nn.Linear(args.hidden_size, q_size + 2 * kv_size, bias=args.qkv_bias)
+        self.wo = nn.Linear(q_size, args.hidden_size, bias=args.o_bias)
+        self.q_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(args.head_dim, args.norm_eps) if args.qk_norm else None
+        self.sdpa_backends = sdpa_backends  # None: PyTorch's choice
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (T, C)
+        cos: torch.Tensor,  # (T, 1, hs)
+        sin: torch.Tensor,  # (T, 1, hs)
+        attn_bias: torch.Tensor,  # (1, 1, g*T, kv) additive
+        slots: torch.Tensor,  # (T,) cache slots of the inputs
+        cache: torch.Tensor,  # (2, nkv, S, hs) this layer's keys and values
+        kv_len: int,
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        # head counts come from tensor shapes, so one compiled graph serves every model size
+        n_kv_heads, head_dim = cache.shape[1], cache.shape[3]
+        n_heads = (self.wqkv.out_features - 2 * n_kv_heads * head_dim) // head_dim
+        group = n_heads // n_kv_heads
+        qk, v = self.wqkv(x).split([(n_heads + n_kv_heads) * head_dim, n_kv_heads * head_dim], dim=-1)
+        qk = qk.view(T, n_heads + n_kv_heads, head_dim)  # (T, nh + nkv, hs): queries and keys rotate together
+        v = v.view(T, n_kv_heads, head_dim)  # (T, nkv, hs)
+        if self.q_norm is not None:
+            qk = torch.cat((self.q_norm(qk[:, :n_heads]), self.k_norm(qk[:, n_heads:])), dim=1)
+        qk = apply_rope(qk, cos, sin)
+        q, k = qk[:, :n_heads], qk[:, n_heads:]  # (T, nh, hs), (T, nkv, hs)
+        # one scatter into the layer's cache tensor itself: compiled writes through views of it copied the whole cache
+        cache.index_copy_(2, slots, torch.stack((k, v)).transpose(1, 2))  # (2, nkv, T, hs) into (2, nkv, S, hs)
+        keys, values = cache[0, :, :kv_len], cache[1, :, :kv_len]  # (nkv, kv, hs)
+        # batch-1 GQA: the `group` query heads sharing a KV head become extra query rows of that head, row g*T + t
+        q = q.view(T, n_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(1, n_kv_heads, group * T, head_dim)
+        if self.sdpa_backends is None:
+            y = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=attn_bias)  # (1, nkv, g*T, hs)
+        else:
+            with sdpa_kernel(list(self.sdpa_backends)):
+                y = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=attn_bias)
+        y = y.view(n_kv_heads, group, T, head_dim).permute(2, 0, 1, 3).reshape(T, n_heads * head_dim)
+        return self.wo(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.w13 = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)  # gate then up
+        self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, sdpa_backends: tuple[SDPBackend, ...] | None = None) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.attention = Attention(args, sdpa_backends)
+        self.mlp_norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, residual, cos, sin, attn_bias, slots, cache, kv_len: int):
+        """(x, residual) -> (x', residual'): the residual stream is residual + x before and residual' + x' after."""
+        h, residual = add_norm(self.attention_norm, x, residual)
+        h, residual = add_norm(self.mlp_norm, self.attention(h, cos, sin, attn_bias, slots, cache, kv_len), residual)
+        return self.mlp(h), residual
+
+
+def step_inputs(
+    inv_freq: torch.Tensor,  # (hs/2,) float32
+    start: torch.Tensor,  # () int64: committed length
+    depth: torch.Tensor,  # (T,) int64
+    tree_mask: torch.Tensor,  # (T, T) bool, lower triangular where it matters (see below)
+    kv_len: int,
+    group: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotary cos/sin (T, 1, hs), cache slots (T,) and the additive attention bias (1, 1, g*T, kv) of one forward.
+
+    Column c of the cache holds committed token c when c < start, else provisional input c - start. Input j sees
+    every committed column, itself, and the provisional inputs k <= j that tree_mask[j, k] allows (ancestors always
+    precede their descendants, so entries above the diagonal, e.g. stale ones of padded static buffers, are never
+    read). Seeing itself keeps every row non-empty, padded rows included, so no softmax row is all -inf.
+    """
+    T = depth.shape[0]
+    positions = (start + depth).float()
+    freqs = positions[:, None] * inv_freq[None, :]  # (T, hs/2) float32
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, hs)
+    cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+    row = torch.arange(T, device=depth.device)
+    slots = start + row
+    rel = torch.arange(kv_len, device=depth.device) - start  # (kv,) provisional input index of each column
+    in_tree = tree_mask.gather(1, rel.clamp(0, T - 1).expand(T, kv_len))  # (T, kv)
+    own = (rel[None, :] >= 0) & (rel[None, :] <= row[:, None])
+    allowed = (rel[None, :] < 0) | (own & (in_tree | (rel[None, :] == row[:, None])))
+    bias = torch.zeros(T, kv_len, dtype=dtype, device=depth.device).masked_fill(~allowed, float("-inf"))
+    return cos, sin, slots, bias.repeat(group, 1)[None, None]
+
+
+def _run_block(block: Block, x, residual, cos, sin, attn_bias, slots, cache, kv_len: int):
+    """A plain function of the block, so one compiled graph serves every block (weights are its inputs)."""
+    return block(x, residual, cos, sin, attn_bias, slots, cache, kv_len)
+
+
+class Transformer(nn.Module):
+    """Weights of a Llama-family causal LM and its forward over a static KV cache.
+
+    `compile=True` runs each piece of the forward (step inputs, each block, the final add + norm) through
+    `torch.compile(dynamic=True)`: the elementwise work between the matrix products fuses into a few Triton kernels,
+    and because shapes are symbolic every query/cache bucket and every model size shares the same compiled code.
+    `sdpa_backends` restricts the attention kernels (e.g. `(SDPBackend.EFFICIENT_ATTENTION,)`); None lets PyTorch
+    choose.
+    """
+
+    def __init__(
+        self, args: ModelArgs, *, compile: bool = False, sdpa_backends: tuple[SDPBackend, ...] | None = None
+    ) -> None:
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, sdpa_backends) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        if compile:
+            self._step_inputs = torch.compile(step_inputs, dynamic=True, fullgraph=True)
+            self._block = torch.compile(_run_block, dynamic=True, fullgraph=True)
+            self._add_norm = torch.compile(add_norm, dynamic=True, fullgraph=True)
+        else:
+            self._step_inputs, self._block, self._add_norm = step_inputs, _run_block, add_norm
+
+    def forward(
+        self,
+        tokens: torch.Tensor,  # (T,) int64
+        depth: torch.Tensor,  # (T,) int64
+        tree_mask: torch.Tensor,  # (T, T) bool
+        start: torch.Tensor,  # () int64 committed length
+        cache: torch.Tensor,  # (L', 2, nkv, S, hs), one entry per layer in `layer_ids`
+        kv_len: int,  # attend over cache slots [0, kv_len); must cover start + T
+        layer_ids: tuple[int, ...],
+    ) -> torch.Tensor:
+        """Last hidden state after the final norm, (T, C): what the LM head reads."""
+        group = self.args.n_heads // self.args.n_kv_heads
+        cos, sin, slots, attn_bias = self._step_inputs(
+            self.inv_freq, start, depth, tree_mask, kv_len, group, self.embed.weight.dtype
+        )
+        x = self.embed(tokens)  # (T, C)
+        residual = torch.zeros_like(x)
+        for i, layer_id in enumerate(layer_ids):
+            x, residual = self._block(self.layers[layer_id], x, residual, cos, sin, attn_bias, slots, cache[i], kv_len)
+        return self._add_norm(self.norm, x, residual)[0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(T, C) -> (T, V) in the model dtype."""
+        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)

@@ -1,0 +1,231 @@
+"""`NativeRunner`: the `Runner` protocol over our own Llama-family Transformer and a static KV cache.
+
+Input j of a forward sits at position `length + depth[j]` and writes its keys/values to slot `length + j`
+(provisional). `commit(keep)` makes the kept inputs (one root path) the next committed slots, moving them only when
+they are not already in place; `rollback` is a length reset. Forwards of up to Q_BUCKETS[-1] inputs run on static
+buckets (CUDA graphs on CUDA); longer ones (prompts) run eagerly, chains in chunks so memory stays bounded.
+
+No host synchronisation happens in forward/commit/rollback: shapes come from host ints the runner tracks, the
+committed length the kernels read is a device scalar, and the only host-to-device copies (the index list of a tree
+compaction, token ids passed on the host) are asynchronous.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from paradec.errors import ParadecError
+from paradec.runners.base import LogitsWanted, RunnerOutput
+from paradec.runners.native.graphs import Q_BUCKETS, StaticForward, kv_bucket
+from paradec.runners.native.kv_cache import KVCache
+from paradec.runners.native.loading import load_transformer, read_config, resolve_dtype
+from paradec.runners.native.model import ModelArgs, Transformer, unsupported_reason
+from paradec.tree import TreeBuffers
+
+DEFAULT_MAX_CACHE_LEN = 4096
+PREFILL_CHUNK = 1024  # eager chains longer than this run in chunks (the attention bias is chunk x cache)
+CHAIN_PARENTS = tuple(range(-1, Q_BUCKETS[-1] - 1))  # input-index parents of a chain; slice [:n]
+
+
+@lru_cache(maxsize=256)
+def input_parents(node_parents: tuple[int, ...]) -> tuple[int, ...]:
+    """Input-index parents of a tree forward (input 0 is the root) from the proposal's node parents."""
+    return (-1, *(p + 1 for p in node_parents))
+
+
+class NativeRunner:
+    """One sequence on the native model (batch 1). Serves targets and draft models alike."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        max_cache_len: int | None = None,
+        layers: Sequence[int] | None = None,
+        static_shapes: bool | None = None,
+    ) -> None:
+        """`layers` runs a subset of the model's layers (shared weights, own cache); `static_shapes` (default: on
+        CUDA) pads forwards to fixed buckets over static buffers, captured as CUDA graphs on CUDA."""
+        args = model.args
+        self.model = model
+        self.device = model.embed.weight.device
+        self.dtype = model.embed.weight.dtype
+        self.vocab_size = args.vocab_size
+        self.hidden_size = args.hidden_size
+        max_cache_len = max_cache_len or min(args.max_position_embeddings, DEFAULT_MAX_CACHE_LEN)
+        if not 0 < max_cache_len <= args.max_position_embeddings:
+            raise ParadecError(
+                f"max_cache_len {max_cache_len} must lie in [1, max_position_embeddings={args.max_position_embeddings}]"
+            )
+        self.max_length = max_cache_len
+        layers = tuple(range(args.n_layers)) if layers is None else tuple(int(i) for i in layers)
+        if not layers or any(not 0 <= i < args.n_layers for i in layers):
+            raise ParadecError(f"layers {list(layers)} must be a non-empty list of indices in [0, {args.n_layers})")
+        self.layer_ids = layers
+        self.static_shapes = self.device.type == "cuda" if static_shapes is None else static_shapes
+        slack = Q_BUCKETS[-1] if self.static_shapes else 0  # padded inputs write past the provisional slots
+        capacity = -(-(max_cache_len + slack) // 128) * 128
+        self.cache = KVCache(len(layers), args.n_kv_heads, args.head_dim, capacity, self.device, self.dtype)
+        self._static = (
+            StaticForward(model, self.cache, layers, capture=self.device.type == "cuda") if self.static_shapes else None
+        )
+        self._arange = torch.arange(max(capacity, Q_BUCKETS[-1]), device=self.device)
+        self._tril = torch.ones(Q_BUCKETS[-1], Q_BUCKETS[-1], dtype=torch.bool, device=self.device).tril()
+        self._pending: tuple[int, tuple[int, ...] | None] | None = None  # (inputs, their parents or None=chain)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | str = "float32",
+        max_cache_len: int | None = None,
+        compile: bool | None = None,
+        static_shapes: bool | None = None,
+    ) -> NativeRunner:
+        """Load a Llama/Mistral/Qwen2/Qwen3 checkpoint directory. `compile` (default: on CUDA when Triton is
+        installed) fuses the elementwise work with torch.compile, about 15 s of warm-up on first use;
+        `max_cache_len` defaults to min(max_position_embeddings, 4096)."""
+        config = read_config(path)
+        reason = unsupported_reason(config, max_cache_len)
+        if reason is not None:
+            raise ParadecError(f"{str(path)!r}: {reason}")
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if compile is None:
+            compile = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        model = load_transformer(path, device=device, dtype=resolve_dtype(dtype, config), compile=compile)
+        return cls(model, max_cache_len=max_cache_len, static_shapes=static_shapes)
+
+    def view(self, layers: Sequence[int], *, max_cache_len: int | None = None) -> NativeRunner:
+        """A runner over a subset of this model's layers: same weights (no copy), its own cache and graphs."""
+        return NativeRunner(
+            self.model, max_cache_len=max_cache_len or self.max_length, layers=layers, static_shapes=self.static_shapes
+        )
+
+    @property
+    def args(self) -> ModelArgs:
+        return self.model.args
+
+    @property
+    def graphs_captured(self) -> int:
+        """CUDA graphs captured so far (one per query bucket x cache bucket x logits wanted that was used)."""
+        return 0 if self._static is None or self._static.bank is None else len(self._static.bank.graphs)
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def reset(self) -> None:
+        self.cache.truncate(0)
+        self._pending = None
+
+    def rollback(self, length: int) -> None:
+        if not 0 <= length <= self.cache.length:
+            raise ValueError(f"rollback to {length} outside the committed length [0, {self.cache.length}]")
+        self.cache.truncate(length)
+        self._pending = None
+
+    @torch.no_grad()
+    def forward(
+        self,
+        token_ids: torch.Tensor,
+        tree: TreeBuffers | None = None,
+        *,
+        logits: LogitsWanted = "all",
+        hidden: bool = False,
+    ) -> RunnerOutput:
+        if self._pending is not None:
+            raise RuntimeError("NativeRunner.forward() called again before commit() of the previous forward")
+        if logits not in ("all", "last", "none"):
+            raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+        if token_ids.dim() != 1 or token_ids.shape[0] == 0:
+            raise ValueError(f"token_ids must be a non-empty 1-D tensor, got shape {tuple(token_ids.shape)}")
+        n = token_ids.shape[0]
+        if self.cache.length + n > self.max_length:
+            raise ParadecError(
+                f"sequence of {self.cache.length + n} tokens exceeds the native runner's max_length {self.max_length}"
+                " (raise max_cache_len)"
+            )
+        parents = None
+        if tree is not None:
+            if tree.size != n:
+                raise ValueError(f"tree has {tree.size} inputs but {n} token ids were given")
+            if tree.mask.device != self.device:
+                tree = tree.to(self.device)
+            parents = input_parents(tree.parents)
+        if self._static is not None and n <= Q_BUCKETS[-1]:
+            out_logits, out_hidden = self._static(
+                token_ids,
+                parents or CHAIN_PARENTS[:n],
+                self._arange[:n] if tree is None else tree.depth,
+                self._tril[:n, :n] if tree is None else tree.mask,
+                logits != "none",
+            )
+            out_logits = None if out_logits is None else out_logits[-1:] if logits == "last" else out_logits
+            result = RunnerOutput(
+                logits=None if out_logits is None else out_logits.clone(),
+                hidden=out_hidden.clone() if hidden else None,
+            )
+        else:
+            result = self._forward_eager(token_ids.to(self.device, non_blocking=True), tree, logits, hidden)
+        self._pending = (n, parents)
+        return result
+
+    def commit(self, keep: list[int] | int) -> None:
+        if self._pending is None:
+            raise RuntimeError("NativeRunner.commit() without a forward() to commit")
+        n, parents = self._pending
+        if isinstance(keep, bool) or not isinstance(keep, (int, list, tuple)):
+            raise TypeError(f"keep must be an int or a list of input indices, got {keep!r}")
+        if isinstance(keep, int) and parents is None:  # a chain prefix: the common case, checked in O(1)
+            if not 0 <= keep <= n:
+                raise ValueError(f"keep {keep} outside [0, {n}] inputs of the last forward")
+            self._pending = None
+            self.cache.advance(keep)
+            return
+        keep = list(range(keep)) if isinstance(keep, int) else [int(k) for k in keep]
+        for i, k in enumerate(keep):
+            parent = k - 1 if parents is None else parents[k] if 0 <= k < n else None
+            if not 0 <= k < n or parent != (keep[i - 1] if i else -1):
+                raise ValueError(f"keep {keep} is not a root path of the last forward's {n} inputs")
+        self._pending = None
+        moves = [(self.cache.length + k, self.cache.length + i) for i, k in enumerate(keep) if k != i]
+        if not moves:
+            self.cache.advance(len(keep))
+            return
+        slots = torch.tensor(moves, dtype=torch.long).T.contiguous()  # (2, m): sources, destinations
+        self.cache.compact(slots.to(self.device, non_blocking=True), len(keep))
+
+    def _forward_eager(
+        self, tokens: torch.Tensor, tree: TreeBuffers | None, logits: LogitsWanted, hidden: bool
+    ) -> RunnerOutput:
+        n = tokens.shape[0]
+        chunk = n if tree is not None else PREFILL_CHUNK
+        hiddens, all_logits = [], []
+        for offset in range(0, n, chunk):
+            count = min(chunk, n - offset)
+            # earlier chunks of this chain are provisional, but every later input attends to them in full: treat them
+            # as committed for this chunk by shifting the start
+            start = self.cache.length_t + offset
+            depth = self._arange[:count] if tree is None else tree.depth
+            mask = torch.ones(count, count, dtype=torch.bool, device=self.device).tril() if tree is None else tree.mask
+            kv = kv_bucket(self.cache.length + offset + count, self.cache.capacity)
+            h = self.model(tokens[offset : offset + count], depth, mask, start, self.cache.data, kv, self.layer_ids)
+            if hidden:
+                hiddens.append(h)
+            if logits == "all":
+                all_logits.append(self.model.logits(h).float())
+            elif logits == "last" and offset + count == n:
+                all_logits.append(self.model.logits(h[-1:]).float())
+        return RunnerOutput(
+            logits=torch.cat(all_logits) if all_logits else None,
+            hidden=torch.cat(hiddens) if hidden else None,
+        )
