@@ -1,0 +1,90 @@
+"""Prometheus metrics of one server: a registry of its own (never the process-global one), served at /metrics.
+
+Per generation (from the scheduler's `JobReport`, labelled by method): outcomes, prompt and generated tokens,
+steps (target forwards), τ, draft tokens proposed and accepted in all and by draft position, latency from
+submission to the last token, time to the first token, queue wait. Per HTTP request: endpoint and status code.
+Live: queue depth and running generations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from paradec.server.worker import JobReport
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_TAU = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0)
+
+
+class ServerMetrics:
+    def __init__(self, queue_depth: Callable[[], int], running: Callable[[], int]) -> None:
+        self.registry = CollectorRegistry()
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ("method",)) -> Counter:
+            return Counter(name, doc, labels, registry=self.registry)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...] = _SECONDS) -> Histogram:
+            return Histogram(name, doc, ("method",), buckets=buckets, registry=self.registry)
+
+        self.requests = counter("paradec_requests", "HTTP requests by endpoint and status", ("endpoint", "status"))
+        self.generations = counter(
+            "paradec_generations",
+            "Generations by method and outcome (stop, length, disconnect, timeout, shutdown, invalid, error)",
+            ("method", "outcome"),
+        )
+        self.prompt_tokens = counter("paradec_prompt_tokens", "Prompt tokens of started generations")
+        self.generation_tokens = counter("paradec_generation_tokens", "Tokens generated")
+        self.steps = counter("paradec_steps", "Decoding steps (one target forward each)")
+        self.proposed = counter("paradec_draft_tokens_proposed", "Draft tokens scored by the target")
+        self.accepted = counter("paradec_draft_tokens_accepted", "Draft tokens accepted")
+        self.proposed_at = counter(
+            "paradec_draft_position_proposed",
+            "Steps that proposed draft position N (1 = first)",
+            ("method", "position"),
+        )
+        self.accepted_at = counter(
+            "paradec_draft_position_accepted",
+            "Steps that accepted draft position N (1 = first)",
+            ("method", "position"),
+        )
+        self.tau = histogram("paradec_tau", "Tokens per step of each finished generation", _TAU)
+        self.latency = histogram("paradec_request_latency_seconds", "Submission to the last token")
+        self.first_token = histogram("paradec_time_to_first_token_seconds", "Submission to the first token")
+        self.queue_wait = histogram("paradec_queue_wait_seconds", "Submission to the start of the generation")
+        Gauge("paradec_queue_depth", "Requests waiting for the engine", registry=self.registry).set_function(
+            queue_depth
+        )
+        Gauge("paradec_running", "Generations running", registry=self.registry).set_function(running)
+
+    def count_request(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+
+    def observe(self, report: JobReport) -> None:
+        method, stats = report.job.method, report.stats
+        self.generations.labels(method, report.outcome).inc()
+        if stats is None:
+            return
+        self.queue_wait.labels(method).observe(report.queue_seconds)
+        self.prompt_tokens.labels(method).inc(stats.prompt_tokens)
+        self.generation_tokens.labels(method).inc(report.new_tokens)
+        self.steps.labels(method).inc(stats.steps)
+        self.proposed.labels(method).inc(stats.proposed_tokens)
+        self.accepted.labels(method).inc(stats.accepted_tokens)
+        for i, count in enumerate(stats.proposed_at):
+            self.proposed_at.labels(method, str(i + 1)).inc(count)
+        for i, count in enumerate(stats.accepted_at):
+            self.accepted_at.labels(method, str(i + 1)).inc(count)
+        if stats.first_token_seconds:
+            self.first_token.labels(method).observe(report.queue_seconds + stats.first_token_seconds)
+        if report.outcome in ("stop", "length"):
+            self.latency.labels(method).observe(report.total_seconds)
+            if stats.steps:
+                self.tau.labels(method).observe(report.new_tokens / stats.steps)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,280 @@
+"""The scheduler seam between HTTP requests and the engine, and its one-at-a-time implementation.
+
+The app turns a request into a `Job`, hands it to a `Scheduler` with `submit(job) -> Handle`, and reads the job's
+events from the handle: zero or more `Piece`s (text as tokens are accepted), then one `Done` (the `Result`) or
+one `Failed`. The handle is the request's side of the job: `await handle.next()` for events, `handle.cancel()`
+when the client goes away. The handle enforces the request's timeout: when it passes, `next()` returns a
+`Failed(JobTimeout)` and cancels the job.
+
+`EngineWorker` is the scheduler for an engine that runs one generation at a time: one thread owns the engine and
+takes handles from a bounded FIFO queue (full -> `QueueFull`). It checks for cancellation after every piece it
+pushes, then closes the generation, so a client that disconnects frees the engine within one step. A batched
+engine replaces it by another `Scheduler` that takes several handles off its queue and pushes each its own events;
+the app does not change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from paradec.config import SamplingParams
+from paradec.decode import Result
+from paradec.errors import ParadecError
+from paradec.metrics import GenerationStats
+
+log = logging.getLogger("paradec.server")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated generation request, as the engine takes it."""
+
+    prompt_ids: list[int]
+    method: str
+    options: Any  # an instance of the method's options class
+    sampling: SamplingParams
+    max_new_tokens: int
+    stop: list[str]
+    timeout: float  # seconds from submission to the last event, queue wait included
+    submitted: float = field(default_factory=time.monotonic)
+
+
+# --- events, from the scheduler to the request ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str  # newly visible text
+
+
+@dataclass(frozen=True)
+class Done:
+    result: Result
+    queue_seconds: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: Exception  # ParadecError (bad input), JobTimeout, JobCancelled, or a bug
+
+
+Event = Piece | Done | Failed
+
+
+class QueueFull(Exception):
+    """The scheduler's queue is full (or the scheduler is shutting down): try again later."""
+
+
+class JobTimeout(Exception):
+    """The request's deadline passed before its last event."""
+
+
+class JobCancelled(Exception):
+    """Raised with the reason: disconnect, timeout or shutdown."""
+
+
+# --- the request's side of a job ----------------------------------------------------------------------------------
+
+
+class Handle:
+    """Events of one job, pushed from the scheduler's thread into the request's event loop; and its cancel switch."""
+
+    def __init__(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+        self.job = job
+        self.deadline = job.submitted + job.timeout
+        self.cancel_reason = ""  # "" while not cancelled; else why: "disconnect", "timeout", "shutdown"
+        self._loop = loop
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._cancelled = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self, reason: str = "disconnect") -> None:
+        """Ask the scheduler to stop this job (a no-op once it has finished)."""
+        if not self._cancelled.is_set():
+            self.cancel_reason = reason
+            self._cancelled.set()
+
+    def push(self, event: Event) -> None:
+        """Called by the scheduler, from any thread."""
+        with contextlib.suppress(RuntimeError):  # RuntimeError: the event loop has closed, nobody is listening
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+
+    async def next(self) -> Event:
+        """The next event, or `Failed(JobTimeout)` (and the job cancelled) once the deadline has passed."""
+        try:
+            return await asyncio.wait_for(self._events.get(), max(self.deadline - time.monotonic(), 0.0))
+        except asyncio.TimeoutError:
+            self.cancel("timeout")
+            return Failed(JobTimeout(f"the request timed out after {self.job.timeout:g} s"))
+
+
+# --- schedulers -----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobReport:
+    """How a job ended, for metrics. `outcome`: stop | length | disconnect | timeout | shutdown | invalid | error."""
+
+    job: Job
+    outcome: str
+    stats: GenerationStats | None  # None when the generation never started
+    new_tokens: int
+    queue_seconds: float
+    total_seconds: float  # submission to the end
+
+
+class Scheduler(Protocol):
+    """What the app needs from whatever runs the engine."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def submit(self, job: Job) -> Handle:
+        """Queue `job`; raises QueueFull. Must be called from the event loop that will read the handle."""
+        ...
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    @property
+    def running(self) -> int: ...
+
+    @property
+    def alive(self) -> bool: ...
+
+
+class EngineWorker:
+    """Runs jobs one at a time, in submission order, on a thread that owns the engine."""
+
+    def __init__(self, engine, *, max_queue: int, on_report: Callable[[JobReport], None] | None = None) -> None:
+        if max_queue < 1:
+            raise ParadecError(f"max_queue must be >= 1, got {max_queue!r}")
+        self.engine = engine
+        self.max_queue = max_queue
+        self.on_report = on_report
+        self._queue: queue.Queue[Handle | None] = queue.Queue(max_queue)
+        self._thread = threading.Thread(target=self._serve, name="paradec-engine", daemon=True)
+        self._current: Handle | None = None
+        self._stopping = False
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def running(self) -> int:
+        return int(self._current is not None)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel the running and the waiting jobs, and end the thread."""
+        self._stopping = True
+        current = self._current
+        if current is not None:
+            current.cancel("shutdown")
+        while True:
+            try:
+                waiting = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if waiting is not None:
+                waiting.cancel("shutdown")
+                waiting.push(Failed(JobCancelled("shutdown")))
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def submit(self, job: Job) -> Handle:
+        if self._stopping:
+            raise QueueFull("the server is shutting down")
+        handle = Handle(job, asyncio.get_running_loop())
+        try:
+            self._queue.put_nowait(handle)
+        except queue.Full:
+            raise QueueFull(f"{self.max_queue} requests are already waiting") from None
+        return handle
+
+    def _serve(self) -> None:
+        while (handle := self._queue.get()) is not None:
+            self._current = handle
+            try:
+                self._run(handle)
+            finally:
+                self._current = None
+
+    def _run(self, handle: Handle) -> None:
+        job = handle.job
+        started = time.monotonic()
+        queue_seconds = started - job.submitted
+        generation = None
+        outcome = "error"
+        try:
+            if self._stopping:
+                handle.cancel("shutdown")
+            if handle.cancelled:
+                raise JobCancelled(handle.cancel_reason)
+            generation = self.engine.stream(
+                job.prompt_ids,
+                method=job.method,
+                sampling=job.sampling,
+                max_new_tokens=job.max_new_tokens,
+                stop=job.stop,
+                options=job.options,
+            )
+            pieces = iter(generation)
+            try:
+                for piece in pieces:
+                    handle.push(Piece(piece))
+                    if handle.cancelled:
+                        raise JobCancelled(handle.cancel_reason)
+            finally:
+                pieces.close()  # frees the engine when the job is cancelled mid-generation
+            handle.push(Done(generation.result, queue_seconds))
+            outcome = generation.result.finish_reason
+        except JobCancelled as exc:
+            handle.push(Failed(exc))
+            outcome = handle.cancel_reason
+        except ParadecError as exc:
+            handle.push(Failed(exc))
+            outcome = "invalid"
+        except Exception as exc:  # a bug or a device failure: report it to this request, keep serving the others
+            log.exception("generation failed")
+            handle.push(Failed(exc))
+        if self.on_report is not None:
+            try:
+                self.on_report(_report(job, outcome, generation, queue_seconds))
+            except Exception:  # metrics must never take the worker down
+                log.exception("reporting a finished job failed")
+
+
+def _report(job: Job, outcome: str, generation, queue_seconds: float) -> JobReport:
+    stats = None if generation is None else generation.stats
+    if generation is not None and generation.result is not None:
+        new_tokens = len(generation.result.token_ids)
+    else:  # stopped early: every step so far emitted its accepted tokens plus one
+        new_tokens = 0 if stats is None else stats.steps + stats.accepted_tokens
+    return JobReport(
+        job=job,
+        outcome=outcome,
+        stats=stats,
+        new_tokens=new_tokens,
+        queue_seconds=queue_seconds,
+        total_seconds=time.monotonic() - job.submitted,
+    )
