@@ -1,0 +1,228 @@
+"""`paradec bench`: every method (and the Hugging Face peers) on a prompt set, with tables and plots.
+
+    paradec bench --suite smoke                                   # CPU, the embedded default pair, minutes
+    paradec bench --suite code --out $OUT                         # GPU, the zoo's bench pair (built if missing)
+    paradec bench --model M --draft D --prompts spec_bench.jsonl --methods draft,pld --opt draft.k=6 --peers hf
+
+Exit codes: 0 done; 1 a lossless method's greedy output differed from vanilla's, or a method crashed (results are
+written first); 2 bad arguments (`ParadecError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from paradec.errors import ParadecError
+
+DEFAULT_OUT = "paradec-bench"
+_SAMPLING_FLAGS = {
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "min_p": "--min-p",
+    "seed": "--seed",
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `paradec bench` (sets `func(args) -> int`)."""
+    from paradec.bench.prompts import SUITES
+    from paradec.cli import add_model_args
+
+    bench = subparsers.add_parser(
+        "bench",
+        help="benchmark methods and Hugging Face peers side by side (tokens/s, speedup, τ, exactness)",
+        description="Spec-Bench-style benchmark: batch 1, warm-up, synchronised wall time, speedup over our own "
+        "vanilla in the same run, τ and acceptance by position, greedy exactness against vanilla.",
+    )
+    add_model_args(bench)
+    suites = "; ".join(f"{s.name}: {s.description}" for s in SUITES.values())
+    bench.add_argument("--suite", choices=list(SUITES), help=f"a ready recipe ({suites})")
+    bench.add_argument("--prompts", type=Path, help="JSONL prompts (`prompt` or `turns`, optional `category`)")
+    bench.add_argument("--per-category", type=int, help="use the first N prompts of each category")
+    bench.add_argument("--methods", help="comma list of methods (default: every registered method)")
+    bench.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="METHOD.NAME=VALUE",
+        help="method option, repeatable (e.g. --opt draft.k=6 --opt pld.max_ngram=4); see `paradec methods`",
+    )
+    bench.add_argument(
+        "--peers", help="hf (all), none, or a comma list of hf-vanilla, hf-assisted, hf-assisted-dyn, hf-pld"
+    )
+    bench.add_argument("--mode", choices=["greedy", "sample"], default="greedy")
+    bench.add_argument("--temperature", type=float, help="sample mode (default 1.0)")
+    bench.add_argument("--top-k", type=int, help="sample mode (default 0: off)")
+    bench.add_argument("--top-p", type=float, help="sample mode (default 1.0: off)")
+    bench.add_argument("--min-p", type=float, help="sample mode (default 0: off)")
+    bench.add_argument("--seed", type=int, help="sample mode: prompt i uses seed + i (default 0)")
+    bench.add_argument("--batch-sizes", default="1", help="comma list; sizes > 1 run the hf-vanilla peer only")
+    bench.add_argument("--max-new-tokens", type=int, help="per generation (default: the suite's, else 128)")
+    bench.add_argument("--warmup", type=int, default=1, help="untimed generations per method first (default 1)")
+    bench.add_argument("--repeats", type=int, default=1, help="timed repeats per prompt, median kept (default 1)")
+    bench.add_argument(
+        "--out", type=Path, default=Path(DEFAULT_OUT), help=f"output directory (default ./{DEFAULT_OUT})"
+    )
+    bench.add_argument("--quiet", action="store_true", help="no progress bar, no table on stdout")
+    bench.set_defaults(func=cmd_bench)
+
+
+def _positive(name: str, value: int | None, minimum: int = 1) -> None:
+    if value is not None and value < minimum:
+        raise ParadecError(f"{name} must be >= {minimum}, got {value}")
+
+
+def batch_sizes(text: str) -> tuple[int, ...]:
+    sizes = []
+    for part in text.split(","):
+        try:
+            size = int(part)
+        except ValueError:
+            raise ParadecError(f"--batch-sizes: {part.strip()!r} is not an integer") from None
+        if size < 1:
+            raise ParadecError(f"--batch-sizes: batch size must be >= 1, got {size}")
+        sizes.append(size)
+    return tuple(dict.fromkeys(sizes))
+
+
+def sampling_from(args: argparse.Namespace):
+    from paradec.config import SamplingParams
+
+    given = [flag for name, flag in _SAMPLING_FLAGS.items() if getattr(args, name) is not None]
+    if args.mode == "greedy":
+        if given:
+            raise ParadecError(f"{', '.join(given)} applies to --mode sample (this run is greedy)")
+        return SamplingParams()
+    if args.temperature == 0:
+        raise ParadecError("--temperature 0 is greedy decoding: use --mode greedy")
+    return SamplingParams(
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=args.top_k or 0,
+        top_p=1.0 if args.top_p is None else args.top_p,
+        min_p=args.min_p or 0.0,
+        seed=args.seed or 0,
+    )
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """An equivalent `paradec bench ...` command built from the parsed arguments."""
+    parts = ["paradec", "bench"]
+    for key, value in vars(args).items():
+        if key in ("command", "func") or value is None or value is False or value == []:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, list):
+            for item in value:
+                parts += [flag, str(item)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def _models(args: argparse.Namespace, suite) -> tuple[str | None, str | None]:
+    """(model, draft) to load: the user's, else the suite's pair (None, None = the embedded default pair)."""
+    if args.model is not None or suite is None or suite.models == "default":
+        return args.model, args.draft
+    from paradec import zoo
+    from paradec.loading import resolve_device
+
+    device = resolve_device(args.device)
+    if device.type != "cuda":
+        raise ParadecError(
+            f"--suite {suite.name} measures the zoo's bench pair, built on a GPU, but the device is {device}: "
+            "pass --model (and --draft) to benchmark another model, or use --suite smoke"
+        )
+    target, draft = zoo.ensure_bench_pair(device=str(device))
+    return str(target), args.draft if args.draft is not None else str(draft)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import paradec
+    from paradec.bench import report
+    from paradec.bench.harness import BenchPlan, parse_method_options, resolve_methods
+    from paradec.bench.peers import BATCHED_PEERS, parse_peers
+    from paradec.bench.prompts import get_suite, load_prompts, take_per_category
+
+    suite = get_suite(args.suite) if args.suite is not None else None
+    _positive("--per-category", args.per_category)
+    _positive("--max-new-tokens", args.max_new_tokens)
+    _positive("--warmup", args.warmup, 0)
+    _positive("--repeats", args.repeats)
+    if args.out.exists() and not args.out.is_dir():
+        raise ParadecError(f"--out {str(args.out)!r} exists and is not a directory")
+    sampling = sampling_from(args)
+    selected, explicit = resolve_methods(args.methods)
+    options = parse_method_options(args.opt, selected)
+    peers = parse_peers(args.peers if args.peers is not None else suite.peers if suite else None)
+    sizes = batch_sizes(args.batch_sizes)
+    if any(size > 1 for size in sizes) and not set(peers) & set(BATCHED_PEERS):
+        raise ParadecError(
+            f"--batch-sizes {args.batch_sizes}: paradec decodes one sequence at a time (batch size 1); sizes above 1 "
+            "are measured for the hf-vanilla peer only: add --peers hf"
+        )
+    if args.prompts is not None:
+        source = str(args.prompts)
+    else:
+        from paradec import zoo
+
+        source = str(zoo.dev_prompts_path())
+    per_category = args.per_category if args.per_category is not None else suite.per_category if suite else None
+    prompts = take_per_category(load_prompts(source), per_category)
+    max_new_tokens = args.max_new_tokens or (suite.max_new_tokens if suite else 128)
+
+    model, draft = _models(args, suite)
+    engine = paradec.load(model, draft, heads=args.heads, device=args.device, dtype=args.dtype, runner=args.runner)
+    plan = BenchPlan(
+        methods=selected,
+        explicit=explicit,
+        options=options,
+        sampling=sampling,
+        max_new_tokens=max_new_tokens,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        peers=peers,
+        batch_sizes=sizes,
+    )
+    meta = report.metadata(
+        engine,
+        plan,
+        command=command_line(args),
+        argv=shlex.join(sys.argv),
+        suite=args.suite,
+        prompts_source=source + ("" if per_category is None else f" (first {per_category} per category)"),
+    )
+    return run_bench(engine, prompts, plan, meta, args.out, quiet=args.quiet)
+
+
+def run_bench(engine, prompts: list, plan, meta: dict, out: Path, *, quiet: bool = False) -> int:
+    """Run `plan` with `engine`, write the outputs into `out` (also after every row, so an interrupted run leaves
+    partial results) and return the exit code: 1 on a greedy mismatch of a lossless method or a crashed row."""
+    from paradec.bench import report
+    from paradec.bench.harness import Bench
+
+    bench = Bench(
+        engine, prompts, plan, progress=not quiet, checkpoint=lambda b: report.write(out, b, meta, complete=False)
+    )
+    bench.run()
+    data = report.write(out, bench, meta, complete=True)
+    if not quiet:
+        print(report.markdown(data))
+    print(f"paradec bench: results in {out}/ (results.json, results.md, speedup.png, acceptance.png)", file=sys.stderr)
+    status = 0
+    for record in bench.mismatches():
+        print(
+            f"paradec bench: EXACTNESS FAILURE: {record.method} differs from vanilla on prompt {record.prompt_ids[0]!r} "
+            f"from new token {record.first_mismatch}",
+            file=sys.stderr,
+        )
+        status = 1
+    for outcome in bench.failed():
+        print(f"paradec bench: {outcome.method} failed: {outcome.reason}", file=sys.stderr)
+        status = 1
+    return status

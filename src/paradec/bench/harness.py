@@ -1,0 +1,332 @@
+"""The benchmark loop: every method on every prompt, then the Hugging Face peers, timed the same way.
+
+Methodology (Spec-Bench's, extended): batch size 1; per method first a 1-token probe (a method whose resources
+are missing is skipped, or is an error when the user named it), then warm-up generations that are not timed;
+each timed generation sits between two `torch.cuda.synchronize()` calls (on CUDA) and is repeated `repeats`
+times, keeping the median. Prompts are encoded once up front, so tokenization is never timed. Our own vanilla
+always runs first: it is the reference for speedups and, in greedy mode, for exactness (every lossless method
+must emit vanilla's token ids on every prompt). In sample mode prompt i is sampled with seed `seed + i`, the same
+for every method and repeat.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from paradec.bench.metrics import RunRecord, first_mismatch
+from paradec.bench.peers import BATCHED_PEERS, HFPeers
+from paradec.bench.prompts import BenchPrompt
+from paradec.config import SamplingParams
+from paradec.drafters import get_drafter, methods, parse_options
+from paradec.errors import ParadecError
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    methods: tuple[str, ...]  # paradec methods, vanilla first
+    explicit: bool  # named by the user: a method that cannot run is an error (else it is skipped)
+    options: dict[str, Any]  # method -> its parsed options
+    sampling: SamplingParams  # greedy (temperature 0) or the sampling parameters, `seed` the base seed
+    max_new_tokens: int
+    warmup: int = 1
+    repeats: int = 1
+    peers: tuple[str, ...] = ()
+    batch_sizes: tuple[int, ...] = (1,)
+
+
+@dataclass
+class Outcome:
+    """What became of one benchmarked row (a method, or a peer at one batch size)."""
+
+    method: str
+    kind: str  # "paradec" or "peer"
+    batch_size: int = 1
+    status: str = "ok"  # ok | skipped | failed
+    reason: str = ""
+    lossy: bool = False
+    options: dict = field(default_factory=dict)
+
+
+def resolve_methods(text: str | None) -> tuple[tuple[str, ...], bool]:
+    """(methods to run with vanilla first, whether the user named them) from a comma list (None = all)."""
+    if text is None:
+        return tuple(methods()), False
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ParadecError(f"--methods names no method: {text!r}")
+    for name in names:
+        get_drafter(name)  # raises, naming the unknown method
+    return tuple(dict.fromkeys(["vanilla", *names])), True
+
+
+def parse_method_options(texts: list[str], selected: tuple[str, ...]) -> dict[str, Any]:
+    """`--opt METHOD.NAME=VALUE` texts -> {method: parsed options} for every selected method."""
+    raw: dict[str, dict[str, str]] = {}
+    for text in texts:
+        key, equals, value = text.partition("=")
+        method, dot, name = key.strip().partition(".")
+        if not equals or not dot or not method or not name:
+            raise ParadecError(f"--opt {text}: expected METHOD.NAME=VALUE (e.g. draft.k=6)")
+        get_drafter(method)
+        if method not in selected:
+            raise ParadecError(f"--opt {text}: method {method!r} is not benchmarked (--methods)")
+        raw.setdefault(method, {})[name] = value.strip()
+    return {method: parse_options(get_drafter(method), raw.get(method)) for method in selected}
+
+
+def _options_dict(options: Any) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
+
+
+class Bench:
+    """Runs a `BenchPlan` over prompts with one engine; `records` and `outcomes` grow as it goes."""
+
+    def __init__(
+        self,
+        engine,
+        prompts: list[BenchPrompt],
+        plan: BenchPlan,
+        *,
+        progress: bool = True,
+        checkpoint: Callable[[Bench], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.prompts = prompts
+        self.plan = plan
+        self.checkpoint = checkpoint
+        self.records: list[RunRecord] = []
+        self.outcomes: list[Outcome] = []
+        self.prompt_tokens = [self._encode(p) for p in prompts]
+        self.vanilla_tokens: dict[str, list[int]] = {}
+        self._progress = progress
+        self._bar: tqdm | None = None
+
+    # --- setup ----------------------------------------------------------------------------------------------
+    def _encode(self, prompt: BenchPrompt) -> list[int]:
+        ids = self.engine.encode(prompt.text)
+        limit = self.engine.target.max_length
+        if len(ids) + self.plan.max_new_tokens > limit:
+            raise ParadecError(
+                f"prompt {prompt.id!r} has {len(ids)} tokens: with --max-new-tokens {self.plan.max_new_tokens} it "
+                f"exceeds the model's context of {limit} tokens"
+            )
+        return ids
+
+    def _sampling(self, index: int) -> SamplingParams:
+        sp = self.plan.sampling
+        return sp if sp.greedy or sp.seed is None else replace(sp, seed=sp.seed + index)
+
+    def _batches(self, size: int) -> list[list[int]]:
+        """Prompt indices in groups of `size`, each group inside one category, in file order."""
+        by_category: dict[str, list[int]] = {}
+        for i, prompt in enumerate(self.prompts):
+            by_category.setdefault(prompt.category, []).append(i)
+        return [idx[s : s + size] for idx in by_category.values() for s in range(0, len(idx), size)]
+
+    def _peer_batch_sizes(self, peer: str) -> tuple[int, ...]:
+        return self.plan.batch_sizes if peer in BATCHED_PEERS else (1,)
+
+    def _total(self) -> int:
+        plan, n = self.plan, len(self.prompts)
+        total = len(plan.methods) * (1 + plan.warmup + n * plan.repeats)
+        for peer in plan.peers:
+            for size in self._peer_batch_sizes(peer):
+                total += plan.warmup + len(self._batches(size)) * plan.repeats
+        return total
+
+    # --- timing ---------------------------------------------------------------------------------------------
+    def _sync(self) -> None:
+        device = self.engine.target.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def _timed(self, fn: Callable[[], Any]) -> tuple[Any, float]:
+        self._sync()
+        started = time.perf_counter()
+        out = fn()
+        self._sync()
+        return out, time.perf_counter() - started
+
+    def _tick(self, count: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(count)
+
+    # --- running --------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        # redraw at most every 30 s into a log file (a device run's output), continuously on a terminal
+        interval = 0.1 if sys.stderr.isatty() else 30.0
+        with tqdm(
+            total=self._total(), unit="gen", disable=not self._progress, file=sys.stderr, mininterval=interval
+        ) as bar:
+            self._bar = bar
+            for method in self.plan.methods:
+                bar.set_description(method)
+                self._guarded(self._outcome(method, "paradec", 1), self._run_method)
+            peers = self._make_peers() if self.plan.peers else None
+            for peer in self.plan.peers:
+                for size in self._peer_batch_sizes(peer):
+                    bar.set_description(peer if size == 1 else f"{peer}@bs{size}")
+                    outcome = self._outcome(peer, "peer", size)
+                    reason = peers.unavailable(peer)
+                    if reason:
+                        self._skip(outcome, reason)
+                        self._tick(self.plan.warmup + len(self._batches(size)) * self.plan.repeats)
+                        continue
+                    self._guarded(outcome, lambda o, peers=peers: self._run_peer(o, peers))
+        self._bar = None
+
+    def _outcome(self, method: str, kind: str, batch_size: int) -> Outcome:
+        outcome = Outcome(method=method, kind=kind, batch_size=batch_size)
+        if kind == "paradec":
+            outcome.lossy = get_drafter(method).lossy
+            outcome.options = _options_dict(self.plan.options.get(method))
+        self.outcomes.append(outcome)
+        return outcome
+
+    def _skip(self, outcome: Outcome, reason: str) -> None:
+        outcome.status, outcome.reason = "skipped", reason
+        tqdm.write(f"paradec bench: skipping {outcome.method}: {reason}", file=sys.stderr)
+
+    def _guarded(self, outcome: Outcome, body: Callable[[Outcome], None]) -> None:
+        """Run one row; a crash in one method must not cost the other rows of a long device run: it is
+        recorded as failed (and makes the command exit non-zero) and the benchmark goes on."""
+        try:
+            body(outcome)
+        except ParadecError:
+            raise
+        except Exception as exc:
+            tqdm.write(traceback.format_exc(), file=sys.stderr)
+            outcome.status, outcome.reason = "failed", f"{type(exc).__name__}: {exc}"
+            self.records = [
+                r for r in self.records if not (r.method == outcome.method and r.batch_size == outcome.batch_size)
+            ]
+            tqdm.write(f"paradec bench: {outcome.method} FAILED: {outcome.reason}", file=sys.stderr)
+        if self.checkpoint is not None:
+            self.checkpoint(self)
+
+    def _run_method(self, outcome: Outcome) -> None:
+        method, plan, engine = outcome.method, self.plan, self.engine
+        options = plan.options.get(method)
+
+        def generate(index: int, max_new_tokens: int):
+            return engine.generate(
+                self.prompt_tokens[index],
+                method=method,
+                sampling=self._sampling(index),
+                max_new_tokens=max_new_tokens,
+                options=options,
+            )
+
+        try:  # probe: does this method run with this engine (draft model, heads, runner kind)?
+            generate(0, 1)
+        except ParadecError as exc:
+            if plan.explicit:
+                raise
+            self._skip(outcome, str(exc))
+            self._tick(1 + plan.warmup + len(self.prompts) * plan.repeats)
+            return
+        self._tick()
+        for w in range(plan.warmup):
+            generate(w % len(self.prompts), plan.max_new_tokens)
+            self._tick()
+        for index, prompt in enumerate(self.prompts):
+            results, walls = [], []
+            for _ in range(plan.repeats):
+                result, wall = self._timed(lambda index=index: generate(index, plan.max_new_tokens))
+                results.append(result)
+                walls.append(wall)
+                self._tick()
+            stats = results[0].stats
+            record = RunRecord(
+                method=method,
+                category=prompt.category,
+                prompt_ids=[prompt.id],
+                new_tokens=stats.new_tokens,
+                wall_seconds=statistics.median(walls),
+                steps=stats.steps,
+                proposed_tokens=stats.proposed_tokens,
+                accepted_tokens=stats.accepted_tokens,
+                accepted_at=list(stats.accepted_at),
+                proposed_at=list(stats.proposed_at),
+                prefill_seconds=statistics.median(r.stats.prefill_seconds for r in results),
+                finish_reason=results[0].finish_reason,
+                token_ids=list(results[0].token_ids),
+            )
+            if method == "vanilla":
+                self.vanilla_tokens[prompt.id] = record.token_ids
+            else:
+                self._compare(record, [r.token_ids for r in results])
+            self.records.append(record)
+
+    def _compare(self, record: RunRecord, outputs: list[list[int]]) -> None:
+        """Greedy mode: does every output (every repeat, every row of a batch) equal vanilla's?"""
+        if not self.plan.sampling.greedy or not set(record.prompt_ids) <= set(self.vanilla_tokens):
+            return
+        references = [self.vanilla_tokens[pid] for pid in record.prompt_ids]
+        if len(record.prompt_ids) == 1:
+            references = references * len(outputs)
+        record.equals_vanilla = all(out == ref for out, ref in zip(outputs, references))
+        if len(record.prompt_ids) == 1:
+            record.first_mismatch = next(
+                (m for m in (first_mismatch(out, references[0]) for out in outputs) if m is not None), None
+            )
+
+    def _make_peers(self) -> HFPeers:
+        draft = self.plan.options.get("draft") or parse_options(get_drafter("draft"), None)
+        pld = self.plan.options.get("pld") or parse_options(get_drafter("pld"), None)
+        return HFPeers(self.engine, draft_k=draft.k, pld_tokens=pld.num_draft_tokens, pld_max_ngram=pld.max_ngram)
+
+    def _run_peer(self, outcome: Outcome, peers: HFPeers) -> None:
+        peer, size, plan = outcome.method, outcome.batch_size, self.plan
+        outcome.options = peers.settings(peer)
+        batches = self._batches(size)
+        for w in range(plan.warmup):
+            group = batches[w % len(batches)]
+            peers.generate(peer, [self.prompt_tokens[i] for i in group], self._sampling(group[0]), plan.max_new_tokens)
+            self._tick()
+        for group in batches:
+            rows = [self.prompt_tokens[i] for i in group]
+            runs, walls = [], []
+            for _ in range(plan.repeats):
+                (outputs, forwards), wall = self._timed(
+                    lambda rows=rows, group=group: peers.generate(
+                        peer, rows, self._sampling(group[0]), plan.max_new_tokens
+                    )
+                )
+                runs.append(outputs)
+                walls.append(wall)
+                self._tick()
+            first = runs[0]
+            record = RunRecord(
+                method=peer,
+                category=self.prompts[group[0]].category,
+                prompt_ids=[self.prompts[i].id for i in group],
+                new_tokens=sum(len(out) for out in first),
+                wall_seconds=statistics.median(walls),
+                batch_size=size,
+                steps=forwards if size == 1 else None,
+                finish_reason="stop" if all(len(out) < plan.max_new_tokens for out in first) else "length",
+                token_ids=first[0] if size == 1 else None,
+            )
+            self._compare(record, [out[0] for out in runs] if size == 1 else first)
+            self.records.append(record)
+
+    # --- results --------------------------------------------------------------------------------------------
+    def mismatches(self) -> list[RunRecord]:
+        """Records of lossless paradec methods whose greedy output differs from vanilla's."""
+        lossless = {o.method for o in self.outcomes if o.kind == "paradec" and not o.lossy}
+        return [r for r in self.records if r.method in lossless and r.equals_vanilla is False]
+
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "failed"]

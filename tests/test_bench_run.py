@@ -1,0 +1,185 @@
+"""`paradec bench` end to end on tiny random models: output files, exactness check, skips, crashes, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import paradec
+from paradec.bench import report
+from paradec.bench.cli import run_bench
+from paradec.bench.harness import Bench, BenchPlan, parse_method_options
+from paradec.bench.prompts import BenchPrompt
+from paradec.cli import main
+from paradec.config import SamplingParams
+from paradec.errors import ParadecError
+
+PROMPTS = [
+    {"id": "fib", "category": "code", "prompt": "def fibonacci(n):\n"},
+    {"id": "stack", "category": "code", "prompt": "class Stack:\n    def __init__(self):\n"},
+    {"question_id": 3, "category": "prose", "turns": ["The quick brown fox", "ignored"]},
+]
+BENCH_PROMPTS = [BenchPrompt("fib", "code", "def fibonacci(n):\n"), BenchPrompt("fox", "prose", "The quick brown")]
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def engine(model_dirs):
+    return paradec.load(model_dirs["llama"], model_dirs["llama-draft"], device="cpu", runner="hf")
+
+
+def meta(engine, bench_plan: BenchPlan) -> dict:
+    return report.metadata(engine, bench_plan, command="test", argv="test", suite=None, prompts_source="test")
+
+
+def plan(methods=("vanilla", "pld", "draft"), *, explicit=True, **kw) -> BenchPlan:
+    return BenchPlan(
+        methods=methods,
+        explicit=explicit,
+        options=parse_method_options([], methods),
+        sampling=kw.pop("sampling", SamplingParams()),
+        max_new_tokens=kw.pop("max_new_tokens", 8),
+        warmup=kw.pop("warmup", 0),
+        **kw,
+    )
+
+
+def test_smoke_run_writes_every_output(model_dirs, prompts_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main([
+        "bench", "--model", str(model_dirs["llama"]), "--draft", str(model_dirs["llama-draft"]), "--runner", "hf",
+        "--device", "cpu", "--prompts", str(prompts_file), "--methods", "pld,draft", "--opt", "draft.k=3",
+        "--peers", "hf-vanilla,hf-assisted,hf-pld", "--batch-sizes", "1,2", "--max-new-tokens", "12", "--out", str(out),
+    ])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "speedup.png", "acceptance.png"}
+    assert (out / "speedup.png").read_bytes()[:4] == b"\x89PNG"
+    data = json.loads((out / "results.json").read_text())
+    assert data["complete"] and data["exactness"] == {"checked": True, "ok": True, "mismatches": []}
+    assert (
+        data["meta"]["device"] == "cpu"
+        and data["meta"]["transformers"]
+        and "--opt draft.k=3" in data["meta"]["command"]
+    )
+    overall = data["summary"]["all prompts"]
+    assert list(overall) == ["vanilla", "pld", "draft", "hf-vanilla", "hf-vanilla@bs2", "hf-assisted", "hf-pld"]
+    assert (
+        set(data["summary"]) == {"all prompts", "code", "prose"} and data["summary"]["prose"]["draft"]["prompts"] == 1
+    )
+    assert overall["vanilla"]["speedup"] == pytest.approx(1.0) and overall["vanilla"]["tau"] == 1.0
+    assert overall["draft"]["matches"] == overall["draft"]["compared"] == 3
+    assert len(overall["draft"]["acceptance_by_position"]) == 3  # k=3 positions, accepted or not
+    assert overall["hf-vanilla"]["tau"] == 1.0  # counted forwards: one per token
+    assert overall["hf-vanilla@bs2"]["tau"] is None and overall["hf-vanilla@bs2"]["batch_size"] == 2
+    rows = {(r["method"], r["batch_size"]): r for r in data["rows"]}
+    assert rows[("hf-assisted", 1)]["options"]["num_assistant_tokens"] == 3  # configured like our draft
+    records = {(r["method"], r["prompt_ids"][0]): r for r in data["records"] if r["batch_size"] == 1}
+    for pid in ("fib", "stack", "3"):
+        # assisted generation with a constant k = 3 takes the steps our `draft` takes
+        assert records[("hf-assisted", pid)]["steps"] == records[("draft", pid)]["steps"]
+        assert records[("draft", pid)]["token_ids"] == records[("vanilla", pid)]["token_ids"]
+    md = (out / "results.md").read_text()
+    assert "## code (2 prompts)" in md and "| draft | 1 |" in md and "every lossless paradec method" in md
+    assert "| vanilla | 1 |" in captured.out  # the tables are printed too
+
+
+class Corrupting:
+    """The real engine, but one method's output gets one token changed (or the method crashes)."""
+
+    def __init__(self, engine, method: str, *, crash: bool = False) -> None:
+        self._engine, self._method, self._crash = engine, method, crash
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def generate(self, prompt, *, method, **kwargs):
+        result = self._engine.generate(prompt, method=method, **kwargs)
+        if method == self._method and len(result.token_ids) > 1:
+            if self._crash:
+                raise RuntimeError("drafter blew up")
+            result.token_ids[1] = (result.token_ids[1] + 1) % self._engine.target.vocab_size
+        return result
+
+
+def test_an_output_differing_from_vanilla_fails_the_run(engine, tmp_path, capsys):
+    code = run_bench(Corrupting(engine, "pld"), BENCH_PROMPTS, plan(), meta(engine, plan()), tmp_path, quiet=True)
+    assert code == 1
+    assert "EXACTNESS FAILURE: pld differs from vanilla on prompt 'fib' from new token 1" in capsys.readouterr().err
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["exactness"]["ok"] is False
+    assert {(m["method"], m["first_mismatch"]) for m in data["exactness"]["mismatches"]} == {("pld", 1)}
+    assert data["summary"]["all prompts"]["pld"]["matches"] == 0
+    assert data["summary"]["all prompts"]["draft"]["matches"] == 2
+    assert "EXACTNESS FAILURE" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "speedup.png").exists()
+
+
+def test_a_crashing_method_is_recorded_and_the_rest_runs(engine, tmp_path, capsys):
+    crashing = Corrupting(engine, "pld", crash=True)
+    code = run_bench(crashing, BENCH_PROMPTS, plan(), meta(engine, plan()), tmp_path, quiet=True)
+    assert code == 1 and "pld failed: RuntimeError: drafter blew up" in capsys.readouterr().err
+    data = json.loads((tmp_path / "results.json").read_text())
+    status = {r["method"]: r["status"] for r in data["rows"]}
+    assert status == {"vanilla": "ok", "pld": "failed", "draft": "ok"}
+    assert "pld" not in data["summary"]["all prompts"] and "draft" in data["summary"]["all prompts"]
+
+
+def test_methods_that_cannot_run_are_skipped_unless_named(model_dirs):
+    no_draft = paradec.load(model_dirs["llama"], device="cpu", runner="hf")
+    bench = Bench(no_draft, BENCH_PROMPTS[:1], plan(("vanilla", "draft"), explicit=False), progress=False)
+    bench.run()
+    skipped = {o.method: o.reason for o in bench.outcomes if o.status == "skipped"}
+    assert list(skipped) == ["draft"] and "needs a draft model" in skipped["draft"]
+    assert [r.method for r in bench.records] == ["vanilla"]
+    with pytest.raises(ParadecError, match="needs a draft model"):
+        Bench(no_draft, BENCH_PROMPTS[:1], plan(("vanilla", "draft")), progress=False).run()
+
+
+def test_sample_mode_skips_the_exactness_check(engine, tmp_path):
+    sampling = SamplingParams(temperature=0.8, seed=5)
+    bench_plan = plan(("vanilla", "draft"), sampling=sampling, peers=("hf-vanilla",))
+    assert run_bench(engine, BENCH_PROMPTS, bench_plan, meta(engine, bench_plan), tmp_path, quiet=True) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["exactness"]["checked"] is False and all(r["equals_vanilla"] is None for r in data["records"])
+    assert data["summary"]["all prompts"]["draft"]["tau"] >= 1.0
+    # prompt i is sampled with seed 5 + i, the same for every method: vanilla reproduces itself
+    again = engine.generate(engine.encode(BENCH_PROMPTS[1].text), sampling=SamplingParams(temperature=0.8, seed=6),
+                            max_new_tokens=8)  # fmt: skip
+    assert again.token_ids == next(r["token_ids"] for r in data["records"] if r["prompt_ids"] == ["fox"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--methods", "pld,nosuch"], "unknown method 'nosuch'"),
+        (["--opt", "draft.nope=1"], "unknown option 'nope' for method 'draft'"),
+        (["--opt", "k=5"], "--opt k=5: expected METHOD.NAME=VALUE"),
+        (["--methods", "pld", "--opt", "draft.k=2"], "method 'draft' is not benchmarked"),
+        (["--batch-sizes", "1,4"], "paradec decodes one sequence at a time"),
+        (["--batch-sizes", "1,x", "--peers", "hf"], "--batch-sizes: 'x' is not an integer"),
+        (["--peers", "vllm"], "unknown peer 'vllm'"),
+        (["--temperature", "0.5"], "--temperature applies to --mode sample"),
+        (["--mode", "sample", "--temperature", "0"], "--temperature 0 is greedy decoding"),
+        (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+        (["--suite", "code", "--device", "cpu"], "--suite code measures the zoo's bench pair"),
+    ],
+)
+def test_bad_arguments_exit_2(args, message, capsys):
+    assert main(["bench", "--device", "cpu", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("paradec: error: ") and message in err
+
+
+def test_malformed_prompts_file_exits_2(tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    assert main(["bench", "--device", "cpu", "--prompts", str(path)]) == 2
+    assert f"{path}:2: invalid JSON" in capsys.readouterr().err
