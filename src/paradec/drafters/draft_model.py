@@ -5,7 +5,8 @@ draft cache holds the first `runner.length` tokens of the sequence; the drafter 
 emitted since, the pending one last) and then its own k - 1 draft tokens. After verification it rolls the cache
 back to the tokens that are still valid (the sequence up to the pending token plus the accepted drafts).
 Sampling draws each draft token from the draft's warped distribution q, which goes to the verifier for
-rejection sampling (Leviathan et al. 2023).
+rejection sampling (Leviathan et al. 2023). With `adaptive=true` the draft length follows
+`paradec.drafters.adaptive.AdaptiveLength` (k is then the longest draft).
 """
 
 from __future__ import annotations
@@ -15,20 +16,24 @@ from dataclasses import dataclass
 import torch
 
 from paradec.drafters import register
+from paradec.drafters.adaptive import AdaptiveLength
 from paradec.drafters.base import DecodeState, Drafter, Resources
 from paradec.errors import ParadecError
-from paradec.runners.base import prefill
+from paradec.runners.base import Runner, prefill
 from paradec.sampling import sample, warp
 from paradec.types import Proposal, Verdict
 
 
 @dataclass(frozen=True)
 class DraftOptions:
-    k: int = 5  # draft tokens per step
+    k: int = 5  # draft tokens per step (with adaptive: the longest draft)
+    adaptive: bool = False  # choose the draft length per step from measured acceptance and step time
 
     def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or self.k < 1:
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
             raise ParadecError(f"draft option k must be an integer >= 1, got {self.k!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ParadecError(f"draft option adaptive must be true or false, got {self.adaptive!r}")
 
 
 def align_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -42,28 +47,27 @@ def align_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return torch.cat([logits, pad], -1)
 
 
-@register
-class DraftModel(Drafter):
-    name = "draft"
-    options_class = DraftOptions
+class DraftChain:
+    """A drafting runner (its own cache) kept in step with the sequence; proposes chains of draft tokens."""
 
-    def __init__(self, resources: Resources, options: DraftOptions) -> None:
-        super().__init__(resources, options)
-        self.runner = resources.draft_runner()
+    def __init__(self, runner: Runner, what: str = "the draft model") -> None:
+        self.runner = runner
+        self.what = what  # names the drafter in errors
         self._base = 0  # sequence length (pending token included) when the last proposal was made
         self._drafted = 0
 
     def begin(self, state: DecodeState) -> None:
         if len(state.tokens) > self.runner.max_length:
             raise ParadecError(
-                f"prompt of {len(state.tokens)} tokens exceeds the draft model's context of {self.runner.max_length}"
+                f"prompt of {len(state.tokens)} tokens exceeds {self.what}'s context of {self.runner.max_length}"
             )
         self.runner.reset()
         if len(state.tokens) > 1:
             prefill(self.runner, torch.tensor(state.tokens[:-1], device=self.runner.device))
 
-    def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
-        k = min(self.options.k, max_tokens, self.runner.max_length - len(state.tokens))
+    def propose(self, state: DecodeState, k: int) -> Proposal:
+        """A chain of up to k tokens: argmax (greedy) or sampled from the warped draft distribution q (sent along)."""
+        k = min(k, self.runner.max_length - len(state.tokens))
         self._base, self._drafted = len(state.tokens), max(k, 0)
         if k <= 0:
             return Proposal.empty(state.device)
@@ -86,7 +90,35 @@ class DraftModel(Drafter):
             probs=torch.stack(probs).to(state.device) if probs else None,
         )
 
-    def update(self, state: DecodeState, verdict: Verdict) -> None:
+    def update(self, verdict: Verdict) -> None:
         # cached now: the sequence up to the pending token, then drafts 1..k-1; keep what was accepted
         valid = self._base + min(verdict.accepted, self._drafted - 1) if self._drafted else self.runner.length
         self.runner.rollback(min(valid, self.runner.length))
+
+
+@register
+class DraftModel(Drafter):
+    name = "draft"
+    options_class = DraftOptions
+    draft_token_cost = 0.1  # prior cost of one draft token relative to a target step (until steps are timed)
+
+    def __init__(self, resources: Resources, options: DraftOptions) -> None:
+        super().__init__(resources, options)
+        self.chain = DraftChain(resources.draft_runner())
+        self.runner = self.chain.runner
+        self.policy: AdaptiveLength | None = None
+
+    def begin(self, state: DecodeState) -> None:
+        self.chain.begin(state)
+        if self.options.adaptive:
+            self.policy = AdaptiveLength(self.options.k, draft_cost=self.draft_token_cost)
+            self.policy.start()
+
+    def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
+        k = self.options.k if self.policy is None else self.policy.next_k()
+        return self.chain.propose(state, min(k, max_tokens))
+
+    def update(self, state: DecodeState, verdict: Verdict) -> None:
+        self.chain.update(verdict)
+        if self.policy is not None:
+            self.policy.observe(verdict.proposed, verdict.accepted)

@@ -6,7 +6,8 @@ n-gram seen before and copies the tokens that followed its most recent occurrenc
 the end of the sequence (the match is close behind, as in a repeating pattern), it continues with the period
 of the repetition, so a loop of period p yields a full draft. Drafts are point masses (no q): verified by token
 match, exactly, also when sampling (Saxena 2023, "Prompt Lookup Decoding"; Yang et al. 2023, "Inference with
-Reference").
+Reference"). With `adaptive=true` the number of tokens copied per step follows
+`paradec.drafters.adaptive.AdaptiveLength` (num_draft_tokens is then the longest draft).
 """
 
 from __future__ import annotations
@@ -16,22 +17,26 @@ from dataclasses import dataclass
 import torch
 
 from paradec.drafters import register
+from paradec.drafters.adaptive import AdaptiveLength
 from paradec.drafters.base import DecodeState, Drafter, Resources
 from paradec.errors import ParadecError
-from paradec.types import Proposal
+from paradec.types import Proposal, Verdict
 
 
 @dataclass(frozen=True)
 class PLDOptions:
     max_ngram: int = 3  # longest suffix n-gram matched
     min_ngram: int = 1  # shortest suffix n-gram matched
-    num_draft_tokens: int = 10  # tokens copied per step
+    num_draft_tokens: int = 10  # tokens copied per step (with adaptive: the longest draft)
+    adaptive: bool = False  # choose the draft length per step from measured acceptance and step time
 
     def __post_init__(self) -> None:
         for name in ("max_ngram", "min_ngram", "num_draft_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ParadecError(f"pld option {name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ParadecError(f"pld option adaptive must be true or false, got {self.adaptive!r}")
         if self.min_ngram > self.max_ngram:
             raise ParadecError(f"pld option min_ngram={self.min_ngram} exceeds max_ngram={self.max_ngram}")
 
@@ -70,14 +75,26 @@ class NgramIndex:
 class PromptLookup(Drafter):
     name = "pld"
     options_class = PLDOptions
+    draft_token_cost = 0.02  # prior cost of scoring one more token relative to a step (until steps are timed)
 
     def __init__(self, resources: Resources, options: PLDOptions) -> None:
         super().__init__(resources, options)
         self.index = NgramIndex(options.min_ngram, options.max_ngram)
+        self.policy: AdaptiveLength | None = None
+
+    def begin(self, state: DecodeState) -> None:
+        if self.options.adaptive:
+            self.policy = AdaptiveLength(self.options.num_draft_tokens, draft_cost=self.draft_token_cost)
+            self.policy.start()
 
     def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
-        count = min(self.options.num_draft_tokens, max_tokens)
+        count = self.options.num_draft_tokens if self.policy is None else self.policy.next_k()
+        count = min(count, max_tokens)
         draft = self.index.lookup(state.tokens, count) if count > 0 else []
         if not draft:
             return Proposal.empty(state.device)
         return Proposal(tokens=torch.tensor(draft, dtype=torch.long, device=state.device))
+
+    def update(self, state: DecodeState, verdict: Verdict) -> None:
+        if self.policy is not None:
+            self.policy.observe(verdict.proposed, verdict.accepted)

@@ -1,0 +1,197 @@
+"""`layerskip`: self-speculation — the target drafts with a subset of its own layers and verifies with all of them.
+
+The draft is the target's own network with layers left out (Elhoushi et al. 2024, "LayerSkip"; Zhang et al. 2024,
+"Draft & Verify"): an early exit (layers 0..E-1, then the final norm and the LM head) or a skip pattern (e.g.
+the first and last layers, or every other layer). No second model and no training: it runs on a weight-sharing
+view of the native runner (`NativeRunner.view(layers)`: the same weights, a KV cache and CUDA graphs of its own),
+drafts a chain of k tokens like the `draft` method, and the full target verifies them — greedy by argmax,
+sampling by rejection against the early-exit distribution q, so the output is exactly the target's.
+
+The draft keeps its own cache rather than reading the target's: the first E layers' keys/values of the
+committed tokens would be the same, but drafters never touch the target's cache (DESIGN.md, rule 1). What it
+costs: the view prefills the prompt through its layers (a fraction of the target's prefill) and catches up on
+one or two tokens per step.
+
+Choosing the layers (when `layers` is not given): the full model continues the first prompt the engine decodes with
+this method for 64 greedy tokens, and each candidate (early exits at 1/4..3/4 of the depth, the same budgets spent
+on the first and last layers, and every other layer) is scored teacher-forced on that continuation: α = how often
+its argmax equals the full model's next token there (the model's own output, not the prompt: acceptance is
+measured on what the target generates, which is often far more predictable than its prompts).
+With α as the per-token acceptance, a chain of k drafts yields E(k) = (1 - α^(k+1)) / (1 - α) tokens per step for
+a cost of 1 + k·r target steps, r = (draft layers + 1) / (target layers + 1) (the + 1 stands for the embedding,
+LM head and launch overhead). The candidate and k with the most tokens per unit cost win. The agreement table is
+cached per target runner, so per engine: calibration costs one 64-token greedy decode plus one teacher-forced
+forward per candidate, once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from weakref import WeakKeyDictionary
+
+import torch
+
+from paradec.drafters import register
+from paradec.drafters.adaptive import AdaptiveLength
+from paradec.drafters.base import DecodeState, Drafter, Resources
+from paradec.drafters.draft_model import DraftChain
+from paradec.errors import ParadecError
+from paradec.runners.native import NativeRunner
+from paradec.types import Proposal, Verdict
+
+MAX_K = 8  # longest draft the planner (and the adaptive policy, when k is not given) considers
+CALIBRATION_PROMPT_TOKENS = 256  # the first prompt's last tokens, continued greedily by the full model ...
+CALIBRATION_NEW_TOKENS = 64  # ... for this many tokens, on which each candidate's agreement is measured
+
+# target runner -> {draft layers: teacher-forced argmax agreement with the full model}
+_AGREEMENT: WeakKeyDictionary[NativeRunner, dict[tuple[int, ...], float]] = WeakKeyDictionary()
+# target runner -> {draft layers: its drafting view}, kept so CUDA graphs are captured once per engine
+_VIEWS: WeakKeyDictionary[NativeRunner, dict[tuple[int, ...], NativeRunner]] = WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class LayerSkipOptions:
+    layers: tuple[int, ...] | None = None  # the draft's layers, ascending ("0,1,2,3"); None = chosen on a prompt
+    k: int | None = None  # draft tokens per step (with adaptive: the longest draft); None = chosen with the layers
+    adaptive: bool = False  # choose the draft length per step from measured acceptance and step time
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))  # a list from Python or JSON means the same
+        if self.layers is not None:
+            layers = self.layers
+            if (
+                not isinstance(layers, tuple)
+                or not layers
+                or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers)
+                or list(layers) != sorted(set(layers))
+            ):
+                raise ParadecError(
+                    f"layerskip option layers must be distinct ascending layer indices >= 0, got {layers!r}"
+                )
+        if self.k is not None and (not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1):
+            raise ParadecError(f"layerskip option k must be an integer >= 1, got {self.k!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ParadecError(f"layerskip option adaptive must be true or false, got {self.adaptive!r}")
+
+
+def candidate_layers(n_layers: int) -> list[tuple[int, ...]]:
+    """Draft layer sets tried by calibration: early exits, first+last blocks and every other layer (each skipping
+    at least one of the `n_layers` layers), without repeats."""
+    out: list[tuple[int, ...]] = []
+    for share in (1 / 4, 1 / 3, 1 / 2, 2 / 3, 3 / 4):
+        keep = min(max(round(n_layers * share), 1), n_layers - 1)
+        out.append(tuple(range(keep)))  # early exit after `keep` layers
+        head = -(-2 * keep // 3)
+        out.append(tuple(range(head)) + tuple(range(n_layers - (keep - head), n_layers)))  # skip a middle block
+    out.append((*range(0, n_layers - 1, 2), n_layers - 1))  # every other layer, then the last
+    return [layers for layers in dict.fromkeys(out) if len(layers) < n_layers]
+
+
+def draft_cost(layers: tuple[int, ...], n_layers: int) -> float:
+    """Cost of one draft forward relative to a target forward."""
+    return (len(layers) + 1) / (n_layers + 1)
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens per step of a k-token chain whose tokens are each accepted with probability alpha."""
+    return k + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+def plan(agreement: dict[tuple[int, ...], float], n_layers: int, k: int | None = None) -> tuple[tuple[int, ...], int]:
+    """(layers, k) with the most expected tokens per unit of step cost; `k` fixes the draft length."""
+    lengths = range(1, MAX_K + 1) if k is None else (k,)
+    options = [(layers, length) for layers in agreement for length in lengths]
+    return max(
+        options,
+        key=lambda o: expected_tokens(agreement[o[0]], o[1]) / (1.0 + o[1] * draft_cost(o[0], n_layers)),
+    )
+
+
+@torch.no_grad()
+def measure_agreement(
+    target: NativeRunner, prompt: list[int], candidates: list[tuple[int, ...]]
+) -> dict[tuple[int, ...], float]:
+    """{layers: share of positions where the layers' argmax equals the full model's} over the full model's own greedy
+    continuation of `prompt` (teacher-forced). Runs on temporary eager runners over the target's weights; never
+    touches the target's cache."""
+    new_tokens = min(CALIBRATION_NEW_TOKENS, target.max_length // 2)
+    prompt = prompt[-min(CALIBRATION_PROMPT_TOKENS, target.max_length - new_tokens) :]
+    length = len(prompt) + new_tokens
+    full = NativeRunner(target.model, max_cache_len=length, static_shapes=False)
+    token = full.forward(torch.tensor(prompt, device=target.device), logits="last").logits[-1].argmax(-1)
+    full.commit(len(prompt))
+    continuation = [token]
+    for _ in range(new_tokens - 1):
+        token = full.forward(token.view(1), logits="last").logits[-1].argmax(-1)  # stays on the device: no sync
+        full.commit(1)
+        continuation.append(token)
+    sequence = torch.cat([torch.tensor(prompt, device=target.device), torch.stack(continuation)])  # [length]
+    agreement = {}
+    for layers in candidates:
+        draft = NativeRunner(target.model, max_cache_len=length, layers=layers, static_shapes=False)
+        picks = draft.forward(sequence, logits="all").logits.argmax(-1)  # [length] the draft's next-token argmax
+        agreement[layers] = (picks[len(prompt) - 1 : -1] == sequence[len(prompt) :]).float().mean()
+    return {layers: float(share) for layers, share in agreement.items()}  # one host sync for all candidates
+
+
+@register
+class LayerSkip(Drafter):
+    name = "layerskip"
+    options_class = LayerSkipOptions
+
+    def __init__(self, resources: Resources, options: LayerSkipOptions) -> None:
+        super().__init__(resources, options)
+        target = resources.target
+        if not isinstance(target, NativeRunner):
+            raise ParadecError(
+                f"method 'layerskip' drafts with a subset of the target's own layers and needs the native runner; "
+                f"this target runs on {type(target).__name__} (load it with runner='native' / --runner native)"
+            )
+        self.target = target
+        self.n_layers = target.args.n_layers
+        if self.n_layers < 2:
+            raise ParadecError(f"method 'layerskip' needs a target of at least 2 layers, this one has {self.n_layers}")
+        if options.layers is not None:
+            bad = [i for i in options.layers if i >= self.n_layers]
+            if bad:
+                raise ParadecError(f"layerskip layer {bad[0]} is out of range for a target of {self.n_layers} layers")
+            if len(options.layers) == self.n_layers:
+                raise ParadecError(
+                    f"layerskip layers {list(options.layers)} keep all {self.n_layers} layers; leave at least one out"
+                )
+        self.layers: tuple[int, ...] | None = options.layers
+        self.k: int | None = options.k
+        self.chain: DraftChain | None = None
+        self.policy: AdaptiveLength | None = None
+
+    def begin(self, state: DecodeState) -> None:
+        if self.layers is None or self.k is None:
+            self.layers, self.k = self._plan(state.tokens)
+        views = _VIEWS.setdefault(self.target, {})
+        if self.layers not in views:
+            views[self.layers] = self.target.view(self.layers)
+        self.chain = DraftChain(views[self.layers], "the layerskip draft")
+        self.chain.begin(state)
+        if self.options.adaptive:
+            longest = MAX_K if self.options.k is None else self.k
+            cost = draft_cost(self.layers, self.n_layers)
+            self.policy = AdaptiveLength(longest, draft_cost=cost, start_k=min(self.k, longest))
+            self.policy.start()
+
+    def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
+        k = self.k if self.policy is None else self.policy.next_k()
+        return self.chain.propose(state, min(k, max_tokens))
+
+    def update(self, state: DecodeState, verdict: Verdict) -> None:
+        self.chain.update(verdict)
+        if self.policy is not None:
+            self.policy.observe(verdict.proposed, verdict.accepted)
+
+    def _plan(self, tokens: list[int]) -> tuple[tuple[int, ...], int]:
+        candidates = [self.layers] if self.layers is not None else candidate_layers(self.n_layers)
+        cached = _AGREEMENT.setdefault(self.target, {})
+        missing = [layers for layers in candidates if layers not in cached]
+        if missing:
+            cached.update(measure_agreement(self.target, tokens, missing))
+        return plan({layers: cached[layers] for layers in candidates}, self.n_layers, self.k)
