@@ -100,6 +100,7 @@ class Generation:
             generator=make_generator(self.sampling, device),
             device=device,
             vocab_size=target.vocab_size,
+            max_length=target.max_length,
         )
         target.reset()
         if len(state.tokens) > 1:
@@ -124,6 +125,10 @@ class Generation:
                 pieces.append(proposal.aux.tokens)
                 layout = tree.with_aux(proposal.aux.depth, proposal.aux.mask)
             inputs = torch.cat(pieces)  # [1 + n (+ m)] pending token, proposal nodes, auxiliary inputs
+            if inputs.shape[0] - 1 > state.room:
+                raise RuntimeError(
+                    f"drafter {drafter.name!r} proposed {inputs.shape[0] - 1} inputs, room for {state.room}"
+                )
             out = target.forward(inputs, layout, logits="all", hidden=drafter.needs_hidden)
             state.target_logits = out.logits
             verdict = self.verifier(proposal, out.logits[: proposal.size + 1], self.sampling, state.generator, tree)

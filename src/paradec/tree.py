@@ -13,7 +13,7 @@ Buffers (all indexed by forward input index 0..n):
 
 `with_aux` appends auxiliary inputs (scored, never accepted; see `types.AuxInputs`) after the tree's inputs: the
 result's `mask` and `depth` cover all inputs, while `parents`, `parent` and `paths` still describe the tree part
-that the verifier walks. Runners read only `mask`, `depth`, `size` and `is_chain`.
+that the verifier walks (and `max_depth` its depth). Runners read only `mask`, `depth`, `size` and `is_chain`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ class TreeBuffers:
         mask[:n1, :n1] = self.mask
         mask[n1:] = aux_mask.to(device)
         depth = torch.cat([self.depth, aux_depth.to(device)])
-        return TreeBuffers(self.parents, depth, mask, self.parent, self.paths, max(self.max_depth, int(depth.max())))
+        # max_depth stays the verified tree's (reading the aux depth would cost a host sync)
+        return TreeBuffers(self.parents, depth, mask, self.parent, self.paths, self.max_depth)
 
 
 def build_tree(parents: tuple[int, ...] | list[int], device: torch.device | str = "cpu") -> TreeBuffers:
@@ -77,12 +78,12 @@ def _build(parents: tuple[int, ...], device: str) -> TreeBuffers:
         if not (0 <= p < j):
             raise ParadecError(f"tree node {j - 1} has parent {parents[j - 1]}; parents must precede their children")
         depth[j] = depth[p] + 1
-    mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+    rows = []  # row j: input j's own row of the mask, from its parent's row (parents precede children)
     for j in range(n + 1):
-        k = j
-        while k >= 0:
-            mask[j, k] = True
-            k = parent[k]
+        row = list(rows[parent[j]]) if j else [False] * (n + 1)
+        row[j] = True
+        rows.append(row)
+    mask = torch.tensor(rows, dtype=torch.bool)
     has_child = [False] * (n + 1)
     for j in range(1, n + 1):
         has_child[parent[j]] = True

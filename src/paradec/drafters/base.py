@@ -33,8 +33,14 @@ class DecodeState:
     generator: torch.Generator | None
     device: torch.device
     vocab_size: int  # width of the target's logits
+    max_length: int = 1 << 30  # the target's context: proposal nodes (+ aux inputs) must fit in `room`
     target_hidden: torch.Tensor | None = None  # [m, H] target hidden states of the inputs committed last step
     target_logits: torch.Tensor | None = None  # [n+1(+aux), V] target logits of every input of the last step
+
+    @property
+    def room(self) -> int:
+        """How many proposal nodes plus auxiliary inputs fit in the target's context this step."""
+        return self.max_length - len(self.tokens)
 
 
 class Resources(Protocol):

@@ -106,8 +106,9 @@ class StaticForward:
         """Logits (n, V) float32 (or None) and hidden (n, C): views of static buffers, valid until the next call."""
         n = token_ids.shape[0]
         self.tokens[:n].copy_(token_ids, non_blocking=True)
-        if self._loaded[:n] != parents:
-            # a tree's rows depend only on its first n nodes, so a loaded superset tree (or longer chain) still fits
+        if len(parents) < n or self._loaded[:n] != parents:
+            # a tree's rows depend only on its first n nodes, so a loaded superset tree (or longer chain) still fits;
+            # inputs beyond the parents (auxiliary inputs) have rows of their own: always reload those
             self.depth[:n].copy_(depth, non_blocking=True)
             self.tree_mask[:n, :n].copy_(tree_mask, non_blocking=True)
             self._loaded = parents
