@@ -30,6 +30,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="auto", help="auto (default), float32, bfloat16 or float16")
     parser.add_argument("--runner", default="auto", choices=["auto", "native", "hf"], help="model runner")
+    parser.add_argument("--heads", help="trained heads directory for medusa/eagle (default: <model>/heads if present)")
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:

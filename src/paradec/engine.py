@@ -37,6 +37,7 @@ class Engine:
         self.config = config
         self._draft = draft
         self._heads_dir = heads_dir
+        self._heads: dict[str, torch.nn.Module] = {}
         self.eos_token_ids = set(eos_token_ids or ())
         self._busy = threading.Lock()
 
@@ -45,6 +46,26 @@ class Engine:
         if self._draft is None:
             raise ParadecError("method 'draft' needs a draft model: pass draft=... to paradec.load() or --draft DIR")
         return self._draft
+
+    def heads(self, kind: str) -> torch.nn.Module:
+        """Trained heads of `kind` ("medusa" or "eagle") for the target, loaded on first use."""
+        if kind not in self._heads:
+            if self._heads_dir is None:
+                raise ParadecError(
+                    f"method {kind!r} needs trained heads: pass heads=DIR to paradec.load() or --heads DIR "
+                    f"(train them with `paradec train {kind} --model MODEL`)"
+                )
+            from paradec.heads import load_heads
+
+            self._heads[kind] = load_heads(
+                kind,
+                self._heads_dir,
+                hidden_size=self.target.hidden_size,
+                vocab_size=self.target.vocab_size,
+                device=self.target.device,
+                dtype=self.target.dtype,
+            )
+        return self._heads[kind]
 
     # --- public API -----------------------------------------------------------------------------------------
     def generate(
@@ -183,7 +204,8 @@ def load(
     runner: str = "auto",
 ) -> Engine:
     """Load a target (a local Hugging Face checkpoint directory or a hub id; None = the embedded default model
-    with its draft and heads) and optionally a draft model with the same vocabulary."""
+    with its draft and heads) and optionally a draft model with the same vocabulary. `heads` is a directory of
+    trained heads (default: `<model dir>/heads` when it exists)."""
     if model is None:
         from paradec import zoo
 
@@ -200,7 +222,10 @@ def load(
         _check_same_vocab(model_dir, tokenizer, draft_dir)
         draft_runner = load_runner(draft_dir, runner, dev, dt)
     target = load_runner(model_dir, runner, dev, dt)
-    heads_dir = resolve_heads_dir(heads) if heads is not None else None
+    if heads is not None:
+        heads_dir = resolve_heads_dir(heads)
+    else:  # heads trained for this model (`paradec train` writes them to <model>/heads by default)
+        heads_dir = model_dir / "heads" if (model_dir / "heads").is_dir() else None
     config = EngineConfig(
         model=str(model_dir),
         draft=None if draft is None else str(draft),

@@ -50,6 +50,8 @@ class Resources(Protocol):
 
     def draft_runner(self) -> Runner: ...
 
+    def heads(self, kind: str) -> torch.nn.Module: ...
+
 
 @dataclass(frozen=True)
 class NoOptions:

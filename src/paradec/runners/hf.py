@@ -43,6 +43,14 @@ class HFRunner:
     def length(self) -> int:
         return self._length
 
+    def embed_weight(self) -> torch.Tensor:
+        """The input token embedding table [V, H] (read by trained heads that embed draft tokens)."""
+        return self.model.get_input_embeddings().weight
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """The LM head [V, H] that turns last hidden states into logits (shared by trained heads)."""
+        return self.model.get_output_embeddings().weight
+
     def reset(self) -> None:
         self._cache = DynamicCache()
         self._length = 0

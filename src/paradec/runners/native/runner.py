@@ -110,6 +110,14 @@ class NativeRunner:
             self.model, max_cache_len=max_cache_len or self.max_length, layers=layers, static_shapes=self.static_shapes
         )
 
+    def embed_weight(self) -> torch.Tensor:
+        """Token embedding [V, H] (trained heads share it)."""
+        return self.model.embed.weight
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """LM head [V, H] (the embedding when tied)."""
+        return self.model.embed.weight if self.model.lm_head is None else self.model.lm_head.weight
+
     @property
     def args(self) -> ModelArgs:
         return self.model.args

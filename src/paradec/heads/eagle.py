@@ -1,0 +1,144 @@
+"""The EAGLE-style feature head (Li et al. 2024): one decoder layer that extrapolates the target's hidden states.
+
+Entry t of the head reads the pair (token x_{t+1}, feature g_t) where g_t is the target's last hidden state at
+position t (after its final norm) or, deeper in a draft, the head's own prediction of it:
+
+    u_t    = fc([norm_e(embed(x_{t+1})), norm_g(g_t)])          [2H] -> [H]
+    ĥ_t+1  = u_t + Attn(norm(u_t)) + MLP(...)                   one pre-norm Llama-style layer (RoPE, SwiGLU)
+    logits = lm_head(ĥ_t+1)                                     the target's LM head: a guess at x_{t+2}
+
+The token embedding and the LM head are the target's own (shared, frozen): the head owns only the fc, norms,
+attention and MLP. Entry t sits at position t and attends causally to earlier entries, which at decode time
+live in a small KV cache of the head's own (owned by the `eagle` drafter).
+
+`forward` serves training (batches of whole sequences, several unrolled passes whose keys are concatenated);
+decoding calls its two halves, `project` and `attend`, around writing the new keys into a preallocated cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from paradec.errors import ParadecError
+
+
+@dataclass(frozen=True)
+class EagleConfig:
+    hidden_size: int
+    vocab_size: int
+    num_heads: int
+    head_dim: int
+    intermediate_size: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "vocab_size", "num_heads", "head_dim", "intermediate_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ParadecError(f"EAGLE head {name} must be an integer >= 1, got {value!r}")
+        if self.head_dim % 2:
+            raise ParadecError(f"EAGLE head head_dim must be even (rotary embeddings), got {self.head_dim}")
+
+    @staticmethod
+    def for_target(hidden_size: int, vocab_size: int, *, intermediate_size: int | None = None) -> EagleConfig:
+        """A layer of the target's width: heads of 64 dimensions (fewer heads for narrow targets), MLP ~2.75x."""
+        num_heads = max(1, hidden_size // 64)
+        while hidden_size % num_heads:
+            num_heads -= 1
+        return EagleConfig(
+            hidden_size=hidden_size,
+            vocab_size=vocab_size,
+            num_heads=num_heads,
+            head_dim=hidden_size // num_heads,
+            intermediate_size=intermediate_size or 64 * -(-(11 * hidden_size // 4) // 64),
+        )
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+class EagleHead(nn.Module):
+    kind = "eagle"
+    config_class = EagleConfig
+
+    def __init__(self, config: EagleConfig) -> None:
+        super().__init__()
+        self.config = config
+        h, nh, hd, inter = config.hidden_size, config.num_heads, config.head_dim, config.intermediate_size
+        self.embed_norm = RMSNorm(h, config.norm_eps)
+        self.feature_norm = RMSNorm(h, config.norm_eps)
+        self.fc = nn.Linear(2 * h, h, bias=False)
+        self.attn_norm = RMSNorm(h, config.norm_eps)
+        self.qkv = nn.Linear(h, 3 * nh * hd, bias=False)
+        self.o = nn.Linear(nh * hd, h, bias=False)
+        self.mlp_norm = RMSNorm(h, config.norm_eps)
+        self.gate_up = nn.Linear(h, 2 * inter, bias=False)
+        self.down = nn.Linear(inter, h, bias=False)
+
+    def inputs(self, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """(token embeddings [..., H], features [..., H]) -> layer inputs u [..., H]."""
+        return self.fc(torch.cat([self.embed_norm(embeds), self.feature_norm(features)], -1))
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, hd]. Angles in float32 whatever the weights' dtype (not a buffer, which
+        `.to(dtype)` would round)."""
+        hd = self.config.head_dim
+        inv_freq = self.config.rope_theta ** (-torch.arange(0, hd, 2, device=positions.device).float() / hd)
+        angles = positions.float()[:, None] * inv_freq  # (T, hd/2)
+        angles = torch.cat([angles, angles], -1)  # (T, hd)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer inputs (B, T, H) at positions (T,) -> rotated queries, keys and values (B, nh, T, hd)."""
+        B, T, _ = x.shape
+        nh, hd = self.config.num_heads, self.config.head_dim
+        q, k, v = self.qkv(self.attn_norm(x)).view(B, T, 3, nh, hd).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
+        cos, sin = self.rope(positions, q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def attend(
+        self,
+        x: torch.Tensor,  # (B, T, H) layer inputs
+        q: torch.Tensor,  # (B, nh, T, hd)
+        keys: torch.Tensor,  # (B, nh, S, hd)
+        values: torch.Tensor,  # (B, nh, S, hd)
+        mask: torch.Tensor,  # (T, S) bool: True where query t may attend to key s
+    ) -> torch.Tensor:
+        """The rest of the layer: attention over (keys, values), output projection and MLP -> (B, T, H)."""
+        B, T, _ = x.shape
+        att = nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, nh, T, hd)
+        x = x + self.o(att.transpose(1, 2).reshape(B, T, -1))
+        gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, -1)
+        return x + self.down(nn.functional.silu(gate) * up)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, H) layer inputs from `inputs`
+        positions: torch.Tensor,  # (T,) int64
+        mask: torch.Tensor,  # (T, S + T) bool: True where query t may attend to key s (past keys first)
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,  # keys, values (B, nh, S, hd)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Predicted next features (B, T, H), and this call's keys and values (B, nh, T, hd) for later queries."""
+        q, k, v = self.project(x, positions)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        return self.attend(x, q, keys, values, mask), k, v

@@ -1,0 +1,128 @@
+"""`paradec train medusa|eagle|draft`: train a drafter for a target model.
+
+    paradec train eagle --model DIR                      # -> DIR/heads/eagle/, picked up by paradec.load(DIR)
+    paradec train medusa --model DIR --out HEADS         # -> HEADS/medusa/, use with --heads HEADS
+    paradec train draft --model DIR --draft SMALL --out OUT   # -> OUT/draft/, use with --draft OUT/draft
+
+Without --model, the embedded default model (and, for `draft`, its draft) is the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="target checkpoint directory or hub id (default: the embedded model)")
+    parser.add_argument("--out", type=Path, help="output root; writes OUT/<kind>/ (default: <model>/heads)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument("--dtype", default="auto", help="target dtype: auto (bf16 on GPU), float32, bfloat16, float16")
+    data = parser.add_argument_group("data (made by the target itself)")
+    data.add_argument(
+        "--data",
+        type=Path,
+        help="prompt source: .jsonl ('text' or 'prompt') or a text file "
+        "(default: the Python source files on this machine)",
+    )
+    data.add_argument(
+        "--self-distill",
+        type=int,
+        default=2048,
+        metavar="N",
+        help="training windows the target continues (default 2048)",
+    )
+    data.add_argument("--prompt-len", type=int, default=128, help="text tokens per window (default 128)")
+    data.add_argument(
+        "--new-tokens",
+        type=int,
+        default=192,
+        help="tokens the target adds to each window; 0 = train on the text windows (default 192)",
+    )
+    data.add_argument("--temperature", type=float, default=0.0, help="0 = greedy continuations (default)")
+    data.add_argument("--gen-batch-size", type=int, default=256, help="windows per generate batch (default 256)")
+    data.add_argument("--val-sequences", type=int, default=64, help="held-out windows for accuracies (default 64)")
+    data.add_argument(
+        "--val-prompts",
+        type=int,
+        default=16,
+        help="held-out prompts decoded with the engine for the validation acceptance (default 16)",
+    )
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--steps", type=int, help="optimizer steps (default: medusa 1000, eagle 3000, draft 1000)")
+    opt.add_argument("--batch-size", type=int, default=16, help="windows per step (default 16)")
+    opt.add_argument("--lr", type=float, help="peak learning rate (default: medusa and eagle 3e-3, draft 3e-4)")
+    opt.add_argument("--warmup", type=int, default=100, help="warm-up steps (default 100)")
+    opt.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register `train` with its `medusa`, `eagle` and `draft` sub-commands (each sets `func(args) -> int`)."""
+    train = subparsers.add_parser("train", help="train Medusa heads, an EAGLE head or a distilled draft for a target")
+    kinds = train.add_subparsers(dest="kind", required=True)
+
+    medusa = kinds.add_parser("medusa", help="Medusa heads + a static token tree")
+    _add_common(medusa)
+    medusa.add_argument("--num-heads", dest="medusa_heads", type=int, default=4, help="number of heads (default 4)")
+    medusa.add_argument("--tree-nodes", type=int, default=64, help="nodes of the static tree (default 64)")
+    medusa.set_defaults(func=cmd_train)
+
+    eagle = kinds.add_parser("eagle", help="EAGLE-style feature head (dynamic token tree)")
+    _add_common(eagle)
+    eagle.add_argument("--passes", type=int, default=3, help="draft levels unrolled per training step (default 3)")
+    eagle.add_argument("--reg-weight", type=float, default=1.0, help="hidden-state regression weight (default 1)")
+    eagle.add_argument("--intermediate-size", type=int, help="MLP width (default ~2.75x the hidden size)")
+    eagle.set_defaults(func=cmd_train)
+
+    draft = kinds.add_parser("draft", help="distil a small draft model towards the target")
+    _add_common(draft)
+    draft.add_argument("--draft", help="the draft model to distil (default with no --model: the embedded draft)")
+    draft.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from paradec.train.loop import TrainSettings
+    from paradec.train.pipeline import DEFAULT_LR, DEFAULT_STEPS, DataSettings, HeadSettings, run
+
+    data = DataSettings(
+        data=args.data,
+        sequences=args.self_distill,
+        val_sequences=args.val_sequences,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        temperature=args.temperature,
+        batch_size=args.gen_batch_size,
+    )
+    train = TrainSettings(
+        steps=args.steps if args.steps is not None else DEFAULT_STEPS[args.kind],
+        batch_size=args.batch_size,
+        lr=args.lr if args.lr is not None else DEFAULT_LR[args.kind],
+        warmup=args.warmup,
+        seed=args.seed,
+    )
+    heads = HeadSettings(
+        medusa_heads=getattr(args, "medusa_heads", 4),
+        tree_nodes=getattr(args, "tree_nodes", 64),
+        passes=getattr(args, "passes", 3),
+        reg_weight=getattr(args, "reg_weight", 1.0),
+        intermediate_size=getattr(args, "intermediate_size", None),
+    )
+    out = run(
+        args.kind,
+        model=args.model,
+        draft=getattr(args, "draft", None),
+        out=args.out,
+        data=data,
+        train=train,
+        heads=heads,
+        device=args.device,
+        dtype=args.dtype,
+        val_prompts=args.val_prompts,
+        progress=not args.quiet,
+        command=f"paradec {shlex.join(sys.argv[1:])}",
+    )
+    print(out)
+    return 0

@@ -1,0 +1,398 @@
+"""One `paradec train <kind>` run: target -> self-distilled data -> training -> validation -> saved output + card.
+
+Outputs go to `OUT/<kind>/` (OUT defaults to `<model dir>/heads`, where `paradec.load(model)` looks for heads):
+`medusa/` and `eagle/` are heads directories (`paradec.heads`), `draft/` a Hugging Face checkpoint usable as
+`--draft`. Each carries a `card.json`: data, steps, seconds, device, validation accuracy per head/level, and the
+validation acceptance the method reaches with the engine (τ and acceptance by position over held-out prompts).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from paradec.config import EngineConfig
+from paradec.errors import ParadecError
+from paradec.heads import EagleConfig, EagleHead, MedusaConfig, MedusaHeads, save_heads
+from paradec.heads.medusa import best_tree
+from paradec.loading import DTYPES, load_tokenizer, read_config, resolve_device, resolve_dtype, resolve_model_dir
+from paradec.runners import HFRunner, load_hf_model
+from paradec.train.data import DistillData, build_data, read_texts
+from paradec.train.draft import draft_accuracy, draft_loss
+from paradec.train.eagle import eagle_accuracy, eagle_loss
+from paradec.train.loop import FitResult, TrainSettings, autocast, device_name, fit
+from paradec.train.medusa import medusa_accuracy, medusa_loss
+
+KINDS = ("medusa", "eagle", "draft")
+DEFAULT_STEPS = {"medusa": 1000, "eagle": 3000, "draft": 1000}
+DEFAULT_LR = {"medusa": 3e-3, "eagle": 3e-3, "draft": 3e-4}
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    data: Path | None = None  # prompt source (None: the machine's Python corpus)
+    sequences: int = 2048  # training windows, each continued by the target (self-distillation)
+    val_sequences: int = 64  # validation windows (accuracies)
+    prompt_len: int = 128  # text tokens per window
+    new_tokens: int = 192  # tokens the target adds to each window (0: train on the text windows alone)
+    temperature: float = 0.0  # 0: the target's greedy continuations; > 0: sampled ones
+    max_corpus_chars: int = 40_000_000
+    batch_size: int = 256  # windows per generate / feature batch
+
+    def __post_init__(self) -> None:
+        flags = {"sequences": "self-distill", "val_sequences": "val-sequences", "prompt_len": "prompt-len"}
+        for name, flag in {**flags, "batch_size": "gen-batch-size"}.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ParadecError(f"{flag} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.new_tokens, int) or self.new_tokens < 0:
+            raise ParadecError(f"new-tokens must be an integer >= 0, got {self.new_tokens!r}")
+        if self.prompt_len + self.new_tokens < 4:
+            raise ParadecError(f"windows of {self.prompt_len + self.new_tokens} tokens are too short (need >= 4)")
+        if not self.temperature >= 0:
+            raise ParadecError(f"temperature must be >= 0, got {self.temperature!r}")
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    medusa_heads: int = 4  # Medusa: number of heads (tree depth)
+    tree_nodes: int = 64  # Medusa: nodes of the static tree
+    tree_ranks: int = 8  # Medusa: candidates per head the tree may use
+    passes: int = 3  # EAGLE: unrolled draft levels per training step
+    reg_weight: float = 1.0  # EAGLE: weight of the hidden-state regression next to the KL term
+    intermediate_size: int | None = None  # EAGLE: MLP width (default ~2.75x hidden)
+
+    def __post_init__(self) -> None:
+        for name in ("medusa_heads", "tree_nodes", "tree_ranks", "passes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ParadecError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+
+
+@dataclass
+class Target:
+    path: Path
+    model: torch.nn.Module  # the Hugging Face causal LM, frozen
+    tokenizer: object
+    eos_token_ids: list[int]
+    embed: torch.Tensor  # [V, H]
+    lm_head: torch.Tensor  # [V, H]
+
+
+def _log(message: str) -> None:
+    tqdm.write(f"[train] {message}", file=sys.stderr)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+
+
+def load_target(model: str | Path | None, device: torch.device, dtype: torch.dtype) -> Target:
+    if model is None:
+        from paradec import zoo
+
+        path = zoo.default_model_dir()
+    else:
+        path = resolve_model_dir(model, "model")
+    tokenizer = load_tokenizer(path)
+    hf = load_hf_model(path, device, dtype).requires_grad_(False)
+    return Target(
+        path=path,
+        model=hf,
+        tokenizer=tokenizer,
+        eos_token_ids=_eos_ids(hf, tokenizer),
+        embed=hf.get_input_embeddings().weight,
+        lm_head=hf.get_output_embeddings().weight,
+    )
+
+
+def validation_acceptance(
+    target: Target,
+    prompts: list[list[int]],
+    method: str,
+    *,
+    heads_dir: Path | None = None,
+    draft: torch.nn.Module | None = None,
+    new_tokens: int = 128,
+) -> dict:
+    """τ and acceptance by position of greedy `method` over `prompts` (the engine on the in-memory target)."""
+    from paradec.engine import Engine
+
+    config = EngineConfig(model=str(target.path), heads=None if heads_dir is None else str(heads_dir))
+    engine = Engine(
+        HFRunner(target.model),
+        target.tokenizer,
+        config,
+        draft=None if draft is None else HFRunner(draft),
+        heads_dir=heads_dir,
+        eos_token_ids=set(target.eos_token_ids),
+    )
+    steps = emitted = 0
+    accepted_at: list[int] = []
+    for prompt in prompts:
+        stats = engine.generate(prompt, method=method, max_new_tokens=new_tokens).stats
+        steps += stats.steps
+        emitted += stats.new_tokens
+        accepted_at.extend([0] * (len(stats.accepted_at) - len(accepted_at)))
+        for i, count in enumerate(stats.accepted_at):
+            accepted_at[i] += count
+    return {
+        "method": method,
+        "prompts": len(prompts),
+        "max_new_tokens": new_tokens,
+        "tau": round(emitted / max(steps, 1), 4),
+        "acceptance_by_position": [round(a / max(steps, 1), 4) for a in accepted_at],
+    }
+
+
+@dataclass
+class Job:
+    target: Target
+    train_data: DistillData
+    val_data: DistillData
+    settings: TrainSettings
+    heads: HeadSettings
+    device: torch.device
+    out_dir: Path
+    draft_path: Path | None
+    prompts: list[list[int]]  # held-out prompts for the validation acceptance
+    val_new_tokens: int
+    progress: bool
+
+    def acceptance(self, method: str, **kwargs) -> dict:
+        return validation_acceptance(self.target, self.prompts, method, new_tokens=self.val_new_tokens, **kwargs)
+
+    def autocast(self):
+        return autocast(self.device, self.target.model.dtype)
+
+    def fit(self, params, loss, desc: str) -> FitResult:
+        return fit(
+            params,
+            loss,
+            len(self.train_data),
+            self.settings,
+            self.device,
+            target_dtype=self.target.model.dtype,
+            desc=desc,
+            progress=self.progress,
+        )
+
+
+def _windows_as_prompts(data: DistillData, prompt_len: int, count: int) -> list[list[int]]:
+    return data.tokens[:count, :prompt_len].tolist()
+
+
+def run(
+    kind: str,
+    *,
+    model: str | Path | None = None,
+    draft: str | Path | None = None,
+    out: str | Path | None = None,
+    data: DataSettings = DataSettings(),
+    train: TrainSettings | None = None,
+    heads: HeadSettings = HeadSettings(),
+    device: str = "auto",
+    dtype: str = "auto",
+    val_prompts: int = 16,
+    val_new_tokens: int = 128,
+    progress: bool = True,
+    command: str = "",
+) -> Path:
+    """Train a drafter of `kind` for `model`; returns the output directory (`OUT/<kind>`)."""
+    if kind not in KINDS:
+        raise ParadecError(f"unknown training kind {kind!r} (choose from {', '.join(KINDS)})")
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    target = load_target(model, dev, resolve_dtype(dtype, dev))
+    train = train or TrainSettings(steps=DEFAULT_STEPS[kind], lr=DEFAULT_LR[kind])
+    out_dir = (Path(out) if out is not None else target.path / "heads") / kind
+    draft_path = _draft_path(kind, model, draft)
+    torch.manual_seed(train.seed)
+
+    texts = read_texts(data.data, max_corpus_chars=data.max_corpus_chars, progress=progress)
+    _log(f"data: {texts.description}; {len(texts.train)} train / {len(texts.val)} validation texts")
+    common = dict(
+        prompt_len=data.prompt_len,
+        new_tokens=data.new_tokens,
+        eos_token_ids=target.eos_token_ids,
+        temperature=data.temperature,
+        batch_size=data.batch_size,
+        progress=progress,
+    )
+    train_data = build_data(
+        target.model, target.tokenizer, texts.train, sequences=data.sequences, seed=train.seed, **common
+    )
+    val_data = build_data(
+        target.model, target.tokenizer, texts.val, sequences=data.val_sequences, seed=train.seed + 1, **common
+    )
+    _log(f"training data: {train_data.stats}")
+    prompts = _windows_as_prompts(val_data, data.prompt_len, val_prompts)
+
+    job = Job(target, train_data, val_data, train, heads, dev, out_dir, draft_path, prompts, val_new_tokens, progress)
+    report = {"medusa": _train_medusa, "eagle": _train_eagle, "draft": _train_draft}[kind](job)
+    _log(f"{kind}: validation acceptance {report['validation_acceptance']}")
+    card = {
+        "kind": kind,
+        "target": str(target.path),
+        "data": {
+            "source": texts.description,
+            "train": train_data.stats,
+            "validation": val_data.stats,
+            "max_corpus_chars": data.max_corpus_chars if data.data is None else None,
+        },
+        "train": asdict(train),
+        **report,
+        "seconds": round(time.perf_counter() - started, 1),
+        "device": device_name(dev),
+        "dtype": str(target.model.dtype).removeprefix("torch."),
+        "date": datetime.date.today().isoformat(),
+        "command": command,
+        "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+    }
+    (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    _log(f"wrote {out_dir}")
+    return out_dir
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _draft_path(kind: str, model: str | Path | None, draft: str | Path | None) -> Path | None:
+    if kind != "draft":
+        if draft is not None:
+            raise ParadecError(f"--draft is only used by `paradec train draft`, not {kind}")
+        return None
+    if draft is None:
+        if model is not None:
+            raise ParadecError("`paradec train draft` needs --draft DIR, the small model to distil")
+        from paradec import zoo
+
+        return zoo.default_draft_dir()
+    return resolve_model_dir(draft, "draft model")
+
+
+def _train_medusa(job: Job) -> dict:
+    target, train_data, heads = job.target, job.train_data, job.heads
+    hidden, vocab = target.lm_head.shape[1], target.lm_head.shape[0]
+    module = MedusaHeads(MedusaConfig(hidden, vocab, heads.medusa_heads)).to(job.device)
+    _log(f"medusa: {heads.medusa_heads} heads, {sum(p.numel() for p in module.parameters())} parameters")
+
+    def loss(index: torch.Tensor) -> torch.Tensor:
+        return medusa_loss(module, target.lm_head, train_data.features[index], train_data.valid[index])
+
+    result = job.fit(module.parameters(), loss, "medusa")
+    module.eval()
+    with job.autocast():
+        accuracy = medusa_accuracy(module, target.lm_head, job.val_data, heads.tree_ranks)
+    tree, expected = best_tree(accuracy, heads.tree_nodes)
+    module.config = replace(module.config, tree=tree)
+    save_heads(module, job.out_dir)
+    return {
+        "parameters": sum(p.numel() for p in module.parameters()),
+        "fit": result.to_dict(),
+        "validation": {
+            "top1_accuracy_per_head": [round(a[0], 4) for a in accuracy],
+            "topk_accuracy_per_head": [[round(x, 4) for x in a] for a in accuracy],
+            "tree_nodes": len(tree),
+            "tree_expected_accepted": round(expected, 4),
+        },
+        "validation_acceptance": job.acceptance("medusa", heads_dir=job.out_dir),
+    }
+
+
+def _train_eagle(job: Job) -> dict:
+    target, train_data, heads = job.target, job.train_data, job.heads
+    hidden, vocab = target.lm_head.shape[1], target.lm_head.shape[0]
+    config = EagleConfig.for_target(hidden, vocab, intermediate_size=heads.intermediate_size)
+    module = EagleHead(config).to(job.device)
+    _log(f"eagle: {config}, {sum(p.numel() for p in module.parameters())} parameters")
+
+    def loss(index: torch.Tensor) -> torch.Tensor:
+        return eagle_loss(
+            module,
+            target.embed,
+            target.lm_head,
+            train_data.tokens[index],
+            train_data.features[index],
+            train_data.valid[index],
+            passes=heads.passes,
+            reg_weight=heads.reg_weight,
+        )
+
+    result = job.fit(module.parameters(), loss, "eagle")
+    module.eval()
+    with job.autocast():
+        accuracy = eagle_accuracy(module, target.embed, target.lm_head, job.val_data, heads.passes)
+    save_heads(module, job.out_dir)
+    return {
+        "parameters": sum(p.numel() for p in module.parameters()),
+        "config": config.to_dict(),
+        "passes": heads.passes,
+        "reg_weight": heads.reg_weight,
+        "fit": result.to_dict(),
+        "validation": {"top1_accuracy_per_level": [round(a, 4) for a in accuracy]},
+        "validation_acceptance": job.acceptance("eagle", heads_dir=job.out_dir),
+    }
+
+
+def _train_draft(job: Job) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    target, train_data = job.target, job.train_data
+    try:
+        draft = AutoModelForCausalLM.from_pretrained(job.draft_path, dtype=torch.float32).to(job.device)
+    except Exception as exc:
+        raise ParadecError(f"cannot load the draft model {str(job.draft_path)!r}: {exc}") from exc
+    config = read_config(job.draft_path)
+    save_dtype = DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), torch.float32)  # as it came
+    draft.eval()
+    with job.autocast():
+        agreement_before = draft_accuracy(draft, target.lm_head, job.val_data)
+    acceptance_before = job.acceptance("draft", draft=draft)
+    draft.train()
+
+    def loss(index: torch.Tensor) -> torch.Tensor:
+        return draft_loss(
+            draft, target.lm_head, train_data.tokens[index], train_data.features[index], train_data.valid[index]
+        )
+
+    result = job.fit(draft.parameters(), loss, "draft")
+    draft.eval()
+    with job.autocast():
+        agreement_after = draft_accuracy(draft, target.lm_head, job.val_data)
+    tmp = job.out_dir.with_name(job.out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    draft.to(save_dtype).save_pretrained(tmp)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        source = job.draft_path / name
+        if source.is_file() and not (tmp / name).exists():
+            shutil.copyfile(source, tmp / name)
+    shutil.rmtree(job.out_dir, ignore_errors=True)
+    tmp.rename(job.out_dir)
+    return {
+        "draft": str(job.draft_path),
+        "parameters": sum(p.numel() for p in draft.parameters()),
+        "fit": result.to_dict(),
+        "validation": {
+            "top1_agreement_before": round(agreement_before, 4),
+            "top1_agreement_after": round(agreement_after, 4),
+        },
+        "validation_acceptance_before": acceptance_before,
+        "validation_acceptance": job.acceptance("draft", draft=draft),
+    }
