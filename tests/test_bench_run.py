@@ -183,3 +183,27 @@ def test_malformed_prompts_file_exits_2(tmp_path, capsys):
     path.write_text('{"prompt": "ok"}\n{"prompt": \n')
     assert main(["bench", "--device", "cpu", "--prompts", str(path)]) == 2
     assert f"{path}:2: invalid JSON" in capsys.readouterr().err
+
+
+class Recording:
+    """An engine wrapper that records (prompt, max_new_tokens) of every generation."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.calls = engine, []
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, prompt, **kw):
+        self.calls.append((tuple(prompt), kw["max_new_tokens"]))
+        return self.engine.generate(prompt, **kw)
+
+
+def test_warm_up_covers_every_prompt_before_timing(engine):
+    recording = Recording(engine)
+    bench = Bench(recording, BENCH_PROMPTS, plan(("vanilla",), warmup=1, repeats=2), progress=False)
+    bench.run()
+    full = [prompt for prompt, n in recording.calls if n == 8]
+    # every prompt once untimed, then each prompt's timed repeats: the timed runs meet no new shapes
+    assert full[:2] == [tuple(p) for p in bench.prompt_tokens]
+    assert full[2:] == [tuple(bench.prompt_tokens[0])] * 2 + [tuple(bench.prompt_tokens[1])] * 2

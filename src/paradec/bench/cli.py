@@ -62,7 +62,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument("--seed", type=int, help="sample mode: prompt i uses seed + i (default 0)")
     bench.add_argument("--batch-sizes", default="1", help="comma list; sizes > 1 run the hf-vanilla peer only")
     bench.add_argument("--max-new-tokens", type=int, help="per generation (default: the suite's, else 128)")
-    bench.add_argument("--warmup", type=int, default=1, help="untimed generations per method first (default 1)")
+    bench.add_argument(
+        "--warmup", type=int, default=1, help="untimed passes over all prompts per method first (default 1)"
+    )
     bench.add_argument("--repeats", type=int, default=1, help="timed repeats per prompt, median kept (default 1)")
     bench.add_argument(
         "--out", type=Path, default=Path(DEFAULT_OUT), help=f"output directory (default ./{DEFAULT_OUT})"

@@ -1,7 +1,9 @@
 """The benchmark loop: every method on every prompt, then the Hugging Face peers, timed the same way.
 
 Methodology (Spec-Bench's, extended): batch size 1; per method first a 1-token probe (a method whose resources
-are missing is skipped, or is an error when the user named it), then warm-up generations that are not timed;
+are missing is skipped, or is an error when the user named it), then `warmup` untimed passes over *every* prompt
+(a greedy generation repeats its shapes exactly, so CUDA graph capture and compilation for every shape the timed
+pass meets happen here; a warm-up over a few prompts left new cache-length buckets to compile while timed);
 each timed generation sits between two `torch.cuda.synchronize()` calls (on CUDA) and is repeated `repeats`
 times, keeping the median. Prompts are encoded once up front, so tokenization is never timed. Our own vanilla
 always runs first: it is the reference for speedups and, in greedy mode, for exactness (every lossless method
@@ -139,10 +141,10 @@ class Bench:
 
     def _total(self) -> int:
         plan, n = self.plan, len(self.prompts)
-        total = len(plan.methods) * (1 + plan.warmup + n * plan.repeats)
+        total = len(plan.methods) * (1 + n * (plan.warmup + plan.repeats))
         for peer in plan.peers:
             for size in self._peer_batch_sizes(peer):
-                total += plan.warmup + len(self._batches(size)) * plan.repeats
+                total += len(self._batches(size)) * (plan.warmup + plan.repeats)
         return total
 
     # --- timing ---------------------------------------------------------------------------------------------
@@ -181,7 +183,7 @@ class Bench:
                     reason = peers.unavailable(peer)
                     if reason:
                         self._skip(outcome, reason)
-                        self._tick(self.plan.warmup + len(self._batches(size)) * self.plan.repeats)
+                        self._tick(len(self._batches(size)) * (self.plan.warmup + self.plan.repeats))
                         continue
                     self._guarded(outcome, lambda o, peers=peers: self._run_peer(o, peers))
         self._bar = None
@@ -234,12 +236,13 @@ class Bench:
             if plan.explicit:
                 raise
             self._skip(outcome, str(exc))
-            self._tick(1 + plan.warmup + len(self.prompts) * plan.repeats)
+            self._tick(1 + len(self.prompts) * (plan.warmup + plan.repeats))
             return
         self._tick()
-        for w in range(plan.warmup):
-            generate(w % len(self.prompts), plan.max_new_tokens)
-            self._tick()
+        for _ in range(plan.warmup):
+            for index in range(len(self.prompts)):
+                generate(index, plan.max_new_tokens)
+                self._tick()
         for index, prompt in enumerate(self.prompts):
             results, walls = [], []
             for _ in range(plan.repeats):
@@ -291,10 +294,11 @@ class Bench:
         peer, size, plan = outcome.method, outcome.batch_size, self.plan
         outcome.options = peers.settings(peer)
         batches = self._batches(size)
-        for w in range(plan.warmup):
-            group = batches[w % len(batches)]
-            peers.generate(peer, [self.prompt_tokens[i] for i in group], self._sampling(group[0]), plan.max_new_tokens)
-            self._tick()
+        for _ in range(plan.warmup):
+            for group in batches:
+                rows = [self.prompt_tokens[i] for i in group]
+                peers.generate(peer, rows, self._sampling(group[0]), plan.max_new_tokens)
+                self._tick()
         for group in batches:
             rows = [self.prompt_tokens[i] for i in group]
             runs, walls = [], []
