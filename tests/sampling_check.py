@@ -1,6 +1,6 @@
 """Chi-square check that a method's sampled tokens follow plain sampling, for any prompt, target and drafter.
 
-The same harness as tests/test_distribution.py (which fixes its prompt and target), opened up: run the real
+The harness of tests/test_distribution.py (which fixes its prompt and target), opened up: run the real
 decode loop many times with seeds 1..samples and compare the counts of the first `new` tokens with their exact
 probabilities under plain sampling (`exact` maps every sequence of `new` tokens to its probability).
 """

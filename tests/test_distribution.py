@@ -8,12 +8,10 @@ point-mass tree, tree with q) and must reject deliberately wrong verifiers.
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 from fakes import TableRunner, exact_joint, random_table
 from paradec.config import SamplingParams
@@ -23,6 +21,7 @@ from paradec.drafters.vanilla import Vanilla
 from paradec.sampling import sample, warp
 from paradec.types import Proposal, Verdict
 from paradec.verify import verify
+from sampling_check import chi_square_p
 
 VOCAB = 4
 NEW = 3
@@ -134,24 +133,7 @@ def run_many(drafter_factory, sp: SamplingParams, samples: int, verifier=verify,
 
 
 def p_value(counts: Counter, sp: SamplingParams) -> float:
-    exact = exact_joint(TARGET_TABLE, PROMPT, NEW, sp)
-    total = sum(counts.values())
-    assert set(counts) <= set(exact), "sampled a sequence of probability 0"
-    observed, expected = [], []
-    small_obs = small_exp = 0.0
-    for seq in itertools.product(range(VOCAB), repeat=NEW):
-        e = exact.get(seq, 0.0) * total
-        if e < 5:
-            small_obs += counts.get(seq, 0)
-            small_exp += e
-        else:
-            observed.append(counts.get(seq, 0))
-            expected.append(e)
-    if small_exp > 0:
-        observed.append(small_obs)
-        expected.append(small_exp)
-    scale = total / sum(expected)  # exact probabilities sum to 1 up to float rounding
-    return float(chisquare(observed, [e * scale for e in expected]).pvalue)
+    return chi_square_p(counts, exact_joint(TARGET_TABLE, PROMPT, NEW, sp), VOCAB, NEW)
 
 
 TARGET_TABLE = random_table(VOCAB, seed=1, scale=0.8)
