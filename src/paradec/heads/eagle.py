@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from paradec.errors import ParadecError
+from paradec.runners.native.model import RMSNorm
 
 
 @dataclass(frozen=True)
@@ -59,17 +60,6 @@ class EagleConfig:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -24,20 +24,10 @@ from paradec.zoo.tokenizer import EOT_ID
 if TYPE_CHECKING:
     from transformers import LlamaConfig
 
+from paradec.runners.native.model import RMSNorm
+
 RMS_EPS = 1e-5
 INIT_STD = 0.02
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = RMS_EPS) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +88,9 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, shape: ModelShape) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(shape.hidden_size)
+        self.input_layernorm = RMSNorm(shape.hidden_size, RMS_EPS)
         self.self_attn = Attention(shape)
-        self.post_attention_layernorm = RMSNorm(shape.hidden_size)
+        self.post_attention_layernorm = RMSNorm(shape.hidden_size, RMS_EPS)
         self.mlp = MLP(shape)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -113,7 +103,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab_size, shape.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(shape) for _ in range(shape.num_layers))
-        self.norm = RMSNorm(shape.hidden_size)
+        self.norm = RMSNorm(shape.hidden_size, RMS_EPS)
 
 
 class ZooLlama(nn.Module):
