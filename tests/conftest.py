@@ -151,7 +151,29 @@ def loop_dirs(tmp_path_factory, tokenizer_dir, vocab_size) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def hf_models(model_dirs, loop_dirs):
+def checkpoints(model_dirs, loop_dirs) -> dict[str, Path]:
+    """Every test checkpoint by name: an arch, '<arch>-draft', or 'loop-<arch>'."""
+    return {**model_dirs, **{f"loop-{arch}": path for arch, path in loop_dirs.items()}}
+
+
+@pytest.fixture(scope="session")
+def engines(checkpoints):
+    """`engines(target, draft=None, runner="hf")`: a loaded paradec Engine, cached per session."""
+    import paradec
+
+    cache = {}
+
+    def get(target: str, draft: str | None = None, *, runner: str = "hf"):
+        key = (target, draft, runner)
+        if key not in cache:
+            cache[key] = paradec.load(checkpoints[target], None if draft is None else checkpoints[draft], runner=runner)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_models(checkpoints):
     """Loaded `transformers` models (fp32, eval) for reference generation, cached per session
     (names: an arch, '<arch>-draft', or 'loop-<arch>')."""
     from transformers import AutoModelForCausalLM
@@ -160,8 +182,7 @@ def hf_models(model_dirs, loop_dirs):
 
     def get(name: str):
         if name not in cache:
-            path = loop_dirs[name.removeprefix("loop-")] if name.startswith("loop-") else model_dirs[name]
-            cache[name] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            cache[name] = AutoModelForCausalLM.from_pretrained(checkpoints[name], dtype=torch.float32).eval()
         return cache[name]
 
     return get

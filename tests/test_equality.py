@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import pytest
 
-import paradec
 from conftest import ARCHS, hf_greedy
 
 PROMPTS = [
@@ -16,20 +15,6 @@ PROMPTS = [
     "The quick brown fox jumps over the lazy dog. The quick brown fox",
     "class Stack:\n    def push(self, item):\n        self.items.append(item)\n\n    def pop",
 ]
-
-
-@pytest.fixture(scope="module")
-def engines(model_dirs, loop_dirs):
-    cache = {}
-
-    def get(target: str, draft: str | None = None):
-        key = (target, draft)
-        if key not in cache:
-            dirs = {**model_dirs, **{f"loop-{a}": p for a, p in loop_dirs.items()}}
-            cache[key] = paradec.load(dirs[target], None if draft is None else dirs[draft], runner="hf")
-        return cache[key]
-
-    return get
 
 
 @pytest.mark.parametrize("arch", ARCHS)

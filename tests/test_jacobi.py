@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import paradec
 from conftest import ARCHS, hf_greedy
 from fakes import TableRunner, exact_joint, random_table
 from paradec.config import SamplingParams
@@ -18,19 +17,6 @@ from paradec.types import Verdict
 from sampling_check import chi_square_p, sample_counts
 
 PROMPTS = ["def fibonacci(n):\n", "The quick brown fox jumps over the lazy dog. The quick brown fox"]
-
-
-@pytest.fixture(scope="module")
-def engines(model_dirs, loop_dirs):
-    cache = {}
-
-    def get(name: str, runner: str = "hf"):
-        if (name, runner) not in cache:
-            path = loop_dirs[name.removeprefix("loop-")] if name.startswith("loop-") else model_dirs[name]
-            cache[name, runner] = paradec.load(path, runner=runner)
-        return cache[name, runner]
-
-    return get
 
 
 def one_hot_logits(picks: list[int], vocab: int = 50) -> torch.Tensor:
@@ -65,7 +51,7 @@ def test_greedy_equals_transformers(engines, hf_models, arch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_greedy_equals_transformers_on_the_native_runner(engines, hf_models, arch):
-    engine = engines(arch, "native")
+    engine = engines(arch, runner="native")
     for prompt in PROMPTS:
         reference = hf_greedy(hf_models(arch), engine.encode(prompt), 32)
         assert engine.generate(prompt, method="jacobi", max_new_tokens=32).token_ids == reference

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import paradec
 from conftest import ARCHS, hf_greedy
 from fakes import TableRunner, exact_joint, random_table
 from paradec.config import SamplingParams
@@ -24,19 +23,6 @@ PROMPTS = [
     "def fibonacci(n):\n",
     "class Stack:\n    def push(self, item):\n        self.items.append(item)\n\n    def pop",
 ]
-
-
-@pytest.fixture(scope="module")
-def engines(model_dirs, loop_dirs):
-    cache = {}
-
-    def get(name: str, runner: str = "hf"):
-        if (name, runner) not in cache:
-            path = loop_dirs[name.removeprefix("loop-")] if name.startswith("loop-") else model_dirs[name]
-            cache[name, runner] = paradec.load(path, runner=runner)
-        return cache[name, runner]
-
-    return get
 
 
 def test_pool_keeps_the_most_recent_continuations_per_token():
@@ -126,7 +112,7 @@ def test_greedy_equals_transformers(engines, hf_models, arch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_greedy_equals_transformers_on_the_native_runner(engines, hf_models, arch):
-    engine = engines(arch, "native")
+    engine = engines(arch, runner="native")
     for prompt in PROMPTS:
         reference = hf_greedy(hf_models(arch), engine.encode(prompt), 40)
         assert engine.generate(prompt, method="lookahead", max_new_tokens=40).token_ids == reference
