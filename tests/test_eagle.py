@@ -148,7 +148,7 @@ def test_drafter_tree_equals_brute_force_eagle2():
     for _ in range(2):  # a second round after a step: the draft entries of the first tree must be gone
         proposal = drafter.propose(state, max_tokens=10)
         expected = reference_tree(head, embed, lm_head, state.tokens, features, 3, 4, 10)
-        assert (proposal.tokens.tolist(), proposal.parents) == expected
+        assert (proposal.tokens.tolist(), proposal.layout.host_parents()) == expected
         emitted = [proposal.tokens[0].item(), 7]  # as if node 0 was accepted and 7 came from the target
         state.tokens += emitted
         new_features = torch.randn(2, H)
@@ -156,7 +156,7 @@ def test_drafter_tree_equals_brute_force_eagle2():
         state.target_hidden = new_features
         drafter.update(state, Verdict(path=[0], tokens=emitted, proposed=proposal.size))
     shallow = drafter.propose(state, max_tokens=1)
-    assert shallow.parents == (-1, -1, -1)  # max_tokens bounds the depth: level 1 only
+    assert shallow.layout.host_parents() == (-1, -1, -1)  # max_tokens bounds the depth: level 1 only
 
 
 class HiddenTableRunner(TableRunner):

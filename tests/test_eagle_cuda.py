@@ -42,9 +42,10 @@ def test_graph_replay_equals_eager_step(dtype):
         ws.keys.copy_(keys)
         ws.values.copy_(values)
         drafter._extend()
-        tokens, parents = drafter._grow(4, 10)
+        tokens, layout = drafter._grow(4, 10)
         assert replayed.tokens.tolist() == tokens.tolist()
-        assert replayed.parents == tuple(parents.tolist())
+        assert replayed.layout.host_parents() == layout.host_parents()
+        assert torch.equal(replayed.layout.mask, layout.mask) and torch.equal(replayed.layout.depth, layout.depth)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -16,7 +16,7 @@ import torch
 from paradec.errors import ParadecError
 from paradec.runners.base import Runner, prefill
 from paradec.runners.native import NativeRunner, supports, unsupported_reason
-from paradec.tree import build_tree
+from paradec.tree import build_tree, device_tree
 
 VOCAB = 101
 TOL = 1e-4  # relative error, fp32
@@ -185,6 +185,11 @@ def test_cache_after_compaction_equals_cache_built_from_scratch(checkpoints, arc
     assert rel_err(out.logits, ref[16:]) < TOL
 
 
+def on_device(parents: tuple[int, ...]):
+    """The tree a drafter would build on the device (its parents unknown on the host)."""
+    return device_tree(torch.tensor(parents), len(parents))
+
+
 def test_static_buckets_ignore_stale_buffers(checkpoints):
     """Mixed tree and chain shapes through the padded buffers agree with the exact-shape path."""
     _, path = checkpoints["qwen2"]
@@ -198,6 +203,9 @@ def test_static_buckets_ignore_stale_buffers(checkpoints):
         (sequence(13, 10), build_tree(TREE), [0, 1, 3, 6]),  # same shape as loaded before: buffers reused
         (sequence(14, 1), None, 1),
         (sequence(15, 6), build_tree((-1, 0, 0, 2, 2)), [0, 1, 3, 5]),
+        (sequence(16, 10), on_device(TREE), [0, 2, 5]),  # a device tree: rows always reloaded
+        (sequence(17, 10), build_tree(TREE), [0, 1, 4]),  # ... and after it the host tree of the same shape
+        (sequence(18, 5), on_device((-1, 0, 1, 1)), [0, 1, 2, 4]),
     ]
     for tokens, tree, keep in steps:
         a, b = static.forward(tokens, tree, hidden=True), eager.forward(tokens, tree, hidden=True)
@@ -205,8 +213,8 @@ def test_static_buckets_ignore_stale_buffers(checkpoints):
         eager.commit(keep)
         assert rel_err(a.logits, b.logits) < TOL
         assert rel_err(a.hidden, b.hidden) < TOL
-    assert static.length == eager.length == 36
-    assert rel_err(static.cache.data[..., :36, :], eager.cache.data[..., :36, :]) < 1e-5
+    assert static.length == eager.length == 46
+    assert rel_err(static.cache.data[..., :46, :], eager.cache.data[..., :46, :]) < 1e-5
 
 
 def test_logits_modes(checkpoints):
@@ -357,7 +365,13 @@ def test_clear_errors(checkpoints, tmp_path):
     with pytest.raises(ValueError, match="not a root path"):
         runner.commit([0, 2])  # a chain keeps a prefix
     runner.commit(2)
-    with pytest.raises(ValueError, match="rollback to 5"):
-        runner.rollback(5)
+    runner.forward(sequence(27, 4), on_device((-1, -1, 0)))
+    for bad in ([1], [0, 2, 1], [0, 0], [0, 4]):  # a device tree's path must start at the root and descend
+        with pytest.raises(ValueError, match="not a root path"):
+            runner.commit(bad)
+    runner.commit([0, 3])
+    assert runner.length == 6
+    with pytest.raises(ValueError, match="rollback to 7"):
+        runner.rollback(7)
     with pytest.raises(ParadecError, match=r"layers \[3\]"):
         runner.view([3])

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
+
+import pytest
 import torch
 
 from paradec.config import SamplingParams
-from paradec.tree import build_tree
+from paradec.tree import build_tree, device_tree
 from paradec.types import Proposal
 from paradec.verify import verify
 
@@ -95,3 +98,53 @@ def test_rejection_chain_rejects_token_target_forbids():
     q = torch.tensor([[1.0, 0.0, 0.0]])
     verdict = verify(Proposal(tokens=torch.tensor([0]), probs=q), logits, sp, torch.Generator().manual_seed(0))
     assert verdict.path == [] and verdict.tokens == [2]
+
+
+def random_parents(rng: random.Random, n: int) -> tuple[int, ...]:
+    return tuple(rng.randrange(-1, i) for i in range(n))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_device_tree_equals_host_tree(seed):
+    rng = random.Random(seed)
+    parents = random_parents(rng, rng.randint(0, 40))
+    host = build_tree(parents)
+    slack = rng.randint(0, 3)  # any upper bound on the depth gives the same buffers
+    device = device_tree(torch.tensor(parents, dtype=torch.long), max(host.max_depth, 1) + slack)
+    assert torch.equal(device.mask, host.mask) and torch.equal(device.depth, host.depth)
+    assert torch.equal(device.parent, host.parent)
+    assert device.parents is None and not device.on_host and device.host_parents() == parents
+
+
+def test_device_tree_too_shallow_bound_is_detectably_wrong():
+    # the bound is a promise: a depth-3 tree walked only twice misses the root in its deepest row
+    tree = device_tree(torch.tensor([-1, 0, 1]), 2)
+    assert tree.depth.tolist() != build_tree((-1, 0, 1)).depth.tolist()
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_walk_over_a_device_tree_equals_the_host_tree_walk(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 30)
+    parents = random_parents(rng, n)
+    vocab = 6
+    tokens = []  # siblings distinct: a child's token is its index among its siblings
+    seen: dict[int, int] = {}
+    for p in parents:
+        tokens.append(seen.get(p, 0))
+        seen[p] = seen.get(p, 0) + 1
+    logits = torch.randn(n + 1, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+    host = verify(Proposal(tokens=torch.tensor(tokens), parents=parents), logits, GREEDY)
+    layout = device_tree(torch.tensor(parents, dtype=torch.long), n)
+    device = verify(Proposal(tokens=torch.tensor(tokens), layout=layout), logits, GREEDY)
+    assert (device.path, device.tokens, device.proposed) == (host.path, host.tokens, host.proposed)
+    assert device.depth == host.depth == build_tree(parents).max_depth
+
+
+def test_proposal_with_layout_rejects_host_parents_and_wrong_sizes():
+    layout = device_tree(torch.tensor([-1, 0]), 2)
+    with pytest.raises(ValueError, match="device layout of 2 nodes"):
+        Proposal(tokens=torch.tensor([1, 2, 3]), layout=layout)
+    with pytest.raises(ValueError, match="device layout"):
+        Proposal(tokens=torch.tensor([1, 2]), parents=(-1, 0), layout=layout)
+    assert not Proposal(tokens=torch.tensor([1, 2]), layout=layout).is_chain

@@ -28,7 +28,6 @@ from paradec.drafters.base import DecodeState, Drafter
 from paradec.metrics import GenerationStats
 from paradec.runners.base import Runner, prefill
 from paradec.sampling import make_generator
-from paradec.tree import build_tree
 from paradec.types import Verdict
 from paradec.verify import verify
 
@@ -118,7 +117,7 @@ class Generation:
         while not finish:
             remaining = self.max_new_tokens - len(new_ids)
             proposal = drafter.propose(state, max_tokens=remaining - 1)
-            tree = build_tree(proposal.parent_list(), device)
+            tree = proposal.tree(device)
             pieces = [pending, proposal.tokens]
             layout = tree
             if proposal.aux is not None:
@@ -134,8 +133,9 @@ class Generation:
             verdict = self.verifier(proposal, out.logits[: proposal.size + 1], self.sampling, state.generator, tree)
             keep = [0] + [i + 1 for i in verdict.path]
             target.commit(keep)
-            if out.hidden is not None:
-                state.target_hidden = out.hidden[keep]
+            if out.hidden is not None:  # (indexing with a list would upload it with a blocking copy)
+                rows = torch.tensor(keep).to(device, non_blocking=True)
+                state.target_hidden = out.hidden.index_select(0, rows)
             stats.record_step(verdict.depth, proposal.size, verdict.accepted)
             pending = verdict.final_device
             if pending is None:  # a verifier that returned host values only

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from paradec.tree import TreeBuffers, build_tree
+
 
 @dataclass
 class AuxInputs:
@@ -35,6 +37,10 @@ class Proposal:
     Node i of the proposal is scored at input index i + 1 of the target forward (index 0 is the pending token,
     the last emitted token whose KV is not yet cached). Its parent is `parents[i]` (-1 = the pending token).
     A chain has parents [-1, 0, 1, ...]. Siblings must carry distinct tokens.
+
+    A drafter that builds its tree on the device (`paradec.tree.device_tree`) passes it as `layout` instead of
+    `parents`: then no host sync is needed before the target forward, and the parents reach the host with the
+    verifier's verdict.
     """
 
     tokens: torch.Tensor  # [n] int64, on the target's device
@@ -42,6 +48,11 @@ class Proposal:
     # [n, V] float32: the draft distribution node i was sampled from; None = point masses
     probs: torch.Tensor | None = None
     aux: AuxInputs | None = None  # inputs to score alongside but never to accept
+    layout: TreeBuffers | None = None  # the tree, built on the device by the drafter (then `parents` is None)
+
+    def __post_init__(self) -> None:
+        if self.layout is not None and (self.parents is not None or self.layout.nodes != self.size):
+            raise ValueError(f"a proposal of {self.size} tokens with a device layout of {self.layout.nodes} nodes")
 
     @property
     def size(self) -> int:
@@ -49,10 +60,16 @@ class Proposal:
 
     @property
     def is_chain(self) -> bool:
-        return self.parents is None
+        return self.parents is None and self.layout is None
 
     def parent_list(self) -> tuple[int, ...]:
+        if self.layout is not None:
+            raise ValueError("the parents of a device-built tree are on the device only (see `layout`)")
         return tuple(range(-1, self.size - 1)) if self.parents is None else self.parents
+
+    def tree(self, device: torch.device | str) -> TreeBuffers:
+        """The tree's buffers: the drafter's own layout, or built (cached per shape) from the host parents."""
+        return self.layout if self.layout is not None else build_tree(self.parent_list(), device)
 
     @staticmethod
     def empty(device: torch.device | str) -> Proposal:

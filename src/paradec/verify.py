@@ -35,11 +35,13 @@ the draft tokens travel together); tree rejection sampling is sequential by natu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from paradec.config import SamplingParams
 from paradec.sampling import sample, warp
-from paradec.tree import TreeBuffers, build_tree
+from paradec.tree import TreeBuffers
 from paradec.types import Proposal, Verdict
 
 
@@ -52,7 +54,7 @@ def verify(
 ) -> Verdict:
     """Accept a prefix/path of `proposal` against the target's `logits` (see the module docstring)."""
     if tree is None:
-        tree = build_tree(proposal.parent_list(), logits.device)
+        tree = proposal.tree(logits.device)
     if sp.greedy:
         return _walk(proposal, logits.argmax(-1), tree)
     probs = warp(logits, sp)  # [n+1, V]
@@ -68,24 +70,33 @@ def _walk(proposal: Proposal, picks: torch.Tensor, tree: TreeBuffers) -> Verdict
     n = proposal.size
     if n == 0:
         return Verdict(path=[], tokens=[int(picks[0])], proposed=0, depth=0, final_device=picks[:1])
-    edge_ok = proposal.tokens == picks[tree.parent[1:]]  # [n] node token == the target's pick at its parent
+    nodes = tree.parent[1 : n + 1]  # [n] input-index parents of the proposal nodes
+    edge_ok = proposal.tokens == picks[nodes]  # [n] node token == the target's pick at its parent
     ok = torch.cat([edge_ok.new_ones(1), edge_ok])  # [n+1] the root is always "accepted"
-    reachable = ~(tree.mask & ~ok).any(-1)  # [n+1] every input on the root path is ok
-    deepest = torch.where(reachable, tree.depth, -1).argmax()  # unique: reachable inputs form one path
-    host = torch.cat([deepest.view(1), picks[deepest].view(1), proposal.tokens]).tolist()  # the step's one sync
-    best, final, draft = host[0], host[1], host[2:]
-    path = _path_to(tree, best)
+    reachable = ~(tree.mask[: n + 1, : n + 1] & ~ok).any(-1)  # [n+1] every input on the root path is ok
+    depth = tree.depth[: n + 1]
+    deepest = torch.where(reachable, depth, -1).argmax()  # unique: reachable inputs form one path
+    pieces = [deepest.view(1), picks[deepest].view(1), proposal.tokens]
+    if not tree.on_host:  # a device-built tree: its shape travels with the verdict
+        pieces += [depth.max().view(1), nodes]
+    host = torch.cat(pieces).tolist()  # the step's one sync
+    best, final, draft = host[0], host[1], host[2 : 2 + n]
+    if tree.on_host:
+        parents, max_depth = tree.parents, tree.max_depth
+    else:
+        max_depth, parents = host[2 + n], [p - 1 for p in host[3 + n :]]
+    path = _path_to(parents, best)
     tokens = [draft[i] for i in path] + [final]
-    return Verdict(path=path, tokens=tokens, proposed=n, depth=tree.max_depth, final_device=picks[deepest].view(1))
+    return Verdict(path=path, tokens=tokens, proposed=n, depth=max_depth, final_device=picks[deepest].view(1))
 
 
-def _path_to(tree: TreeBuffers, input_index: int) -> list[int]:
+def _path_to(parents: Sequence[int], input_index: int) -> list[int]:
     """Proposal node indices from the root's child down to input `input_index` (exclusive of the root)."""
     path = []
     j = input_index
     while j > 0:
         path.append(j - 1)
-        j = tree.parents[j - 1] + 1
+        j = parents[j - 1] + 1
     return path[::-1]
 
 
@@ -119,8 +130,9 @@ def _rejection_tree(
 ) -> Verdict:
     q_all = proposal.probs.float()  # [n, V]
     draft = proposal.tokens.tolist()
-    children: list[list[int]] = [[] for _ in range(len(tree.parents) + 1)]
-    for node, parent in enumerate(tree.parents):
+    parents = tree.host_parents()
+    children: list[list[int]] = [[] for _ in range(len(parents) + 1)]
+    for node, parent in enumerate(parents):
         children[parent + 1].append(node)
     path: list[int] = []
     current = 0  # input index

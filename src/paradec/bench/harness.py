@@ -7,7 +7,8 @@ pass meets happen here; a warm-up over a few prompts left new cache-length bucke
 each timed generation sits between two `torch.cuda.synchronize()` calls (on CUDA) and is repeated `repeats`
 times, keeping the median. Prompts are encoded once up front, so tokenization is never timed. Our own vanilla
 always runs first: it is the reference for speedups and, in greedy mode, for exactness (every lossless method
-must emit vanilla's token ids on every prompt). In sample mode prompt i is sampled with seed `seed + i`, the same
+must emit vanilla's token ids on every prompt). The Hugging Face peers run eagerly (no graphs, nothing compiled per
+shape), so their warm-up is `warmup` passes over the first batch only. In sample mode prompt i is sampled with seed `seed + i`, the same
 for every method and repeat.
 """
 
@@ -144,7 +145,7 @@ class Bench:
         total = len(plan.methods) * (1 + n * (plan.warmup + plan.repeats))
         for peer in plan.peers:
             for size in self._peer_batch_sizes(peer):
-                total += len(self._batches(size)) * (plan.warmup + plan.repeats)
+                total += plan.warmup + len(self._batches(size)) * plan.repeats
         return total
 
     # --- timing ---------------------------------------------------------------------------------------------
@@ -183,7 +184,7 @@ class Bench:
                     reason = peers.unavailable(peer)
                     if reason:
                         self._skip(outcome, reason)
-                        self._tick(len(self._batches(size)) * (self.plan.warmup + self.plan.repeats))
+                        self._tick(self.plan.warmup + len(self._batches(size)) * self.plan.repeats)
                         continue
                     self._guarded(outcome, lambda o, peers=peers: self._run_peer(o, peers))
         self._bar = None
@@ -294,11 +295,10 @@ class Bench:
         peer, size, plan = outcome.method, outcome.batch_size, self.plan
         outcome.options = peers.settings(peer)
         batches = self._batches(size)
-        for _ in range(plan.warmup):
-            for group in batches:
-                rows = [self.prompt_tokens[i] for i in group]
-                peers.generate(peer, rows, self._sampling(group[0]), plan.max_new_tokens)
-                self._tick()
+        for _ in range(plan.warmup):  # eager Hugging Face code compiles nothing per shape: the first batch will do
+            rows = [self.prompt_tokens[i] for i in batches[0]]
+            peers.generate(peer, rows, self._sampling(batches[0][0]), plan.max_new_tokens)
+            self._tick()
         for group in batches:
             rows = [self.prompt_tokens[i] for i in group]
             runs, walls = [], []

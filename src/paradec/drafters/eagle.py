@@ -18,8 +18,9 @@ Static shapes: the head's KV cache has `capacity` committed slots followed by (d
 are built from device scalars (committed length, first new slot), and a step's new entries (at most depth + 1:
 the pending token and the accepted drafts) sit in fixed-size input buffers. So a whole step, adding the new
 entries and growing the tree, is one fixed sequence of kernels, captured once as a CUDA graph and replayed.
-The kept nodes' parent indices travel to the host once per step (`.tolist()`, the tree's shape is data
-dependent), the one host synchronisation this drafter adds to the step's own.
+The tree's buffers (mask, depth, parents) are built on the device too (`paradec.tree.device_tree`), inside the
+same graph: the drafter adds no host synchronisation, so the host queues the head's graph, the target's tree
+forward and the verification back to back, and the tree's shape reaches the host with the verdict.
 
 Nodes are point masses with distinct siblings (top-k tokens), so the verifier's token-match walk keeps greedy and
 sampled output exact.
@@ -37,6 +38,7 @@ from paradec.drafters import register
 from paradec.drafters.base import DecodeState, Drafter, Resources
 from paradec.errors import ParadecError
 from paradec.heads import EagleHead, target_weights
+from paradec.tree import TreeBuffers, device_tree
 from paradec.types import Proposal, Verdict
 
 
@@ -75,7 +77,7 @@ class Workspace:
         self.start = torch.zeros((), dtype=torch.long, device=device)  # slot of the first new entry
         self.length = torch.zeros((), dtype=torch.long, device=device)  # committed entries
         self.root = torch.zeros(config.hidden_size, device=device, dtype=dtype)  # predicted hidden of the pending
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, TreeBuffers]]] = {}
 
     def fits(self, options: EagleOptions, length: int) -> bool:
         return options == self.options and length + self.rows <= self.capacity
@@ -121,7 +123,8 @@ class Eagle(Drafter):
             self.ws.keys[:, :, :start] = old.keys[:, :, :start]
             self.ws.values[:, :, :start] = old.values[:, :, :start]
         ws = self.ws
-        ws.tokens[:m] = torch.tensor(state.tokens[start + 1 : end + 1], device=ws.tokens.device)
+        # non_blocking: pageable memory is staged at once, and the copy waits for nothing queued before it
+        ws.tokens[:m].copy_(torch.tensor(state.tokens[start + 1 : end + 1]), non_blocking=True)
         ws.features[:m] = features
         ws.count.fill_(m)
         ws.start.fill_(start)
@@ -135,8 +138,8 @@ class Eagle(Drafter):
         if self.committed == 0 or levels < 1 or budget < 1:
             return Proposal.empty(state.device)
         n = min(budget, k + (levels - 1) * k * k)
-        tokens, parents = self._run(levels, n)
-        return Proposal(tokens=tokens.to(state.device), parents=tuple(parents.tolist()))  # the drafter's sync
+        tokens, layout = self._run(levels, n)
+        return Proposal(tokens=tokens, layout=layout)
 
     # --- decoding ---------------------------------------------------------------------------------------------
     def _workspace(self, length: int) -> Workspace:
@@ -162,7 +165,7 @@ class Eagle(Drafter):
         ws.length.fill_(length)
         self.committed = length
 
-    def _run(self, levels: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, levels: int, n: int) -> tuple[torch.Tensor, TreeBuffers]:
         """Add the staged entries (if any) and grow the tree: by CUDA graph replay for the full-size tree after a
         step, eagerly otherwise (the first proposal after the prompt, and the small trees of the last steps)."""
         ws, staged, k = self.ws, self.staged, self.options.topk
@@ -185,9 +188,9 @@ class Eagle(Drafter):
                 self._extend()
                 outputs = self._grow(levels, n)
             ws.graphs[key] = (graph, outputs)
-        graph, (tokens, parents) = ws.graphs[key]
+        graph, (tokens, layout) = ws.graphs[key]
         graph.replay()
-        return tokens.clone(), parents
+        return tokens.clone(), layout  # the layout's buffers stay valid until the next replay, after this step
 
     def _extend(self) -> None:
         """Add the staged entries (ws.count of them, padded to ws.rows) at slots ws.start ...; static shapes.
@@ -204,8 +207,8 @@ class Eagle(Drafter):
         ws.root.copy_(out[0].index_select(0, ws.count.view(1) - 1)[0])
         ws.length.copy_(ws.start + ws.count)
 
-    def _grow(self, levels: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The EAGLE-2 tree from ws.root: kept node tokens [n] and parents [n] (-1 = the pending token)."""
+    def _grow(self, levels: int, n: int) -> tuple[torch.Tensor, TreeBuffers]:
+        """The EAGLE-2 tree from ws.root: kept node tokens [n] and the tree's buffers (built on the device)."""
         ws, head, k = self.ws, self.head, self.options.topk
         device = ws.keys.device
         logp = F.log_softmax((ws.root @ self.lm_head.t()).float(), -1)  # [V]
@@ -245,4 +248,5 @@ class Eagle(Drafter):
         index = torch.full((count,), -1, dtype=torch.long, device=device)
         index[keep] = torch.arange(n, device=device)
         kept_parents = all_parents[keep]
-        return all_tokens[keep], torch.where(kept_parents >= 0, index[kept_parents.clamp_min(0)], -1)
+        parents = torch.where(kept_parents >= 0, index[kept_parents.clamp_min(0)], -1)  # [n], -1 = the pending token
+        return all_tokens[keep], device_tree(parents, levels)

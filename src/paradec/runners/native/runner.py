@@ -32,6 +32,14 @@ PREFILL_CHUNK = 1024  # eager chains longer than this run in chunks (the attenti
 CHAIN_PARENTS = tuple(range(-1, Q_BUCKETS[-1] - 1))  # input-index parents of a chain; slice [:n]
 
 
+class _DeviceTree(tuple):
+    """Stands for the parents of a tree built on the device (`paradec.tree.device_tree`): unknown on the host,
+    empty to `StaticForward` (which then reloads the tree's rows)."""
+
+
+DEVICE_TREE = _DeviceTree()
+
+
 @lru_cache(maxsize=256)
 def input_parents(node_parents: tuple[int, ...]) -> tuple[int, ...]:
     """Input-index parents of a tree forward (input 0 is the root) from the proposal's node parents."""
@@ -76,7 +84,7 @@ class NativeRunner:
         )
         self._arange = torch.arange(max(capacity, Q_BUCKETS[-1]), device=self.device)
         self._tril = torch.ones(Q_BUCKETS[-1], Q_BUCKETS[-1], dtype=torch.bool, device=self.device).tril()
-        self._pending: tuple[int, tuple[int, ...] | None] | None = None  # (inputs, their parents or None=chain)
+        self._pending: tuple[int, tuple[int, ...] | None] | None = None  # (inputs, parents: None=chain, DEVICE_TREE)
 
     @classmethod
     def from_pretrained(
@@ -162,17 +170,17 @@ class NativeRunner:
                 f"sequence of {self.cache.length + n} tokens exceeds the native runner's max_length {self.max_length}"
                 " (raise max_cache_len)"
             )
-        parents = None
+        parents: tuple[int, ...] | None = None  # None: a chain
         if tree is not None:
             if tree.size != n:
                 raise ValueError(f"tree has {tree.size} inputs but {n} token ids were given")
             if tree.mask.device != self.device:
                 tree = tree.to(self.device)
-            parents = input_parents(tree.parents)
+            parents = input_parents(tree.parents) if tree.on_host else DEVICE_TREE
         if self._static is not None and n <= Q_BUCKETS[-1]:
             out_logits, out_hidden = self._static(
                 token_ids,
-                parents or CHAIN_PARENTS[:n],
+                CHAIN_PARENTS[:n] if parents is None else parents,
                 self._arange[:n] if tree is None else tree.depth,
                 self._tril[:n, :n] if tree is None else tree.mask,
                 logits != "none",
@@ -201,8 +209,11 @@ class NativeRunner:
             return
         keep = list(range(keep)) if isinstance(keep, int) else [int(k) for k in keep]
         for i, k in enumerate(keep):
-            parent = k - 1 if parents is None else parents[k] if 0 <= k < n else None
-            if not 0 <= k < n or parent != (keep[i - 1] if i else -1):
+            if parents is DEVICE_TREE:  # the shape is on the device only: a root path starts at 0 and descends
+                ok = 0 <= k < n and (k > keep[i - 1] if i else k == 0)
+            else:
+                ok = 0 <= k < n and (k - 1 if parents is None else parents[k]) == (keep[i - 1] if i else -1)
+            if not ok:
                 raise ValueError(f"keep {keep} is not a root path of the last forward's {n} inputs")
         self._pending = None
         moves = [(self.cache.length + k, self.cache.length + i) for i, k in enumerate(keep) if k != i]
