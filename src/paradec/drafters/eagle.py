@@ -29,7 +29,9 @@ sampled output exact.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch.nn import functional as F
@@ -47,12 +49,15 @@ class EagleOptions:
     topk: int = 8  # children per expanded node, and nodes expanded per level
     depth: int = 6  # draft levels: the most draft tokens on one path
     nodes: int = 48  # tree nodes scored per step (the best by cumulative draft log-probability)
+    compile: bool = False  # fuse the head's math with torch.compile (experimental: not yet measured on a GPU)
 
     def __post_init__(self) -> None:
         for name in ("topk", "depth", "nodes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ParadecError(f"eagle option {name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.compile, bool):
+            raise ParadecError(f"eagle option compile must be true or false, got {self.compile!r}")
 
 
 class Workspace:
@@ -86,6 +91,40 @@ class Workspace:
 _WORKSPACES: weakref.WeakKeyDictionary[EagleHead, Workspace] = weakref.WeakKeyDictionary()
 
 
+# The head's math in three plain functions of (head, tensors), compiled or not. Eagerly, one tree of the default
+# shape is ~700 small kernels (~115 per level: norms, rotary, casts); the CUDA graph removes their launch cost but
+# not their latency, and on the zoo's 115M bench target they cost more than the target's own forward (see
+# bench/results/code-h200-2026-11-26-v2/NOTES.md). With `compile=true` the elementwise work between the matrix
+# products fuses (Triton, as in the native runner's blocks). Without fullgraph: a frame dynamo cannot compile (or
+# one recompiled too often, e.g. many different heads in one process) runs eagerly instead of failing.
+def _embed_project(
+    head: EagleHead, embed: torch.Tensor, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entries (tokens [T], features [T, H]) at positions [T] -> layer inputs (1, T, H), q, k, v (1, nh, T, hd)."""
+    x = head.inputs(F.embedding(tokens, embed), features)[None]
+    return (x, *head.project(x, positions))
+
+
+def _attend(
+    head: EagleHead, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    return head.attend(x, q, keys, values, mask)
+
+
+def _log_probs(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
+    """Predicted hidden states [..., H] -> float32 log-probabilities of the next token [..., V]."""
+    return F.log_softmax((hidden @ lm_head.t()).float(), -1)
+
+
+@lru_cache(maxsize=4)
+def head_math(compiled: bool, backend: str = "inductor") -> tuple[Callable, Callable, Callable]:
+    """(_embed_project, _attend, _log_probs), through `torch.compile(dynamic=True)` when `compiled`."""
+    fns = (_embed_project, _attend, _log_probs)
+    if not compiled:
+        return fns
+    return tuple(torch.compile(fn, dynamic=True, backend=backend) for fn in fns)
+
+
 @register
 class Eagle(Drafter):
     name = "eagle"
@@ -99,6 +138,7 @@ class Eagle(Drafter):
         self.embed, self.lm_head = target_weights(self.target)
         if options.topk > self.target.vocab_size:
             raise ParadecError(f"eagle option topk={options.topk} exceeds the vocabulary of {self.target.vocab_size}")
+        self.embed_project, self.attend, self.log_probs = head_math(options.compile)
         self.ws: Workspace | None = None
         self.committed = 0  # host copy of ws.length
         self.staged = False  # new entries wait in the input buffers (added by the next propose)
@@ -156,11 +196,10 @@ class Eagle(Drafter):
         ws, head = self.ws, self.head
         length = int(features.shape[0])
         ids = torch.tensor(tokens[1 : length + 1], device=ws.keys.device)
-        x = head.inputs(F.embedding(ids, self.embed), features)[None]  # (1, L, H)
-        q, k, v = head.project(x, ws.slots[:length])
+        x, q, k, v = self.embed_project(head, self.embed, ids, features, ws.slots[:length])  # x: (1, L, H)
         ws.keys[:, :, :length], ws.values[:, :, :length] = k, v
         mask = torch.ones(length, length, dtype=torch.bool, device=ws.keys.device).tril()
-        out = head.attend(x, q, ws.keys[:, :, :length], ws.values[:, :, :length], mask)
+        out = self.attend(head, x, q, ws.keys[:, :, :length], ws.values[:, :, :length], mask)
         ws.root.copy_(out[0, -1])
         ws.length.fill_(length)
         self.committed = length
@@ -198,12 +237,11 @@ class Eagle(Drafter):
         they are overwritten."""
         ws, head = self.ws, self.head
         slots = ws.start + ws.slots[: ws.rows]  # [rows]
-        x = head.inputs(F.embedding(ws.tokens, self.embed), ws.features)[None]  # (1, rows, H)
-        q, k, v = head.project(x, slots)
+        x, q, k, v = self.embed_project(head, self.embed, ws.tokens, ws.features, slots)  # x: (1, rows, H)
         ws.keys.index_copy_(2, slots, k)
         ws.values.index_copy_(2, slots, v)
         mask = ws.slots[None, : ws.capacity] <= slots[:, None]  # [rows, capacity] causal over committed slots
-        out = head.attend(x, q, ws.keys[:, :, : ws.capacity], ws.values[:, :, : ws.capacity], mask)
+        out = self.attend(head, x, q, ws.keys[:, :, : ws.capacity], ws.values[:, :, : ws.capacity], mask)
         ws.root.copy_(out[0].index_select(0, ws.count.view(1) - 1)[0])
         ws.length.copy_(ws.start + ws.count)
 
@@ -211,7 +249,7 @@ class Eagle(Drafter):
         """The EAGLE-2 tree from ws.root: kept node tokens [n] and the tree's buffers (built on the device)."""
         ws, head, k = self.ws, self.head, self.options.topk
         device = ws.keys.device
-        logp = F.log_softmax((ws.root @ self.lm_head.t()).float(), -1)  # [V]
+        logp = self.log_probs(ws.root, self.lm_head)  # [V]
         front_scores, front_tokens = logp.topk(k)  # [k] level-1 nodes
         front_ids = torch.arange(k, device=device)
         front_features = ws.root.expand(k, -1)  # [k, H] each node's parent prediction
@@ -222,13 +260,13 @@ class Eagle(Drafter):
         ancestry = torch.eye(ws.draft_slots, dtype=torch.bool, device=device)
         for level in range(1, levels):
             first = (level - 1) * k  # this level's entries go to draft slots first ... first + k - 1
-            x = head.inputs(F.embedding(front_tokens, self.embed), front_features)[None]  # (1, k, H)
-            q, key, value = head.project(x, (ws.length - 1 + level).expand(k))
+            positions = (ws.length - 1 + level).expand(k)
+            x, q, key, value = self.embed_project(head, self.embed, front_tokens, front_features, positions)
             ws.keys[:, :, ws.capacity + first : ws.capacity + first + k] = key
             ws.values[:, :, ws.capacity + first : ws.capacity + first + k] = value
             mask = torch.cat([committed, ancestry[first : first + k]], 1)  # [k, capacity + draft slots]
-            out = head.attend(x, q, ws.keys, ws.values, mask)[0]  # [k, H]
-            child_logp = F.log_softmax((out @ self.lm_head.t()).float(), -1)  # [k, V]
+            out = self.attend(head, x, q, ws.keys, ws.values, mask)[0]  # [k, H]
+            child_logp = self.log_probs(out, self.lm_head)  # [k, V]
             child_scores, child_tokens = child_logp.topk(k, -1)  # [k, k]
             cum = (front_scores[:, None] + child_scores).reshape(-1)  # [k * k] cumulative log-probability
             scores.append(cum)
