@@ -8,8 +8,8 @@ each timed generation sits between two `torch.cuda.synchronize()` calls (on CUDA
 times, keeping the median. Prompts are encoded once up front, so tokenization is never timed. Our own vanilla
 always runs first: it is the reference for speedups and, in greedy mode, for exactness (every lossless method
 must emit vanilla's token ids on every prompt). The Hugging Face peers run eagerly (no graphs, nothing compiled per
-shape), so their warm-up is `warmup` passes over the first batch only. In sample mode prompt i is sampled with seed `seed + i`, the same
-for every method and repeat.
+shape), so their warm-up is `warmup` passes over the first batch only. In sample mode prompt i is sampled with
+seed `seed + i`, the same for every method and repeat.
 """
 
 from __future__ import annotations
