@@ -48,8 +48,9 @@ def test_graph_replay_equals_eager_step(dtype):
         assert torch.equal(replayed.layout.mask, layout.mask) and torch.equal(replayed.layout.depth, layout.depth)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_greedy_equals_transformers_on_cuda(model_dirs, tmp_path, arch):
+def test_greedy_equals_transformers_on_cuda(model_dirs, tmp_path, arch, compiled):
     from transformers import AutoModelForCausalLM
 
     engine = paradec.load(model_dirs[arch], runner="hf", device="cuda", dtype="float32")
@@ -63,6 +64,8 @@ def test_greedy_equals_transformers_on_cuda(model_dirs, tmp_path, arch):
                 torch.tensor([ids], device=CUDA), do_sample=False, max_new_tokens=40, eos_token_id=0, pad_token_id=0
             )
         reference = out[0, len(ids) :].tolist()
-        result = engine.generate(prompt, method="eagle", max_new_tokens=40)
+        options = {"compile": compiled}
+        result = engine.generate(prompt, method="eagle", max_new_tokens=40, options=options)
         assert result.token_ids == reference
-        assert engine.generate(prompt, method="eagle", max_new_tokens=40).token_ids == reference  # graphs reused
+        again = engine.generate(prompt, method="eagle", max_new_tokens=40, options=options)
+        assert again.token_ids == reference  # graphs reused
