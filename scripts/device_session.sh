@@ -4,7 +4,9 @@
 #   pipeline  in the background: build the zoo's bench pair, then train its EAGLE and Medusa heads; in the
 #             foreground: the CUDA-only tests, then wait for the pipeline (up to ~9 minutes)
 #   bench     wait for the pipeline if needed, then `paradec bench --suite code` with every method and the HF peers
-#             (BENCH_ARGS adds options, e.g. "--methods vanilla,eagle --peers none"; EAGLE_ONLY=1 skips Medusa's training)
+#             (BENCH_ARGS adds options, e.g. "--methods vanilla,eagle --peers none"; EAGLE_ONLY=1 skips Medusa's training;
+#             EXTRA_ARGS runs a second bench after it, e.g. "--methods vanilla,eagle --opt eagle.depth=8 --peers none",
+#             whose table goes to stdout)
 #   heads     train the embedded default model's heads (copied back as default_heads.tar)
 # Usage (repo root, on the device): bash scripts/device_session.sh pipeline|bench|heads   (results under $OUT)
 set -uo pipefail
@@ -39,6 +41,10 @@ bench)
     wait_pipeline 300
     [ -f $DONE ] || { echo "pipeline not done"; exit 1; }
     python3 -m paradec bench --suite code --per-category "$PER_CATEGORY" ${BENCH_ARGS:-} --out "$OUT" 2>&1 | tail -n 70
+    if [ -n "${EXTRA_ARGS:-}" ]; then  # a second run on the same pair (e.g. another option); its table on stdout only
+        python3 -m paradec bench --suite code --per-category "$PER_CATEGORY" $EXTRA_ARGS --out /tmp/extra --quiet
+        cat /tmp/extra/results.md
+    fi
     for f in ~/.cache/paradec/zoo/*/target/card.json; do cp "$f" "$OUT/bench_target_card.json"; done
     for f in ~/.cache/paradec/zoo/*/draft/card.json; do cp "$f" "$OUT/bench_draft_card.json"; done
     for kind in eagle medusa; do

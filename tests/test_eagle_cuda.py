@@ -19,33 +19,34 @@ CUDA = torch.device("cuda")
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graph_replay_equals_eager_step(dtype):
+def test_graph_replay_equals_the_step_run_directly(dtype, compiled):
     head = random_eagle(2).to(CUDA, dtype)
     V, H = head.config.vocab_size, head.config.hidden_size
     gen = torch.Generator().manual_seed(5)
     embed, lm_head = torch.randn(V, H, generator=gen), torch.randn(V, H, generator=gen) * 0.5
     target = FakeTarget(embed.to(CUDA, dtype), lm_head.to(CUDA, dtype))
-    drafter = Eagle(FakeResources(target, {"eagle": head}), EagleOptions(topk=3, depth=4, nodes=10))
+    options = EagleOptions(topk=3, depth=4, nodes=10, compile=compiled)
+    drafter = Eagle(FakeResources(target, {"eagle": head}), options)
     tokens = torch.randint(V, (8,), generator=gen).tolist()
     state = DecodeState(tokens, 8, SamplingParams(), None, CUDA, V, target_hidden=torch.randn(7, H).to(CUDA, dtype))
     drafter.begin(state)
-    drafter.propose(state, max_tokens=10)  # eager: nothing staged yet
+    assert drafter.propose(state, max_tokens=10).size == 10 and 10 in drafter.ws.graphs  # the first step replays
     for step in range(4):
         state.tokens += [step + 1, step + 2]
         state.target_hidden = torch.randn(2, H, generator=gen).to(CUDA, dtype)
         drafter.update(state, Verdict(path=[0], tokens=state.tokens[-2:], proposed=10))
         ws = drafter.ws
         keys, values = ws.keys.clone(), ws.values.clone()
-        replayed = drafter.propose(state, max_tokens=10)  # staged, full size: the CUDA graph
-        assert (4, 10) in ws.graphs
+        replayed = drafter.propose(state, max_tokens=10)
         ws.keys.copy_(keys)
         ws.values.copy_(values)
-        drafter._extend()
-        tokens, layout = drafter._grow(4, 10)
+        args = (drafter.head, drafter.embed, drafter.lm_head, *ws.state(), ws.capacity, 3, 4, 10, True)
+        tokens, depth, mask, parent = drafter.step(*args)  # the same step, run directly
         assert replayed.tokens.tolist() == tokens.tolist()
-        assert replayed.layout.host_parents() == layout.host_parents()
-        assert torch.equal(replayed.layout.mask, layout.mask) and torch.equal(replayed.layout.depth, layout.depth)
+        assert torch.equal(replayed.layout.parent, parent)
+        assert torch.equal(replayed.layout.mask, mask) and torch.equal(replayed.layout.depth, depth)
 
 
 @pytest.mark.parametrize("compiled", [False, True])

@@ -7,6 +7,10 @@ import torch
 
 import paradec
 from conftest import hf_greedy
+from paradec.config import SamplingParams
+from paradec.decode import Generation
+from paradec.drafters.base import DecodeState, Drafter
+from paradec.types import Proposal
 
 PROMPT = "def fibonacci(n):\n"
 
@@ -43,6 +47,31 @@ def test_max_new_tokens_is_never_overshot(copy_engine, reference, limit, method)
     result = copy_engine.generate(PROMPT, method=method, max_new_tokens=limit)
     assert result.token_ids == reference[:limit]
     assert result.finish_reason == "length"
+
+
+class PastTheLimit(Drafter):
+    """Proposes the next 6 reference tokens whatever `max_tokens` allows, as a fixed-shape drafter may."""
+
+    name = "past-the-limit"
+
+    def __init__(self, continuation: list[int]) -> None:
+        super().__init__(None, None)
+        self.continuation = continuation
+
+    def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
+        done = len(state.tokens) - state.prompt_len
+        return Proposal(tokens=torch.tensor(self.continuation[done : done + 6]))
+
+
+@pytest.mark.parametrize("limit", [1, 5, 9])
+def test_a_step_past_max_new_tokens_is_cut(copy_engine, reference, limit):
+    prompt = copy_engine.encode(PROMPT)
+    drafter = PastTheLimit(reference)
+    sampling = SamplingParams()
+    result = Generation(copy_engine.target, drafter, None, prompt, sampling, limit, set(), [], "x").run()
+    assert result.token_ids == reference[:limit]
+    assert result.finish_reason == "length"
+    assert result.stats.accepted_tokens + result.stats.steps > limit  # the steps did carry past the limit
 
 
 def test_stop_string_cuts_text_and_matches_transformers(copy_engine, hf_models, reference):

@@ -145,9 +145,15 @@ def _build(parents: tuple[int, ...], device: str) -> TreeBuffers:
 def device_tree(parents: torch.Tensor, max_depth: int) -> TreeBuffers:
     """Buffers for the tree whose node i hangs below node `parents[i]` (-1 = the root), a [n] int64 tensor that
     may live on the device, where parents precede their children and no node is deeper than `max_depth`.
+    Device ops only, fixed shapes, no host sync (capturable in a CUDA graph); see `device_tree_tensors`."""
+    depth, mask, parent = device_tree_tensors(parents, max_depth)
+    return TreeBuffers(parents=None, depth=depth, mask=mask, parent=parent, max_depth=max_depth)
 
-    Device ops only, fixed shapes, no host sync (capturable in a CUDA graph): the mask is filled by walking every
-    input up `max_depth` times at once (the root is its own parent, so finished walks stay on it)."""
+
+def device_tree_tensors(parents: torch.Tensor, max_depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(depth [n+1], mask [n+1, n+1], parent [n+1]) of `device_tree`, as plain tensors (so a compiled drafter
+    can build them inside its own graph). The mask is filled by walking every input up `max_depth` times at once
+    (the root is its own parent, so finished walks stay on it)."""
     device = parents.device
     n1 = int(parents.shape[0]) + 1
     parent = torch.cat([parents.new_full((1,), -1), parents + 1])  # input-index parents
@@ -158,5 +164,4 @@ def device_tree(parents: torch.Tensor, max_depth: int) -> TreeBuffers:
     for _ in range(max_depth):
         mask |= ancestor[:, None] == columns
         ancestor = up[ancestor]
-    depth = mask.sum(-1) - 1
-    return TreeBuffers(parents=None, depth=depth, mask=mask, parent=parent, max_depth=max_depth)
+    return mask.sum(-1) - 1, mask, parent

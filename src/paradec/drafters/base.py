@@ -73,7 +73,8 @@ class Drafter(ABC):
 
     @abstractmethod
     def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
-        """Draft tokens for the next step; at most `max_tokens` of them on any root-to-leaf path."""
+        """Draft tokens for the next step. `max_tokens` is how many draft tokens the step can still use; deeper
+        paths are allowed (a fixed-shape drafter replays one graph) and the decode loop drops the excess."""
 
     def update(self, state: DecodeState, verdict: Verdict) -> None:  # noqa: B027 - optional hook
         """Called after verification; `state.tokens` already holds the emitted tokens."""

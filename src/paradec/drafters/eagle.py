@@ -17,10 +17,13 @@ Tree growth (EAGLE-2):
 Static shapes: the head's KV cache has `capacity` committed slots followed by (depth - 1) * k draft slots; masks
 are built from device scalars (committed length, first new slot), and a step's new entries (at most depth + 1:
 the pending token and the accepted drafts) sit in fixed-size input buffers. So a whole step, adding the new
-entries and growing the tree, is one fixed sequence of kernels, captured once as a CUDA graph and replayed.
-The tree's buffers (mask, depth, parents) are built on the device too (`paradec.tree.device_tree`), inside the
-same graph: the drafter adds no host synchronisation, so the host queues the head's graph, the target's tree
-forward and the verification back to back, and the tree's shape reaches the host with the verdict.
+entries and growing the tree, is one fixed sequence of kernels (`draft_step`), fused by torch.compile on CUDA and
+captured once as a CUDA graph. Every step replays it, the first one too (the prompt's last entry is staged like a
+step's), and so do the last steps of a generation (the tree keeps its full depth; the decode loop drops tokens
+past max_new_tokens). The tree's buffers (mask, depth, parents) are built inside the same graph
+(`paradec.tree.device_tree_tensors`): the drafter adds no host synchronisation, so the host queues the head's
+graph, the target's tree forward and the verification back to back, and the tree's shape reaches the host with
+the verdict.
 
 Nodes are point masses with distinct siblings (top-k tokens), so the verifier's token-match walk keeps greedy and
 sampled output exact.
@@ -28,10 +31,11 @@ sampled output exact.
 
 from __future__ import annotations
 
+import importlib.util
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import torch
 from torch.nn import functional as F
@@ -40,7 +44,7 @@ from paradec.drafters import register
 from paradec.drafters.base import DecodeState, Drafter, Resources
 from paradec.errors import ParadecError
 from paradec.heads import EagleHead, target_weights
-from paradec.tree import TreeBuffers, device_tree
+from paradec.tree import TreeBuffers, device_tree_tensors
 from paradec.types import Proposal, Verdict
 
 
@@ -49,14 +53,14 @@ class EagleOptions:
     topk: int = 8  # children per expanded node, and nodes expanded per level
     depth: int = 6  # draft levels: the most draft tokens on one path
     nodes: int = 48  # tree nodes scored per step (the best by cumulative draft log-probability)
-    compile: bool = False  # fuse the head's math with torch.compile (experimental: not yet measured on a GPU)
+    compile: bool | None = None  # fuse each step's kernels with torch.compile; None: on CUDA when Triton is there
 
     def __post_init__(self) -> None:
         for name in ("topk", "depth", "nodes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ParadecError(f"eagle option {name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.compile, bool):
+        if self.compile is not None and not isinstance(self.compile, bool):
             raise ParadecError(f"eagle option compile must be true or false, got {self.compile!r}")
 
 
@@ -76,53 +80,136 @@ class Workspace:
         self.keys = torch.zeros(1, config.num_heads, size, config.head_dim, device=device, dtype=dtype)
         self.values = torch.zeros_like(self.keys)
         self.slots = torch.arange(size, device=device)
-        self.tokens = torch.zeros(self.rows, dtype=torch.long, device=device)  # x_{t+1} of the new entries
+        # a step's inputs, uploaded with one copy: x_{t+1} of the new entries, their count (<= rows), the first's slot
+        self.inputs = torch.zeros(self.rows + 2, dtype=torch.long, device=device)
+        self.tokens, self.count, self.start = self.inputs[: self.rows], self.inputs[-2], self.inputs[-1]
         self.features = torch.zeros(self.rows, config.hidden_size, device=device, dtype=dtype)  # f_t
-        self.count = torch.ones((), dtype=torch.long, device=device)  # new entries this step (<= rows)
-        self.start = torch.zeros((), dtype=torch.long, device=device)  # slot of the first new entry
         self.length = torch.zeros((), dtype=torch.long, device=device)  # committed entries
         self.root = torch.zeros(config.hidden_size, device=device, dtype=dtype)  # predicted hidden of the pending
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, TreeBuffers]]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}  # by tree size
 
     def fits(self, options: EagleOptions, length: int) -> bool:
         return options == self.options and length + self.rows <= self.capacity
+
+    def state(self) -> tuple[torch.Tensor, ...]:
+        """The tensors a step reads and writes, in `draft_step`'s order."""
+        return self.keys, self.values, self.slots, self.tokens, self.features, self.count, self.start, self.length, \
+            self.root  # fmt: skip
 
 
 _WORKSPACES: weakref.WeakKeyDictionary[EagleHead, Workspace] = weakref.WeakKeyDictionary()
 
 
-# The head's math in three plain functions of (head, tensors), compiled or not. Eagerly, one tree of the default
-# shape is ~700 small kernels (~115 per level: norms, rotary, casts); the CUDA graph removes their launch cost but
-# not their latency, and on the zoo's 115M bench target they cost more than the target's own forward (see
-# bench/results/code-h200-2026-11-26-v2/NOTES.md). With `compile=true` the elementwise work between the matrix
-# products fuses (Triton, as in the native runner's blocks). Without fullgraph: a frame dynamo cannot compile (or
-# one recompiled too often, e.g. many different heads in one process) runs eagerly instead of failing.
-def _embed_project(
-    head: EagleHead, embed: torch.Tensor, tokens: torch.Tensor, features: torch.Tensor, positions: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+# A step's math as plain functions of (head, weights, tensors, static ints), so that one `torch.compile` of
+# `draft_step` covers a whole step: adding the staged entries and growing every level of the tree. Eagerly a step
+# of the default shape is ~600 small kernels, whose latency (not their launch, which the CUDA graph removes) costs
+# more than the 115M bench target's own forward; compiled, the elementwise work between the matrix products fuses.
+def entries(head: EagleHead, embed: torch.Tensor, tokens: torch.Tensor, features: torch.Tensor, positions):
     """Entries (tokens [T], features [T, H]) at positions [T] -> layer inputs (1, T, H), q, k, v (1, nh, T, hd)."""
     x = head.inputs(F.embedding(tokens, embed), features)[None]
     return (x, *head.project(x, positions))
 
 
-def _attend(
-    head: EagleHead, x: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    return head.attend(x, q, keys, values, mask)
+def top_children(hidden: torch.Tensor, lm_head: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted hidden states [..., H] -> the k likeliest next tokens [..., k] and their float32 log-probabilities."""
+    logits = (hidden @ lm_head.t()).float()
+    values, indices = wide_topk(logits, k)
+    return values - logits.logsumexp(-1, keepdim=True), indices
 
 
-def _log_probs(hidden: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
-    """Predicted hidden states [..., H] -> float32 log-probabilities of the next token [..., V]."""
-    return F.log_softmax((hidden @ lm_head.t()).float(), -1)
+def wide_topk(x: torch.Tensor, k: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x.topk(k, -1)` for a few long rows (a vocabulary wide), in two rounds: the top k of each chunk of a row,
+    then the top k of those. The same values; on CUDA ~10x faster (one thread block per 256 entries instead of one
+    per row: a single `topk` over 8 rows of 16k entries took 90 us on an H200, most of an EAGLE level)."""
+    width = x.shape[-1]
+    if width <= 2 * chunk or k > chunk:
+        return x.topk(k, -1)
+    pad = -width % chunk
+    parts = F.pad(x, (0, pad), value=float("-inf")).unflatten(-1, (-1, chunk)).topk(k, -1)  # [..., chunks, k]
+    offsets = torch.arange(0, width + pad, chunk, device=x.device)[:, None]
+    values, top = parts.values.flatten(-2).topk(k, -1)
+    return values, (parts.indices + offsets).flatten(-2).gather(-1, top)
+
+
+def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+    """Masked attention written out for a draft step's few queries (scores and softmax in float32, as fused
+    kernels keep them): under torch.compile two matrix products and one fused softmax, cheaper at these sizes than
+    the fused attention kernel that scaled_dot_product_attention picks (21 us a level on an H200)."""
+    scores = (q.float() @ keys.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    weights = scores.masked_fill(~attn_mask, float("-inf")).softmax(-1)
+    return weights.to(values.dtype) @ values
+
+
+def extend(head, embed, keys, values, slots, tokens, features, count, start, length, root, capacity: int) -> None:
+    """Add the staged entries (`count` of them, padded to tokens' length) at slots start, start + 1, ...; set
+    `root` to the last one's prediction and `length` to the committed entries. Padding rows read stale inputs and
+    write slots past the new committed length, which no query sees before they are overwritten."""
+    rows = slots[: tokens.shape[0]] + start
+    x, q, k, v = entries(head, embed, tokens, features, rows)
+    keys.index_copy_(2, rows, k)
+    values.index_copy_(2, rows, v)
+    last = (count - 1).view(1)  # only the last entry's prediction is needed: one query row
+    mask = slots[None, :capacity] <= (start + last)[:, None]  # [1, capacity] causal over committed slots
+    out = head.attend(
+        x.index_select(1, last), q.index_select(2, last), keys[:, :, :capacity], values[:, :, :capacity], mask
+    )
+    root.copy_(out[0, 0])
+    length.copy_(start + count)
+
+
+def draft_step(
+    head, embed, lm_head, keys, values, slots, tokens, features, count, start, length, root,
+    capacity: int, topk: int, levels: int, nodes: int, staged: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One drafter step: add the staged entries (if `staged`), then grow the EAGLE-2 tree from `root`.
+    Returns the kept node tokens [nodes] and the tree's depth [nodes+1], mask and parent (`device_tree_tensors`)."""
+    if staged:
+        extend(head, embed, keys, values, slots, tokens, features, count, start, length, root, capacity)
+    k, device = topk, keys.device
+    front_scores, front_tokens = top_children(root, lm_head, k)  # [k] level-1 nodes
+    front_ids = torch.arange(k, device=device)
+    front_features = root.expand(k, -1)  # [k, H] each node's parent prediction
+    scores, node_tokens, parents = [front_scores], [front_tokens], [torch.full((k,), -1, device=device)]
+    count_nodes = k
+    committed = (slots[:capacity] < length).expand(k, -1)  # [k, capacity]
+    # ancestry of the draft slots: row i = slot i and the slots of its ancestors
+    ancestry = torch.eye(keys.shape[2] - capacity, dtype=torch.bool, device=device)
+    for level in range(1, levels):
+        first = (level - 1) * k  # this level's entries go to draft slots first ... first + k - 1
+        positions = (length - 1 + level).expand(k)
+        x, q, key, value = entries(head, embed, front_tokens, front_features, positions)
+        keys[:, :, capacity + first : capacity + first + k] = key
+        values[:, :, capacity + first : capacity + first + k] = value
+        mask = torch.cat([committed, ancestry[first : first + k]], 1)  # [k, capacity + draft slots]
+        out = head.attend(x, q, keys, values, mask, attention)[0]  # [k, H]
+        child_scores, child_tokens = top_children(out, lm_head, k)  # [k, k]
+        cum = (front_scores[:, None] + child_scores).reshape(-1)  # [k * k] cumulative log-probability
+        scores.append(cum)
+        node_tokens.append(child_tokens.reshape(-1))
+        parents.append(front_ids[:, None].expand(k, k).reshape(-1))
+        if level < levels - 1:  # the next level expands the k best children
+            best = cum.topk(k).indices
+            parent_slot = best // k
+            ancestry[first + k : first + 2 * k] |= ancestry[first + parent_slot]
+            front_ids = count_nodes + best
+            front_tokens = child_tokens.reshape(-1)[best]
+            front_scores = cum[best]
+            front_features = out[parent_slot]
+        count_nodes += k * k
+    all_scores, all_tokens, all_parents = torch.cat(scores), torch.cat(node_tokens), torch.cat(parents)
+    keep = torch.sort(all_scores, descending=True, stable=True).indices[:nodes].sort().values  # parents first
+    index = torch.full((count_nodes,), -1, dtype=torch.long, device=device)
+    index[keep] = torch.arange(nodes, device=device)
+    kept_parents = all_parents[keep]
+    kept_parents = torch.where(kept_parents >= 0, index[kept_parents.clamp_min(0)], -1)  # -1 = the pending token
+    return (all_tokens[keep], *device_tree_tensors(kept_parents, levels))
 
 
 @lru_cache(maxsize=4)
-def head_math(compiled: bool, backend: str = "inductor") -> tuple[Callable, Callable, Callable]:
-    """(_embed_project, _attend, _log_probs), through `torch.compile(dynamic=True)` when `compiled`."""
-    fns = (_embed_project, _attend, _log_probs)
-    if not compiled:
-        return fns
-    return tuple(torch.compile(fn, dynamic=True, backend=backend) for fn in fns)
+def compiled_step(backend: str = "inductor") -> Callable:
+    """`draft_step` through torch.compile: static shapes (a workspace's are fixed), one compilation per tree size.
+    Without fullgraph: a step dynamo cannot compile runs eagerly instead of failing."""
+    return torch.compile(draft_step, dynamic=False, backend=backend)
 
 
 @register
@@ -138,10 +225,13 @@ class Eagle(Drafter):
         self.embed, self.lm_head = target_weights(self.target)
         if options.topk > self.target.vocab_size:
             raise ParadecError(f"eagle option topk={options.topk} exceeds the vocabulary of {self.target.vocab_size}")
-        self.embed_project, self.attend, self.log_probs = head_math(options.compile)
+        compile = options.compile
+        if compile is None:
+            compile = self.embed.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        self.step = compiled_step() if compile else draft_step
         self.ws: Workspace | None = None
-        self.committed = 0  # host copy of ws.length
-        self.staged = False  # new entries wait in the input buffers (added by the next propose)
+        self.committed = 0  # entries added or staged (the host's copy of ws.length once they are added)
+        self.staged = False  # new entries wait in the input buffers (added by the next step)
 
     # --- the drafter seam ------------------------------------------------------------------------------------
     def begin(self, state: DecodeState) -> None:
@@ -158,27 +248,24 @@ class Eagle(Drafter):
         start = end - m
         if start != self.committed or m > self.ws.rows:
             raise RuntimeError(f"EAGLE head holds {self.committed} entries; the step committed [{start}, {end})")
+        if self.staged:  # the last step proposed nothing: add its entries before staging new ones
+            self._step(0)
         if not self.ws.fits(self.options, end):  # a larger workspace: carry the committed entries over
             old, self.ws = self.ws, self._workspace(end)
             self.ws.keys[:, :, :start] = old.keys[:, :, :start]
             self.ws.values[:, :, :start] = old.values[:, :, :start]
-        ws = self.ws
-        # non_blocking: pageable memory is staged at once, and the copy waits for nothing queued before it
-        ws.tokens[:m].copy_(torch.tensor(state.tokens[start + 1 : end + 1]), non_blocking=True)
-        ws.features[:m] = features
-        ws.count.fill_(m)
-        ws.start.fill_(start)
-        self.committed, self.staged = end, True
+        self._stage(state.tokens[start + 1 : end + 1], features, start)
 
     def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
+        """The full tree whenever the context has room for it, even when fewer than `depth` tokens may still be
+        emitted (the decode loop drops what a step emits past max_new_tokens): then every step replays the one
+        CUDA graph of the full tree, instead of growing smaller trees eagerly at the end of each generation."""
         k = self.options.topk
-        levels = min(self.options.depth, max_tokens)
         # the forward scores 1 + n inputs after len(tokens) - 1 committed ones: stay inside the context
         budget = min(self.options.nodes, self.target.max_length - len(state.tokens))
-        if self.committed == 0 or levels < 1 or budget < 1:
+        if self.committed == 0 or max_tokens < 1 or budget < 1:
             return Proposal.empty(state.device)
-        n = min(budget, k + (levels - 1) * k * k)
-        tokens, layout = self._run(levels, n)
+        tokens, layout = self._step(min(budget, k + (self.options.depth - 1) * k * k))
         return Proposal(tokens=tokens, layout=layout)
 
     # --- decoding ---------------------------------------------------------------------------------------------
@@ -191,100 +278,51 @@ class Eagle(Drafter):
             _WORKSPACES[self.head] = ws
         return ws
 
+    def _stage(self, tokens: list[int], features: torch.Tensor, start: int) -> None:
+        """Put the entries (tokens[i], features[i]) at positions start + i into the input buffers: the next step
+        adds them. non_blocking: pageable memory is staged at once, and the copy waits for nothing queued before."""
+        ws, m = self.ws, len(tokens)
+        ws.inputs.copy_(torch.tensor([*tokens, *[0] * (ws.rows - m), m, start]), non_blocking=True)
+        ws.features[:m] = features
+        self.committed, self.staged = start + m, True
+
     def _prefill(self, tokens: list[int], features: torch.Tensor) -> None:
-        """Entries of the prompt: positions [0, L) read (tokens[t + 1], f_t); causal attention among them."""
+        """Entries of the prompt: entry t (t < L) reads (tokens[t + 1], f_t). Entries [0, L - 1) only need their
+        keys and values (eagerly, here); the last one is staged, so that even the first step replays the graph."""
         ws, head = self.ws, self.head
         length = int(features.shape[0])
-        ids = torch.tensor(tokens[1 : length + 1], device=ws.keys.device)
-        x, q, k, v = self.embed_project(head, self.embed, ids, features, ws.slots[:length])  # x: (1, L, H)
-        ws.keys[:, :, :length], ws.values[:, :, :length] = k, v
-        mask = torch.ones(length, length, dtype=torch.bool, device=ws.keys.device).tril()
-        out = self.attend(head, x, q, ws.keys[:, :, :length], ws.values[:, :, :length], mask)
-        ws.root.copy_(out[0, -1])
-        ws.length.fill_(length)
-        self.committed = length
+        if length > 1:
+            ids = torch.tensor(tokens[1:length], device=ws.keys.device)
+            _, _, k, v = entries(head, self.embed, ids, features[:-1], ws.slots[: length - 1])
+            ws.keys[:, :, : length - 1], ws.values[:, :, : length - 1] = k, v
+        self._stage(tokens[length : length + 1], features[-1:], length - 1)
 
-    def _run(self, levels: int, n: int) -> tuple[torch.Tensor, TreeBuffers]:
-        """Add the staged entries (if any) and grow the tree: by CUDA graph replay for the full-size tree after a
-        step, eagerly otherwise (the first proposal after the prompt, and the small trees of the last steps)."""
-        ws, staged, k = self.ws, self.staged, self.options.topk
+    def _step(self, n: int) -> tuple[torch.Tensor, TreeBuffers] | None:
+        """Add the staged entries (if any) and grow a tree of n nodes (n = 0: only add them). By CUDA graph replay
+        for a tree of the full size after staged entries, eagerly otherwise (shrunk trees at the context's end)."""
+        ws, staged, options = self.ws, self.staged, self.options
         self.staged = False
-        full = levels == self.options.depth and n == min(self.options.nodes, k + ws.draft_slots * k)
+        if n == 0:
+            extend(self.head, self.embed, *ws.state(), ws.capacity)
+            return None
+        levels, full = options.depth, n == min(options.nodes, options.topk * (1 + ws.draft_slots))
+        step = self.step if full else draft_step  # a compiled step per tree size would recompile at every size
+        run = partial(step, self.head, self.embed, self.lm_head, *ws.state(), ws.capacity, options.topk, levels, n)
         if not (staged and full and ws.keys.device.type == "cuda"):
-            if staged:
-                self._extend()
-            return self._grow(levels, n)
-        key = (levels, n)
-        if key not in ws.graphs:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up (the step is idempotent: same inputs, same writes)
-                self._extend()
-                self._grow(levels, n)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self._extend()
-                outputs = self._grow(levels, n)
-            ws.graphs[key] = (graph, outputs)
-        graph, (tokens, layout) = ws.graphs[key]
-        graph.replay()
-        return tokens.clone(), layout  # the layout's buffers stay valid until the next replay, after this step
-
-    def _extend(self) -> None:
-        """Add the staged entries (ws.count of them, padded to ws.rows) at slots ws.start ...; static shapes.
-        Padding rows read stale inputs and write slots past the new committed length, which no query sees before
-        they are overwritten."""
-        ws, head = self.ws, self.head
-        slots = ws.start + ws.slots[: ws.rows]  # [rows]
-        x, q, k, v = self.embed_project(head, self.embed, ws.tokens, ws.features, slots)  # x: (1, rows, H)
-        ws.keys.index_copy_(2, slots, k)
-        ws.values.index_copy_(2, slots, v)
-        mask = ws.slots[None, : ws.capacity] <= slots[:, None]  # [rows, capacity] causal over committed slots
-        out = self.attend(head, x, q, ws.keys[:, :, : ws.capacity], ws.values[:, :, : ws.capacity], mask)
-        ws.root.copy_(out[0].index_select(0, ws.count.view(1) - 1)[0])
-        ws.length.copy_(ws.start + ws.count)
-
-    def _grow(self, levels: int, n: int) -> tuple[torch.Tensor, TreeBuffers]:
-        """The EAGLE-2 tree from ws.root: kept node tokens [n] and the tree's buffers (built on the device)."""
-        ws, head, k = self.ws, self.head, self.options.topk
-        device = ws.keys.device
-        logp = self.log_probs(ws.root, self.lm_head)  # [V]
-        front_scores, front_tokens = logp.topk(k)  # [k] level-1 nodes
-        front_ids = torch.arange(k, device=device)
-        front_features = ws.root.expand(k, -1)  # [k, H] each node's parent prediction
-        scores, tokens, parents = [front_scores], [front_tokens], [torch.full((k,), -1, device=device)]
-        count = k
-        committed = (ws.slots[: ws.capacity] < ws.length).expand(k, -1)  # [k, capacity]
-        # ancestry of the draft slots: row i = slot i and the slots of its ancestors
-        ancestry = torch.eye(ws.draft_slots, dtype=torch.bool, device=device)
-        for level in range(1, levels):
-            first = (level - 1) * k  # this level's entries go to draft slots first ... first + k - 1
-            positions = (ws.length - 1 + level).expand(k)
-            x, q, key, value = self.embed_project(head, self.embed, front_tokens, front_features, positions)
-            ws.keys[:, :, ws.capacity + first : ws.capacity + first + k] = key
-            ws.values[:, :, ws.capacity + first : ws.capacity + first + k] = value
-            mask = torch.cat([committed, ancestry[first : first + k]], 1)  # [k, capacity + draft slots]
-            out = self.attend(head, x, q, ws.keys, ws.values, mask)[0]  # [k, H]
-            child_logp = self.log_probs(out, self.lm_head)  # [k, V]
-            child_scores, child_tokens = child_logp.topk(k, -1)  # [k, k]
-            cum = (front_scores[:, None] + child_scores).reshape(-1)  # [k * k] cumulative log-probability
-            scores.append(cum)
-            tokens.append(child_tokens.reshape(-1))
-            parents.append(front_ids[:, None].expand(k, k).reshape(-1))
-            if level < levels - 1:  # the next level expands the k best children
-                best = cum.topk(k).indices
-                parent_slot = best // k
-                ancestry[first + k : first + 2 * k] |= ancestry[first + parent_slot]
-                front_ids = count + best
-                front_tokens = child_tokens.reshape(-1)[best]
-                front_scores = cum[best]
-                front_features = out[parent_slot]
-            count += k * k
-        all_scores, all_tokens, all_parents = torch.cat(scores), torch.cat(tokens), torch.cat(parents)
-        keep = torch.sort(all_scores, descending=True, stable=True).indices[:n].sort().values  # parents first
-        index = torch.full((count,), -1, dtype=torch.long, device=device)
-        index[keep] = torch.arange(n, device=device)
-        kept_parents = all_parents[keep]
-        parents = torch.where(kept_parents >= 0, index[kept_parents.clamp_min(0)], -1)  # [n], -1 = the pending token
-        return all_tokens[keep], device_tree(parents, levels)
+            tokens, *tree = run(staged)
+        else:
+            if n not in ws.graphs:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up and compilation (the step is idempotent: same inputs, writes)
+                    run(True)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    outputs = run(True)
+                ws.graphs[n] = (graph, outputs)
+            graph, (tokens, *tree) = ws.graphs[n]
+            graph.replay()
+            tokens = tokens.clone()  # the tree's buffers stay valid until the next replay, after this step
+        depth, mask, parent = tree
+        return tokens, TreeBuffers(parents=None, depth=depth, mask=mask, parent=parent, max_depth=levels)

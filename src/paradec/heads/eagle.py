@@ -17,6 +17,7 @@ decoding calls its two halves, `project` and `attend`, around writing the new ke
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -113,10 +114,11 @@ class EagleHead(nn.Module):
         keys: torch.Tensor,  # (B, nh, S, hd)
         values: torch.Tensor,  # (B, nh, S, hd)
         mask: torch.Tensor,  # (T, S) bool: True where query t may attend to key s
+        attention: Callable = nn.functional.scaled_dot_product_attention,  # (q, keys, values, attn_mask=)
     ) -> torch.Tensor:
         """The rest of the layer: attention over (keys, values), output projection and MLP -> (B, T, H)."""
         B, T, _ = x.shape
-        att = nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, nh, T, hd)
+        att = attention(q, keys, values, attn_mask=mask)  # (B, nh, T, hd)
         x = x + self.o(att.transpose(1, 2).reshape(B, T, -1))
         gate, up = self.gate_up(self.mlp_norm(x)).chunk(2, -1)
         return x + self.down(nn.functional.silu(gate) * up)

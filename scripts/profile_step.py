@@ -1,0 +1,217 @@
+"""Where a speculative step's time goes, on one GPU, with random weights of the zoo bench target's shape (not a test).
+
+Random weights decide nothing here: every step of a method does the same work whatever is accepted (a full-size
+tree is drafted and scored each step), so the cost of a step does not depend on what the weights say. What this
+measures, per method configuration, in one process on one card:
+
+- `step ms`: wall time of one decode step (a 128-token generation's time / its steps), host included;
+- `draft ms`: GPU time of the drafter's CUDA graph alone (EAGLE: adding the new entries and growing the tree);
+- `score ms`: GPU time of the target's forward over the step's inputs alone (1 for vanilla, 1 + nodes for trees);
+- `kernels`: CUDA kernels one eager drafter step launches (torch.profiler), the count the graph replays.
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=src python3 scripts/profile_step.py --out $OUT \
+        --config vanilla --config eagle --config eagle:compile=true
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from paradec.config import EngineConfig
+from paradec.drafters import get_drafter, parse_options
+from paradec.engine import Engine
+from paradec.heads import EagleConfig, EagleHead, save_heads
+from paradec.runners import load_runner
+from paradec.zoo.presets import BENCH
+
+
+def bench_shaped_model(root: Path, seed: int) -> Path:
+    """A random-weight Llama checkpoint of the bench target's shape, saved in bf16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = BENCH.target
+    config = LlamaConfig(
+        vocab_size=BENCH.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        max_position_embeddings=BENCH.context,
+        tie_word_embeddings=shape.tie_embeddings,
+        torch_dtype="bfloat16",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(str(root / "target"))
+    head = EagleHead(EagleConfig.for_target(shape.hidden_size, BENCH.vocab_size))
+    save_heads(head, root / "target" / "heads" / "eagle")
+    return root / "target"
+
+
+def gpu_ms(fn, reps: int) -> float:
+    """Median GPU time of fn() in ms, each rep between two CUDA events."""
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def parse_config(text: str) -> tuple[str, dict]:
+    method, _, rest = text.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value) if value not in ("true", "false") else value == "true"
+    return method, options
+
+
+@torch.inference_mode()
+def profile(
+    engine: Engine, method: str, options: dict, prompt: list[int], new: int, repeats: int, trace: Path | None = None
+) -> dict:
+    drafter_cls = get_drafter(method)
+    parsed = parse_options(drafter_cls, options)
+    gen_times, steps = [], 0
+    for i in range(2 + repeats):  # two warm-ups: compilation, then graph capture of every shape used
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        result = engine.generate(prompt, method=method, max_new_tokens=new, options=options)
+        torch.cuda.synchronize()
+        if i >= 2:
+            gen_times.append(time.perf_counter() - started - result.stats.prefill_seconds)
+            steps = result.stats.steps
+    row = {
+        "config": method + (":" + ",".join(f"{k}={v}" for k, v in options.items()) if options else ""),
+        "step_ms": 1000 * statistics.median(gen_times) / steps,
+        "steps": steps,
+        "tau": result.stats.new_tokens / steps,
+    }
+    target = engine.target
+    n_inputs = 1
+    row["draft_ms"] = 0.0
+    if method == "eagle":
+        drafter = drafter_cls(engine, parsed)
+        ws = drafter._workspace(0)
+        n, (graph, _) = next(iter(ws.graphs.items()))
+        row["draft_ms"] = gpu_ms(graph.replay, 200)
+        row["nodes"], n_inputs = n, n + 1
+        args = (drafter.head, drafter.embed, drafter.lm_head, *ws.state(), ws.capacity, parsed.topk, parsed.depth, n)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            drafter.step(*args, True)  # what the graph replays, launched eagerly
+            torch.cuda.synchronize()
+        row["kernels"] = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+        if trace is not None:  # the kernels by total time, and a timeline of whole generation steps
+            kernels = sorted(prof.key_averages(), key=lambda e: -e.self_device_time_total)[:25]
+            for e in kernels:
+                print(f"{e.self_device_time_total:9.1f} us {e.count:4d} x  {e.key[:90]}")
+            activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            with torch.profiler.profile(activities=activities) as timeline:
+                engine.generate(prompt, method=method, max_new_tokens=24, options=options)
+            timeline.export_chrome_trace(str(trace))
+    row["score_ms"] = score_ms(target, prompt[0], n_inputs)
+    return row
+
+
+def score_ms(target, token: int, n: int) -> float:
+    """GPU time of the target's forward over n inputs (a chain costs what a tree of as many inputs costs)."""
+    tokens = torch.tensor([token] * n, device=target.device)
+    length = target.length
+
+    def score() -> None:
+        target.forward(tokens, None, logits="all")
+        target.rollback(length)
+
+    return gpu_ms(score, 200)
+
+
+def topk_variants(rows: int = 8, width: int = BENCH.vocab_size, k: int = 8) -> dict[str, float]:
+    """us per call (replayed from a CUDA graph) of ways to take the top k of a few vocabulary-wide rows."""
+    from paradec.drafters.eagle import wide_topk
+
+    def max_chunks(x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = x.unflatten(-1, (-1, chunk))  # [R, C, chunk]
+        best = parts.amax(-1).topk(k, -1).indices  # [R, k] the chunks holding the top k
+        candidates = parts.gather(1, best[..., None].expand(-1, -1, chunk)).flatten(-2)  # [R, k * chunk]
+        values, top = candidates.topk(k, -1)
+        index = (best[..., None] * chunk + torch.arange(chunk, device=x.device)).flatten(-2)
+        return values, index.gather(-1, top)
+
+    x = torch.randn(rows, width, device="cuda")
+    variants = {
+        "topk": lambda: x.topk(k, -1),
+        "chunks256": lambda: wide_topk(x, k, 256),
+        "chunks128": lambda: wide_topk(x, k, 128),
+        "chunks64": lambda: wide_topk(x, k, 64),
+        "max_chunks32": lambda: max_chunks(x, 32),
+        "max_chunks64": lambda: max_chunks(x, 64),
+        "max_chunks128": lambda: max_chunks(x, 128),
+        "sort": lambda: x.sort(-1, descending=True),
+    }
+    out = {}
+    for name, fn in variants.items():
+        fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        out[name] = round(1000 * gpu_ms(lambda g=graph: [g.replay() for _ in range(50)], 5) / 50, 2)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", action="append", required=True, help="method[:key=value,...], repeatable")
+    parser.add_argument("--prompt-len", type=int, default=200)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--trace", help="config whose kernels are tabled and whose steps are traced into --out")
+    args = parser.parse_args()
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = bench_shaped_model(Path(tmp), seed=0)
+        target = load_runner(model_dir, "native", torch.device("cuda"), torch.bfloat16)
+        config = EngineConfig(model=str(model_dir), draft=None, heads=str(model_dir / "heads"), device="cuda",
+                              dtype="bfloat16", runner="NativeRunner")  # fmt: skip
+        engine = Engine(target, None, config, heads_dir=model_dir / "heads", eos_token_ids=set())
+        prompt = torch.randint(0, BENCH.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
+        rows = []
+        for text in args.config:
+            method, options = parse_config(text)
+            started = time.perf_counter()
+            trace = args.out / f"trace-{method}.json" if args.out and text == args.trace else None
+            row = profile(engine, method, options, prompt.tolist(), args.new, args.repeats, trace)
+            row["seconds"] = round(time.perf_counter() - started, 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        with torch.inference_mode():
+            sizes = {n: round(score_ms(target, 1, n), 3) for n in (1, 8, 16, 24, 32, 33, 48, 49, 64, 65)}
+        print("score ms by inputs:", json.dumps(sizes))
+        print("topk us:", json.dumps(topk_variants()))
+    vanilla = next((r["step_ms"] for r in rows if r["config"] == "vanilla"), None)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print("| config | step ms | x vanilla step | draft ms | score ms | host+verify ms | kernels | tau |")
+    for r in rows:
+        host = r["step_ms"] - r["draft_ms"] - r["score_ms"]
+        rel = r["step_ms"] / vanilla if vanilla else float("nan")
+        print(f"| {r['config']} | {r['step_ms']:.3f} | {rel:.2f} | {r['draft_ms']:.3f} | {r['score_ms']:.3f} | "
+              f"{host:.3f} | {r.get('kernels', '')} | {r['tau']:.2f} |")  # fmt: skip
+    if args.out:
+        (args.out / "profile_step.json").write_text(json.dumps({"rows": rows, "score_ms": sizes}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
