@@ -146,19 +146,22 @@ def test_drafter_tree_equals_brute_force_eagle2():
     drafter = Eagle(FakeResources(FakeTarget(embed, lm_head), {"eagle": head}), options)
     state = DecodeState(tokens, 8, SamplingParams(), None, torch.device("cpu"), V, target_hidden=features)
     drafter.begin(state)
-    for _ in range(2):  # a second round after a step: the draft entries of the first tree must be gone
-        proposal = drafter.propose(state, max_tokens=10)
-        expected = reference_tree(head, embed, lm_head, state.tokens, features, 3, 4, 10)
-        assert (proposal.tokens.tolist(), proposal.layout.host_parents()) == expected
-        emitted = [proposal.tokens[0].item(), 7]  # as if node 0 was accepted and 7 came from the target
+    # later rounds follow a step: the first tree's draft entries must be gone. max_tokens 1: still the full tree
+    # (the decode loop drops the excess); 0: nothing, and the staged entries wait for the next update
+    for max_tokens in (10, 1, 0, 10):
+        proposal = drafter.propose(state, max_tokens=max_tokens)
+        if max_tokens:
+            expected = reference_tree(head, embed, lm_head, state.tokens, features, 3, 4, 10)
+            assert (proposal.tokens.tolist(), proposal.layout.host_parents()) == expected
+            emitted = [proposal.tokens[0].item(), 7]  # as if node 0 was accepted and 7 came from the target
+        else:
+            assert proposal.size == 0
+            emitted = [7]
         state.tokens += emitted
-        new_features = torch.randn(2, H)
+        new_features = torch.randn(len(emitted), H)
         features = torch.cat([features, new_features])
         state.target_hidden = new_features
-        drafter.update(state, Verdict(path=[0], tokens=emitted, proposed=proposal.size))
-    # the full tree even when one more draft token can be used (the decode loop drops the excess), none for 0
-    assert drafter.propose(state, max_tokens=1).tokens.shape == (10,)
-    assert drafter.propose(state, max_tokens=0).size == 0
+        drafter.update(state, Verdict(path=[0][: len(emitted) - 1], tokens=emitted, proposed=proposal.size))
 
 
 @torch.no_grad()
