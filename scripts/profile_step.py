@@ -29,25 +29,16 @@ from paradec.drafters import get_drafter, parse_options
 from paradec.engine import Engine
 from paradec.heads import EagleConfig, EagleHead, save_heads
 from paradec.runners import load_runner
+from paradec.zoo.model import llama_config
 from paradec.zoo.presets import BENCH
 
 
 def bench_shaped_model(root: Path, seed: int) -> Path:
-    """A random-weight Llama checkpoint of the bench target's shape, saved in bf16."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random-weight Llama checkpoint of the bench target's shape (its exact config), saved in bf16."""
+    from transformers import LlamaForCausalLM
 
     shape = BENCH.target
-    config = LlamaConfig(
-        vocab_size=BENCH.vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
-        max_position_embeddings=BENCH.context,
-        tie_word_embeddings=shape.tie_embeddings,
-        torch_dtype="bfloat16",
-    )
+    config = llama_config(shape, BENCH.vocab_size, BENCH.context, BENCH.rope_theta, "bfloat16")
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(str(root / "target"))
