@@ -5,8 +5,10 @@
 #             `paradec bench --suite code` (BENCH_ARGS adds options, e.g. "--methods vanilla,eagle --peers none"),
 #             then a second bench if EXTRA_ARGS is set (e.g. "--methods vanilla,eagle --opt eagle.depth=8
 #             --peers none"; its table goes to stdout only). In the foreground: the CUDA-only tests, then wait for
-#             the chain up to WAIT seconds (default 480). EAGLE_ONLY=1 skips Medusa's training.
-#   collect   wait for the chain (up to WAIT, default 540 s), then copy the bench's files and the pair's cards to $OUT
+#             the chain until WAIT seconds after the call began (default 480). EAGLE_ONLY=1 skips Medusa's training.
+#   collect   wait for the chain (until WAIT, default 540 s), then copy the bench's files and the pair's cards to $OUT
+# WAIT counts from the start of the call, tests included, and is capped at 570: a call that reaches the device's
+# 600 s limit is killed with its machine, and the background chain and everything built go with it.
 #   heads     train the embedded default model's heads (copied back as default_heads.tar)
 # Usage (repo root, on the device): bash scripts/device_session.sh pipeline|collect|heads   (results under $OUT)
 set -uo pipefail
@@ -16,9 +18,9 @@ DONE=/tmp/paradec-pipeline.done
 RESULTS=/tmp/paradec-bench
 export PER_CATEGORY=${PER_CATEGORY:-5} BENCH_ARGS=${BENCH_ARGS:-} EXTRA_ARGS=${EXTRA_ARGS:-} EAGLE_ONLY=${EAGLE_ONLY:-}
 
-wait_chain() {  # $1: seconds at most
-    local waited=0
-    while [ ! -f $DONE ] && [ "$waited" -lt "$1" ]; do sleep 5; waited=$((waited + 5)); done
+wait_chain() {  # $1: seconds since the call began, at most (capped at 570)
+    local until=$(($1 < 570 ? $1 : 570))
+    while [ ! -f $DONE ] && [ "$SECONDS" -lt "$until" ]; do sleep 5; done
     tail -n 40 $LOG
 }
 

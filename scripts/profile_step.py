@@ -65,7 +65,10 @@ def parse_config(text: str) -> tuple[str, dict]:
     options = {}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition("=")
-        options[key] = json.loads(value) if value not in ("true", "false") else value == "true"
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:  # a bare string, e.g. compile_mode=max-autotune-no-cudagraphs
+            options[key] = value
     return method, options
 
 

@@ -63,7 +63,7 @@ def test_smoke_run_writes_every_output(model_dirs, prompts_file, tmp_path, capsy
     assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "speedup.png", "acceptance.png"}
     assert (out / "speedup.png").read_bytes()[:4] == b"\x89PNG"
     data = json.loads((out / "results.json").read_text())
-    assert data["complete"] and data["exactness"] == {"checked": True, "ok": True, "mismatches": []}
+    assert data["complete"] and data["exactness"] == {"checked": True, "ok": True, "mismatches": [], "near_ties": []}
     assert (
         data["meta"]["device"] == "cpu"
         and data["meta"]["transformers"]
@@ -207,3 +207,49 @@ def test_warm_up_covers_every_prompt_before_timing(engine):
     # every prompt once untimed, then each prompt's timed repeats: the timed runs meet no new shapes
     assert full[:2] == [tuple(p) for p in bench.prompt_tokens]
     assert full[2:] == [tuple(bench.prompt_tokens[0])] * 2 + [tuple(bench.prompt_tokens[1])] * 2
+
+
+def test_a_corrupted_token_is_ruled_a_failure_not_a_near_tie(engine, tmp_path, capsys):
+    """The referee scores the context in float64 (the engine runs float32): a token that is not the model's best
+    is far outside float32 rounding, so the run still fails, and the ruling says why."""
+    code = run_bench(Corrupting(engine, "draft"), BENCH_PROMPTS, plan(), meta(engine, plan()), tmp_path, quiet=True)
+    err = capsys.readouterr().err
+    assert code == 1 and "EXACTNESS FAILURE: draft differs" in err and "float64 logits: vanilla's token" in err
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["exactness"]["near_ties"] == [] and len(data["exactness"]["mismatches"]) == 2
+    record = next(r for r in data["records"] if r["method"] == "draft")
+    ruling = record["ruling"]
+    assert ruling["near_tie"] is False and ruling["reference_dtype"] == "float64"
+    assert ruling["vanilla_logit"] == pytest.approx(ruling["top_logit"])  # vanilla's greedy token is the best
+    assert ruling["method_token"] == (ruling["vanilla_token"] + 1) % engine.target.vocab_size
+    assert ruling["top_logit"] - ruling["method_logit"] > ruling["tolerance"]
+
+
+def test_a_near_tie_is_reported_and_does_not_fail_the_run(engine, tmp_path, capsys, monkeypatch):
+    """With a tolerance wide enough to call any gap a tie, the same corruption becomes a reported near-tie."""
+    from paradec.bench import referee
+
+    monkeypatch.setattr(referee, "TIE_ULPS", 1e12)
+    code = run_bench(Corrupting(engine, "draft"), BENCH_PROMPTS, plan(), meta(engine, plan()), tmp_path, quiet=True)
+    err = capsys.readouterr().err
+    assert code == 0 and "near-tie (rounding, not a failure): draft differs" in err and "EXACTNESS" not in err
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["exactness"]["ok"] is True and data["exactness"]["mismatches"] == []
+    assert {(m["method"], m["first_mismatch"]) for m in data["exactness"]["near_ties"]} == {("draft", 1)}
+    assert data["summary"]["all prompts"]["draft"]["near_ties"] == 2
+    md = (tmp_path / "results.md").read_text()
+    assert "| 0/2 (2 near-ties) |" in md and "Near-ties:" in md and "MISMATCH" not in md
+
+
+def test_a_referee_that_cannot_load_leaves_the_failure_standing(engine, tmp_path, capsys, monkeypatch):
+    from paradec.bench import referee
+
+    def broken(self):
+        raise OSError("no such checkpoint")
+
+    monkeypatch.setattr(referee.Referee, "_load", broken)
+    code = run_bench(Corrupting(engine, "pld"), BENCH_PROMPTS, plan(), meta(engine, plan()), tmp_path, quiet=True)
+    err = capsys.readouterr().err
+    assert code == 1 and "referee could not run: OSError: no such checkpoint" in err and "EXACTNESS FAILURE" in err
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["exactness"]["near_ties"] == [] and all(r["ruling"] is None for r in data["records"])

@@ -204,7 +204,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def run_bench(engine, prompts: list, plan, meta: dict, out: Path, *, quiet: bool = False) -> int:
     """Run `plan` with `engine`, write the outputs into `out` (also after every row, so an interrupted run leaves
-    partial results) and return the exit code: 1 on a greedy mismatch of a lossless method or a crashed row."""
+    partial results) and return the exit code: 1 on a greedy mismatch of a lossless method (near-ties excepted, see
+    `paradec.bench.referee`) or a crashed row."""
     from paradec.bench import report
     from paradec.bench.harness import Bench
 
@@ -217,10 +218,17 @@ def run_bench(engine, prompts: list, plan, meta: dict, out: Path, *, quiet: bool
         print(report.markdown(data))
     print(f"paradec bench: results in {out}/ (results.json, results.md, speedup.png, acceptance.png)", file=sys.stderr)
     status = 0
+    for record in bench.near_ties():
+        print(
+            f"paradec bench: near-tie (rounding, not a failure): {record.method} differs from vanilla on prompt "
+            f"{record.prompt_ids[0]!r} from new token {record.first_mismatch}: {record.ruling['text']}",
+            file=sys.stderr,
+        )
     for record in bench.mismatches():
+        ruling = f": {record.ruling['text']}" if record.ruling else ""
         print(
             f"paradec bench: EXACTNESS FAILURE: {record.method} differs from vanilla on prompt {record.prompt_ids[0]!r} "
-            f"from new token {record.first_mismatch}",
+            f"from new token {record.first_mismatch}{ruling}",
             file=sys.stderr,
         )
         status = 1

@@ -7,13 +7,15 @@ pass meets happen here; a warm-up over a few prompts left new cache-length bucke
 each timed generation sits between two `torch.cuda.synchronize()` calls (on CUDA) and is repeated `repeats`
 times, keeping the median. Prompts are encoded once up front, so tokenization is never timed. Our own vanilla
 always runs first: it is the reference for speedups and, in greedy mode, for exactness (every lossless method
-must emit vanilla's token ids on every prompt). The Hugging Face peers run eagerly (no graphs, nothing compiled per
+must emit vanilla's token ids on every prompt; after the run `paradec.bench.referee` rules on each mismatch: a
+rounding near-tie in half precision, or a failure). The Hugging Face peers run eagerly (no graphs, nothing compiled per
 shape), so their warm-up is `warmup` passes over the first batch only. In sample mode prompt i is sampled with
 seed `seed + i`, the same for every method and repeat.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import time
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 from paradec.bench.metrics import RunRecord, first_mismatch
 from paradec.bench.peers import BATCHED_PEERS, HFPeers
 from paradec.bench.prompts import BenchPrompt
+from paradec.bench.referee import Referee
 from paradec.config import SamplingParams
 from paradec.drafters import get_drafter, methods, parse_options
 from paradec.errors import ParadecError
@@ -87,8 +90,6 @@ def parse_method_options(texts: list[str], selected: tuple[str, ...]) -> dict[st
 
 
 def _options_dict(options: Any) -> dict:
-    import dataclasses
-
     return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
 
 
@@ -111,6 +112,7 @@ class Bench:
         self.records: list[RunRecord] = []
         self.outcomes: list[Outcome] = []
         self.prompt_tokens = [self._encode(p) for p in prompts]
+        self._index = {p.id: i for i, p in enumerate(prompts)}
         self.vanilla_tokens: dict[str, list[int]] = {}
         self._progress = progress
         self._bar: tqdm | None = None
@@ -188,6 +190,28 @@ class Bench:
                         continue
                     self._guarded(outcome, lambda o, peers=peers: self._run_peer(o, peers))
         self._bar = None
+        self.referee()
+
+    def referee(self) -> None:
+        """Rule on every greedy mismatch of a lossless method: a near-tie of the two tokens (rounding) or not.
+        See `paradec.bench.referee`."""
+        judge = None
+        for record in self._lossless_mismatches():
+            out = record.token_ids
+            i = record.first_mismatch
+            reference = self.vanilla_tokens[record.prompt_ids[0]]
+            if out is None or i is None or i >= min(len(out), len(reference)):
+                continue  # a repeat differed but not the kept output, or one output stopped early: no token to rule on
+            judge = judge or Referee(self.engine)
+            context = self.prompt_tokens[self._index[record.prompt_ids[0]]] + reference[:i]
+            try:
+                ruling = judge.rule(context, reference[i], out[i])
+            except Exception as exc:  # no ruling: the mismatch stays a failure, and the results are still written
+                tqdm.write(
+                    f"paradec bench: the exactness referee could not run: {type(exc).__name__}: {exc}", file=sys.stderr
+                )
+                return
+            record.ruling = {**dataclasses.asdict(ruling), "near_tie": ruling.near_tie, "text": ruling.text()}
 
     def _outcome(self, method: str, kind: str, batch_size: int) -> Outcome:
         outcome = Outcome(method=method, kind=kind, batch_size=batch_size)
@@ -327,10 +351,17 @@ class Bench:
             self.records.append(record)
 
     # --- results --------------------------------------------------------------------------------------------
-    def mismatches(self) -> list[RunRecord]:
-        """Records of lossless paradec methods whose greedy output differs from vanilla's."""
+    def _lossless_mismatches(self) -> list[RunRecord]:
         lossless = {o.method for o in self.outcomes if o.kind == "paradec" and not o.lossy}
         return [r for r in self.records if r.method in lossless and r.equals_vanilla is False]
+
+    def mismatches(self) -> list[RunRecord]:
+        """Records of lossless paradec methods whose greedy output differs from vanilla's, near-ties excepted."""
+        return [r for r in self._lossless_mismatches() if not (r.ruling and r.ruling["near_tie"])]
+
+    def near_ties(self) -> list[RunRecord]:
+        """Records whose greedy output differs from vanilla's first at a near-tie the referee put down to rounding."""
+        return [r for r in self._lossless_mismatches() if r.ruling and r.ruling["near_tie"]]
 
     def failed(self) -> list[Outcome]:
         return [o for o in self.outcomes if o.status == "failed"]

@@ -36,6 +36,7 @@ class RunRecord:
     token_ids: list[int] | None = None  # new tokens (batch size 1)
     equals_vanilla: bool | None = None  # greedy mode only
     first_mismatch: int | None = None  # index of the first new token that differs from vanilla's
+    ruling: dict | None = None  # the referee's view of that token (`paradec.bench.referee.Ruling`, near_tie added)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Summary:
     acceptance_rate: float | None  # accepted / proposed draft tokens
     matches: int | None  # runs whose output equals vanilla's (greedy mode)
     compared: int | None
+    near_ties: int = 0  # runs that differ first at a near-tie the referee put down to rounding
 
 
 def seconds_per_token(records: list[RunRecord]) -> float:
@@ -113,6 +115,7 @@ def summarize(records: list[RunRecord], vanilla: dict[str, RunRecord] | None) ->
         acceptance_rate=sum(r.accepted_tokens for r in records) / proposed if observed and proposed else None,
         matches=sum(bool(r.equals_vanilla) for r in compared) if compared else None,
         compared=len(compared) if compared else None,
+        near_ties=sum(bool(r.ruling and r.ruling["near_tie"]) for r in compared),
     )
 
 
