@@ -246,6 +246,35 @@ def test_long_chain_prefill_runs_in_chunks(checkpoints):
     assert runner.length == 1301 and step.logits.shape == (1, VOCAB)
 
 
+@pytest.mark.parametrize("logits", ["all", "last", "none"])
+def test_a_prompt_longer_than_every_bucket_runs_on_the_static_buckets(checkpoints, logits, monkeypatch):
+    """A 300-token chain goes through the static forward in bucket-sized pieces (never the eager path), returns
+    what one forward would, and leaves a cache that a partial commit and later steps use like any other."""
+    model, path = checkpoints["llama"]
+    runner = NativeRunner.from_pretrained(path, static_shapes=True)
+    monkeypatch.setattr(runner, "_forward_eager", lambda *a, **k: pytest.fail("the eager path ran"))
+    prefix, ids = sequence(20, 5), sequence(21, 300)
+    runner.forward(prefix)
+    runner.commit(5)
+    out = runner.forward(ids, logits=logits, hidden=True)
+    assert runner.length == 5  # provisional until the commit
+    context = torch.cat([prefix, ids])
+    ref = hf_logits(model, context)[5:]
+    with torch.no_grad():
+        ref_hidden = model.model(context[None]).last_hidden_state[0, 5:]
+    assert out.hidden.shape == (300, runner.hidden_size) and rel_err(out.hidden, ref_hidden) < TOL
+    if logits == "none":
+        assert out.logits is None
+    else:
+        expected = ref if logits == "all" else ref[-1:]
+        assert out.logits.shape == expected.shape and rel_err(out.logits, expected) < TOL
+    runner.commit(260)  # keep a prefix of the chain, then go on from there
+    step = runner.forward(sequence(22, 3))
+    runner.commit(3)
+    after = torch.cat([context[:265], sequence(22, 3)])
+    assert runner.length == 268 and rel_err(step.logits, hf_logits(model, after)[-3:]) < TOL
+
+
 def test_sharded_checkpoint_loads_the_same_model(checkpoints, tmp_path):
     model, path = checkpoints["qwen3"]
     model.save_pretrained(tmp_path, max_shard_size="40KB")
