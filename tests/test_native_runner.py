@@ -252,7 +252,7 @@ def test_a_prompt_longer_than_every_bucket_runs_on_the_static_buckets(checkpoint
     what one forward would, and leaves a cache that a partial commit and later steps use like any other."""
     model, path = checkpoints["llama"]
     runner = NativeRunner.from_pretrained(path, static_shapes=True)
-    monkeypatch.setattr(runner, "_forward_eager", lambda *a, **k: pytest.fail("the eager path ran"))
+    monkeypatch.setattr(runner, "_eager_forward", lambda *a, **k: pytest.fail("the eager path ran"))
     prefix, ids = sequence(20, 5), sequence(21, 300)
     runner.forward(prefix)
     runner.commit(5)

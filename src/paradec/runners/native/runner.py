@@ -178,23 +178,18 @@ class NativeRunner:
             if tree.mask.device != self.device:
                 tree = tree.to(self.device)
             parents = input_parents(tree.parents) if tree.on_host else DEVICE_TREE
-        if self._static is not None and parents is None and n > Q_BUCKETS[-1]:
-            result = self._forward_static_chain(token_ids, logits, hidden)
-        elif self._static is not None and n <= Q_BUCKETS[-1]:
-            out_logits, out_hidden = self._static(
-                token_ids,
-                CHAIN_PARENTS[:n] if parents is None else parents,
-                self._arange[:n] if tree is None else tree.depth,
-                self._tril[:n, :n] if tree is None else tree.mask,
-                logits != "none",
-            )
-            out_logits = None if out_logits is None else out_logits[-1:] if logits == "last" else out_logits
-            result = RunnerOutput(
-                logits=None if out_logits is None else out_logits.clone(),
-                hidden=out_hidden.clone() if hidden else None,
-            )
+        if self._static is not None and n <= Q_BUCKETS[-1]:
+            out_logits, out_hidden = self._static_forward(token_ids, parents, tree, logits)
+            result = RunnerOutput(logits=out_logits, hidden=out_hidden.clone() if hidden else None)
+        elif tree is None:  # a chain (a prompt): in chunks, over the static buckets when there are
+            size = Q_BUCKETS[-1] if self._static is not None else PREFILL_CHUNK
+            run = self._static_forward if self._static is not None else self._eager_forward
+            result = self._forward_chain(token_ids.to(self.device, non_blocking=True), logits, hidden, size, run)
         else:
-            result = self._forward_eager(token_ids.to(self.device, non_blocking=True), tree, logits, hidden)
+            out_logits, out_hidden = self._eager_forward(
+                token_ids.to(self.device, non_blocking=True), parents, tree, logits
+            )
+            result = RunnerOutput(logits=out_logits, hidden=out_hidden if hidden else None)
         self._pending = (n, parents)
         return result
 
@@ -226,26 +221,23 @@ class NativeRunner:
         slots = torch.tensor(moves, dtype=torch.long).T.contiguous()  # (2, m): sources, destinations
         self.cache.compact(slots.to(self.device, non_blocking=True), len(keep))
 
-    def _forward_static_chain(self, tokens: torch.Tensor, logits: LogitsWanted, hidden: bool) -> RunnerOutput:
-        """A chain longer than the largest bucket as consecutive forwards of that bucket over the static graphs. Each
-        chunk's inputs count as committed for the next (every later input attends to them in full); the length is
-        restored afterwards, so `commit` sees one forward of n inputs. (Eagerly a 400-token prompt of the 115M bench
-        target took ~11 ms on an H200; a graph replay of up to 128 inputs ~0.3 ms.)"""
-        n, size, start = tokens.shape[0], Q_BUCKETS[-1], self.cache.length
+    def _forward_chain(self, tokens: torch.Tensor, logits: LogitsWanted, hidden: bool, size: int, run) -> RunnerOutput:
+        """A chain in consecutive forwards of at most `size` inputs (`run`: `_static_forward` or `_eager_forward`).
+        Each chunk's inputs count as committed for the next (every later input attends to them in full); the length
+        is restored afterwards, so `commit` sees one forward of n inputs. Over the static buckets this keeps a long
+        prompt on the CUDA graphs: eagerly a 400-token prompt of the 115M bench target took ~11 ms on an H200, and
+        a graph replay of up to 128 inputs ~0.3 ms."""
+        n, start = tokens.shape[0], self.cache.length
         hiddens, all_logits = [], []
         try:
             for offset in range(0, n, size):
                 count = min(size, n - offset)
-                last = offset + count == n
-                want = logits == "all" or (logits == "last" and last)
-                chunk = tokens[offset : offset + count]
-                out_logits, out_hidden = self._static(
-                    chunk, CHAIN_PARENTS[:count], self._arange[:count], self._tril[:count, :count], want
-                )
+                want = logits if logits == "all" or offset + count == n else "none"
+                out_logits, out_hidden = run(tokens[offset : offset + count], None, None, want)
                 if hidden:
                     hiddens.append(out_hidden.clone())
-                if want:
-                    all_logits.append((out_logits[-1:] if logits == "last" else out_logits).clone())
+                if out_logits is not None:
+                    all_logits.append(out_logits)
                 self.cache.advance(count)
         finally:
             self.cache.truncate(start)
@@ -254,28 +246,38 @@ class NativeRunner:
             hidden=torch.cat(hiddens) if hidden else None,
         )
 
-    def _forward_eager(
-        self, tokens: torch.Tensor, tree: TreeBuffers | None, logits: LogitsWanted, hidden: bool
-    ) -> RunnerOutput:
+    def _static_forward(
+        self, tokens: torch.Tensor, parents: tuple[int, ...] | None, tree: TreeBuffers | None, logits: LogitsWanted
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Up to Q_BUCKETS[-1] inputs on the static buckets: logits (a copy) and hidden (a view of a static buffer,
+        valid until the next forward)."""
         n = tokens.shape[0]
-        chunk = n if tree is not None else PREFILL_CHUNK
-        hiddens, all_logits = [], []
-        for offset in range(0, n, chunk):
-            count = min(chunk, n - offset)
-            # earlier chunks of this chain are provisional, but every later input attends to them in full: treat them
-            # as committed for this chunk by shifting the start
-            start = self.cache.length_t + offset
-            depth = self._arange[:count] if tree is None else tree.depth
-            mask = torch.ones(count, count, dtype=torch.bool, device=self.device).tril() if tree is None else tree.mask
-            kv = kv_bucket(self.cache.length + offset + count, self.cache.capacity)
-            h = self.model(tokens[offset : offset + count], depth, mask, start, self.cache.data, kv, self.layer_ids)
-            if hidden:
-                hiddens.append(h)
-            if logits == "all":
-                all_logits.append(self.model.logits(h).float())
-            elif logits == "last" and offset + count == n:
-                all_logits.append(self.model.logits(h[-1:]).float())
-        return RunnerOutput(
-            logits=torch.cat(all_logits) if all_logits else None,
-            hidden=torch.cat(hiddens) if hidden else None,
+        out_logits, out_hidden = self._static(
+            tokens,
+            CHAIN_PARENTS[:n] if parents is None else parents,
+            self._arange[:n] if tree is None else tree.depth,
+            self._tril[:n, :n] if tree is None else tree.mask,
+            logits != "none",
         )
+        if out_logits is not None:
+            out_logits = (out_logits[-1:] if logits == "last" else out_logits).clone()
+        return out_logits, out_hidden
+
+    def _eager_forward(
+        self, tokens: torch.Tensor, parents: tuple[int, ...] | None, tree: TreeBuffers | None, logits: LogitsWanted
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """One eager forward of any size (a chain when `tree` is None): logits (float32) and hidden."""
+        n = tokens.shape[0]
+        if tree is None:
+            depth = self._arange[:n]
+            mask = (
+                self._tril[:n, :n]
+                if n <= Q_BUCKETS[-1]
+                else torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+            )
+        else:
+            depth, mask = tree.depth, tree.mask
+        kv = kv_bucket(self.cache.length + n, self.cache.capacity)
+        h = self.model(tokens, depth, mask, self.cache.length_t, self.cache.data, kv, self.layer_ids)
+        out_logits = None if logits == "none" else self.model.logits(h[-1:] if logits == "last" else h).float()
+        return out_logits, h
