@@ -9,8 +9,8 @@
         drafter.update(state, verdict)
 
 Stops: EOS (also in the middle of an accepted block: the rest is dropped), stop strings (the text is cut before
-the stop string; the token that completed it is the last token), and max_new_tokens (a step that emits more than the tokens
-still allowed, which a drafter may cause by proposing past `max_tokens`, is cut there).
+the stop string; the token that completed it is the last token), and max_new_tokens (a step that emits more than
+the tokens still allowed, which a drafter may cause by proposing past `max_tokens`, is cut there).
 """
 
 from __future__ import annotations
