@@ -63,7 +63,11 @@ def test_smoke_run_writes_every_output(model_dirs, prompts_file, tmp_path, capsy
     assert {p.name for p in out.iterdir()} == {"results.json", "results.md", "speedup.png", "acceptance.png"}
     assert (out / "speedup.png").read_bytes()[:4] == b"\x89PNG"
     data = json.loads((out / "results.json").read_text())
-    assert data["complete"] and data["exactness"] == {"checked": True, "ok": True, "mismatches": [], "near_ties": []}
+    assert data["complete"] and data["exactness"] == {
+        "checked": True, "ok": True, "mismatches": [], "near_ties": [], "not_compared": []
+    }  # fmt: skip
+    assert data["meta"]["chat"] == "auto" and data["meta"]["turns"] == "first" and data["meta"]["turns_measured"] == 3
+    assert data["meta"]["chat_template"] is False and data["meta"]["templated_prompts"] == 0
     assert (
         data["meta"]["device"] == "cpu"
         and data["meta"]["transformers"]

@@ -1,8 +1,12 @@
 """`paradec bench`: every method (and the Hugging Face peers) on a prompt set, with tables and plots.
 
-    paradec bench --suite smoke                                   # CPU, the embedded default pair, minutes
+    paradec bench --suite smoke                                   # CPU, the default model, minutes
     paradec bench --suite code --out $OUT                         # GPU, the zoo's bench pair (built if missing)
+    paradec bench --suite chat --turns all --out $OUT             # chat dev prompts, every turn, the instruct model
     paradec bench --model M --draft D --prompts spec_bench.jsonl --methods draft,pld --opt draft.k=6 --peers hf
+
+Chat records are rendered with the model's chat template (`--chat`, default auto); `--turns all` asks every turn
+after the method's own earlier answers (see `paradec.bench.prompts`).
 
 Exit codes: 0 done; 1 a lossless method's greedy output differed from vanilla's, or a method crashed (results are
 written first); 2 bad arguments (`ParadecError`).
@@ -29,7 +33,7 @@ _SAMPLING_FLAGS = {
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `paradec bench` (sets `func(args) -> int`)."""
-    from paradec.bench.prompts import SUITES
+    from paradec.bench.prompts import CHAT_MODES, SUITES, TURN_MODES
     from paradec.cli import add_model_args
 
     bench = subparsers.add_parser(
@@ -41,8 +45,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_model_args(bench)
     suites = "; ".join(f"{s.name}: {s.description}" for s in SUITES.values())
     bench.add_argument("--suite", choices=list(SUITES), help=f"a ready recipe ({suites})")
-    bench.add_argument("--prompts", type=Path, help="JSONL prompts (`prompt` or `turns`, optional `category`)")
+    bench.add_argument(
+        "--prompts", type=Path, help="JSONL prompts (`prompt`, `turns` or `messages`, optional `id`, `category`)"
+    )
     bench.add_argument("--per-category", type=int, help="use the first N prompts of each category")
+    bench.add_argument(
+        "--chat",
+        choices=CHAT_MODES,
+        default="auto",
+        help="auto: chat records in the model's chat template when it has one, else raw text; on: every record in "
+        "the template (an error without one); off: raw text, the first user turn (default auto)",
+    )
+    bench.add_argument(
+        "--turns",
+        choices=TURN_MODES,
+        default="first",
+        help="first: the first user turn; all: every turn, each after the method's own earlier answers, timed "
+        "apart (needs a chat template) (default first)",
+    )
     bench.add_argument("--methods", help="comma list of methods (default: every registered method)")
     bench.add_argument(
         "--opt",
@@ -128,9 +148,11 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def _models(args: argparse.Namespace, suite) -> tuple[str | None, str | None]:
-    """(model, draft) to load: the user's, else the suite's pair (None, None = the embedded default pair)."""
+    """(model, draft) to load: the user's, else the suite's (None, None = the default model and its draft)."""
     if args.model is not None or suite is None or suite.models == "default":
         return args.model, args.draft
+    if suite.models != "bench":
+        return suite.models, args.draft
     from paradec import zoo
     from paradec.loading import resolve_device
 
@@ -170,6 +192,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         )
     if args.prompts is not None:
         source = str(args.prompts)
+    elif suite is not None:
+        source = str(suite.prompts_path())
     else:
         from paradec import zoo
 
@@ -190,6 +214,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         peers=peers,
         batch_sizes=sizes,
+        chat=args.chat,
+        turns=args.turns,
     )
     meta = report.metadata(
         engine,
@@ -222,6 +248,12 @@ def run_bench(engine, prompts: list, plan, meta: dict, out: Path, *, quiet: bool
         print(
             f"paradec bench: near-tie (rounding, not a failure): {record.method} differs from vanilla on prompt "
             f"{record.prompt_ids[0]!r} from new token {record.first_mismatch}: {record.ruling['text']}",
+            file=sys.stderr,
+        )
+    if bench.not_compared:
+        print(
+            f"paradec bench: {len(bench.not_compared)} later turn(s) not compared with vanilla's: an earlier answer "
+            "differed, so the conversations differ (listed in results.md)",
             file=sys.stderr,
         )
     for record in bench.mismatches():

@@ -5,12 +5,20 @@ are missing is skipped, or is an error when the user named it), then `warmup` un
 (a greedy generation repeats its shapes exactly, so CUDA graph capture and compilation for every shape the timed
 pass meets happen here; a warm-up over a few prompts left new cache-length buckets to compile while timed);
 each timed generation sits between two `torch.cuda.synchronize()` calls (on CUDA) and is repeated `repeats`
-times, keeping the median. Prompts are encoded once up front, so tokenization is never timed. Our own vanilla
-always runs first: it is the reference for speedups and, in greedy mode, for exactness (every lossless method
-must emit vanilla's token ids on every prompt; after the run `paradec.bench.referee` rules on each mismatch: a
-rounding near-tie in half precision, or a failure). The Hugging Face peers run eagerly (no graphs, nothing compiled per
-shape), so their warm-up is `warmup` passes over the first batch only. In sample mode prompt i is sampled with
-seed `seed + i`, the same for every method and repeat.
+times, keeping the median. Prompts are rendered (`paradec.bench.prompts.Rendering`: the chat template or raw
+text) and encoded outside the timed calls, so tokenization is never timed. Our own vanilla always runs first: it
+is the reference for speedups and, in greedy mode, for exactness (every lossless method must emit vanilla's token
+ids on every prompt; after the run `paradec.bench.referee` rules on each mismatch: a rounding near-tie in half
+precision, or a failure). The Hugging Face peers run eagerly (no graphs, nothing compiled per shape), so their
+warm-up is `warmup` passes over the first turns of the first batch only. In sample mode prompt i is sampled with
+seed `seed + i`, the same for every method, turn and repeat.
+
+Multi-turn (`--turns all`): each measured turn of a prompt is one timed generation, recorded under its turn id
+(`turn_id`: the prompt id for turn 1, `<id>/turn-<k>` after it). Turn k is asked after turns 1..k-1 and the
+asking row's own answers to them, so its context is the row's own; a warm-up pass runs whole conversations too.
+Turn k of a row is compared with vanilla's turn k only when its context equals vanilla's (every earlier answer
+decoded to vanilla's text); otherwise the two continue different conversations, and the turn is listed as not
+compared (`Bench.not_compared`) rather than as a mismatch.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,7 +37,7 @@ from tqdm.auto import tqdm
 
 from paradec.bench.metrics import RunRecord, first_mismatch
 from paradec.bench.peers import BATCHED_PEERS, HFPeers
-from paradec.bench.prompts import BenchPrompt
+from paradec.bench.prompts import BenchPrompt, answer_text, rendering
 from paradec.bench.referee import Referee
 from paradec.config import SamplingParams
 from paradec.drafters import get_drafter, methods, parse_options
@@ -47,6 +55,8 @@ class BenchPlan:
     repeats: int = 1
     peers: tuple[str, ...] = ()
     batch_sizes: tuple[int, ...] = (1,)
+    chat: str = "auto"  # --chat: how records are rendered (`paradec.bench.prompts.Rendering`)
+    turns: str = "first"  # --turns: the first user turn, or every turn after the row's own earlier answers
 
 
 @dataclass
@@ -89,6 +99,11 @@ def parse_method_options(texts: list[str], selected: tuple[str, ...]) -> dict[st
     return {method: parse_options(get_drafter(method), raw.get(method)) for method in selected}
 
 
+def turn_id(prompt_id: str, turn: int) -> str:
+    """The id a measured turn (0-based) is recorded under: the prompt's id for the first turn."""
+    return prompt_id if turn == 0 else f"{prompt_id}/turn-{turn + 1}"
+
+
 def _options_dict(options: Any) -> dict:
     return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
 
@@ -111,22 +126,51 @@ class Bench:
         self.checkpoint = checkpoint
         self.records: list[RunRecord] = []
         self.outcomes: list[Outcome] = []
-        self.prompt_tokens = [self._encode(p) for p in prompts]
-        self._index = {p.id: i for i, p in enumerate(prompts)}
-        self.vanilla_tokens: dict[str, list[int]] = {}
+        self.rendering = rendering(plan.chat, plan.turns, engine)
+        self.turn_counts = [self.rendering.turn_count(p) for p in prompts]  # turns measured per prompt
+        self._check_turn_ids()
+        self.prompt_tokens = [self._encode(index) for index in range(len(prompts))]  # first turns
+        self.vanilla_tokens: dict[str, list[int]] = {}  # turn id -> vanilla's new tokens
+        self.vanilla_prompts: dict[str, list[int]] = {}  # turn id -> the prompt ids vanilla answered
+        self.not_compared: list[dict] = []  # {method, batch_size, prompt}: later turns whose context differs
         self._progress = progress
         self._bar: tqdm | None = None
 
     # --- setup ----------------------------------------------------------------------------------------------
-    def _encode(self, prompt: BenchPrompt) -> list[int]:
-        ids = self.engine.encode(prompt.text)
+    def _check_turn_ids(self) -> None:
+        seen: dict[str, str] = {}
+        for prompt, count in zip(self.prompts, self.turn_counts):
+            for turn in range(count):
+                ident, where = turn_id(prompt.id, turn), f"turn {turn + 1} of prompt {prompt.id!r}"
+                if ident in seen:
+                    raise ParadecError(f"{seen[ident]} and {where} are both recorded as {ident!r}: rename a prompt")
+                seen[ident] = where
+
+    def _encode(self, index: int, answers: Sequence[str] = ()) -> list[int]:
+        """Prompt ids of turn `len(answers) + 1` of prompt `index`, after the asking row's `answers`."""
+        ids = self.rendering.encode(self.engine, self.prompts[index], answers)
         limit = self.engine.target.max_length
         if len(ids) + self.plan.max_new_tokens > limit:
             raise ParadecError(
-                f"prompt {prompt.id!r} has {len(ids)} tokens: with --max-new-tokens {self.plan.max_new_tokens} it "
-                f"exceeds the model's context of {limit} tokens"
+                f"prompt {turn_id(self.prompts[index].id, len(answers))!r} has {len(ids)} tokens: with "
+                f"--max-new-tokens {self.plan.max_new_tokens} it exceeds the model's context of {limit} tokens"
             )
         return ids
+
+    def _context(self, index: int, answers: list[str]) -> list[int]:
+        return self._encode(index, answers) if answers else self.prompt_tokens[index]
+
+    def _converse(self, group: list[int], ask: Callable[[int, list[int], list[list[int]]], list[list[int]]]) -> None:
+        """Ask the measured turns of the prompts in `group` turn by turn: turn k of every prompt that has one, in
+        the context of its earlier turns and the asker's own answers to them. `ask(turn, indices, contexts)` returns
+        each asked prompt's new tokens."""
+        answers: dict[int, list[str]] = {index: [] for index in group}
+        for turn in range(max(self.turn_counts[index] for index in group)):
+            asked = [index for index in group if self.turn_counts[index] > turn]
+            outputs = ask(turn, asked, [self._context(index, answers[index]) for index in asked])
+            for index, tokens in zip(asked, outputs):
+                if turn + 1 < self.turn_counts[index]:
+                    answers[index].append(answer_text(self.engine, tokens))
 
     def _sampling(self, index: int) -> SamplingParams:
         sp = self.plan.sampling
@@ -142,12 +186,19 @@ class Bench:
     def _peer_batch_sizes(self, peer: str) -> tuple[int, ...]:
         return self.plan.batch_sizes if peer in BATCHED_PEERS else (1,)
 
+    def _peer_generations(self, size: int) -> int:
+        """Timed `generate` calls per repeat at batch size `size`: one per turn of each batch's longest prompt."""
+        return sum(max(self.turn_counts[index] for index in group) for group in self._batches(size))
+
+    def _method_ticks(self) -> int:
+        return 1 + sum(self.turn_counts) * (self.plan.warmup + self.plan.repeats)
+
     def _total(self) -> int:
-        plan, n = self.plan, len(self.prompts)
-        total = len(plan.methods) * (1 + n * (plan.warmup + plan.repeats))
+        plan = self.plan
+        total = len(plan.methods) * self._method_ticks()
         for peer in plan.peers:
             for size in self._peer_batch_sizes(peer):
-                total += plan.warmup + len(self._batches(size)) * plan.repeats
+                total += plan.warmup + self._peer_generations(size) * plan.repeats
         return total
 
     # --- timing ---------------------------------------------------------------------------------------------
@@ -186,7 +237,7 @@ class Bench:
                     reason = peers.unavailable(peer)
                     if reason:
                         self._skip(outcome, reason)
-                        self._tick(self.plan.warmup + len(self._batches(size)) * self.plan.repeats)
+                        self._tick(self.plan.warmup + self._peer_generations(size) * self.plan.repeats)
                         continue
                     self._guarded(outcome, lambda o, peers=peers: self._run_peer(o, peers))
         self._bar = None
@@ -203,7 +254,7 @@ class Bench:
             if out is None or i is None or i >= min(len(out), len(reference)):
                 continue  # a repeat differed but not the kept output, or one output stopped early: no token to rule on
             judge = judge or Referee(self.engine)
-            context = self.prompt_tokens[self._index[record.prompt_ids[0]]] + reference[:i]
+            context = self.vanilla_prompts[record.prompt_ids[0]] + reference[:i]  # the row's context too (compared)
             try:
                 ruling = judge.rule(context, reference[i], out[i])
             except Exception as exc:  # no ruling: the mismatch stays a failure, and the results are still written
@@ -238,6 +289,9 @@ class Bench:
             self.records = [
                 r for r in self.records if not (r.method == outcome.method and r.batch_size == outcome.batch_size)
             ]
+            self.not_compared = [
+                n for n in self.not_compared if (n["method"], n["batch_size"]) != (outcome.method, outcome.batch_size)
+            ]
             tqdm.write(f"paradec bench: {outcome.method} FAILED: {outcome.reason}", file=sys.stderr)
         if self.checkpoint is not None:
             self.checkpoint(self)
@@ -246,9 +300,9 @@ class Bench:
         method, plan, engine = outcome.method, self.plan, self.engine
         options = plan.options.get(method)
 
-        def generate(index: int, max_new_tokens: int):
+        def generate(index: int, prompt_ids: list[int], max_new_tokens: int):
             return engine.generate(
-                self.prompt_tokens[index],
+                prompt_ids,
                 method=method,
                 sampling=self._sampling(index),
                 max_new_tokens=max_new_tokens,
@@ -256,30 +310,34 @@ class Bench:
             )
 
         try:  # probe: does this method run with this engine (draft model, heads, runner kind)?
-            generate(0, 1)
+            generate(0, self.prompt_tokens[0], 1)
         except ParadecError as exc:
             if plan.explicit:
                 raise
             self._skip(outcome, str(exc))
-            self._tick(1 + len(self.prompts) * (plan.warmup + plan.repeats))
+            self._tick(self._method_ticks())
             return
         self._tick()
-        for _ in range(plan.warmup):
-            for index in range(len(self.prompts)):
-                generate(index, plan.max_new_tokens)
-                self._tick()
-        for index, prompt in enumerate(self.prompts):
+
+        def untimed(turn: int, asked: list[int], contexts: list[list[int]]) -> list[list[int]]:
+            (index,), (prompt_ids,) = asked, contexts
+            result = generate(index, prompt_ids, plan.max_new_tokens)
+            self._tick()
+            return [result.token_ids]
+
+        def timed(turn: int, asked: list[int], contexts: list[list[int]]) -> list[list[int]]:
+            (index,), (prompt_ids,) = asked, contexts
             results, walls = [], []
             for _ in range(plan.repeats):
-                result, wall = self._timed(lambda index=index: generate(index, plan.max_new_tokens))
+                result, wall = self._timed(lambda: generate(index, prompt_ids, plan.max_new_tokens))
                 results.append(result)
                 walls.append(wall)
                 self._tick()
             stats = results[0].stats
             record = RunRecord(
                 method=method,
-                category=prompt.category,
-                prompt_ids=[prompt.id],
+                category=self.prompts[index].category,
+                prompt_ids=[turn_id(self.prompts[index].id, turn)],
                 new_tokens=stats.new_tokens,
                 wall_seconds=statistics.median(walls),
                 steps=stats.steps,
@@ -292,14 +350,29 @@ class Bench:
                 token_ids=list(results[0].token_ids),
             )
             if method == "vanilla":
-                self.vanilla_tokens[prompt.id] = record.token_ids
+                self.vanilla_tokens[record.prompt_ids[0]] = record.token_ids
+                self.vanilla_prompts[record.prompt_ids[0]] = prompt_ids
             else:
-                self._compare(record, [r.token_ids for r in results])
+                self._compare(record, contexts, [r.token_ids for r in results])
             self.records.append(record)
+            return [record.token_ids]
 
-    def _compare(self, record: RunRecord, outputs: list[list[int]]) -> None:
-        """Greedy mode: does every output (every repeat, every row of a batch) equal vanilla's?"""
+        for _ in range(plan.warmup):
+            for index in range(len(self.prompts)):
+                self._converse([index], untimed)
+        for index in range(len(self.prompts)):
+            self._converse([index], timed)
+
+    def _compare(self, record: RunRecord, contexts: list[list[int]], outputs: list[list[int]]) -> None:
+        """Greedy mode: does every output (every repeat, every row of a batch) equal vanilla's? `contexts` are the
+        record's prompt ids per prompt: a later turn whose context differs from vanilla's is not compared."""
         if not self.plan.sampling.greedy or not set(record.prompt_ids) <= set(self.vanilla_tokens):
+            return
+        differing = [pid for pid, ids in zip(record.prompt_ids, contexts) if ids != self.vanilla_prompts[pid]]
+        if differing:
+            self.not_compared += [
+                {"method": record.method, "batch_size": record.batch_size, "prompt": pid} for pid in differing
+            ]
             return
         references = [self.vanilla_tokens[pid] for pid in record.prompt_ids]
         if len(record.prompt_ids) == 1:
@@ -323,14 +396,12 @@ class Bench:
             rows = [self.prompt_tokens[i] for i in batches[0]]
             peers.generate(peer, rows, self._sampling(batches[0][0]), plan.max_new_tokens)
             self._tick()
-        for group in batches:
-            rows = [self.prompt_tokens[i] for i in group]
+
+        def timed(turn: int, asked: list[int], contexts: list[list[int]]) -> list[list[int]]:
             runs, walls = [], []
             for _ in range(plan.repeats):
                 (outputs, forwards), wall = self._timed(
-                    lambda rows=rows, group=group: peers.generate(
-                        peer, rows, self._sampling(group[0]), plan.max_new_tokens
-                    )
+                    lambda: peers.generate(peer, contexts, self._sampling(asked[0]), plan.max_new_tokens)
                 )
                 runs.append(outputs)
                 walls.append(wall)
@@ -338,8 +409,8 @@ class Bench:
             first = runs[0]
             record = RunRecord(
                 method=peer,
-                category=self.prompts[group[0]].category,
-                prompt_ids=[self.prompts[i].id for i in group],
+                category=self.prompts[asked[0]].category,
+                prompt_ids=[turn_id(self.prompts[i].id, turn) for i in asked],
                 new_tokens=sum(len(out) for out in first),
                 wall_seconds=statistics.median(walls),
                 batch_size=size,
@@ -347,8 +418,12 @@ class Bench:
                 finish_reason="stop" if all(len(out) < plan.max_new_tokens for out in first) else "length",
                 token_ids=first[0] if size == 1 else None,
             )
-            self._compare(record, [out[0] for out in runs] if size == 1 else first)
+            self._compare(record, contexts, [out[0] for out in runs] if len(asked) == 1 else first)
             self.records.append(record)
+            return first
+
+        for group in batches:
+            self._converse(group, timed)
 
     # --- results --------------------------------------------------------------------------------------------
     def _lossless_mismatches(self) -> list[RunRecord]:

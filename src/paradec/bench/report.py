@@ -1,5 +1,8 @@
 """Benchmark outputs: `results.json` (everything, machine-readable), `results.md` (a table per category) and
 two PNG plots (speedup by method and category; acceptance by draft position), drawn with matplotlib's Agg canvas.
+
+A summary row counts measured turns (one per prompt with `--turns first`); the metadata records the rendering
+(`chat`, whether the model has a chat template), the turns mode and the number of turns measured.
 """
 
 from __future__ import annotations
@@ -124,6 +127,9 @@ def metadata(engine, plan: BenchPlan, *, command: str, argv: str, suite: str | N
         "warmup": plan.warmup,
         "repeats": plan.repeats,
         "batch_sizes": list(plan.batch_sizes),
+        "chat": plan.chat,
+        "chat_template": engine.has_chat_template(),
+        "turns": plan.turns,
         "methods": list(plan.methods),
         "peers": list(plan.peers),
     }
@@ -153,7 +159,11 @@ def results(bench: Bench, meta: dict, *, complete: bool) -> dict:
     return {
         "schema": SCHEMA,
         "complete": complete,
-        "meta": meta,
+        "meta": {
+            **meta,
+            "templated_prompts": sum(bench.rendering.templated(p) for p in bench.prompts),
+            "turns_measured": sum(bench.turn_counts),
+        },
         "rows": [dataclasses.asdict(o) for o in bench.outcomes],
         "summary": {
             group: {name: dataclasses.asdict(s) for name, s in rows.items()} for group, rows in summaries(bench).items()
@@ -163,10 +173,17 @@ def results(bench: Bench, meta: dict, *, complete: bool) -> dict:
             "ok": not mismatches if greedy else None,
             "mismatches": [_mismatch(r) for r in mismatches],
             "near_ties": [_mismatch(r) for r in bench.near_ties()],
+            "not_compared": list(bench.not_compared) if greedy else [],
         },
         "prompts": [
-            {"id": p.id, "category": p.category, "tokens": len(ids)}
-            for p, ids in zip(bench.prompts, bench.prompt_tokens)
+            {
+                "id": p.id,
+                "category": p.category,
+                "chat": bench.rendering.templated(p),
+                "tokens": len(ids),  # the first turn's
+                "turns": turns,
+            }
+            for p, ids, turns in zip(bench.prompts, bench.prompt_tokens, bench.turn_counts)
         ],
         "records": [dataclasses.asdict(r) for r in bench.records],
     }
@@ -180,6 +197,32 @@ def _mismatch(record) -> dict:
 def _mismatch_line(m: dict) -> str:
     line = f"- {m['method']} on prompt {m['prompt']!r}, first differing token {m['first_mismatch']}"
     return line + (f": {m['ruling']}" if "ruling" in m else "")
+
+
+def _not_compared_lines(entries: list[dict]) -> list[str]:
+    by_row: dict[str, list[str]] = {}
+    for entry in entries:
+        by_row.setdefault(label(entry["method"], entry["batch_size"]), []).append(entry["prompt"])
+    lines = [
+        "",
+        "Later turns not compared: a row's turn k is compared with vanilla's only when the row answered turns "
+        "1..k-1 as vanilla did (its context is then vanilla's); after a different answer the two hold different "
+        "conversations. Not compared:",
+    ]
+    return lines + [f"- {name}: {', '.join(repr(p) for p in prompts)}" for name, prompts in by_row.items()]
+
+
+def _rendering_text(meta: dict, prompts: int) -> str:
+    templated = meta["templated_prompts"]
+    if templated == prompts:
+        how = "chat template"
+    elif templated == 0:
+        how = "raw text" + (
+            "" if meta["chat_template"] or meta["chat"] == "off" else ", as the model has no chat template"
+        )
+    else:
+        how = f"chat template for {templated} of {prompts} prompts, raw text for the rest"
+    return f"- rendering: {how} (--chat {meta['chat']}); turns: {meta['turns']}, {meta['turns_measured']} measured"
 
 
 def _num(value: float | None, fmt: str, suffix: str = "") -> str:
@@ -232,7 +275,10 @@ def _table(rows: dict[str, Summary], outcomes: dict[str, dict], greedy: bool) ->
 def markdown(data: dict) -> str:
     meta, greedy = data["meta"], data["exactness"]["checked"]
     outcomes = {label(o["method"], o["batch_size"]): o for o in data["rows"]}
-    counts = {group: next(iter(rows.values()))["prompts"] for group, rows in data["summary"].items() if rows}
+    counts = {OVERALL: len(data["prompts"])}  # prompts per group (a summary row counts measured turns)
+    for prompt in data["prompts"]:
+        counts[prompt["category"]] = counts.get(prompt["category"], 0) + 1
+    turns = {group: next(iter(rows.values()))["prompts"] for group, rows in data["summary"].items() if rows}
     lines = [f"# paradec bench: {meta['card']}, {meta['date'][:10]}", ""]
     if not data["complete"]:
         lines += ["**Incomplete: the run stopped before every method finished.**", ""]
@@ -242,8 +288,9 @@ def markdown(data: dict) -> str:
         f"- model `{meta['model']}`, draft `{meta['draft']}`, heads `{meta['heads']}`",
         f"- device {meta['device_name']} ({meta['device']}), dtype {meta['dtype']}, runner {meta['runner']}; "
         f"torch {meta['torch']}, transformers {meta['transformers']}, paradec {meta['paradec']}",
-        f"- prompts: {meta['prompts_source']}; {counts.get(OVERALL, 0)} prompts; "
+        f"- prompts: {meta['prompts_source']}; {counts[OVERALL]} prompts; "
         f"max_new_tokens {meta['max_new_tokens']}; warm-up {meta['warmup']}; repeats {meta['repeats']} (median)",
+        _rendering_text(meta, counts[OVERALL]),
         f"- mode: {meta['mode']}" + ("" if greedy else f" ({_sampling_text(meta['sampling'])})"),
     ]
     if meta.get("roofline"):
@@ -256,16 +303,17 @@ def markdown(data: dict) -> str:
     if greedy:
         mismatches = data["exactness"]["mismatches"]
         near_ties = data["exactness"].get("near_ties", [])
+        where = "on every prompt" if meta["turns_measured"] == counts[OVERALL] else "on every compared turn"
         if mismatches:
             lines.append("**EXACTNESS FAILURE: these outputs differ from vanilla's:**")
             lines += [_mismatch_line(m) for m in mismatches]
         elif near_ties:
             lines.append(
-                "Greedy exactness: every lossless paradec method emitted vanilla's tokens on every prompt, except at "
+                f"Greedy exactness: every lossless paradec method emitted vanilla's tokens {where}, except at "
                 "the near-ties below."
             )
         else:
-            lines.append("Greedy exactness: every lossless paradec method emitted vanilla's tokens on every prompt.")
+            lines.append(f"Greedy exactness: every lossless paradec method emitted vanilla's tokens {where}.")
         if near_ties:
             lines += [
                 "",
@@ -275,11 +323,16 @@ def markdown(data: dict) -> str:
                 f"after such a point follows from a different context.",
             ]
             lines += [_mismatch_line(m) for m in near_ties]
+        if data["exactness"]["not_compared"]:
+            lines += _not_compared_lines(data["exactness"]["not_compared"])
         lines.append("")
     for group, rows in data["summary"].items():
         if not rows or (group != OVERALL and len(data["summary"]) == 2):
             continue  # one category: its table is the overall one
-        lines += [f"## {group} ({counts[group]} prompt{'s' if counts[group] != 1 else ''})", ""]
+        heading = f"{counts[group]} prompt{'s' if counts[group] != 1 else ''}"
+        if turns[group] != counts[group]:
+            heading += f", {turns[group]} turns"
+        lines += [f"## {group} ({heading})", ""]
         lines += _table({name: Summary(**s) for name, s in rows.items()}, outcomes, greedy)
         lines.append("")
     lines += ["## Rows", ""]
@@ -306,6 +359,11 @@ def markdown(data: dict) -> str:
         "Rows at batch size > 1 are `transformers` `generate` peers (left-padded, same prompts), whose tokens/s is "
         "throughput over the batch.",
     ]
+    if meta["turns"] == "all":
+        lines.append(
+            "- turns: each turn of a conversation is one timed generation, asked after the row's own answers to the "
+            "earlier turns (ids `<prompt>/turn-<k>`); sums, speedups and τ are over turns."
+        )
     return "\n".join(lines) + "\n"
 
 
