@@ -1,13 +1,17 @@
-"""`paradec generate` end to end in a subprocess."""
+"""`paradec generate` end to end (in a subprocess, and through `main` for bad chat input): raw prompts and chats."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+
+from paradec.cli import main
+from paradec.engine import load
 
 
 def paradec(*args: str) -> subprocess.CompletedProcess:
@@ -53,3 +57,72 @@ def test_bad_input_exit_code_2(model_dirs):
     assert proc.returncode == 2
     assert "temperature must be >= 0, got -1.0" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+CHAT = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def stack():"}]
+
+
+@pytest.fixture(scope="module")
+def chat_model(model_dirs, tmp_path_factory):
+    """The tiny llama, with a chat template added to its tokenizer."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("chat") / "llama"
+    shutil.copytree(model_dirs["llama"], out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_chat_and_messages_answer_the_encode_chat_prompt(chat_model, tmp_path, capsys):
+    engine = load(chat_model, runner="hf")
+    expected = engine.generate(engine.encode_chat(CHAT), max_new_tokens=12)
+    common = ["generate", "--model", str(chat_model), "--runner", "hf", "--max-new-tokens", "12", "--json"]
+    proc = paradec(*common, "--chat", CHAT[1]["content"], "--system", CHAT[0]["content"])
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout)
+    assert record["token_ids"] == expected.token_ids and record["text"] == expected.text
+    assert set(record) == {"text", "token_ids", "finish_reason", "method", "model", "stats"}
+    for content in (CHAT, {"messages": CHAT}):  # a list, or an object with a "messages" list
+        path = tmp_path / "chat.json"
+        path.write_text(json.dumps(content))
+        assert main([*common, "--messages", str(path)]) == 0
+        assert json.loads(capsys.readouterr().out)["token_ids"] == expected.token_ids
+
+
+BAD_CHATS = {
+    "unreadable file": (None, "cannot read messages file"),
+    "invalid JSON": ("[{", "is not valid JSON"),
+    "not a list": ('{"messages": "hi"}', "must hold a JSON list of messages or an object with a 'messages' list"),
+    "a number": ("5", "list, got int"),
+    "empty": ("[]", "messages must not be empty"),
+    "bad role": (
+        '[{"role": "robot", "content": "x"}]',
+        "messages[0].role must be one of system, user, assistant, tool",
+    ),
+    "bad content": ('[{"role": "user", "content": 3}]', "messages[0].content must be a string, got int"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHATS))
+def test_bad_messages_file_exit_code_2(model_dirs, tmp_path, capsys, case):
+    text, message = BAD_CHATS[case]
+    path = tmp_path / "chat.json"
+    if text is not None:
+        path.write_text(text)
+    assert main(["generate", "--model", str(model_dirs["llama"]), "--messages", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and str(path) in err
+
+
+def test_chat_without_a_template_or_with_a_stray_system_exit_code_2(model_dirs, capsys):
+    model = ["generate", "--model", str(model_dirs["llama"]), "--runner", "hf"]
+    assert main([*model, "--chat", "hi"]) == 2
+    assert "has no chat template" in capsys.readouterr().err
+    assert main([*model, "--prompt", "hi", "--system", "be brief"]) == 2
+    assert "--system goes with --chat" in capsys.readouterr().err

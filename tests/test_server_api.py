@@ -113,11 +113,6 @@ def http(server):
         yield c
 
 
-def chat_ids(engine, messages) -> list[int]:
-    text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 # --- answers equal offline generation -------------------------------------------------------------------------------
 
 
@@ -162,11 +157,11 @@ def test_streamed_completion_equals_offline_generate(client, engine):
 
 
 def test_chat_equals_offline_generate(client, engine):
-    offline = engine.generate(chat_ids(engine, MESSAGES), method="pld", max_new_tokens=20)
+    offline = engine.generate(engine.encode_chat(MESSAGES), method="pld", max_new_tokens=20)
     reply = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=20, temperature=0)
     assert reply.choices[0].message.role == "assistant"
     assert reply.choices[0].message.content == offline.text
-    assert reply.usage.prompt_tokens == len(chat_ids(engine, MESSAGES))
+    assert reply.usage.prompt_tokens == len(engine.encode_chat(MESSAGES))
     assert reply.model_extra["paradec"]["method"] == "pld"  # the server's --method
 
     stream = client.chat.completions.create(
@@ -176,6 +171,23 @@ def test_chat_equals_offline_generate(client, engine):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == offline.text
     assert chunks[-1].choices[0].finish_reason == offline.finish_reason
+
+
+def test_chat_prompt_is_encode_chat_of_the_messages(client, engine):
+    """The server's prompt ids are `engine.encode_chat` of the messages, a developer message read as a system one."""
+    messages = [
+        {"role": "developer", "content": "Answer in Python.", "name": "lead"},
+        {"role": "user", "content": "class Stack:"},
+        {"role": "assistant", "content": "    def push(self, item):"},
+        {"role": "user", "content": "def pop(self):"},
+    ]
+    as_system = [{**messages[0], "role": "system"}, *messages[1:]]
+    ids = engine.encode_chat(as_system)
+    assert engine.tokenizer.decode(ids).startswith("<|system|>Answer in Python.\n<|user|>class Stack:")
+    offline = engine.generate(ids, method="pld", max_new_tokens=12)
+    reply = client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0)
+    assert reply.usage.prompt_tokens == len(ids)
+    assert reply.choices[0].message.content == offline.text
 
 
 def test_sampling_parameters_and_stop_are_honoured(client, engine):
@@ -343,7 +355,7 @@ async def load_request(client: openai.AsyncOpenAI, i: int) -> str:
 
 def test_load_200_requests_from_16_concurrent_clients(server, engine):
     def offline(prompt: str, chat: bool) -> str:
-        ids = chat_ids(engine, [{"role": "user", "content": prompt}]) if chat else engine.encode(prompt)
+        ids = engine.encode_chat([{"role": "user", "content": prompt}]) if chat else engine.encode(prompt)
         return engine.generate(ids, max_new_tokens=LOAD_TOKENS).text  # greedy: the same for every method
 
     expected = {(p, chat): offline(p, chat) for p in LOAD_PROMPTS for chat in (False, True)}

@@ -87,7 +87,7 @@ def test_make_windows_and_read_texts(tmp_path, toy):
     assert len(texts.train) + len(texts.val) == 40 and texts.val
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"other": 1}\n')
-    with pytest.raises(ParadecError, match="line 1: expected a JSON object with a 'text' or 'prompt'"):
+    with pytest.raises(ParadecError, match=r"bad\.jsonl:1: expected a JSON object with 'messages', 'conversations'"):
         read_texts(bad)
     with pytest.raises(ParadecError, match="does not exist"):
         read_texts(tmp_path / "missing.txt")

@@ -1,5 +1,8 @@
 """`paradec generate | zoo | bench | serve | train`.
 
+`generate` continues a raw prompt (`--prompt`, `--prompt-file`) or answers a conversation (`--chat TEXT` with an
+optional `--system TEXT`, or `--messages FILE.json`) rendered by the model's chat template (`Engine.encode_chat`).
+
 User mistakes (`ParadecError`, bad arguments) print one line on stderr and exit with code 2, never a traceback.
 """
 
@@ -86,10 +89,44 @@ def _read_prompt(args: argparse.Namespace) -> str:
         raise ParadecError(f"cannot read prompt file {args.prompt_file!r}: {exc}") from exc
 
 
+def _read_messages(args: argparse.Namespace) -> list[dict] | None:
+    """The conversation of `--chat` (after `--system`) or of the `--messages` file, checked; None for a raw prompt."""
+    from paradec.chat import check_messages
+
+    if args.system is not None and args.chat is None:
+        raise ParadecError("--system goes with --chat TEXT (with --messages, put the system message in the file)")
+    if args.chat is not None:
+        system = [] if args.system is None else [{"role": "system", "content": args.system}]
+        return [*system, {"role": "user", "content": args.chat}]
+    if args.messages is None:
+        return None
+    try:
+        raw = Path(args.messages).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ParadecError(f"cannot read messages file {args.messages!r}: {exc}") from exc
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ParadecError(f"messages file {args.messages!r} is not valid JSON: {exc}") from None
+    messages = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(messages, list):
+        raise ParadecError(
+            f"messages file {args.messages!r} must hold a JSON list of messages or an object with a 'messages' "
+            f"list, got {type(data).__name__}"
+        )
+    try:
+        check_messages(messages)
+    except ParadecError as exc:
+        raise ParadecError(f"messages file {args.messages!r}: {exc}") from None
+    return messages
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    prompt = _read_prompt(args)
+    messages = _read_messages(args)
+    text = _read_prompt(args) if messages is None else None
     sampling = sampling_from_args(args)
     engine = load_engine(args)
+    prompt = text if messages is None else engine.encode_chat(messages)
     stream = engine.stream(
         prompt,
         method=args.method,
@@ -135,12 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paradec", description="Lossless parallel decoding for causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="generate a completion, streamed to stdout")
+    gen = sub.add_parser("generate", help="continue a prompt or answer a chat, streamed to stdout")
     add_model_args(gen)
     add_method_args(gen)
     prompt = gen.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="prompt text")
-    prompt.add_argument("--prompt-file", help="file holding the prompt text")
+    prompt.add_argument("--prompt", help="raw prompt text (no chat template)")
+    prompt.add_argument("--prompt-file", help="file holding the raw prompt text")
+    prompt.add_argument(
+        "--chat", metavar="TEXT", help="one user message, rendered by the model's chat template (assistant turn opened)"
+    )
+    prompt.add_argument(
+        "--messages",
+        metavar="FILE",
+        help='JSON file of a conversation for the chat template: a list of {"role", "content"} messages, '
+        'or an object with a "messages" list',
+    )
+    gen.add_argument("--system", metavar="TEXT", help="system message before the --chat message")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     add_sampling_args(gen)
     gen.add_argument("--stop", action="append", default=[], help="stop string, repeatable")

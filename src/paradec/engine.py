@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from paradec.chat import chat_text, has_chat_template
 from paradec.config import EngineConfig, SamplingParams
 from paradec.decode import Generation, Result
 from paradec.drafters import get_drafter, parse_options
@@ -148,9 +149,8 @@ class Engine:
             raise ParadecError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")
         return ids
 
-
     def has_chat_template(self) -> bool:
-        return getattr(self.tokenizer, "chat_template", None) is not None
+        return has_chat_template(self.tokenizer)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """A conversation (OpenAI-style `{"role", "content"}` dicts, the last one from the user or a system) ->
@@ -160,27 +160,9 @@ class Engine:
             raise ParadecError(
                 f"model {self.config.model!r} has no chat template: give a plain prompt instead of chat messages"
             )
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise ParadecError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
-        for index, message in enumerate(messages):
-            if not isinstance(message, dict):
-                raise ParadecError(f"messages[{index}] must be an object with 'role' and 'content'")
-            role, content = message.get("role"), message.get("content")
-            if role not in CHAT_ROLES:
-                raise ParadecError(f"messages[{index}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r:.60}")
-            if not isinstance(content, str):
-                raise ParadecError(f"messages[{index}].content must be a string, got {type(content).__name__}")
-        from jinja2 import TemplateError
-
-        try:
-            text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-        except TemplateError as exc:
-            raise ParadecError(f"the chat template refused the messages: {exc}") from None
+        text = chat_text(self.tokenizer, messages)
         # the template writes the special tokens itself (a BOS included, where the model has one)
         return self.encode(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
-
-
-CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 def _sampling(sampling: SamplingParams | dict | None) -> SamplingParams:

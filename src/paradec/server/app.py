@@ -321,18 +321,13 @@ class OpenAIServer:
             raise APIError(400, str(exc), param="prompt") from None
 
     def _chat_prompt(self, body: ChatCompletionRequest) -> list[int]:
-        from jinja2 import TemplateError
-
-        tokenizer = self.engine.tokenizer
-        if getattr(tokenizer, "chat_template", None) is None:
+        if not self.engine.has_chat_template():
             raise APIError(
                 400,
                 f"model {self.config.model_name!r} has no chat template: use /v1/completions with a plain prompt",
                 param="messages",
                 code="no_chat_template",
             )
-        if not body.messages:
-            raise APIError(400, "messages must not be empty", param="messages")
         conversation = []
         for message in body.messages:
             turn = {"role": "system" if message.role == "developer" else message.role, "content": message.text()}
@@ -340,11 +335,7 @@ class OpenAIServer:
                 turn["name"] = message.name
             conversation.append(turn)
         try:
-            text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-        except TemplateError as exc:
-            raise APIError(400, f"the chat template refused the messages: {exc}", param="messages") from None
-        try:
-            return self.engine.encode(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+            return self.engine.encode_chat(conversation)
         except ParadecError as exc:
             raise APIError(400, str(exc), param="messages") from None
 

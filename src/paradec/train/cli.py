@@ -3,6 +3,7 @@
     paradec train eagle --model DIR                      # -> DIR/heads/eagle/, picked up by paradec.load(DIR)
     paradec train medusa --model DIR --out HEADS         # -> HEADS/medusa/, use with --heads HEADS
     paradec train draft --model DIR --draft SMALL --out OUT   # -> OUT/draft/, use with --draft OUT/draft
+    paradec train eagle --model CHAT_MODEL --data chat   # windows end where the target's answer starts
 
 Without --model, the embedded default model (and, for `draft`, its draft) is the target.
 """
@@ -14,6 +15,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from paradec.train.data import CHAT_MODES
+
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="target checkpoint directory or hub id (default: the embedded model)")
@@ -23,9 +26,17 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data (made by the target itself)")
     data.add_argument(
         "--data",
-        type=Path,
-        help="prompt source: .jsonl ('text' or 'prompt') or a text file "
+        help="prompt source: a .jsonl file of 'messages' (OpenAI), 'conversations' (ShareGPT), 'prompt' or 'text' "
+        "records, a text file, or 'chat' (the packaged chat prompt set; a file named chat: ./chat) "
         "(default: the Python source files on this machine)",
+    )
+    data.add_argument(
+        "--chat",
+        choices=CHAT_MODES,
+        default="auto",
+        help="render chat records (and 'prompt' records) with the target's chat template up to the opened "
+        "assistant turn, so the target continues with its own answer: auto (default) = chats always, prompts when "
+        "the target has a template; on = both (needs a template); off = text windows only",
     )
     data.add_argument(
         "--self-distill",
@@ -89,6 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     data = DataSettings(
         data=args.data,
+        chat=args.chat,
         sequences=args.self_distill,
         val_sequences=args.val_sequences,
         prompt_len=args.prompt_len,

@@ -25,7 +25,7 @@ from paradec.heads import EagleConfig, EagleHead, MedusaConfig, MedusaHeads, sav
 from paradec.heads.medusa import best_tree
 from paradec.loading import DTYPES, load_tokenizer, read_config, resolve_device, resolve_dtype, resolve_model_dir
 from paradec.runners import HFRunner, load_hf_model
-from paradec.train.data import DistillData, build_data, read_texts
+from paradec.train.data import CHAT_MODES, DistillData, build_data, read_texts
 from paradec.train.draft import draft_accuracy, draft_loss
 from paradec.train.eagle import eagle_accuracy, eagle_loss
 from paradec.train.loop import FitResult, TrainSettings, autocast, device_name, fit
@@ -38,7 +38,8 @@ DEFAULT_LR = {"medusa": 3e-3, "eagle": 3e-3, "draft": 3e-4}
 
 @dataclass(frozen=True)
 class DataSettings:
-    data: Path | None = None  # prompt source (None: the machine's Python corpus)
+    data: str | Path | None = None  # prompt source: a file, "chat" (the packaged chat prompts), None (Python corpus)
+    chat: str = "auto"  # render chats (and prompts) with the target's chat template: auto, on or off
     sequences: int = 2048  # training windows, each continued by the target (self-distillation)
     val_sequences: int = 64  # validation windows (accuracies)
     prompt_len: int = 128  # text tokens per window
@@ -59,6 +60,8 @@ class DataSettings:
             raise ParadecError(f"windows of {self.prompt_len + self.new_tokens} tokens are too short (need >= 4)")
         if not self.temperature >= 0:
             raise ParadecError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.chat not in CHAT_MODES:
+            raise ParadecError(f"chat must be one of {', '.join(CHAT_MODES)}, got {self.chat!r}")
 
 
 @dataclass(frozen=True)
@@ -222,8 +225,13 @@ def run(
     draft_path = _draft_path(kind, model, draft)
     torch.manual_seed(train.seed)
 
-    texts = read_texts(data.data, max_corpus_chars=data.max_corpus_chars, progress=progress)
-    _log(f"data: {texts.description}; {len(texts.train)} train / {len(texts.val)} validation texts")
+    texts = read_texts(
+        data.data, tokenizer=target.tokenizer, chat=data.chat, max_corpus_chars=data.max_corpus_chars, progress=progress
+    )
+    _log(
+        f"data: {texts.description}; {len(texts.train)} + {len(texts.train_chats)} train / "
+        f"{len(texts.val)} + {len(texts.val_chats)} validation texts + chats"
+    )
     common = dict(
         prompt_len=data.prompt_len,
         new_tokens=data.new_tokens,
@@ -233,10 +241,22 @@ def run(
         progress=progress,
     )
     train_data = build_data(
-        target.model, target.tokenizer, texts.train, sequences=data.sequences, seed=train.seed, **common
+        target.model,
+        target.tokenizer,
+        texts.train,
+        chats=texts.train_chats,
+        sequences=data.sequences,
+        seed=train.seed,
+        **common,
     )
     val_data = build_data(
-        target.model, target.tokenizer, texts.val, sequences=data.val_sequences, seed=train.seed + 1, **common
+        target.model,
+        target.tokenizer,
+        texts.val,
+        chats=texts.val_chats,
+        sequences=data.val_sequences,
+        seed=train.seed + 1,
+        **common,
     )
     _log(f"training data: {train_data.stats}")
     prompts = _windows_as_prompts(val_data, data.prompt_len, val_prompts)
@@ -249,6 +269,7 @@ def run(
         "target": str(target.path),
         "data": {
             "source": texts.description,
+            "chat": data.chat,
             "train": train_data.stats,
             "validation": val_data.stats,
             "max_corpus_chars": data.max_corpus_chars if data.data is None else None,
