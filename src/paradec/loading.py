@@ -1,7 +1,9 @@
-"""Resolving what the user named: a model directory or hub id, a device, a dtype, a tokenizer.
+"""Resolving what the user named: a model (directory, `.gguf` file, real-model name or hub id), a device, a dtype,
+a tokenizer.
 
 Everything here raises `ParadecError` with the offending value on bad input: a missing or unreadable path, a hub
-id that cannot be fetched, an unknown device or dtype.
+id that cannot be fetched, an unknown device or dtype. Real models and GGUF files are handled by
+`paradec.zoo.fetch`, imported only when one is named.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+# what a checkpoint needs from a hub repository: config, weights, tokenizer files
+HUB_PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -52,11 +56,19 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def resolve_model_dir(name: str | os.PathLike, what: str = "model") -> Path:
-    """A local checkpoint directory, or a hub id downloaded into the local hub cache."""
+    """The checkpoint directory of what the user named, tried in this order:
+
+    a `.gguf` file (converted once, cached by content hash), a local checkpoint directory, a real-model name of
+    `paradec zoo list` (fetched when missing), a hub id (downloaded into the local hub cache).
+    """
     text = os.fspath(name)
     if not text.strip():
         raise ParadecError(f"{what} path is empty")
     path = Path(text).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        from paradec.zoo.fetch import gguf_checkpoint
+
+        return gguf_checkpoint(path)
     if path.exists():
         if not path.is_dir():
             raise ParadecError(f"{what} path {text!r} is not a directory")
@@ -68,7 +80,11 @@ def resolve_model_dir(name: str | os.PathLike, what: str = "model") -> Path:
         except (OSError, ValueError) as exc:
             raise ParadecError(f"{what} path {text!r}: cannot read config.json ({exc})") from exc
         return path
-    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
+    from paradec.zoo.fetch import REAL_MODELS, fetch
+
+    if text in REAL_MODELS:
+        return fetch(text)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text or text.lower().endswith(".gguf"):
         raise ParadecError(f"{what} path {text!r} does not exist")
     return _download(text, what)
 
@@ -77,10 +93,7 @@ def _download(repo_id: str, what: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(
-            repo_id,
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"],
-        )
+        local = snapshot_download(repo_id, allow_patterns=list(HUB_PATTERNS))
     except Exception as exc:  # any hub/network failure becomes one clear message
         raise ParadecError(
             f"{what} {repo_id!r} is not a local directory and could not be fetched from the hub: {exc}"

