@@ -126,4 +126,4 @@ def test_cli_argparse_errors_exit_2(capsys, model_dirs):
     with pytest.raises(SystemExit) as info:
         main(["generate", "--model", str(model_dirs["llama"])])  # neither --prompt nor --prompt-file
     assert info.value.code == 2
-    assert "one of the arguments --prompt --prompt-file is required" in capsys.readouterr().err
+    assert "one of the arguments --prompt --prompt-file --chat --messages is required" in capsys.readouterr().err
