@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The GPU session behind the committed real-model results (bench/results/real-*): the zoo's real instruct models,
+# staged as GGUF chunks (../shared/gpu/chunk.sh), converted with `paradec zoo fetch --gguf`, their heads trained on
+# chat data, then `paradec bench` on the chat and code-chat suites with the HF peers. Run from the repo root there:
+#   stage    append the carried chunks (.gpu-chunks/stage.sh); installs the carried .whl/ wheels (gguf) once
+#   start    start the chain in the background (it waits for the files it needs), run the CUDA tests, return
+#   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log
+#   collect  copy what the chain wrote (tar files, logs) to $OUT
+# The chain: smollm2 -> convert, train eagle + medusa (chat data), bench chat + code-chat; then the Qwen pair ->
+# convert, train eagle + medusa for the 1.5B, bench chat + code-chat with the 0.5B as draft. Each bench is timed
+# alone on the GPU (no training or conversion runs beside it). Settings travel in the environment:
+#   CHAT_PC / CODE_PC         prompts per category of the chat / code-chat suite (default 1 / 2)
+#   SMOL_BENCH / QWEN_BENCH   extra `paradec bench` options
+#   SMOL_PEERS / QWEN_PEERS   HF peers (default hf-vanilla,hf-pld / hf-vanilla,hf-assisted)
+#   SMOL_TRAIN / QWEN_TRAIN   extra `paradec train` options for both kinds
+set -uo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH="$HOME/site:$PWD/src"
+STAGE=${STAGE:-$HOME/stage}
+LOG=/tmp/paradec-real.log
+DONE=/tmp/paradec-real.done
+RES=/tmp/paradec-real
+export STAGE LOG DONE RES
+export CHAT_PC=${CHAT_PC:-1} CODE_PC=${CODE_PC:-2}
+export SMOL_PEERS=${SMOL_PEERS:-hf-vanilla,hf-pld} QWEN_PEERS=${QWEN_PEERS:-hf-vanilla,hf-assisted}
+export SMOL_BENCH=${SMOL_BENCH:-} QWEN_BENCH=${QWEN_BENCH:-} SMOL_TRAIN=${SMOL_TRAIN:-} QWEN_TRAIN=${QWEN_TRAIN:-}
+SMOL=smollm2-135m-instruct
+Q15=qwen2.5-coder-1.5b-instruct
+Q05=qwen2.5-coder-0.5b-instruct
+export SMOL Q15 Q05
+
+wait_chain() {  # $1: seconds since the call began, at most (capped at 570)
+    local until=$(($1 < 570 ? $1 : 570))
+    while [ ! -f $DONE ] && [ "$SECONDS" -lt "$until" ]; do sleep 3; done
+    tail -n 30 $LOG
+}
+
+chain() {  # in the background, logging to $LOG
+    set -e
+    pd() { python3 -m paradec "$@"; }
+    with_heads() {  # $1: model name, $2: methods; medusa/eagle only where their training wrote heads
+        local methods=$2 kind
+        for kind in medusa eagle; do
+            [ -f "$HOME/.cache/paradec/models/$1/heads/$kind/config.json" ] && methods="$methods,$kind"
+        done
+        echo "$methods"
+    }
+    per_category() { if [ "$1" = chat ]; then echo "$CHAT_PC"; else echo "$CODE_PC"; fi; }
+    staged() { while [ ! -f "$STAGE/$1.gguf.ok" ]; do sleep 2; done; }
+    mkdir -p $RES
+    # --- SmolLM2-135M-Instruct: the embedded default
+    staged $SMOL
+    echo "CONVERT $SMOL $(date +%T)"
+    pd zoo fetch $SMOL --gguf "$STAGE/$SMOL.gguf" --quiet
+    echo "TRAIN $SMOL $(date +%T)"
+    pd train eagle --model $SMOL --data chat --device cuda --quiet --intermediate-size 768 $SMOL_TRAIN \
+        > $RES/smol-eagle.log 2>&1 &
+    pd train medusa --model $SMOL --data chat --device cuda --quiet $SMOL_TRAIN > $RES/smol-medusa.log 2>&1 &
+    wait
+    tail -n 2 $RES/smol-eagle.log $RES/smol-medusa.log
+    tar cf $RES/smol-heads.tar -C "$HOME/.cache/paradec/models/$SMOL" heads || true
+    for suite in chat code-chat; do
+        echo "BENCH $SMOL $suite $(date +%T)"
+        pd bench --suite $suite --model $SMOL --methods "$(with_heads $SMOL vanilla,pld,lookahead,jacobi,layerskip)" \
+            --per-category "$(per_category $suite)" --peers $SMOL_PEERS $SMOL_BENCH --out $RES/smol-$suite --quiet || echo "bench exit $?"
+    done
+    # --- Qwen2.5-Coder-1.5B-Instruct with the 0.5B as draft
+    staged $Q05
+    staged $Q15
+    echo "CONVERT qwen $(date +%T)"
+    pd zoo fetch $Q05 --gguf "$STAGE/$Q05.gguf" --quiet &
+    pd zoo fetch $Q15 --gguf "$STAGE/$Q15.gguf" --quiet &
+    wait
+    echo "TRAIN $Q15 $(date +%T)"
+    pd train eagle --model $Q15 --data chat --device cuda --quiet $QWEN_TRAIN > $RES/q15-eagle.log 2>&1 &
+    pd train medusa --model $Q15 --data chat --device cuda --quiet $QWEN_TRAIN > $RES/q15-medusa.log 2>&1 &
+    wait
+    tail -n 2 $RES/q15-eagle.log $RES/q15-medusa.log
+    tar cf $RES/q15-heads-cards.tar -C "$HOME/.cache/paradec/models/$Q15" heads/eagle/card.json heads/medusa/card.json || true
+    for suite in chat code-chat; do
+        echo "BENCH $Q15 $suite $(date +%T)"
+        pd bench --suite $suite --model $Q15 --draft $Q05 \
+            --methods "$(with_heads $Q15 vanilla,pld,lookahead,jacobi,layerskip,draft)" \
+            --per-category "$(per_category $suite)" --peers $QWEN_PEERS $QWEN_BENCH --out $RES/q15-$suite --quiet || echo "bench exit $?"
+    done
+    echo "DONE $(date +%T)"
+}
+
+case "${1:-}" in
+stage)
+    if [ -d .whl ] && [ ! -d "$HOME/site/gguf" ]; then
+        pip install -q --no-index --no-deps --target "$HOME/site" .whl/*.whl 2>&1 | tail -n 2
+    fi
+    bash .gpu-chunks/stage.sh
+    ;;
+start)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    export -f chain
+    # its own bash, so that `set -e` ends the chain alone; the exit status goes to $DONE
+    setsid nohup bash -c "bash -c chain; echo \$? > $DONE" > $LOG 2>&1 < /dev/null &
+    python3 -m pytest -q -p no:cacheprovider -W ignore tests/test_eagle_cuda.py tests/test_native_runner.py 2>&1 | tail -n 3
+    tail -n 5 $LOG
+    ;;
+wait)
+    wait_chain "${WAIT:-540}"
+    ;;
+collect)
+    wait_chain "${WAIT:-60}"
+    cp $LOG "$OUT/chain.log"
+    tar cf "$OUT/results.tar" -C $RES --exclude='*.tar' . 2>/dev/null
+    cp $RES/*.tar "$OUT"/ 2>/dev/null
+    ls -la "$OUT"
+    ;;
+*)
+    echo "usage: $0 stage|start|wait|collect" >&2
+    exit 2
+    ;;
+esac
