@@ -110,8 +110,31 @@ collect)
     cp $RES/*.tar "$OUT"/ 2>/dev/null
     ls -la "$OUT"
     ;;
+qwen) ;;
 *)
     echo "usage: $0 stage|start|wait|collect" >&2
     exit 2
     ;;
 esac
+# qwen: replace a running chain by the Qwen part alone, with QWEN_TRAIN / QWEN_METHODS (run when time is short)
+if [ "${1:-}" = qwen ]; then
+    pkill -f "bash -c chain"; pkill -f "paradec train"; sleep 2; rm -f $DONE
+    qwen_chain() {
+        set -e
+        pd() { python3 -m paradec "$@"; }
+        echo "TRAIN $Q15 $(date +%T) $QWEN_TRAIN"
+        pd train eagle --model $Q15 --data chat --device cuda --quiet $QWEN_TRAIN > $RES/q15-eagle.log 2>&1 &
+        pd train medusa --model $Q15 --data chat --device cuda --quiet $QWEN_TRAIN > $RES/q15-medusa.log 2>&1 &
+        wait
+        tail -n 2 $RES/q15-eagle.log $RES/q15-medusa.log
+        for suite in chat code-chat; do
+            echo "BENCH $Q15 $suite $(date +%T)"
+            pd bench --suite $suite --model $Q15 --draft $Q05 --methods "$QWEN_METHODS" --per-category 1 \
+                --peers $QWEN_PEERS --out $RES/q15-$suite --quiet || echo "bench exit $?"
+        done
+        echo "DONE $(date +%T)"
+    }
+    export -f qwen_chain
+    setsid nohup bash -c "bash -c qwen_chain; echo \$? > $DONE" > $LOG 2>&1 < /dev/null &
+    sleep 5; tail -n 3 $LOG
+fi

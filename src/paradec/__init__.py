@@ -1,8 +1,9 @@
 """paradec: lossless parallel decoding for Hugging Face causal LMs.
 
 import paradec
-engine = paradec.load()                      # the embedded default model and its draft
-result = engine.generate("def add(a, b):", method="pld", max_new_tokens=64)
+engine = paradec.load()                      # smollm2-135m-instruct, fetched on first use (~100 MB)
+prompt = engine.encode_chat([{"role": "user", "content": "Write a Python function that adds two numbers."}])
+result = engine.generate(prompt, method="pld", max_new_tokens=64)
 print(result.text, result.stats.tau)
 """
 

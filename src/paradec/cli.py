@@ -28,12 +28,23 @@ def _kv(text: str) -> tuple[str, str]:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that loads an engine."""
-    parser.add_argument("--model", help="local checkpoint directory or hub id (default: the embedded model)")
-    parser.add_argument("--draft", help="draft model directory or hub id (default with no --model: the embedded draft)")
+    from paradec.zoo import DEFAULT_MODEL
+
+    parser.add_argument(
+        "--model", help=f"a zoo name (`paradec zoo list`), checkpoint directory or hub id (default: {DEFAULT_MODEL})"
+    )
+    parser.add_argument(
+        "--draft",
+        help="draft model: a zoo name, directory or hub id (default: the zoo model's registered draft, if any)",
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="auto", help="auto (default), float32, bfloat16 or float16")
     parser.add_argument("--runner", default="auto", choices=["auto", "native", "hf"], help="model runner")
-    parser.add_argument("--heads", help="trained heads directory for medusa/eagle (default: <model>/heads if present)")
+    parser.add_argument(
+        "--heads",
+        help="trained heads directory for medusa/eagle (default: <model>/heads if present, else a zoo model's "
+        "packaged heads)",
+    )
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:

@@ -3,11 +3,16 @@
 `paradec.load(...)` builds an Engine; the Engine validates every request (naming the bad value in a
 `ParadecError`), picks the drafter class of the requested method from the registry and runs the decode loop.
 One Engine runs one generation at a time: it owns one target cache.
+
+What a zoo model brings without being asked (`paradec.zoo`): its registered draft, loaded by `draft_runner()` on
+first use (a 0.5B draft costs seconds and memory that most methods never need), and its packaged heads.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ class Engine:
         config: EngineConfig,
         *,
         draft: Runner | None = None,
+        draft_loader: Callable[[], Runner] | None = None,
         heads_dir: Path | None = None,
         eos_token_ids: set[int] | None = None,
     ) -> None:
@@ -37,6 +43,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config
         self._draft = draft
+        self._draft_loader = draft_loader  # loads the draft on first use when `draft` is None
+        self._draft_lock = threading.Lock()
         self._heads_dir = heads_dir
         self._heads: dict[str, torch.nn.Module] = {}
         self.eos_token_ids = set(eos_token_ids or ())
@@ -44,6 +52,11 @@ class Engine:
 
     # --- resources lent to drafters -------------------------------------------------------------------------
     def draft_runner(self) -> Runner:
+        """The draft model's runner, loaded now if it was registered but not loaded yet."""
+        with self._draft_lock:  # two first uses (server threads) must not load it twice
+            if self._draft is None and self._draft_loader is not None:
+                self._draft = self._draft_loader()
+                self._draft_loader = None
         if self._draft is None:
             raise ParadecError("method 'draft' needs a draft model: pass draft=... to paradec.load() or --draft DIR")
         return self._draft
@@ -219,29 +232,28 @@ def load(
     dtype: str | torch.dtype | None = "auto",
     runner: str = "auto",
 ) -> Engine:
-    """Load a target (a local Hugging Face checkpoint directory or a hub id; None = the embedded default model
-    with its draft and heads) and optionally a draft model with the same vocabulary. `heads` is a directory of
-    trained heads (default: `<model dir>/heads` when it exists)."""
-    if model is None:
-        from paradec import zoo
+    """Load a target and optionally a draft model with the same vocabulary.
 
-        model_dir = zoo.default_model_dir()
-        draft = zoo.default_draft_dir() if draft is None else draft
-    else:
-        model_dir = resolve_model_dir(model, "model")
+    `model`: a zoo name (`paradec zoo list`, `code-8m`), a checkpoint directory, a `.gguf` file or a hub id;
+    None = `paradec.zoo.DEFAULT_MODEL`, fetched on first use. `draft`: the same kinds of names; None = the draft
+    registered for a zoo model, loaded when method 'draft' first needs it, else no draft. `heads`: a directory of
+    trained heads; None = the model's own or packaged heads (`resolve_heads`)."""
+    from paradec import zoo
+
+    model = zoo.DEFAULT_MODEL if model is None else model
+    model_dir = resolve_model_dir(model, "model")
+    name = zoo.zoo_name(model_dir)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     tokenizer = load_tokenizer(model_dir)
+    load_draft = partial(_load_draft, model_dir=model_dir, tokenizer=tokenizer, runner=runner, device=dev, dtype=dt)
     draft_runner = None
     if draft is not None:
-        draft_dir = resolve_model_dir(draft, "draft model")
-        _check_same_vocab(model_dir, tokenizer, draft_dir)
-        draft_runner = load_runner(draft_dir, runner, dev, dt)
+        draft_runner = load_draft(draft)
+    else:
+        draft = zoo.registered_draft(name)
     target = load_runner(model_dir, runner, dev, dt)
-    if heads is not None:
-        heads_dir = resolve_heads_dir(heads)
-    else:  # heads trained for this model (`paradec train` writes them to <model>/heads by default)
-        heads_dir = model_dir / "heads" if (model_dir / "heads").is_dir() else None
+    heads_dir = resolve_heads(heads, model_dir, name)
     config = EngineConfig(
         model=str(model_dir),
         draft=None if draft is None else str(draft),
@@ -251,8 +263,34 @@ def load(
         runner=type(target).__name__,
     )
     return Engine(
-        target, tokenizer, config, draft=draft_runner, heads_dir=heads_dir, eos_token_ids=_eos_ids(model_dir, tokenizer)
+        target,
+        tokenizer,
+        config,
+        draft=draft_runner,
+        draft_loader=None if draft_runner is not None or draft is None else partial(load_draft, draft),
+        heads_dir=heads_dir,
+        eos_token_ids=_eos_ids(model_dir, tokenizer),
     )
+
+
+def _load_draft(
+    draft: str | Path, *, model_dir: Path, tokenizer, runner: str, device: torch.device, dtype: torch.dtype
+) -> Runner:
+    draft_dir = resolve_model_dir(draft, "draft model")
+    _check_same_vocab(model_dir, tokenizer, draft_dir)
+    return load_runner(draft_dir, runner, device, dtype)
+
+
+def resolve_heads(heads: str | Path | None, model_dir: Path, zoo_name: str | None) -> Path | None:
+    """The trained heads for a target, first found of: `heads` (the user's), `<model dir>/heads` (where
+    `paradec train` writes them by default), the heads packaged for the zoo model `zoo_name`; None if none."""
+    from paradec import zoo
+
+    if heads is not None:
+        return resolve_heads_dir(heads)
+    if (model_dir / "heads").is_dir():
+        return model_dir / "heads"
+    return None if zoo_name is None else zoo.packaged_heads_dir(zoo_name)
 
 
 def resolve_heads_dir(heads: str | Path) -> Path:

@@ -1,4 +1,4 @@
-"""Resolving what the user named: a model (directory, `.gguf` file, real-model name or hub id), a device, a dtype,
+"""Resolving what the user named: a model (directory, `.gguf` file, zoo name or hub id), a device, a dtype,
 a tokenizer.
 
 Everything here raises `ParadecError` with the offending value on bad input: a missing or unreadable path, a hub
@@ -59,7 +59,8 @@ def resolve_model_dir(name: str | os.PathLike, what: str = "model") -> Path:
     """The checkpoint directory of what the user named, tried in this order:
 
     a `.gguf` file (converted once, cached by content hash), a local checkpoint directory, a real-model name of
-    `paradec zoo list` (fetched when missing), a hub id (downloaded into the local hub cache).
+    `paradec zoo list` (fetched when missing), the committed code pair's name (`code-8m`, `code-8m-draft`), a hub
+    id (downloaded into the local hub cache).
     """
     text = os.fspath(name)
     if not text.strip():
@@ -80,10 +81,14 @@ def resolve_model_dir(name: str | os.PathLike, what: str = "model") -> Path:
         except (OSError, ValueError) as exc:
             raise ParadecError(f"{what} path {text!r}: cannot read config.json ({exc})") from exc
         return path
+    from paradec.zoo import committed_model_dir
     from paradec.zoo.fetch import REAL_MODELS, fetch
 
     if text in REAL_MODELS:
         return fetch(text)
+    committed = committed_model_dir(text)
+    if committed is not None:
+        return committed
     if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text or text.lower().endswith(".gguf"):
         raise ParadecError(f"{what} path {text!r} does not exist")
     return _download(text, what)

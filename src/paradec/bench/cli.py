@@ -148,7 +148,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def _models(args: argparse.Namespace, suite) -> tuple[str | None, str | None]:
-    """(model, draft) to load: the user's, else the suite's (None, None = the default model and its draft)."""
+    """(model, draft) to load: the user's, else the suite's (None, None = `paradec.load()`'s default model)."""
     if args.model is not None or suite is None or suite.models == "default":
         return args.model, args.draft
     if suite.models != "bench":

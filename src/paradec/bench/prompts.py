@@ -134,8 +134,8 @@ class Suite:
     name: str
     prompts: str  # a file in `paradec/bench/data`, or "zoo": the zoo's code dev prompts
     per_category: int | None  # prompts taken from each category, in file order (None = all)
-    # "default": the embedded default model (with its draft); "bench": the zoo's bench pair (built if missing);
-    # anything else: the model to load (a zoo name, a hub id or a directory), without a draft
+    # "default": the model of `paradec.load()` (`paradec.zoo.DEFAULT_MODEL`); "bench": the zoo's bench pair (built
+    # if missing); anything else: the model to load (a zoo name, a hub id or a directory) with its registered draft
     models: str
     max_new_tokens: int
     peers: str  # default --peers

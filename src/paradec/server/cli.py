@@ -1,6 +1,6 @@
 """`paradec serve`: load an engine and serve it over HTTP with OpenAI's API.
 
-    paradec serve                                   # the embedded default model and its draft, on 127.0.0.1:8000
+    paradec serve                                   # the default model (smollm2-135m-instruct), on 127.0.0.1:8000
     paradec serve --model DIR --draft DIR --method draft --opt k=6 --api-key KEY --port 8080
 
 `--port 0` picks a free port. The first line on stdout says where the server listens, once it accepts connections.
@@ -15,7 +15,7 @@ import socket
 from paradec.cli import add_method_args, add_model_args, load_engine
 from paradec.errors import ParadecError
 
-DEFAULT_MODEL_NAME = "paradec-default"  # the served name of the embedded default model
+DEFAULT_MODEL_NAME = "paradec-default"  # the served name of the default model (no --model)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

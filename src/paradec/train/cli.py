@@ -5,7 +5,8 @@
     paradec train draft --model DIR --draft SMALL --out OUT   # -> OUT/draft/, use with --draft OUT/draft
     paradec train eagle --model CHAT_MODEL --data chat   # windows end where the target's answer starts
 
-Without --model, the embedded default model (and, for `draft`, its draft) is the target.
+Without --model, the default model (`paradec.zoo.DEFAULT_MODEL`, fetched on first use) is the target. Without
+--draft, `train draft` distils the draft registered for a zoo target (`--model code-8m`: `code-8m-draft`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ from paradec.train.data import CHAT_MODES
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="target checkpoint directory or hub id (default: the embedded model)")
+    from paradec.zoo import DEFAULT_MODEL
+
+    parser.add_argument(
+        "--model", help=f"target: a zoo name, checkpoint directory or hub id (default: {DEFAULT_MODEL})"
+    )
     parser.add_argument("--out", type=Path, help="output root; writes OUT/<kind>/ (default: <model>/heads)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     parser.add_argument("--dtype", default="auto", help="target dtype: auto (bf16 on GPU), float32, bfloat16, float16")
@@ -90,7 +95,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     draft = kinds.add_parser("draft", help="distil a small draft model towards the target")
     _add_common(draft)
-    draft.add_argument("--draft", help="the draft model to distil (default with no --model: the embedded draft)")
+    draft.add_argument(
+        "--draft", help="the draft model to distil (default: the draft registered for a zoo target, e.g. code-8m-draft)"
+    )
     draft.set_defaults(func=cmd_train)
 
 

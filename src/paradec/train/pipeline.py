@@ -104,12 +104,10 @@ def _eos_ids(model, tokenizer) -> list[int]:
 
 
 def load_target(model: str | Path | None, device: torch.device, dtype: torch.dtype) -> Target:
-    if model is None:
-        from paradec import zoo
+    """The target named by `model` (None = `paradec.zoo.DEFAULT_MODEL`, fetched on first use), frozen."""
+    from paradec import zoo
 
-        path = zoo.default_model_dir()
-    else:
-        path = resolve_model_dir(model, "model")
+    path = resolve_model_dir(zoo.DEFAULT_MODEL if model is None else model, "model")
     tokenizer = load_tokenizer(path)
     hf = load_hf_model(path, device, dtype).requires_grad_(False)
     return Target(
@@ -222,7 +220,7 @@ def run(
     target = load_target(model, dev, resolve_dtype(dtype, dev))
     train = train or TrainSettings(steps=DEFAULT_STEPS[kind], lr=DEFAULT_LR[kind])
     out_dir = (Path(out) if out is not None else target.path / "heads") / kind
-    draft_path = _draft_path(kind, model, draft)
+    draft_path = _draft_path(kind, target.path, draft)
     torch.manual_seed(train.seed)
 
     texts = read_texts(
@@ -294,17 +292,21 @@ def _transformers_version() -> str:
     return transformers.__version__
 
 
-def _draft_path(kind: str, model: str | Path | None, draft: str | Path | None) -> Path | None:
+def _draft_path(kind: str, model_dir: Path, draft: str | Path | None) -> Path | None:
+    """The draft to distil: `draft`, else the draft registered for a zoo target (`code-8m` has `code-8m-draft`)."""
     if kind != "draft":
         if draft is not None:
             raise ParadecError(f"--draft is only used by `paradec train draft`, not {kind}")
         return None
     if draft is None:
-        if model is not None:
-            raise ParadecError("`paradec train draft` needs --draft DIR, the small model to distil")
         from paradec import zoo
 
-        return zoo.default_draft_dir()
+        draft = zoo.registered_draft(zoo.zoo_name(model_dir))
+        if draft is None:
+            raise ParadecError(
+                f"`paradec train draft` needs --draft DIR, the small model to distil: the target {str(model_dir)!r} "
+                "has no registered draft"
+            )
     return resolve_model_dir(draft, "draft model")
 
 

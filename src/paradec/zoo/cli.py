@@ -1,6 +1,6 @@
 """`paradec zoo build | prompts | fetch | list`: build a zoo pair or the code dev prompt set; fetch a real model.
 
-    paradec zoo build --preset tiny --out src/paradec/assets/default     # the embedded default (GPU machine)
+    paradec zoo build --preset tiny --out src/paradec/assets/default     # the code-8m pair (GPU machine)
     paradec zoo build --preset bench                                      # -> ~/.cache/paradec/zoo/bench-<hash>/
     paradec zoo prompts --out src/paradec/zoo/data/code_dev.jsonl
     paradec zoo fetch qwen2.5-coder-1.5b-instruct                         # -> ~/.cache/paradec/models/<name>/
@@ -34,7 +34,7 @@ def _add_corpus_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_commands(sub: argparse._SubParsersAction) -> None:
     build = sub.add_parser("build", help="train a target/draft pair of a preset")
-    build.add_argument("--preset", required=True, help="tiny (the embedded default) or bench (GPU benchmarks)")
+    build.add_argument("--preset", required=True, help="tiny (the committed code-8m pair) or bench (GPU benchmarks)")
     build.add_argument("--out", type=Path, help="output directory (default: ~/.cache/paradec/zoo/<preset>-<hash>)")
     build.add_argument(
         "--seconds", type=float, help="total training time budget for target + draft (default: fixed steps)"

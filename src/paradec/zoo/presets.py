@@ -1,6 +1,6 @@
 """Zoo presets: the shapes, training plans and data settings of each target/draft pair.
 
-- `tiny`  the embedded default model (committed fp16): target <= 10M parameters, draft <= 2M, vocabulary 8192.
+- `tiny`  the committed code pair `code-8m` (fp16): target <= 10M parameters, draft <= 2M, vocabulary 8192.
 - `bench` the pair GPU benchmarks measure: a ~115M target and a ~6M draft, vocabulary 16384, context 2048.
 
 Step counts come from throughput measured on an H200 (tiny target 3.7M tokens/s, bench target 0.56M tokens/s,
