@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from paradec.config import EngineConfig
-from paradec.drafters import get_drafter, parse_options
 from paradec.engine import Engine
 from paradec.heads import EagleConfig, EagleHead, save_heads
 from paradec.runners import load_runner
@@ -76,13 +75,13 @@ def parse_config(text: str) -> tuple[str, dict]:
 def profile(
     engine: Engine, method: str, options: dict, prompt: list[int], new: int, repeats: int, trace: Path | None = None
 ) -> dict:
-    drafter_cls = get_drafter(method)
-    parsed = parse_options(drafter_cls, options)
+    engine.set_default_options(method, options)  # engine settings (eagle's compile) included
+    parsed = engine.method(method).defaults
     gen_times, steps = [], 0
     for i in range(2 + repeats):  # two warm-ups: compilation, then graph capture of every shape used
         torch.cuda.synchronize()
         started = time.perf_counter()
-        result = engine.generate(prompt, method=method, max_new_tokens=new, options=options)
+        result = engine.generate(prompt, method=method, max_new_tokens=new)
         torch.cuda.synchronize()
         if i >= 2:
             gen_times.append(time.perf_counter() - started - result.stats.prefill_seconds)
@@ -97,8 +96,8 @@ def profile(
     n_inputs = 1
     row["draft_ms"] = 0.0
     if method == "eagle":
-        drafter = drafter_cls(engine, parsed)
-        ws = drafter._workspace(0)
+        drafter = engine.method(method).open(parsed)
+        ws = engine.method(method).workspace  # the generations' workspace, its graphs captured
         n, (graph, _) = next(iter(ws.graphs.items()))
         row["draft_ms"] = gpu_ms(graph.replay, 200)
         row["nodes"], n_inputs = n, n + 1
@@ -113,7 +112,7 @@ def profile(
                 print(f"{e.self_device_time_total:9.1f} us {e.count:4d} x  {e.key[:90]}")
             activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
             with torch.profiler.profile(activities=activities) as timeline:
-                engine.generate(prompt, method=method, max_new_tokens=24, options=options)
+                engine.generate(prompt, method=method, max_new_tokens=24)
             timeline.export_chrome_trace(str(trace))
     row["score_ms"] = score_ms(target, prompt[0], n_inputs)
     return row

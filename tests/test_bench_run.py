@@ -104,9 +104,9 @@ class Corrupting:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def generate(self, prompt, *, method, **kwargs):
-        result = self._engine.generate(prompt, method=method, **kwargs)
-        if method == self._method and len(result.token_ids) > 1:
+    def generate(self, request):
+        result = self._engine.generate(request)
+        if request.method == self._method and len(result.token_ids) > 1:
             if self._crash:
                 raise RuntimeError("drafter blew up")
             result.token_ids[1] = (result.token_ids[1] + 1) % self._engine.target.vocab_size
@@ -198,9 +198,9 @@ class Recording:
     def __getattr__(self, name):
         return getattr(self.engine, name)
 
-    def generate(self, prompt, **kw):
-        self.calls.append((tuple(prompt), kw["max_new_tokens"]))
-        return self.engine.generate(prompt, **kw)
+    def generate(self, request):
+        self.calls.append((request.prompt_ids, request.max_new_tokens))
+        return self.engine.generate(request)
 
 
 def test_warm_up_covers_every_prompt_before_timing(engine):

@@ -17,7 +17,7 @@ from fakes import TableRunner
 from paradec.config import SamplingParams
 from paradec.decode import Generation
 from paradec.drafters.base import DecodeState
-from paradec.drafters.eagle import Eagle, EagleOptions, compiled_step
+from paradec.drafters.eagle import Eagle, EagleMethod, EagleOptions, compiled_step
 from paradec.errors import ParadecError
 from paradec.heads import EagleConfig, EagleHead, save_heads
 from paradec.types import Verdict
@@ -78,11 +78,16 @@ def test_generation_up_to_the_context_limit(eagle_engines, hf_models):
 
 def test_options_and_missing_heads_are_clear_errors(model_dirs, eagle_engines):
     engine = eagle_engines("llama")
-    for bad, message in (({"topk": 0}, "topk must be an integer >= 1, got 0"), ({"depth": "x"}, "depth='x'")):
-        with pytest.raises(ParadecError, match=message):
+    for bad, message in (
+        ({"topk": 0}, r"option topk=0 for method 'eagle' must be an integer in \[1, 64\]"),
+        ({"topk": 100000}, r"topk=100000 .* in \[1, 64\]"),
+        ({"depth": "x"}, "depth='x'"),
+        ({"depth": 17}, r"depth=17 .* in \[1, 16\]"),
+        ({"nodes": 128}, r"nodes=128 .* in \[1, 127\] \(127: the runner's largest step less the pending token\)"),
+    ):
+        with pytest.raises(ParadecError, match=message) as info:
             engine.generate("x", method="eagle", options=bad)
-    with pytest.raises(ParadecError, match="topk=100000 exceeds the vocabulary"):
-        engine.generate("x", method="eagle", options={"topk": 100000})
+        assert info.value.param == "method_options"
     bare = paradec.load(model_dirs["llama"], runner="hf")
     with pytest.raises(ParadecError, match="method 'eagle' needs trained heads"):
         bare.generate("x", method="eagle")
@@ -143,7 +148,7 @@ def test_drafter_tree_equals_brute_force_eagle2():
     tokens = torch.randint(V, (8,)).tolist()  # 7 committed positions, tokens[7] pending
     features = torch.randn(7, H)
     options = EagleOptions(topk=3, depth=4, nodes=10)
-    drafter = Eagle(FakeResources(FakeTarget(embed, lm_head), {"eagle": head}), options)
+    drafter = Eagle(EagleMethod(FakeResources(FakeTarget(embed, lm_head), {"eagle": head}), Eagle), options)
     state = DecodeState(tokens, 8, SamplingParams(), None, torch.device("cpu"), V, target_hidden=features)
     drafter.begin(state)
     # later rounds follow a step: the first tree's draft entries must be gone. max_tokens 1: still the full tree
@@ -182,7 +187,7 @@ def test_compiled_step_drafts_the_same_trees(monkeypatch):
     proposals = []
     for compiled in (False, True):
         drafter = Eagle(
-            FakeResources(FakeTarget(embed, lm_head), {"eagle": head}),
+            EagleMethod(FakeResources(FakeTarget(embed, lm_head), {"eagle": head}), Eagle),
             EagleOptions(topk=3, depth=3, nodes=8, compile=compiled),
         )
         state = DecodeState(list(tokens), 9, SamplingParams(), None, torch.device("cpu"), V, target_hidden=features)
@@ -195,7 +200,7 @@ def test_compiled_step_drafts_the_same_trees(monkeypatch):
         proposals.append([(p.tokens.tolist(), p.layout.host_parents()) for p in (first, second)])
     assert proposals[0] == proposals[1]
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
-    with pytest.raises(ParadecError, match="compile must be true or false"):
+    with pytest.raises(ParadecError, match="option compile='yes' for method 'eagle' must be true or false"):
         EagleOptions(compile="yes")
 
 
@@ -231,12 +236,12 @@ def test_eagle_sampling_matches_plain_sampling():
     target = HiddenTableRunner(TARGET_TABLE)
     torch.manual_seed(0)
     head = EagleHead(EagleConfig(hidden_size=16, vocab_size=VOCAB, num_heads=1, head_dim=16, intermediate_size=16))
-    resources = FakeResources(target, {"eagle": head.eval()})
+    method = EagleMethod(FakeResources(target, {"eagle": head.eval()}), Eagle)
     options = EagleOptions(topk=2, depth=2, nodes=4)
     counts, accepted = Counter(), 0
     for seed in range(SAMPLES):
         sp_i = SamplingParams(sp.temperature, sp.top_k, sp.top_p, sp.min_p, seed=seed)
-        gen = Generation(target, Eagle(resources, options), None, PROMPT, sp_i, NEW, set(), [], "eagle")
+        gen = Generation(target, method.open(options), None, PROMPT, sp_i, NEW, set(), [], "eagle")
         result = gen.run()
         counts[tuple(result.token_ids)] += 1
         accepted += result.stats.accepted_tokens

@@ -9,7 +9,7 @@ import torch
 import paradec
 from paradec.config import SamplingParams
 from paradec.drafters.base import DecodeState
-from paradec.drafters.eagle import Eagle, EagleOptions
+from paradec.drafters.eagle import Eagle, EagleMethod, EagleOptions
 from paradec.types import Verdict
 from test_eagle import PROMPTS, FakeResources, FakeTarget, random_heads_dir
 from test_heads import random_eagle
@@ -28,7 +28,7 @@ def test_graph_replay_equals_the_step_run_directly(dtype, compiled):
     embed, lm_head = torch.randn(V, H, generator=gen), torch.randn(V, H, generator=gen) * 0.5
     target = FakeTarget(embed.to(CUDA, dtype), lm_head.to(CUDA, dtype))
     options = EagleOptions(topk=3, depth=4, nodes=10, compile=compiled)
-    drafter = Eagle(FakeResources(target, {"eagle": head}), options)
+    drafter = Eagle(EagleMethod(FakeResources(target, {"eagle": head}), Eagle), options)
     tokens = torch.randint(V, (8,), generator=gen).tolist()
     state = DecodeState(tokens, 8, SamplingParams(), None, CUDA, V, target_hidden=torch.randn(7, H).to(CUDA, dtype))
     drafter.begin(state)

@@ -25,31 +25,36 @@ def other_vocab_model(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("kwargs", "message", "param"),
     [
-        ({"method": "telepathy"}, "unknown method 'telepathy'"),
-        ({"prompt": ""}, "prompt is empty"),
-        ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1, got 0"),
-        ({"max_new_tokens": -3}, "got -3"),
-        ({"max_new_tokens": 400}, "exceeds the model's context of 256"),
-        ({"sampling": {"temperature": -0.5}}, "temperature must be >= 0, got -0.5"),
-        ({"sampling": {"temperature": 1.0, "top_p": 0.0}}, "top_p must lie in (0, 1], got 0.0"),
-        ({"sampling": {"temperature": 1.0, "top_p": 1.5}}, "got 1.5"),
-        ({"sampling": {"temperature": 1.0, "top_k": -1}}, "top_k must be an integer >= 0, got -1"),
-        ({"sampling": {"temperature": 1.0, "min_p": 2.0}}, "min_p must lie in [0, 1], got 2.0"),
-        ({"method": "draft"}, "method 'draft' needs a draft model"),
-        ({"method": "pld", "options": {"ngram": 3}}, "unknown option 'ngram' for method 'pld'"),
-        ({"method": "pld", "options": {"max_ngram": 0}}, "max_ngram must be an integer >= 1, got 0"),
-        ({"method": "pld", "options": {"max_ngram": "three"}}, "max_ngram='three'"),
-        ({"prompt": [5, 10_000]}, "token id 10000 is outside the vocabulary"),
-        ({"stop": [""]}, "stop strings must be non-empty"),
+        ({"method": "telepathy"}, "unknown method 'telepathy'", "method"),
+        ({"prompt": ""}, "prompt is empty", "prompt"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1, got 0", "max_new_tokens"),
+        ({"max_new_tokens": -3}, "got -3", "max_new_tokens"),
+        ({"max_new_tokens": 400}, "exceeds the model's context of 256", "max_new_tokens"),
+        ({"sampling": {"temperature": -0.5}}, "temperature must be >= 0, got -0.5", "temperature"),
+        ({"sampling": {"temperature": 1.0, "top_p": 0.0}}, "top_p must lie in (0, 1], got 0.0", "top_p"),
+        ({"sampling": {"temperature": 1.0, "top_p": 1.5}}, "got 1.5", "top_p"),
+        ({"sampling": {"temperature": 1.0, "top_k": -1}}, "top_k must be an integer >= 0, got -1", "top_k"),
+        ({"sampling": {"temperature": 1.0, "min_p": 2.0}}, "min_p must lie in [0, 1], got 2.0", "min_p"),
+        ({"method": "draft"}, "method 'draft' needs a draft model", "method"),
+        ({"method": "pld", "options": {"ngram": 3}}, "unknown option 'ngram' for method 'pld'", "method_options"),
+        (
+            {"method": "pld", "options": {"max_ngram": 0}},
+            "option max_ngram=0 for method 'pld' must be an integer in [1, 32]",
+            "method_options",
+        ),
+        ({"method": "pld", "options": {"max_ngram": "three"}}, "max_ngram='three'", "method_options"),
+        ({"prompt": [5, 10_000]}, "token id 10000 is outside the vocabulary", "prompt"),
+        ({"stop": [""]}, "stop strings must be non-empty", "stop"),
     ],
 )
-def test_api_errors_name_the_value(engine, kwargs, message):
+def test_api_errors_name_the_value_and_the_parameter(engine, kwargs, message, param):
     kwargs = {"prompt": "def f(x):", **kwargs}
     with pytest.raises(ParadecError) as info:
         engine.generate(kwargs.pop("prompt"), **kwargs)
     assert message in str(info.value)
+    assert info.value.param == param
 
 
 def test_load_errors(model_dirs, other_vocab_model, tmp_path):
@@ -101,6 +106,13 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
         (["--method", "draft"], "method 'draft' needs a draft model"),
         (["--prompt-file", "/no/such/prompt.txt"], "cannot read prompt file '/no/such/prompt.txt'"),
         (["--opt", "k=2"], "unknown option 'k' for method 'vanilla'"),
+        (
+            ["--method", "pld", "--opt", "max_ngram=100"],
+            "option max_ngram=100 for method 'pld' must be an integer in [1, 32]",
+        ),
+        (["--method", "pld", "--opt", "adaptive=2"], "option adaptive='2' for method 'pld' must be true or false"),
+        (["--temperature", "1", "--seed", str(2**64)], "seed must lie in [-2**63, 2**64), got 18446744073709551616"),
+        (["--stop", "a"] * 5, "at most 4 stop strings are allowed, got 5"),
     ],
 )
 def test_cli_errors_exit_2_without_traceback(capsys, model_dirs, args, message):

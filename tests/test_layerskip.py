@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 from types import SimpleNamespace
 
@@ -13,7 +14,15 @@ import paradec
 from conftest import hf_greedy, make_config, save_model
 from paradec.config import SamplingParams
 from paradec.drafters import layerskip
-from paradec.drafters.layerskip import LayerSkip, LayerSkipOptions, candidate_layers, expected_tokens, plan
+from paradec.drafters.layerskip import (
+    VIEWS_KEPT,
+    LayerSkip,
+    LayerSkipMethod,
+    LayerSkipOptions,
+    candidate_layers,
+    expected_tokens,
+    plan,
+)
 from paradec.errors import ParadecError
 from paradec.runners.native import NativeRunner
 from paradec.sampling import warp
@@ -82,12 +91,11 @@ def test_greedy_equals_transformers(deep, arch):
 
 def test_calibration_chooses_layers_once_per_engine(deep, monkeypatch):
     engine, model = deep["llama"]
-    layerskip._AGREEMENT.pop(engine.target, None)
     prompt = PROMPTS[1]
     reference = hf_greedy(model, engine.encode(prompt), 32)
     assert engine.generate(prompt, method="layerskip", max_new_tokens=32).token_ids == reference
-    agreement = layerskip._AGREEMENT[engine.target]
-    assert set(agreement) == set(candidate_layers(4))
+    agreement = engine.method("layerskip").agreement
+    assert all(layers in agreement for layers in candidate_layers(4))
     assert all(0.0 <= share <= 1.0 for share in agreement.values())
 
     def fail(*args):
@@ -121,16 +129,40 @@ def test_adaptive_draft_length_stays_lossless(deep):
 def test_clear_errors(deep, model_dirs):
     engine, _ = deep["llama"]
     hf_engine = paradec.load(model_dirs["llama"], runner="hf")
-    with pytest.raises(ParadecError, match=r"needs the native runner.*runner='native'"):
+    with pytest.raises(ParadecError, match=r"needs the native runner.*runner='native'") as info:
         hf_engine.generate("def", method="layerskip")
-    with pytest.raises(ParadecError, match="layer 4 is out of range for a target of 4 layers"):
-        engine.generate("def", method="layerskip", options={"layers": "0,4"})
-    with pytest.raises(ParadecError, match="keep all 4 layers"):
-        engine.generate("def", method="layerskip", options={"layers": "0,1,2,3"})
-    with pytest.raises(ParadecError, match="distinct ascending"):
-        engine.generate("def", method="layerskip", options={"layers": "2,1"})
-    with pytest.raises(ParadecError, match="option k must be an integer >= 1"):
-        engine.generate("def", method="layerskip", options={"k": 0})
+    assert info.value.param == "method"
+    for options, message in (
+        ({"layers": "0,4"}, r"option layers=\(0, 4\) .* in \[0, 3\] or none \(3: the target's last layer\)"),
+        ({"layers": "0,1,2,3"}, "keeps all 4 layers"),
+        ({"layers": "2,1"}, "distinct layers in ascending order"),
+        ({"layers": [0, True]}, r"option layers=\[0, True\]|option layers=\(0, True\)"),
+        ({"k": 0}, r"option k=0 for method 'layerskip' must be an integer in \[1, 32\]"),
+        ({"k": 33}, r"option k=33 .* in \[1, 32\]"),
+    ):
+        with pytest.raises(ParadecError, match=message) as info:
+            engine.generate("def", method="layerskip", options=options)
+        assert info.value.param == "method_options"
+
+
+def test_views_are_bounded_per_engine_and_outputs_stay_exact(tmp_path, tokenizer_dir, vocab_size):
+    """20 requests with 20 different layer sets keep at most VIEWS_KEPT drafting views (each with its own KV cache)
+    alive, and every output equals vanilla's."""
+    path = save_model(make_config("llama", vocab_size, layers=6), tmp_path / "six", tokenizer_dir, seed=7)
+    engine = paradec.load(path, runner="native")
+    prompt = engine.encode(PROMPTS[0])
+    reference = engine.generate(prompt, max_new_tokens=8).token_ids
+    subsets = [s for n in range(1, 6) for s in itertools.combinations(range(6), n)][::3][:20]
+    assert len(set(subsets)) == 20
+    for layers in subsets:
+        result = engine.generate(prompt, method="layerskip", options={"layers": layers, "k": 2}, max_new_tokens=8)
+        assert result.token_ids == reference
+    gc.collect()
+    views = [o for o in gc.get_objects() if isinstance(o, NativeRunner) and o.model is engine.target.model]
+    views.remove(engine.target)
+    assert sorted(view.layer_ids for view in views) == sorted(subsets[-VIEWS_KEPT:])  # the most recently used
+    one_layer = engine.target.cache.data.nbytes // 6  # a view's cache holds its layers' keys and values
+    assert sum(view.cache.data.nbytes for view in views) == one_layer * sum(len(s) for s in subsets[-VIEWS_KEPT:])
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +192,7 @@ def test_sampling_matches_plain_sampling(four_token_model):
             p = warp(model(context).logits[0, len(prompt) - 1 : -1], sp)  # [new, V]
             exact[seq] = float(p[torch.arange(new), torch.tensor(seq)].prod())
     target = NativeRunner.from_pretrained(path)
-    resources = SimpleNamespace(target=target)
+    method = LayerSkipMethod(SimpleNamespace(target=target), LayerSkip)
     options = LayerSkipOptions(layers=(0,), k=1)
-    counts = sample_counts(target, lambda: LayerSkip(resources, options), prompt, sp, new, 600)
+    counts = sample_counts(target, lambda: method.open(options), prompt, sp, new, 600)
     assert chi_square_p(counts, exact, 4, new) > 1e-3

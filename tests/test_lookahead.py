@@ -177,7 +177,7 @@ def test_sampling_matches_plain_sampling():
 def test_options_are_validated(engines):
     engine = engines("llama")
     for options, name in (({"ngram": 1}, "ngram"), ({"window": -1}, "window"), ({"guesses": 0}, "guesses")):
-        with pytest.raises(ParadecError, match=f"lookahead option {name}"):
+        with pytest.raises(ParadecError, match=f"option {name}=.* for method 'lookahead' must be an integer in"):
             engine.generate("def", method="lookahead", options=options)
     with pytest.raises(ParadecError, match="unknown option 'W'"):
         engine.generate("def", method="lookahead", options={"W": 4})

@@ -13,7 +13,7 @@ from conftest import ARCHS, hf_greedy
 from paradec.config import SamplingParams
 from paradec.decode import Generation
 from paradec.drafters.base import DecodeState
-from paradec.drafters.medusa import Medusa, MedusaOptions
+from paradec.drafters.medusa import Medusa, MedusaMethod, MedusaOptions
 from paradec.errors import ParadecError
 from paradec.heads import MedusaConfig, MedusaHeads, save_heads
 from paradec.sampling import sample, warp
@@ -68,8 +68,14 @@ def test_generation_up_to_the_context_limit(medusa_engines, hf_models):
 
 
 def test_options_are_checked(medusa_engines):
-    with pytest.raises(ParadecError, match="medusa option nodes must be an integer >= 1, got 0"):
-        medusa_engines("llama").generate("x", method="medusa", options={"nodes": 0})
+    engine = medusa_engines("llama")
+    tree = len(engine.method("medusa").heads.config.tree)
+    for nodes in (0, tree + 1, True):
+        with pytest.raises(
+            ParadecError, match=rf"option nodes={nodes} for method 'medusa' must be an integer in \[1, {tree}\]"
+        ):
+            engine.generate("x", method="medusa", options={"nodes": nodes})
+    assert engine.request("x", method="medusa", options={"nodes": tree}).options.nodes == tree
 
 
 @torch.no_grad()
@@ -79,7 +85,8 @@ def test_proposal_takes_the_tree_tokens_from_the_heads_top_k():
     heads = random_medusa(H, V, num_heads=3, tree=tree, seed=4)
     torch.manual_seed(6)
     lm_head = torch.randn(V, H)
-    drafter = Medusa(FakeResources(FakeTarget(torch.randn(V, H), lm_head), {"medusa": heads}), MedusaOptions())
+    method = MedusaMethod(FakeResources(FakeTarget(torch.randn(V, H), lm_head), {"medusa": heads}), Medusa)
+    drafter = method.open(MedusaOptions())
     hidden = torch.randn(3, H)
     state = DecodeState([1, 2, 3, 4], 4, SamplingParams(), None, torch.device("cpu"), V, target_hidden=hidden)
     top = heads.logits(hidden[-1], lm_head).topk(2, -1).indices  # [3 heads, 2 ranks]
@@ -104,11 +111,11 @@ def sampled_counts(verifier=verify) -> tuple[Counter, int]:
     target = HiddenTableRunner(TARGET_TABLE)
     # all four tokens at depth 1: every step accepts a first draft token, whatever the target picks
     heads = random_medusa(16, VOCAB, num_heads=2, tree=((0,), (1,), (2,), (3,), (0, 0), (0, 1), (1, 0)), seed=2)
-    resources = FakeResources(target, {"medusa": heads})
+    method = MedusaMethod(FakeResources(target, {"medusa": heads}), Medusa)
     counts, accepted = Counter(), 0
     for seed in range(SAMPLES):
         sp_i = SamplingParams(sp.temperature, sp.top_k, sp.top_p, sp.min_p, seed=seed)
-        drafter = Medusa(resources, MedusaOptions())
+        drafter = method.open(MedusaOptions())
         result = Generation(target, drafter, None, PROMPT, sp_i, NEW, set(), [], "medusa", verifier=verifier).run()
         counts[tuple(result.token_ids)] += 1
         accepted += result.stats.accepted_tokens

@@ -2,8 +2,12 @@
 
 import paradec
 engine = paradec.load()                      # smollm2-135m-instruct, fetched on first use (~100 MB)
-prompt = engine.encode_chat([{"role": "user", "content": "Write a Python function that adds two numbers."}])
-result = engine.generate(prompt, method="pld", max_new_tokens=64)
+request = engine.request(
+    messages=[{"role": "user", "content": "Write a Python function that adds two numbers."}],
+    method="pld",
+    max_new_tokens=64,
+)                                            # checked here: a ParadecError names the bad value and its .param
+result = engine.generate(request)
 print(result.text, result.stats.tau)
 """
 
@@ -13,12 +17,14 @@ from paradec.drafters import methods
 from paradec.engine import Engine, load
 from paradec.errors import ParadecError
 from paradec.metrics import GenerationStats
+from paradec.request import Request
 
 __all__ = [
     "Engine",
     "Generation",
     "GenerationStats",
     "ParadecError",
+    "Request",
     "Result",
     "SamplingParams",
     "load",

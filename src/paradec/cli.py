@@ -57,7 +57,8 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
         type=_kv,
         default=[],
         metavar="NAME=VALUE",
-        help="method option, repeatable (e.g. --opt k=6 for draft, --opt max_ngram=4 for pld); see `paradec methods`",
+        help="method option, repeatable (e.g. --opt k=6 for draft, --opt max_ngram=4 for pld); see `paradec methods` "
+        "for each option's default and range",
     )
 
 
@@ -137,15 +138,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     text = _read_prompt(args) if messages is None else None
     sampling = sampling_from_args(args)
     engine = load_engine(args)
-    prompt = text if messages is None else engine.encode_chat(messages)
-    stream = engine.stream(
-        prompt,
+    # --opt: this engine's options for the method, its settings (e.g. eagle's compile) included
+    engine.set_default_options(args.method, dict(args.opt))
+    request = engine.request(
+        text,
+        messages=messages,
         method=args.method,
         sampling=sampling,
         max_new_tokens=args.max_new_tokens,
         stop=args.stop or None,
-        options=dict(args.opt),
     )
+    stream = engine.stream(request)
     if args.json:
         result = stream.run()
         record = {
@@ -167,15 +170,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from paradec.drafters import get_drafter, methods
+    from paradec.drafters.options import MAX_STEP_INPUTS, STATIC_LIMITS, describe
 
     for name in methods():
         cls = get_drafter(name)
-        fields = [f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.options_class)]
         lossy = " (LOSSY)" if cls.lossy else ""
-        print(f"{name}{lossy}: {', '.join(fields) or 'no options'}")
+        print(f"{name}{lossy}: {', '.join(describe(cls.options_class)) or 'no options'}")
+    print(
+        f"\n{STATIC_LIMITS['proposal']} = the runner's largest step ({MAX_STEP_INPUTS} inputs) less the pending token. "
+        "An engine setting is set per engine (--opt of paradec serve / generate), not per request."
+    )
     return 0
 
 

@@ -1,8 +1,11 @@
 """The engine: one target model (and optionally a draft model / trained heads) behind `generate` and `stream`.
 
-`paradec.load(...)` builds an Engine; the Engine validates every request (naming the bad value in a
-`ParadecError`), picks the drafter class of the requested method from the registry and runs the decode loop.
-One Engine runs one generation at a time: it owns one target cache.
+`paradec.load(...)` builds an Engine. `Engine.request(...)` is the one place a generation's input is checked
+(`paradec.request`: each refusal a `ParadecError` naming the bad value and the parameter); `stream` / `generate` run
+a `Request` (or build one from their keywords first). Per method name the engine keeps one `Method`
+(`paradec.drafters.base`), made on first use: the method's per-engine state, the engine's defaults and settings of
+its options (`set_default_options`), and the drafter of each generation. One Engine runs one generation at a time:
+it owns one target cache.
 
 What a zoo model brings without being asked (`paradec.zoo`): its registered draft, loaded by `draft_runner()` on
 first use (a 0.5B draft costs seconds and memory that most methods never need), and its packaged heads.
@@ -14,17 +17,19 @@ import threading
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from paradec.chat import chat_text, has_chat_template
 from paradec.config import EngineConfig, SamplingParams
 from paradec.decode import Generation, Result
-from paradec.drafters import get_drafter, parse_options
-from paradec.errors import ParadecError
+from paradec.drafters import Method, Options, get_drafter
+from paradec.errors import ParadecError, shown
 from paradec.loading import load_tokenizer, resolve_device, resolve_dtype, resolve_model_dir
+from paradec.request import Request, check_max_new_tokens, sampling_params, stop_strings
 from paradec.runners import Runner, load_runner
+
+Prompt = str | list[int] | torch.Tensor
 
 
 class Engine:
@@ -49,6 +54,8 @@ class Engine:
         self._heads: dict[str, torch.nn.Module] = {}
         self.eos_token_ids = set(eos_token_ids or ())
         self._busy = threading.Lock()
+        self._methods: dict[str, Method] = {}  # one per method name, made on first use
+        self._methods_lock = threading.Lock()  # requests may be built on several threads
 
     # --- resources lent to drafters -------------------------------------------------------------------------
     def draft_runner(self) -> Runner:
@@ -81,85 +88,175 @@ class Engine:
             )
         return self._heads[kind]
 
+    # --- methods --------------------------------------------------------------------------------------------
+    def method(self, name: str) -> Method:
+        """The engine's `Method` of that name, made on first use; making it acquires what the method needs (a draft
+        model, trained heads, the native runner), so a method this engine cannot run fails here."""
+        drafter = get_drafter(name)
+        with self._methods_lock:
+            method = self._methods.get(name)
+            if method is None:
+                try:
+                    method = drafter.method_class(self, drafter)
+                except ParadecError as exc:
+                    raise _with_param(exc, "method") from None
+                self._methods[name] = method
+        return method
+
+    def set_default_options(self, method: str, options: dict | Options | None) -> None:
+        """Set this engine's defaults of `method`'s options, engine settings included (e.g. EAGLE's `compile`,
+        which a request may not change): a request's options apply over these. `paradec serve --opt` and
+        `paradec generate --opt` call it; a dict's text values are converted as from the CLI."""
+        self.method(method).set_defaults(options)
+
     # --- public API -----------------------------------------------------------------------------------------
+    def request(
+        self,
+        prompt: Prompt | None = None,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        method: str = "vanilla",
+        options: dict | Options | None = None,
+        sampling: SamplingParams | dict | None = None,
+        max_new_tokens: int = 128,
+        stop: str | list[str] | None = None,
+    ) -> Request:
+        """A checked `Request` for `prompt` (text or token ids) or chat `messages` (rendered by the model's chat
+        template; exactly one of the two). `options` apply over the engine's defaults for `method`. Raises
+        `ParadecError` with `param` naming the bad parameter."""
+        if (prompt is None) == (messages is None):
+            raise ParadecError(
+                "give either a prompt or chat messages" + (", not both" if prompt is not None else ""),
+                param="prompt" if prompt is None else "messages",
+            )
+        sampling = sampling_params(sampling)
+        decoding = self.method(method)
+        try:
+            parsed = decoding.request_options(options)
+        except ParadecError as exc:
+            raise _with_param(exc, "method_options") from None
+        max_new_tokens = check_max_new_tokens(max_new_tokens)
+        stops = stop_strings(stop)
+        if messages is None:
+            prompt_ids, param = self.encode(prompt), "prompt"
+        else:
+            prompt_ids, param = self.encode_chat(messages), "messages"
+        context = self.target.max_length
+        if len(prompt_ids) >= context:
+            raise ParadecError(
+                f"the prompt is {len(prompt_ids)} tokens, the model's context is {context} tokens", param=param
+            )
+        total = len(prompt_ids) + max_new_tokens
+        if total > context:
+            raise ParadecError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
+                f"model's context of {context} tokens",
+                param="max_new_tokens",
+            )
+        return Request(
+            prompt_ids=tuple(prompt_ids),
+            method=method,
+            drafter=decoding.drafter_class,
+            options=parsed,
+            sampling=sampling,
+            max_new_tokens=max_new_tokens,
+            stops=stops,
+        )
+
     def generate(
         self,
-        prompt: str | list[int] | torch.Tensor,
+        prompt: Request | Prompt | None = None,
         *,
+        messages: list[dict[str, str]] | None = None,
         method: str = "vanilla",
         sampling: SamplingParams | dict | None = None,
         max_new_tokens: int = 128,
         stop: str | list[str] | None = None,
-        options: dict | Any = None,
+        options: dict | Options | None = None,
     ) -> Result:
-        """Generate a completion of `prompt`; returns text, new token ids and stats."""
+        """Run a `Request`, or one built from the keywords as by `request`; returns text, new token ids and stats."""
         return self.stream(
-            prompt, method=method, sampling=sampling, max_new_tokens=max_new_tokens, stop=stop, options=options
+            prompt,
+            messages=messages,
+            method=method,
+            sampling=sampling,
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            options=options,
         ).run()
 
     def stream(
         self,
-        prompt: str | list[int] | torch.Tensor,
+        prompt: Request | Prompt | None = None,
         *,
+        messages: list[dict[str, str]] | None = None,
         method: str = "vanilla",
         sampling: SamplingParams | dict | None = None,
         max_new_tokens: int = 128,
         stop: str | list[str] | None = None,
-        options: dict | Any = None,
+        options: dict | Options | None = None,
     ) -> Generation:
         """Like `generate`, but iterate the returned object for text pieces as tokens are accepted;
         its `.result` is set when the iteration ends."""
-        sampling = _sampling(sampling)
-        drafter_cls = get_drafter(method)
-        parsed = parse_options(drafter_cls, options)
-        prompt_ids = self.encode(prompt)
-        _check_max_new_tokens(max_new_tokens)
-        total = len(prompt_ids) + max_new_tokens
-        if total > self.target.max_length:
-            raise ParadecError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the "
-                f"model's context of {self.target.max_length} tokens"
+        if isinstance(prompt, Request):
+            given = (messages, method, sampling, max_new_tokens, stop, options)
+            if given != (None, "vanilla", None, 128, None, None):
+                raise TypeError("stream()/generate() take a Request or a prompt with keywords, not both")
+            request = prompt
+        else:
+            request = self.request(
+                prompt,
+                messages=messages,
+                method=method,
+                options=options,
+                sampling=sampling,
+                max_new_tokens=max_new_tokens,
+                stop=stop,
             )
-        stops = _stop_list(stop)
-        drafter = drafter_cls(self, parsed)
+        drafter = self.method(request.method).open(request.options)
         return Generation(
             self.target,
             drafter,
             self.tokenizer,
-            prompt_ids,
-            sampling,
-            max_new_tokens,
+            list(request.prompt_ids),
+            request.sampling,
+            request.max_new_tokens,
             self.eos_token_ids,
-            stops,
-            method,
+            list(request.stops),
+            request.method,
             lock=self._busy,
         )
 
-    def encode(self, prompt: str | list[int] | torch.Tensor) -> list[int]:
-        """Prompt -> token ids, validated (non-empty, ids inside the vocabulary)."""
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Prompt -> token ids, validated (non-empty, ids inside the vocabulary); errors have param="prompt"."""
         if isinstance(prompt, str):
             if not prompt:
-                raise ParadecError("prompt is empty")
+                raise ParadecError("prompt is empty", param="prompt")
             if self.tokenizer is None:
-                raise ParadecError("this engine has no tokenizer: pass the prompt as token ids")
+                raise ParadecError("this engine has no tokenizer: pass the prompt as token ids", param="prompt")
             ids = list(self.tokenizer(prompt)["input_ids"])
         elif isinstance(prompt, torch.Tensor):
             if prompt.dim() == 2 and prompt.shape[0] == 1:
                 prompt = prompt[0]
             if prompt.dim() != 1 or prompt.dtype not in (torch.int32, torch.int64):
-                raise ParadecError(f"prompt tensor must be 1-D integer token ids, got shape {tuple(prompt.shape)}")
+                raise ParadecError(
+                    f"prompt tensor must be 1-D integer token ids, got shape {tuple(prompt.shape)}", param="prompt"
+                )
             ids = prompt.tolist()
         elif isinstance(prompt, (list, tuple)):
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-                raise ParadecError("prompt list must hold integer token ids")
+                raise ParadecError("prompt list must hold integer token ids", param="prompt")
             ids = list(prompt)
         else:
-            raise ParadecError(f"prompt must be a string or token ids, got {type(prompt).__name__}")
+            raise ParadecError(f"prompt must be a string or token ids, got {type(prompt).__name__}", param="prompt")
         if not ids:
-            raise ParadecError("prompt is empty (it encodes to no tokens)")
+            raise ParadecError("prompt is empty (it encodes to no tokens)", param="prompt")
         bad = [t for t in ids if not 0 <= t < self.target.vocab_size]
         if bad:
-            raise ParadecError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.target.vocab_size})")
+            raise ParadecError(
+                f"prompt token id {shown(bad[0])} is outside the vocabulary [0, {self.target.vocab_size})",
+                param="prompt",
+            )
         return ids
 
     def has_chat_template(self) -> bool:
@@ -168,42 +265,26 @@ class Engine:
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """A conversation (OpenAI-style `{"role", "content"}` dicts, the last one from the user or a system) ->
         the prompt token ids of the model's own chat template, with the assistant turn opened; validated like
-        `encode`. Raises `ParadecError` when the model has no chat template or a message is malformed."""
+        `encode`. Raises `ParadecError` (param="messages") when the model has no chat template or a message is
+        malformed."""
         if not self.has_chat_template():
             raise ParadecError(
-                f"model {self.config.model!r} has no chat template: give a plain prompt instead of chat messages"
+                f"model {self.config.model!r} has no chat template: give a plain prompt instead of chat messages",
+                param="messages",
             )
-        text = chat_text(self.tokenizer, messages)
-        # the template writes the special tokens itself (a BOS included, where the model has one)
-        return self.encode(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
-
-
-def _sampling(sampling: SamplingParams | dict | None) -> SamplingParams:
-    if sampling is None:
-        return SamplingParams()
-    if isinstance(sampling, SamplingParams):
-        return sampling
-    if isinstance(sampling, dict):
         try:
-            return SamplingParams(**sampling)
-        except TypeError as exc:
-            raise ParadecError(f"bad sampling parameters {sampling!r}: {exc}") from exc
-    raise ParadecError(f"sampling must be SamplingParams or a dict, got {type(sampling).__name__}")
+            text = chat_text(self.tokenizer, messages)
+            # the template writes the special tokens itself (a BOS included, where the model has one)
+            return self.encode(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
+        except ParadecError as exc:
+            raise _with_param(exc, "messages", force=True) from None
 
 
-def _check_max_new_tokens(value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ParadecError(f"max_new_tokens must be an integer >= 1, got {value!r}")
-
-
-def _stop_list(stop: str | list[str] | None) -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    for s in stops:
-        if not isinstance(s, str) or not s:
-            raise ParadecError(f"stop strings must be non-empty strings, got {s!r}")
-    return stops
+def _with_param(exc: ParadecError, param: str, *, force: bool = False) -> ParadecError:
+    """`exc` with `param` set (kept when it already names one, unless `force`)."""
+    if exc.param is not None and not force:
+        return exc
+    return ParadecError(str(exc), param=param)
 
 
 def _eos_ids(path: Path, tokenizer) -> set[int]:

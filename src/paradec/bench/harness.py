@@ -298,19 +298,17 @@ class Bench:
 
     def _run_method(self, outcome: Outcome) -> None:
         method, plan, engine = outcome.method, self.plan, self.engine
-        options = plan.options.get(method)
 
-        def generate(index: int, prompt_ids: list[int], max_new_tokens: int):
-            return engine.generate(
-                prompt_ids,
-                method=method,
-                sampling=self._sampling(index),
-                max_new_tokens=max_new_tokens,
-                options=options,
+        def request(index: int, prompt_ids: list[int], max_new_tokens: int):
+            """The checked request (built outside the timed call); its options are the engine's defaults."""
+            return engine.request(
+                prompt_ids, method=method, sampling=self._sampling(index), max_new_tokens=max_new_tokens
             )
 
         try:  # probe: does this method run with this engine (draft model, heads, runner kind)?
-            generate(0, self.prompt_tokens[0], 1)
+            # the --opt METHOD.NAME=VALUE options become the engine's for the method, its settings included
+            engine.set_default_options(method, plan.options.get(method))
+            engine.generate(request(0, self.prompt_tokens[0], 1))
         except ParadecError as exc:
             if plan.explicit:
                 raise
@@ -321,15 +319,16 @@ class Bench:
 
         def untimed(turn: int, asked: list[int], contexts: list[list[int]]) -> list[list[int]]:
             (index,), (prompt_ids,) = asked, contexts
-            result = generate(index, prompt_ids, plan.max_new_tokens)
+            result = engine.generate(request(index, prompt_ids, plan.max_new_tokens))
             self._tick()
             return [result.token_ids]
 
         def timed(turn: int, asked: list[int], contexts: list[list[int]]) -> list[list[int]]:
             (index,), (prompt_ids,) = asked, contexts
+            checked = request(index, prompt_ids, plan.max_new_tokens)
             results, walls = [], []
             for _ in range(plan.repeats):
-                result, wall = self._timed(lambda: generate(index, prompt_ids, plan.max_new_tokens))
+                result, wall = self._timed(lambda: engine.generate(checked))
                 results.append(result)
                 walls.append(wall)
                 self._tick()

@@ -1,12 +1,14 @@
-"""Drafter registry: methods are drafter classes registered by name."""
+"""Drafter registry: methods are drafter classes registered by name (each names its options class and its
+engine-lifetime `Method` class)."""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
 
-from paradec.drafters.base import DecodeState, Drafter, NoOptions, Resources, parse_options
-from paradec.errors import ParadecError
+from paradec.drafters.base import LRU, DecodeState, Drafter, Method, NoOptions, Resources, parse_options
+from paradec.drafters.options import Options, bound, engine_setting
+from paradec.errors import ParadecError, shown
 
 REGISTRY: dict[str, type[Drafter]] = {}
 
@@ -19,8 +21,8 @@ def register(cls: type[Drafter]) -> type[Drafter]:
 
 
 def get_drafter(name: str) -> type[Drafter]:
-    if name not in REGISTRY:
-        raise ParadecError(f"unknown method {name!r} (choose from {', '.join(methods())})")
+    if not isinstance(name, str) or name not in REGISTRY:
+        raise ParadecError(f"unknown method {shown(name)} (choose from {', '.join(methods())})", param="method")
     return REGISTRY[name]
 
 
@@ -30,20 +32,25 @@ def methods() -> list[str]:
 
 
 def _import_all() -> None:
-    """Every module of this package defines and registers drafters: importing it is registering them."""
+    """Every module of this package but the seam's own defines and registers drafters: importing it registers them."""
     for module in pkgutil.iter_modules(__path__):
-        if module.name != "base":
+        if module.name not in ("base", "options"):
             importlib.import_module(f"{__name__}.{module.name}")
 
 
 _import_all()
 
 __all__ = [
+    "LRU",
     "REGISTRY",
     "DecodeState",
     "Drafter",
+    "Method",
     "NoOptions",
+    "Options",
     "Resources",
+    "bound",
+    "engine_setting",
     "get_drafter",
     "methods",
     "parse_options",

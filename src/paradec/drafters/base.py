@@ -1,24 +1,30 @@
-"""The drafter seam: `propose(state) -> Proposal`, then `update(state, verdict)`.
+"""The drafter seam: `propose(state) -> Proposal`, then `update(state, verdict)`; and the method that opens drafters.
 
 A drafter proposes future tokens; it never touches the target's KV cache. One drafter instance serves one
 generation: `begin` after the prompt is prefilled, then per step `propose` -> (target forward + verify) ->
 `update`. What a drafter may need beyond the token sequence (a draft model's runner, trained heads) comes from
 `Resources`, which the engine provides and owns.
+
+A `Method` is the engine-lifetime side of a method: one per engine and method name, made on first use. It owns
+what outlives a generation (layerskip's drafting views, EAGLE's workspace: bounded, in an `LRU` where keyed by a
+request's options), the engine's defaults and settings of the method's options (`set_defaults`), the checks of a
+request's options against this engine (`request_options`), and `open(options)`, which starts a generation's drafter.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 
 from paradec.config import SamplingParams
-from paradec.errors import ParadecError
+from paradec.drafters.options import MAX_STEP_INPUTS, STATIC_LIMITS, Options, parse_values, specs
+from paradec.errors import ParadecError, shown
 from paradec.runners.base import Runner
 from paradec.types import Proposal, Verdict
 
@@ -54,13 +60,103 @@ class Resources(Protocol):
 
 
 @dataclass(frozen=True)
-class NoOptions:
+class NoOptions(Options):
     """This method takes no options."""
+
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class LRU(Generic[K, V]):
+    """At most `size` values, the least recently used dropped first (its memory freed with its last reference)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K, make: Callable[[], V]) -> V:
+        """The value of `key`, made by `make()` when absent (which may drop the least recently used)."""
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = make()
+        self._items[key] = value
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def values(self) -> Iterator[V]:
+        return iter(list(self._items.values()))
+
+
+class Method:
+    """A method on one engine (see the module docstring): defaults, checks, state kept between generations, and
+    `open`. This base keeps no state; methods that do subclass it and name the subclass as `Drafter.method_class`."""
+
+    def __init__(self, resources: Resources, drafter_class: type[Drafter]) -> None:
+        self.resources = resources
+        self.drafter_class = drafter_class
+        self.name = drafter_class.name
+        self.defaults: Options = drafter_class.options_class()
+
+    def limits(self) -> dict[str, int]:
+        """This engine's bounds of the method's options, by `paradec.drafters.options.LIMITS` name."""
+        target = self.resources.target
+        step = min(getattr(target, "max_step_inputs", MAX_STEP_INPUTS), MAX_STEP_INPUTS)
+        return {"proposal": step - 1, "vocab": target.vocab_size}
+
+    def check(self, options: Options) -> None:
+        """Raise `ParadecError` unless `options` suit this engine (subclasses add rules on engine settings)."""
+        options.check(self.limits())
+
+    def set_defaults(self, options: Mapping[str, Any] | Options | None) -> None:
+        """This engine's defaults of the method's options, engine settings included: a dict over the class's
+        defaults (text converted), an instance, or None (the class's defaults)."""
+        parsed = parse_options(self.drafter_class, options, limits=self.limits())
+        self.check(parsed)
+        self.defaults = parsed
+
+    def request_options(self, options: Mapping[str, Any] | Options | None) -> Options:
+        """A request's options, checked against this engine: a dict's values over the engine's defaults, or an
+        instance. A request may not change an engine setting: it may repeat the engine's value (or leave an
+        instance's at the class default, which then takes the engine's)."""
+        parsed = parse_options(self.drafter_class, options, base=self.defaults, limits=self.limits())
+        engine = self.defaults.settings()
+        resolved = {}
+        for spec in specs(type(parsed)):
+            if not spec.setting or getattr(parsed, spec.name) == engine[spec.name]:
+                continue
+            if isinstance(options, Options) and getattr(parsed, spec.name) == spec.default:
+                resolved[spec.name] = engine[spec.name]
+                continue
+            raise ParadecError(
+                f"option {spec.name}={shown(getattr(parsed, spec.name))} for method {self.name!r} is an engine "
+                f"setting (it changes compiled state), not a request's: set it once per engine with "
+                f"Engine.set_default_options({self.name!r}, {{{spec.name!r}: ...}}), or start the server with "
+                f"`paradec serve --opt {spec.name}=...`",
+                param="method_options",
+            )
+        if resolved:
+            parsed = dataclasses.replace(parsed, **resolved)
+        self.check(parsed)
+        return parsed
+
+    def open(self, options: Options) -> Drafter:
+        """The drafter of one generation (`options` checked by `request_options`)."""
+        return self.drafter_class(self.resources, options)
 
 
 class Drafter(ABC):
     name: ClassVar[str]
-    options_class: ClassVar[type] = NoOptions
+    options_class: ClassVar[type[Options]] = NoOptions
+    method_class: ClassVar[type[Method]] = Method  # the engine-lifetime side (a subclass where state is kept)
     needs_hidden: ClassVar[bool] = False  # the decode loop asks the target runner for hidden states
     lossy: ClassVar[bool] = False
 
@@ -80,42 +176,20 @@ class Drafter(ABC):
         """Called after verification; `state.tokens` already holds the emitted tokens."""
 
 
-def parse_options(cls: type[Drafter], options: Any) -> Any:
-    """Build `cls.options_class` from None, a dict (values may be strings, as from the CLI) or an instance."""
+def parse_options(
+    cls: type[Drafter], options: Any, base: Options | None = None, limits: Mapping[str, int] = STATIC_LIMITS
+) -> Options:
+    """`cls.options_class` from None (`base`, else the class's defaults), a dict of values over them (text, as from
+    the CLI, is converted; each value checked under `limits`) or an instance. Checks the static bounds; a `Method`
+    passes its engine's limits, and `Method.check` then checks the whole against them."""
     opt_cls = cls.options_class
     if options is None:
-        return opt_cls()
+        return opt_cls() if base is None else base
     if isinstance(options, opt_cls):
         return options
-    if not isinstance(options, dict):
-        raise ParadecError(f"options for method {cls.name!r} must be a dict, got {type(options).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(opt_cls)}
-    hints = typing.get_type_hints(opt_cls)
-    values = {}
-    for key, raw in options.items():
-        if key not in fields:
-            known = ", ".join(fields) or "none"
-            raise ParadecError(f"unknown option {key!r} for method {cls.name!r} (options: {known})")
-        values[key] = _convert(cls.name, key, raw, hints[key])
-    return opt_cls(**values)
-
-
-def _convert(method: str, key: str, raw: Any, hint: Any) -> Any:
-    optional = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    base = typing.get_args(hint)[0] if optional else hint
-    if not isinstance(raw, str) or base is str:
-        return raw
-    try:
-        if base is bool:
-            if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError(raw)
-            return raw.lower() in ("1", "true", "yes", "on")
-        if base in (int, float):
-            return base(raw)
-        if typing.get_origin(base) is tuple:
-            return tuple(int(x) for x in raw.split(",") if x.strip())
-    except ValueError as exc:
+    if not isinstance(options, Mapping):
         raise ParadecError(
-            f"option {key}={raw!r} for method {method!r} is not a valid {getattr(base, '__name__', base)}"
-        ) from exc
-    return raw
+            f"options for method {cls.name!r} must be a dict, got {type(options).__name__}", param="method_options"
+        )
+    values = parse_values(opt_cls, cls.name, options, limits)
+    return dataclasses.replace(opt_cls() if base is None else base, **values)

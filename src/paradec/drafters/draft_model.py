@@ -11,29 +11,27 @@ rejection sampling (Leviathan et al. 2023). With `adaptive=true` the draft lengt
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from paradec.drafters import register
 from paradec.drafters.adaptive import AdaptiveLength
-from paradec.drafters.base import DecodeState, Drafter, Resources
+from paradec.drafters.base import DecodeState, Drafter, Method, Resources
+from paradec.drafters.options import Options, bound
 from paradec.errors import ParadecError
 from paradec.runners.base import Runner, prefill
 from paradec.sampling import sample, warp
 from paradec.types import Proposal, Verdict
 
+MAX_K = 32  # longest draft chain: every draft token is one forward of the draft model, one after the other
+
 
 @dataclass(frozen=True)
-class DraftOptions:
-    k: int = 5  # draft tokens per step (with adaptive: the longest draft)
+class DraftOptions(Options):
+    method = "draft"
+    k: int = field(default=5, metadata=bound(1, MAX_K, limit="proposal"))  # draft tokens per step (adaptive: most)
     adaptive: bool = False  # choose the draft length per step from measured acceptance and step time
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
-            raise ParadecError(f"draft option k must be an integer >= 1, got {self.k!r}")
-        if not isinstance(self.adaptive, bool):
-            raise ParadecError(f"draft option adaptive must be true or false, got {self.adaptive!r}")
 
 
 def align_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -96,10 +94,20 @@ class DraftChain:
         self.runner.rollback(min(valid, self.runner.length))
 
 
+class DraftMethod(Method):
+    """The draft model is this engine's resource: a request for `draft` on an engine without one fails when it is
+    built, not when it runs."""
+
+    def __init__(self, resources: Resources, drafter_class: type[Drafter]) -> None:
+        super().__init__(resources, drafter_class)
+        resources.draft_runner()
+
+
 @register
 class DraftModel(Drafter):
     name = "draft"
     options_class = DraftOptions
+    method_class = DraftMethod
     draft_token_cost = 0.1  # prior cost of one draft token relative to a target step (until steps are timed)
 
     def __init__(self, resources: Resources, options: DraftOptions) -> None:

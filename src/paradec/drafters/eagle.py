@@ -32,36 +32,35 @@ sampled output exact.
 from __future__ import annotations
 
 import importlib.util
-import weakref
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache, partial
 
 import torch
 from torch.nn import functional as F
 
 from paradec.drafters import register
-from paradec.drafters.base import DecodeState, Drafter, Resources
+from paradec.drafters.base import DecodeState, Drafter, Method, Resources
+from paradec.drafters.options import Options, bound, engine_setting
 from paradec.errors import ParadecError
 from paradec.heads import EagleHead, target_weights
 from paradec.tree import TreeBuffers, device_tree_tensors
 from paradec.types import Proposal, Verdict
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
-class EagleOptions:
-    topk: int = 8  # children per expanded node, and nodes expanded per level
-    depth: int = 6  # draft levels: the most draft tokens on one path
-    nodes: int = 48  # tree nodes scored per step (the best by cumulative draft log-probability)
-    compile: bool | None = None  # fuse each step's kernels with torch.compile; None: on CUDA when Triton is there
-
-    def __post_init__(self) -> None:
-        for name in ("topk", "depth", "nodes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ParadecError(f"eagle option {name} must be an integer >= 1, got {value!r}")
-        if self.compile is not None and not isinstance(self.compile, bool):
-            raise ParadecError(f"eagle option compile must be true or false, got {self.compile!r}")
+class EagleOptions(Options):
+    method = "eagle"
+    topk: int = field(default=8, metadata=bound(1, 64, limit="vocab"))  # children per expanded node, nodes per level
+    depth: int = field(default=6, metadata=bound(1, 16))  # draft levels: the most draft tokens on one path
+    # tree nodes scored per step (the best by cumulative draft log-probability)
+    nodes: int = field(default=48, metadata=bound(1, limit="proposal"))
+    # fuse each step's kernels with torch.compile (CUDA only); None: on CUDA when Triton is there. An engine
+    # setting: compiling takes seconds to minutes, once per engine
+    compile: bool | None = field(default=None, metadata=engine_setting())
 
 
 class Workspace:
@@ -95,9 +94,6 @@ class Workspace:
         """The tensors a step reads and writes, in `draft_step`'s order."""
         return self.keys, self.values, self.slots, self.tokens, self.features, self.count, self.start, self.length, \
             self.root  # fmt: skip
-
-
-_WORKSPACES: weakref.WeakKeyDictionary[EagleHead, Workspace] = weakref.WeakKeyDictionary()
 
 
 # A step's math as plain functions of (head, weights, tensors, static ints), so that one `torch.compile` of
@@ -212,23 +208,61 @@ def compiled_step(backend: str = "inductor") -> Callable:
     return torch.compile(draft_step, dynamic=False, backend=backend)
 
 
+class EagleMethod(Method):
+    """Per engine: the head, its workspace (one: generations run one at a time; replaced when a request's shape
+    options or a longer sequence need another), and whether compiling the step failed (then no generation of this
+    engine tries again: a failed compilation costs as long as a successful one)."""
+
+    def __init__(self, resources: Resources, drafter_class: type[Drafter]) -> None:
+        super().__init__(resources, drafter_class)
+        self.head = resources.heads("eagle")
+        self.workspace: Workspace | None = None
+        self.compile_failed = False
+
+    def check(self, options: EagleOptions) -> None:
+        super().check(options)
+        device = self.resources.target.device
+        if options.compile and device.type != "cuda":
+            raise ParadecError(
+                f"option compile=True for method 'eagle' needs a CUDA engine; this one runs on {device.type} "
+                "(compiling the draft step there takes minutes and brings nothing)",
+                param="method_options",
+            )
+
+    def step(self, options: EagleOptions) -> Callable:
+        """The draft step of a generation: compiled (by the engine's setting) unless compiling it failed."""
+        compile = options.compile
+        if compile is None:
+            compile = self.resources.target.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        return compiled_step() if compile and not self.compile_failed else draft_step
+
+    def workspace_for(self, options: EagleOptions, length: int) -> Workspace:
+        """The workspace if it suits `options` and `length` committed entries, else a new, roomier one (which
+        replaces it for later generations)."""
+        ws = self.workspace
+        if ws is None or not ws.fits(options, length):
+            ws = Workspace(self.head, options, capacity=max(1024, 2 * (length + options.depth + 1)))
+            self.workspace = ws
+        return ws
+
+    def open(self, options: EagleOptions) -> Eagle:
+        return Eagle(self, options)
+
+
 @register
 class Eagle(Drafter):
     name = "eagle"
     options_class = EagleOptions
+    method_class = EagleMethod
     needs_hidden = True
 
-    def __init__(self, resources: Resources, options: EagleOptions) -> None:
-        super().__init__(resources, options)
-        self.head = resources.heads("eagle")
-        self.target = resources.target
+    def __init__(self, method: EagleMethod, options: EagleOptions) -> None:
+        super().__init__(method.resources, options)
+        self.method = method
+        self.head = method.head
+        self.target = method.resources.target
         self.embed, self.lm_head = target_weights(self.target)
-        if options.topk > self.target.vocab_size:
-            raise ParadecError(f"eagle option topk={options.topk} exceeds the vocabulary of {self.target.vocab_size}")
-        compile = options.compile
-        if compile is None:
-            compile = self.embed.device.type == "cuda" and importlib.util.find_spec("triton") is not None
-        self.step = compiled_step() if compile else draft_step
+        self.step = method.step(options)
         self.ws: Workspace | None = None
         self.committed = 0  # entries added or staged (the host's copy of ws.length once they are added)
         self.staged = False  # new entries wait in the input buffers (added by the next step)
@@ -236,7 +270,7 @@ class Eagle(Drafter):
     # --- the drafter seam ------------------------------------------------------------------------------------
     def begin(self, state: DecodeState) -> None:
         self.committed, self.staged = 0, False
-        self.ws = self._workspace(len(state.tokens))
+        self.ws = self.method.workspace_for(self.options, len(state.tokens))
         features = state.target_hidden
         if features is not None and features.shape[0] > 0:
             self._prefill(state.tokens, features)
@@ -251,7 +285,7 @@ class Eagle(Drafter):
         if self.staged:  # the last step proposed nothing: add its entries before staging new ones
             self._step(0)
         if not self.ws.fits(self.options, end):  # a larger workspace: carry the committed entries over
-            old, self.ws = self.ws, self._workspace(end)
+            old, self.ws = self.ws, self.method.workspace_for(self.options, end)
             self.ws.keys[:, :, :start] = old.keys[:, :, :start]
             self.ws.values[:, :, :start] = old.values[:, :, :start]
         self._stage(state.tokens[start + 1 : end + 1], features, start)
@@ -269,15 +303,6 @@ class Eagle(Drafter):
         return Proposal(tokens=tokens, layout=layout)
 
     # --- decoding ---------------------------------------------------------------------------------------------
-    def _workspace(self, length: int) -> Workspace:
-        """The head's workspace if it suits these options and `length` committed entries, else a new, roomier
-        one (which replaces it for later generations)."""
-        ws = _WORKSPACES.get(self.head)
-        if ws is None or not ws.fits(self.options, length):
-            ws = Workspace(self.head, self.options, capacity=max(1024, 2 * (length + self.options.depth + 1)))
-            _WORKSPACES[self.head] = ws
-        return ws
-
     def _stage(self, tokens: list[int], features: torch.Tensor, start: int) -> None:
         """Put the entries (tokens[i], features[i]) at positions start + i into the input buffers: the next step
         adds them. non_blocking: pageable memory is staged at once, and the copy waits for nothing queued before."""
@@ -305,24 +330,40 @@ class Eagle(Drafter):
         if n == 0:
             extend(self.head, self.embed, *ws.state(), ws.capacity)
             return None
-        levels, full = options.depth, n == min(options.nodes, options.topk * (1 + ws.draft_slots))
+        full = n == min(options.nodes, options.topk * (1 + ws.draft_slots))
         step = self.step if full else draft_step  # a compiled step per tree size would recompile at every size
-        run = partial(step, self.head, self.embed, self.lm_head, *ws.state(), ws.capacity, options.topk, levels, n)
+        try:
+            tokens, depth, mask, parent = self._grow(step, staged, full, n)
+        except Exception as exc:  # compiling failed (a compiler error, a missing toolchain): draft eagerly from now on
+            if step is draft_step:
+                raise
+            self.method.compile_failed, self.step = True, draft_step
+            first_line = (str(exc).splitlines() or [""])[0][:200]
+            log.warning(
+                "compiling the EAGLE draft step failed, drafting eagerly: %s: %s", type(exc).__name__, first_line
+            )
+            tokens, depth, mask, parent = self._grow(draft_step, staged, full, n)
+        return tokens, TreeBuffers(parents=None, depth=depth, mask=mask, parent=parent, max_depth=options.depth)
+
+    def _grow(self, step: Callable, staged: bool, full: bool, n: int) -> tuple[torch.Tensor, ...]:
+        """`step` over the workspace (the step is idempotent: same inputs, same writes): by CUDA graph replay for a
+        full tree after staged entries, else directly. Returns the tokens [n] and the tree's depth, mask and parent."""
+        ws, options = self.ws, self.options
+        run = partial(
+            step, self.head, self.embed, self.lm_head, *ws.state(), ws.capacity, options.topk, options.depth, n
+        )
         if not (staged and full and ws.keys.device.type == "cuda"):
-            tokens, *tree = run(staged)
-        else:
-            if n not in ws.graphs:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up and compilation (the step is idempotent: same inputs, writes)
-                    run(True)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    outputs = run(True)
-                ws.graphs[n] = (graph, outputs)
-            graph, (tokens, *tree) = ws.graphs[n]
-            graph.replay()
-            tokens = tokens.clone()  # the tree's buffers stay valid until the next replay, after this step
-        depth, mask, parent = tree
-        return tokens, TreeBuffers(parents=None, depth=depth, mask=mask, parent=parent, max_depth=levels)
+            return run(staged)
+        if n not in ws.graphs:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up and compilation
+                run(True)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = run(True)
+            ws.graphs[n] = (graph, outputs)
+        graph, (tokens, *tree) = ws.graphs[n]
+        graph.replay()
+        return (tokens.clone(), *tree)  # the tree's buffers stay valid until the next replay, after this step

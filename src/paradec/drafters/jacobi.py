@@ -21,23 +21,20 @@ the decode loop's one per step. The first window repeats the last prompt token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from paradec.drafters import register
 from paradec.drafters.base import DecodeState, Drafter, Resources
-from paradec.errors import ParadecError
+from paradec.drafters.options import Options, bound
 from paradec.types import Proposal, Verdict
 
 
 @dataclass(frozen=True)
-class JacobiOptions:
-    window: int = 8  # W: future positions iterated (and proposed) per step
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 1:
-            raise ParadecError(f"jacobi option window must be an integer >= 1, got {self.window!r}")
+class JacobiOptions(Options):
+    method = "jacobi"
+    window: int = field(default=8, metadata=bound(1, limit="proposal"))  # W: positions iterated (and proposed)
 
 
 @register

@@ -19,60 +19,52 @@ its argmax equals the full model's next token there (the model's own output, not
 measured on what the target generates, which is often far more predictable than its prompts).
 With α as the per-token acceptance, a chain of k drafts yields E(k) = (1 - α^(k+1)) / (1 - α) tokens per step for
 a cost of 1 + k·r target steps, r = (draft layers + 1) / (target layers + 1) (the + 1 stands for the embedding,
-LM head and launch overhead). The candidate and k with the most tokens per unit cost win. The agreement table is
-cached per target runner, so per engine: calibration costs one 64-token greedy decode plus one teacher-forced
-forward per candidate, once.
+LM head and launch overhead). The candidate and k with the most tokens per unit cost win.
+
+Per engine (`LayerSkipMethod`): the agreement table, so calibration costs one 64-token greedy decode plus one
+teacher-forced forward per candidate, once; and the drafting views of the last VIEWS_KEPT layer sets, so their
+CUDA graphs are captured once, while a request per layer set cannot pile up KV caches.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from weakref import WeakKeyDictionary
+from dataclasses import dataclass, field
 
 import torch
 
 from paradec.drafters import register
 from paradec.drafters.adaptive import AdaptiveLength
-from paradec.drafters.base import DecodeState, Drafter, Resources
+from paradec.drafters.base import LRU, DecodeState, Drafter, Method, Resources
+from paradec.drafters.draft_model import MAX_K as MAX_DRAFT_K
 from paradec.drafters.draft_model import DraftChain
-from paradec.errors import ParadecError
+from paradec.drafters.options import Options, bound
+from paradec.errors import ParadecError, shown
 from paradec.runners.native import NativeRunner
 from paradec.types import Proposal, Verdict
 
 MAX_K = 8  # longest draft the planner (and the adaptive policy, when k is not given) considers
 CALIBRATION_PROMPT_TOKENS = 256  # the first prompt's last tokens, continued greedily by the full model ...
 CALIBRATION_NEW_TOKENS = 64  # ... for this many tokens, on which each candidate's agreement is measured
-
-# target runner -> {draft layers: teacher-forced argmax agreement with the full model}
-_AGREEMENT: WeakKeyDictionary[NativeRunner, dict[tuple[int, ...], float]] = WeakKeyDictionary()
-# target runner -> {draft layers: its drafting view}, kept so CUDA graphs are captured once per engine
-_VIEWS: WeakKeyDictionary[NativeRunner, dict[tuple[int, ...], NativeRunner]] = WeakKeyDictionary()
+VIEWS_KEPT = 4  # drafting views (each with its own KV cache and graphs) an engine keeps, most recently used
+AGREEMENTS_KEPT = 64  # measured layer sets an engine remembers (the calibration candidates and a request's own)
 
 
 @dataclass(frozen=True)
-class LayerSkipOptions:
-    layers: tuple[int, ...] | None = None  # the draft's layers, ascending ("0,1,2,3"); None = chosen on a prompt
-    k: int | None = None  # draft tokens per step (with adaptive: the longest draft); None = chosen with the layers
+class LayerSkipOptions(Options):
+    method = "layerskip"
+    # the draft's layers, ascending ("0,1,2,3"); None = chosen on a prompt
+    layers: tuple[int, ...] | None = field(default=None, metadata=bound(0, limit="layer"))
+    # draft tokens per step (with adaptive: the longest draft); None = chosen with the layers
+    k: int | None = field(default=None, metadata=bound(1, MAX_DRAFT_K, limit="proposal"))
     adaptive: bool = False  # choose the draft length per step from measured acceptance and step time
 
-    def __post_init__(self) -> None:
-        if isinstance(self.layers, list):
-            object.__setattr__(self, "layers", tuple(self.layers))  # a list from Python or JSON means the same
-        if self.layers is not None:
-            layers = self.layers
-            if (
-                not isinstance(layers, tuple)
-                or not layers
-                or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers)
-                or list(layers) != sorted(set(layers))
-            ):
-                raise ParadecError(
-                    f"layerskip option layers must be distinct ascending layer indices >= 0, got {layers!r}"
-                )
-        if self.k is not None and (not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1):
-            raise ParadecError(f"layerskip option k must be an integer >= 1, got {self.k!r}")
-        if not isinstance(self.adaptive, bool):
-            raise ParadecError(f"layerskip option adaptive must be true or false, got {self.adaptive!r}")
+    def check_together(self, limits) -> None:
+        if self.layers is not None and list(self.layers) != sorted(set(self.layers)):
+            raise ParadecError(
+                f"option layers={shown(self.layers)} for method 'layerskip' must list distinct layers in ascending "
+                "order",
+                param="method_options",
+            )
 
 
 def candidate_layers(n_layers: int) -> list[tuple[int, ...]]:
@@ -135,13 +127,11 @@ def measure_agreement(
     return {layers: float(share) for layers, share in agreement.items()}  # one host sync for all candidates
 
 
-@register
-class LayerSkip(Drafter):
-    name = "layerskip"
-    options_class = LayerSkipOptions
+class LayerSkipMethod(Method):
+    """Per engine: the agreement table of calibration and the drafting views (both bounded, most recently used)."""
 
-    def __init__(self, resources: Resources, options: LayerSkipOptions) -> None:
-        super().__init__(resources, options)
+    def __init__(self, resources: Resources, drafter_class: type[Drafter]) -> None:
+        super().__init__(resources, drafter_class)
         target = resources.target
         if not isinstance(target, NativeRunner):
             raise ParadecError(
@@ -152,14 +142,40 @@ class LayerSkip(Drafter):
         self.n_layers = target.args.n_layers
         if self.n_layers < 2:
             raise ParadecError(f"method 'layerskip' needs a target of at least 2 layers, this one has {self.n_layers}")
-        if options.layers is not None:
-            bad = [i for i in options.layers if i >= self.n_layers]
-            if bad:
-                raise ParadecError(f"layerskip layer {bad[0]} is out of range for a target of {self.n_layers} layers")
-            if len(options.layers) == self.n_layers:
-                raise ParadecError(
-                    f"layerskip layers {list(options.layers)} keep all {self.n_layers} layers; leave at least one out"
-                )
+        self.agreement: LRU[tuple[int, ...], float] = LRU(AGREEMENTS_KEPT)  # layers -> argmax agreement
+        self.views: LRU[tuple[int, ...], NativeRunner] = LRU(VIEWS_KEPT)  # layers -> drafting view
+
+    def limits(self) -> dict[str, int]:
+        return {**super().limits(), "layer": self.n_layers - 1}
+
+    def check(self, options: LayerSkipOptions) -> None:
+        super().check(options)
+        if options.layers is not None and len(options.layers) == self.n_layers:
+            raise ParadecError(
+                f"option layers={shown(options.layers)} for method 'layerskip' keeps all {self.n_layers} layers; "
+                "leave at least one out",
+                param="method_options",
+            )
+
+    def view(self, layers: tuple[int, ...]) -> NativeRunner:
+        """The drafting view over `layers` (made now if it is not among the last VIEWS_KEPT used)."""
+        return self.views.get(layers, lambda: self.target.view(layers))
+
+    def open(self, options: LayerSkipOptions) -> LayerSkip:
+        return LayerSkip(self, options)
+
+
+@register
+class LayerSkip(Drafter):
+    name = "layerskip"
+    options_class = LayerSkipOptions
+    method_class = LayerSkipMethod
+
+    def __init__(self, method: LayerSkipMethod, options: LayerSkipOptions) -> None:
+        super().__init__(method.resources, options)
+        self.method = method
+        self.target = method.target
+        self.n_layers = method.n_layers
         self.layers: tuple[int, ...] | None = options.layers
         self.k: int | None = options.k
         self.chain: DraftChain | None = None
@@ -168,10 +184,7 @@ class LayerSkip(Drafter):
     def begin(self, state: DecodeState) -> None:
         if self.layers is None or self.k is None:
             self.layers, self.k = self._plan(state.tokens)
-        views = _VIEWS.setdefault(self.target, {})
-        if self.layers not in views:
-            views[self.layers] = self.target.view(self.layers)
-        self.chain = DraftChain(views[self.layers], "the layerskip draft")
+        self.chain = DraftChain(self.method.view(self.layers), "the layerskip draft")
         self.chain.begin(state)
         if self.options.adaptive:
             longest = MAX_K if self.options.k is None else self.k
@@ -190,8 +203,8 @@ class LayerSkip(Drafter):
 
     def _plan(self, tokens: list[int]) -> tuple[tuple[int, ...], int]:
         candidates = [self.layers] if self.layers is not None else candidate_layers(self.n_layers)
-        cached = _AGREEMENT.setdefault(self.target, {})
-        missing = [layers for layers in candidates if layers not in cached]
-        if missing:
-            cached.update(measure_agreement(self.target, tokens, missing))
-        return plan({layers: cached[layers] for layers in candidates}, self.n_layers, self.k)
+        known = self.method.agreement
+        missing = [layers for layers in candidates if layers not in known]
+        measured = measure_agreement(self.target, tokens, missing) if missing else {}
+        table = {layers: known.get(layers, lambda layers=layers: measured[layers]) for layers in candidates}
+        return plan(table, self.n_layers, self.k)

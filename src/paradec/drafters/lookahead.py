@@ -40,29 +40,44 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from paradec.drafters import register
 from paradec.drafters.base import DecodeState, Drafter, Resources
+from paradec.drafters.options import Options, bound
 from paradec.drafters.pld import NgramIndex
 from paradec.errors import ParadecError
 from paradec.types import AuxInputs, Proposal, Verdict
 
 
 @dataclass(frozen=True)
-class LookaheadOptions:
-    window: int = 8  # W: columns of the lookahead branch (0 = no branch: the pool holds the text's n-grams only)
-    ngram: int = 4  # N: n-gram size (the branch has N - 1 levels; pool candidates are N - 1 tokens long)
-    guesses: int = 8  # G: pool candidates verified per step (and kept per key token)
-    lookup: int = 10  # tokens of the extra prompt-lookup candidate (0 = none; 10 = pld's default)
+class LookaheadOptions(Options):
+    """The bounds keep a step inside the runner's largest step: 1 + n + W(N - 1) inputs, the verification branch's
+    n nodes being at most G(N - 1) + lookup (`check_together`)."""
 
-    def __post_init__(self) -> None:
-        for name, low in (("window", 0), ("ngram", 2), ("guesses", 1), ("lookup", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ParadecError(f"lookahead option {name} must be an integer >= {low}, got {value!r}")
+    method = "lookahead"
+    # W: columns of the lookahead branch (0 = no branch: the pool holds the text's n-grams only)
+    window: int = field(default=8, metadata=bound(0, 32))
+    ngram: int = field(default=4, metadata=bound(2, 16))  # N: n-gram size (N - 1 levels; candidates of N - 1 tokens)
+    guesses: int = field(default=8, metadata=bound(1, 64))  # G: pool candidates verified per step (kept per key)
+    # tokens of the extra prompt-lookup candidate (0 = none; 10 = pld's default)
+    lookup: int = field(default=10, metadata=bound(0, limit="proposal"))
+
+    def step_inputs(self) -> int:
+        """The most inputs a step scores: the pending token, the verification branch, the lookahead branch."""
+        return 1 + self.guesses * (self.ngram - 1) + self.lookup + self.window * (self.ngram - 1)
+
+    def check_together(self, limits) -> None:
+        most = limits["proposal"] + 1
+        if self.step_inputs() > most:
+            raise ParadecError(
+                f"lookahead options window={self.window}, ngram={self.ngram}, guesses={self.guesses}, "
+                f"lookup={self.lookup} score up to 1 + guesses*(ngram-1) + lookup + window*(ngram-1) = "
+                f"{self.step_inputs()} inputs per step; the runner's largest step is {most}",
+                param="method_options",
+            )
 
 
 class NgramPool:

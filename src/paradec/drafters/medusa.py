@@ -10,55 +10,76 @@ is deliberately not offered.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
+from dataclasses import dataclass, field
 
 import torch
 
 from paradec.drafters import register
-from paradec.drafters.base import DecodeState, Drafter, Resources
-from paradec.errors import ParadecError
+from paradec.drafters.base import LRU, DecodeState, Drafter, Method, Resources
+from paradec.drafters.options import Options, bound
 from paradec.heads import target_weights
-from paradec.heads.medusa import RankPath, TreeLayout, tree_layout
+from paradec.heads.medusa import TreeLayout, tree_layout
 from paradec.types import Proposal
+
+LAYOUTS_KEPT = 64  # tree layouts (one per depth x node budget met, near the context's end) kept per engine
 
 
 @dataclass(frozen=True)
-class MedusaOptions:
-    nodes: int = 64  # tree nodes scored per step (the first ones of the tree saved with the heads)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.nodes, int) or self.nodes < 1:
-            raise ParadecError(f"medusa option nodes must be an integer >= 1, got {self.nodes!r}")
+class MedusaOptions(Options):
+    method = "medusa"
+    # tree nodes scored per step: the first ones of the tree saved with the heads; None = all (up to the runner's step)
+    nodes: int | None = field(default=None, metadata=bound(1, limit="tree"))
 
 
-@lru_cache(maxsize=64)
-def _layout(
-    paths: tuple[RankPath, ...], max_depth: int, max_nodes: int, device: str
-) -> tuple[TreeLayout, torch.Tensor]:
-    layout = tree_layout(paths, max_depth, max_nodes)
-    return layout, torch.tensor(layout.flat_index, dtype=torch.long, device=device)
+class MedusaMethod(Method):
+    """Per engine: the heads, and the tree's layouts by (depth, nodes) as device buffers, built once each."""
+
+    def __init__(self, resources: Resources, drafter_class: type[Drafter]) -> None:
+        super().__init__(resources, drafter_class)
+        self.heads = resources.heads("medusa")
+        self.layouts: LRU[tuple[int, int], tuple[TreeLayout, torch.Tensor]] = LRU(LAYOUTS_KEPT)
+        self.depth = max(len(path) for path in self.heads.config.tree)  # the saved tree's deepest level
+
+    def limits(self) -> dict[str, int]:
+        limits = super().limits()
+        return {**limits, "tree": min(len(self.heads.config.tree), limits["proposal"])}
+
+    def layout(self, max_depth: int, max_nodes: int, device: torch.device) -> tuple[TreeLayout, torch.Tensor]:
+        """The saved tree cut to `max_depth` levels and `max_nodes` nodes, and its gather index [n] on `device`."""
+        max_depth = min(max_depth, self.depth)  # a deeper cut is the whole tree: one key for all of them
+
+        def make() -> tuple[TreeLayout, torch.Tensor]:
+            layout = tree_layout(self.heads.config.tree, max_depth, max_nodes)
+            return layout, torch.tensor(layout.flat_index, dtype=torch.long, device=device)
+
+        return self.layouts.get((max_depth, max_nodes), make)
+
+    def open(self, options: MedusaOptions) -> Medusa:
+        return Medusa(self, options)
 
 
 @register
 class Medusa(Drafter):
     name = "medusa"
     options_class = MedusaOptions
+    method_class = MedusaMethod
     needs_hidden = True
 
-    def __init__(self, resources: Resources, options: MedusaOptions) -> None:
-        super().__init__(resources, options)
-        self.heads = resources.heads("medusa")
-        self.target = resources.target
+    def __init__(self, method: MedusaMethod, options: MedusaOptions) -> None:
+        super().__init__(method.resources, options)
+        self.method = method
+        self.heads = method.heads
+        self.target = method.resources.target
         _, self.lm_head = target_weights(self.target)
+        self.nodes = method.limits()["tree"] if options.nodes is None else options.nodes
 
     def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
         hidden = state.target_hidden
         # the forward scores 1 + n inputs after len(tokens) - 1 committed ones: stay inside the context
-        nodes = min(self.options.nodes, self.target.max_length - len(state.tokens))
+        nodes = min(self.nodes, self.target.max_length - len(state.tokens))
         if hidden is None or hidden.shape[0] == 0 or max_tokens < 1 or nodes < 1:
             return Proposal.empty(state.device)
-        layout, flat = _layout(self.heads.config.tree, max_tokens, nodes, str(state.device))
+        layout, flat = self.method.layout(max_tokens, nodes, state.device)
         logits = self.heads.logits(hidden[-1], self.lm_head)  # [K, V]
         top = logits.topk(layout.ranks, dim=-1).indices  # [K, ranks]
         return Proposal(tokens=top.reshape(-1)[flat], parents=layout.parents)

@@ -12,33 +12,35 @@ Reference"). With `adaptive=true` the number of tokens copied per step follows
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from paradec.drafters import register
 from paradec.drafters.adaptive import AdaptiveLength
 from paradec.drafters.base import DecodeState, Drafter, Resources
+from paradec.drafters.options import Options, bound
 from paradec.errors import ParadecError
 from paradec.types import Proposal, Verdict
 
+MAX_NGRAM = 32  # each position enters max_ngram - min_ngram + 1 n-grams: at 32, ~40 MB of index for 4k tokens
+
 
 @dataclass(frozen=True)
-class PLDOptions:
-    max_ngram: int = 3  # longest suffix n-gram matched
-    min_ngram: int = 1  # shortest suffix n-gram matched
-    num_draft_tokens: int = 10  # tokens copied per step (with adaptive: the longest draft)
+class PLDOptions(Options):
+    method = "pld"
+    max_ngram: int = field(default=3, metadata=bound(1, MAX_NGRAM))  # longest suffix n-gram matched
+    min_ngram: int = field(default=1, metadata=bound(1, MAX_NGRAM))  # shortest suffix n-gram matched
+    # tokens copied per step (with adaptive: the longest draft)
+    num_draft_tokens: int = field(default=10, metadata=bound(1, limit="proposal"))
     adaptive: bool = False  # choose the draft length per step from measured acceptance and step time
 
-    def __post_init__(self) -> None:
-        for name in ("max_ngram", "min_ngram", "num_draft_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ParadecError(f"pld option {name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.adaptive, bool):
-            raise ParadecError(f"pld option adaptive must be true or false, got {self.adaptive!r}")
+    def check_together(self, limits) -> None:
         if self.min_ngram > self.max_ngram:
-            raise ParadecError(f"pld option min_ngram={self.min_ngram} exceeds max_ngram={self.max_ngram}")
+            raise ParadecError(
+                f"option min_ngram={self.min_ngram} for method 'pld' exceeds max_ngram={self.max_ngram}",
+                param="method_options",
+            )
 
 
 class NgramIndex:

@@ -21,6 +21,8 @@ from paradec.tree import TreeBuffers
 class HFRunner:
     """Runs a `transformers` causal LM for one sequence (batch 1)."""
 
+    max_step_inputs = 128  # the most inputs a method's step may score (method options are bounded by it)
+
     def __init__(self, model: PreTrainedModel) -> None:
         self.model = model.eval()
         config = model.config.get_text_config(decoder=True)

@@ -50,6 +50,8 @@ def input_parents(node_parents: tuple[int, ...]) -> tuple[int, ...]:
 class NativeRunner:
     """One sequence on the native model (batch 1). Serves targets and draft models alike."""
 
+    max_step_inputs = Q_BUCKETS[-1]  # the largest forward on the static buckets (method options are bounded by it)
+
     def __init__(
         self,
         model: Transformer,
