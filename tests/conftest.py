@@ -8,6 +8,11 @@ near-ties that float rounding could flip between a 1-token and an n-token forwar
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -205,3 +210,151 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: i
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data))
+
+
+# --- `paradec serve` as a real process (tests/test_server_*.py) ---------------------------------------------------
+
+
+class MetricSamples(dict):
+    """/metrics as (sample name, sorted labels) -> value."""
+
+    def sum(self, name: str, **labels: str) -> float:
+        """Sum of the samples called `name` whose labels include `labels`."""
+        return sum(v for (n, ls), v in self.items() if n == name and set(labels.items()) <= set(ls))
+
+
+class ServerProcess:
+    """`python -m paradec serve ARGS --port 0` on 127.0.0.1; `url` is read from the line it prints once it listens,
+    its log (stderr) is written to `log_path`."""
+
+    def __init__(self, args: list[str], log_path: Path, log_level: str = "warning") -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        command = [sys.executable, "-m", "paradec", "serve", *args, "--port", "0", "--log-level", log_level]
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env)
+        line = self.proc.stdout.readline()
+        if "listening on http://" not in line:
+            self.stop()
+            raise RuntimeError(f"paradec serve did not start: {line!r}\n{log_path.read_text()}")
+        self.url = line.rsplit(" ", 1)[1].strip()
+        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        self.address = (host, int(port))
+        threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep the pipe drained
+
+    def metrics(self) -> MetricSamples:
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"{self.url}/metrics", timeout=30).text
+        return MetricSamples(
+            ((s.name, tuple(sorted(s.labels.items()))), s.value)
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        )
+
+    def wait_until(self, condition, what: str, polls: int = 2000) -> MetricSamples:
+        """Poll /metrics until `condition(samples)` holds (a few polls: the server has only to read one request)."""
+        for _ in range(polls):
+            samples = self.metrics()
+            if condition(samples):
+                return samples
+        pytest.fail(f"the server never reached {what}")
+
+    def wait_for(self, **gauges: int) -> MetricSamples:
+        """Poll until the gauges `paradec_<name>` (running, queue_depth) read `gauges`."""
+        return self.wait_until(
+            lambda samples: all(samples.sum(f"paradec_{name}") == value for name, value in gauges.items()), f"{gauges}"
+        )
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self) -> int:
+        """Terminate the server (if still running) and return its exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def serve_process(tmp_path_factory):
+    """`serve_process(args, log_level="warning")`: a started `paradec serve` process (`ServerProcess`); whatever is
+    still running at the end of the session is stopped."""
+    started: list[ServerProcess] = []
+
+    def start(args: list[str], log_level: str = "warning") -> ServerProcess:
+        started.append(ServerProcess(args, tmp_path_factory.mktemp("server") / "server.log", log_level))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        if proc.proc.poll() is None:
+            proc.stop()
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_llama_dir(model_dirs, tmp_path_factory) -> Path:
+    """The tiny llama, with a chat template (CHAT_TEMPLATE) added to its tokenizer."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("chat") / "llama"
+    shutil.copytree(model_dirs["llama"], out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out)
+    return out
+
+
+LONG_CONTEXT = 8192
+
+
+@pytest.fixture(scope="session")
+def long_loop_dir(loop_dirs, tmp_path_factory) -> Path:
+    """The 'loop-llama' target with a context of LONG_CONTEXT tokens: generations long enough to interrupt."""
+    out = tmp_path_factory.mktemp("long") / "llama"
+    shutil.copytree(loop_dirs["llama"], out)
+    config = json.loads((out / "config.json").read_text())
+    config["max_position_embeddings"] = LONG_CONTEXT
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="session")
+def endless_token(long_loop_dir) -> int:
+    """A token whose greedy successors under `long_loop_dir` (a cycle: each depends on its predecessor only) avoid
+    EOS and all decode to complete text: a prompt of it streams a piece per token and never stops early."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(long_loop_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(long_loop_dir)
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        successor = model(torch.arange(vocab).view(vocab, 1)).logits[:, -1].argmax(-1).tolist()
+
+    def shows_text(token: int) -> bool:
+        text = tokenizer.decode([token])
+        return token != model.generation_config.eos_token_id and text != "" and "\ufffd" not in text
+
+    for start in range(1, vocab):
+        seen, token = [], successor[start]
+        while token not in seen and shows_text(token):
+            seen.append(token)
+            token = successor[token]
+        if token in seen:
+            return start
+    pytest.fail("no greedy cycle of the loop model avoids EOS")

@@ -8,83 +8,35 @@ token; an 8000-token generation then keeps the engine busy until the test discon
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import torch
 
 import paradec
-from test_server_api import ServerProcess, metric, metric_samples
 
 LONG = 8000  # tokens of the generation that the tests interrupt
 
 
 @pytest.fixture(scope="module")
-def model_dir(loop_dirs, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("long") / "llama"
-    shutil.copytree(loop_dirs["llama"], out)
-    config = json.loads((out / "config.json").read_text())
-    config["max_position_embeddings"] = LONG + 192
-    (out / "config.json").write_text(json.dumps(config))
-    return out
+def engine(long_loop_dir):
+    return paradec.load(long_loop_dir, device="cpu", runner="hf")
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir):
-    return paradec.load(model_dir, device="cpu", runner="hf")
-
-
-@pytest.fixture(scope="module")
-def start_token(engine) -> int:
-    """A token whose greedy successors (a cycle: each depends on its predecessor only) avoid EOS and all decode to
-    complete text, so the stream yields a piece per token and never stops early."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(engine.config.model).eval()
-    vocab = engine.target.vocab_size
-    with torch.no_grad():
-        successor = model(torch.arange(vocab).view(vocab, 1)).logits[:, -1].argmax(-1).tolist()
-
-    def shows_text(token: int) -> bool:
-        text = engine.tokenizer.decode([token])
-        return token not in engine.eos_token_ids and text != "" and "\ufffd" not in text
-
-    for start in range(1, vocab):
-        seen, token = [], successor[start]
-        while token not in seen and shows_text(token):
-            seen.append(token)
-            token = successor[token]
-        if token in seen:
-            return start
-    pytest.fail("no greedy cycle of this model avoids EOS")
-
-
-@pytest.fixture(scope="module")
-def server(model_dir, tmp_path_factory):
-    args = ["--model", str(model_dir), "--runner", "hf", "--max-queue", "1", "--served-model-name", "long"]
-    proc = ServerProcess(args, tmp_path_factory.mktemp("server") / "server.log")
+def server(long_loop_dir, serve_process):
+    args = ["--model", str(long_loop_dir), "--runner", "hf", "--max-queue", "1", "--served-model-name", "long"]
+    proc = serve_process(args)
     yield proc
     proc.stop()
 
 
-def wait_for(http: httpx.Client, **state: int) -> None:
-    """Poll /health until it reports `state` (a few polls: the server only has to read one request)."""
-    for _ in range(2000):
-        health = http.get("/health").json()
-        if all(health[key] == value for key, value in state.items()):
-            return
-    pytest.fail(f"the server never reached {state}: {health}")
-
-
-def test_disconnect_mid_stream_frees_the_worker_and_a_full_queue_answers_503(server, engine, start_token):
-    short = {"prompt": [start_token], "max_tokens": 4, "temperature": 0}
-    expected = engine.generate([start_token], max_new_tokens=4).text
-    before = metric_samples(server.url)
+def test_disconnect_mid_stream_frees_the_worker_and_a_full_queue_answers_503(server, engine, endless_token):
+    short = {"prompt": [endless_token], "max_tokens": 4, "temperature": 0}
+    expected = engine.generate([endless_token], max_new_tokens=4).text
+    before = server.metrics()
     with httpx.Client(base_url=server.url, timeout=60) as http, ThreadPoolExecutor(1) as pool:
         endless = {**short, "max_tokens": LONG, "stream": True}
         with http.stream("POST", "/v1/completions", json=endless) as stream:
@@ -92,7 +44,7 @@ def test_disconnect_mid_stream_frees_the_worker_and_a_full_queue_answers_503(ser
             first = next(line for line in lines if line.startswith("data: "))
             assert json.loads(first.removeprefix("data: "))["choices"][0]["text"]
             waiting = pool.submit(httpx.post, f"{server.url}/v1/completions", json=short, timeout=60)
-            wait_for(http, running=1, queue_depth=1)
+            server.wait_for(running=1, queue_depth=1)
             full = http.post("/v1/completions", json=short)
             assert full.status_code == 503 and full.headers["retry-after"] == "1"
             assert full.json()["error"]["code"] == "queue_full"
@@ -100,23 +52,23 @@ def test_disconnect_mid_stream_frees_the_worker_and_a_full_queue_answers_503(ser
         answer = waiting.result(timeout=60)
     assert answer.status_code == 200 and answer.json()["choices"][0]["text"] == expected
 
-    after = metric_samples(server.url)
+    after = server.metrics()
     assert (
-        metric(after, "paradec_generations_total", outcome="disconnect")
-        - metric(before, "paradec_generations_total", outcome="disconnect")
+        after.sum("paradec_generations_total", outcome="disconnect")
+        - before.sum("paradec_generations_total", outcome="disconnect")
         == 1
     )
-    generated = metric(after, "paradec_generation_tokens_total") - metric(before, "paradec_generation_tokens_total")
+    generated = after.sum("paradec_generation_tokens_total") - before.sum("paradec_generation_tokens_total")
     assert 4 < generated < LONG  # the disconnected generation stopped early
 
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
-    chunks = client.completions.create(model="long", prompt=[start_token], max_tokens=4, temperature=0, stream=True)
+    chunks = client.completions.create(model="long", prompt=[endless_token], max_tokens=4, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in chunks) == expected
 
 
-def test_disconnect_during_a_plain_request_cancels_it(server, engine, start_token):
-    before = metric_samples(server.url)
-    body = json.dumps({"prompt": [start_token], "max_tokens": LONG, "temperature": 0}).encode()
+def test_disconnect_during_a_plain_request_cancels_it(server, engine, endless_token):
+    before = server.metrics()
+    body = json.dumps({"prompt": [endless_token], "max_tokens": LONG, "temperature": 0}).encode()
     host, port = server.url.removeprefix("http://").split(":")
     with httpx.Client(base_url=server.url, timeout=60) as http:
         with socket.create_connection((host, int(port))) as raw:
@@ -125,17 +77,17 @@ def test_disconnect_during_a_plain_request_cancels_it(server, engine, start_toke
                 + f"Content-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )
-            wait_for(http, running=1)
-        wait_for(http, running=0)
-        reply = http.post("/v1/completions", json={"prompt": [start_token], "max_tokens": 2, "temperature": 0})
+            server.wait_for(running=1)
+        server.wait_for(running=0)
+        reply = http.post("/v1/completions", json={"prompt": [endless_token], "max_tokens": 2, "temperature": 0})
         assert reply.status_code == 200
-    after = metric_samples(server.url)
+    after = server.metrics()
     assert (
-        metric(after, "paradec_generations_total", outcome="disconnect")
-        - metric(before, "paradec_generations_total", outcome="disconnect")
+        after.sum("paradec_generations_total", outcome="disconnect")
+        - before.sum("paradec_generations_total", outcome="disconnect")
         == 1
     )
-    assert metric(after, "paradec_generation_tokens_total") - metric(before, "paradec_generation_tokens_total") < LONG
+    assert after.sum("paradec_generation_tokens_total") - before.sum("paradec_generation_tokens_total") < LONG
 
 
 def test_requests_this_model_cannot_serve_are_400(server):

@@ -4,13 +4,17 @@
     paradec serve --model DIR --draft DIR --method draft --opt k=6 --api-key KEY --port 8080
 
 `--port 0` picks a free port. The first line on stdout says where the server listens, once it accepts connections.
+SIGTERM or SIGINT drains the server (`app.py`) and exits 0; the log (stderr) says how long the drain took.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
+import sys
+from pathlib import Path
 
 from paradec.cli import add_method_args, add_model_args, load_engine
 from paradec.errors import ParadecError
@@ -34,11 +38,44 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=os.environ.get("PARADEC_API_KEY"),
         help="require 'Authorization: Bearer KEY' on /v1/* (default: $PARADEC_API_KEY, else no key)",
     )
-    serve.add_argument("--max-queue", type=int, default=64, help="requests waiting for the engine; more get 503")
-    serve.add_argument("--timeout", type=float, default=600.0, help="seconds per request, queue wait included")
-    serve.add_argument("--served-model-name", help="the `model` name clients use (default: --model as given)")
     serve.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn logs"
+        "--max-queue", type=int, default=64, help="requests waiting for the engine; more get 503 (default 64)"
+    )
+    serve.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds per request, queue wait included (default 600)"
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT: seconds running generations may take to finish before they are cut (default 30)",
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a connection has to send a request's headers, else 408 and closed (default 10)",
+    )
+    serve.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request has to send its body once its headers are in, else 408 (default 30)",
+    )
+    serve.add_argument(
+        "--max-connections", type=int, default=512, help="open connections; more are answered 503 (default 512)"
+    )
+    serve.add_argument(
+        "--served-model-name",
+        help="the `model` name clients use (default: --model as given; a local path's last component, so that no "
+        "response shows where the model lives)",
+    )
+    serve.add_argument("--docs", action="store_true", help="serve the API docs at /docs, /redoc and /openapi.json")
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="the server's and uvicorn's logs, on stderr (default info)",
     )
     serve.set_defaults(func=cmd_serve)
 
@@ -50,28 +87,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ParadecError(f"--port must lie in [0, 65535], got {args.port}")
     if args.max_queue < 1:
         raise ParadecError(f"--max-queue must be >= 1, got {args.max_queue}")
-    if not args.timeout > 0:
-        raise ParadecError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    for flag in ("timeout", "shutdown_timeout", "header_timeout", "body_timeout"):
+        if not getattr(args, flag) > 0:
+            raise ParadecError(f"--{flag.replace('_', '-')} must be > 0 seconds, got {getattr(args, flag)}")
+    if args.max_connections < 1:
+        raise ParadecError(f"--max-connections must be >= 1, got {args.max_connections}")
     parse_options(get_drafter(args.method), dict(args.opt))
     try:
-        import uvicorn
-
         from paradec.server.app import ServerConfig, create_app
+        from paradec.server.runtime import ConnectionLimits, serve
     except ImportError as exc:
         raise ParadecError(f"paradec serve needs the 'serve' extra: pip install 'paradec[serve]' ({exc})") from exc
 
     engine = load_engine(args)
-    # building (not running) a generation builds the method's drafter: a method this engine cannot run (`draft`
-    # without a draft model) fails here, at startup, rather than in every request
-    engine.stream([0], method=args.method, options=dict(args.opt), max_new_tokens=1)
+    # --opt: the engine's defaults for --method, its settings included (eagle's compile, which requests may not
+    # change); making the method acquires what it needs, so one this engine cannot run (`draft` without a draft
+    # model) fails here, at startup, rather than in every request
+    engine.set_default_options(args.method, dict(args.opt))
     config = ServerConfig(
-        model_name=args.served_model_name or args.model or DEFAULT_MODEL_NAME,
+        model_name=_served_name(args),
         method=args.method,
-        options=dict(args.opt),
         api_key=args.api_key or None,
         max_queue=args.max_queue,
         timeout=args.timeout,
+        body_timeout=args.body_timeout,
+        shutdown_timeout=args.shutdown_timeout,
+        docs=args.docs,
     )
+    _log_to_stderr(args.log_level)
     app = create_app(engine, config)
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
@@ -80,9 +123,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"paradec serve: {config.model_name!r} (method {args.method}, runner {engine.config.runner}) listening on {url}",
         flush=True,
     )
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5))
-    server.run(sockets=[sock])
+    limits = ConnectionLimits(header_timeout=args.header_timeout, max_connections=args.max_connections)
+    serve(app, sock, limits=limits, log_level=args.log_level)
     return 0
+
+
+def _served_name(args: argparse.Namespace) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    if args.model is None:
+        return DEFAULT_MODEL_NAME
+    path = Path(args.model)
+    if path.is_dir():
+        return path.name
+    return path.stem if path.is_file() else args.model  # a zoo name or a hub id, as given
+
+
+def _log_to_stderr(level: str) -> None:
+    """paradec.server's log (drain time, failed requests with their ids) next to uvicorn's."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s:     paradec: %(message)s"))
+    logger = logging.getLogger("paradec.server")
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
 
 
 def _listen(host: str, port: int) -> socket.socket:

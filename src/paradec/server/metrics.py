@@ -2,7 +2,8 @@
 
 Per generation (from the scheduler's `JobReport`, labelled by method): outcomes, prompt and generated tokens,
 steps (target forwards), τ, draft tokens proposed and accepted in all and by draft position, latency from
-submission to the last token, time to the first token, queue wait. Per HTTP request: endpoint and status code.
+submission to the last token, time to the first token, queue wait. Per HTTP request: endpoint and the status it
+ended with (499 for a client that went away; a stream's error event's status when it failed after its 200).
 Live: queue depth and running generations.
 """
 
@@ -31,7 +32,12 @@ class ServerMetrics:
         def histogram(name: str, doc: str, buckets: tuple[float, ...] = _SECONDS) -> Histogram:
             return Histogram(name, doc, ("method",), buckets=buckets, registry=self.registry)
 
-        self.requests = counter("paradec_requests", "HTTP requests by endpoint and status", ("endpoint", "status"))
+        self.requests = counter(
+            "paradec_requests",
+            "HTTP requests by endpoint and status, as they ended: 499 = the client went away before its answer; "
+            "a stream that failed after its 200 counts under the status of the error event that ended it",
+            ("endpoint", "status"),
+        )
         self.generations = counter(
             "paradec_generations",
             "Generations by method and outcome (stop, length, disconnect, timeout, shutdown, invalid, error)",

@@ -1,9 +1,10 @@
 """Request and response bodies of the OpenAI-compatible API, as pydantic models.
 
 Requests are checked in two stages: these models check shapes and types (strictly: `"5"` is not an integer, an
-unknown field is refused, as OpenAI refuses it), and `paradec.server.app` checks values (ranges, context length,
-model and method names). Fields that OpenAI defines but paradec cannot honour are accepted at their neutral value
-only (`n=1`, no logprobs, no penalties), so that clients which send defaults explicitly keep working.
+unknown field is refused, as OpenAI refuses it), then `paradec.server.requests` and the engine check values
+(ranges, context length, model and method names). Fields that OpenAI defines but paradec cannot honour are accepted
+at their neutral value only (`n=1`, no logprobs, no penalties), so that clients which send defaults explicitly keep
+working.
 
 Non-standard fields: `method`, `method_options`, `top_k` and `min_p` in requests; `paradec` (the generation's
 stats: τ, steps, acceptance by position, timings) in responses and in the last chunk of a stream.

@@ -1,16 +1,18 @@
 """The scheduler seam between HTTP requests and the engine, and its one-at-a-time implementation.
 
-The app turns a request into a `Job`, hands it to a `Scheduler` with `submit(job) -> Handle`, and reads the job's
-events from the handle: zero or more `Piece`s (text as tokens are accepted), then one `Done` (the `Result`) or
-one `Failed`. The handle is the request's side of the job: `await handle.next()` for events, `handle.cancel()`
-when the client goes away. The handle enforces the request's timeout: when it passes, `next()` returns a
-`Failed(JobTimeout)` and cancels the job.
+The app turns a request into a `Job` (a validated engine call, not started yet), hands it to a `Scheduler` with
+`submit(job) -> Handle`, and reads the job's events from the handle: zero or more `Piece`s (text as tokens are
+accepted), then one `Done` (the `Result`) or one `Failed`. The handle is the request's side of the job:
+`await handle.next()` for events, `handle.cancel()` when the client goes away. The handle enforces the request's
+timeout: when it passes, `next()` returns a `Failed(JobTimeout)` and cancels the job.
 
-`EngineWorker` is the scheduler for an engine that runs one generation at a time: one thread owns the engine and
-takes handles from a bounded FIFO queue (full -> `QueueFull`). It checks for cancellation after every piece it
-pushes, then closes the generation, so a client that disconnects frees the engine within one step. A batched
-engine replaces it by another `Scheduler` that takes several handles off its queue and pushes each its own events;
-the app does not change.
+`EngineWorker` is the scheduler for an engine that runs one generation at a time: one thread starts and runs the
+jobs, taking handles from a bounded FIFO queue (full -> `QueueFull`). It checks for cancellation after every piece
+it pushes, then closes the generation, so a client that disconnects frees the engine within one step. Shutting down
+has two halves: `close()` refuses new jobs and fails the waiting ones at once (`JobCancelled("shutdown")`) while the
+running one goes on; `stop()` cancels the running one too and ends the thread. A batched engine replaces the worker
+by another `Scheduler` that takes several handles off its queue and pushes each its own events; the app does not
+change.
 """
 
 from __future__ import annotations
@@ -23,10 +25,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
-from paradec.config import SamplingParams
-from paradec.decode import Result
+from paradec.decode import Generation, Result
 from paradec.errors import ParadecError
 from paradec.metrics import GenerationStats
 
@@ -35,15 +36,12 @@ log = logging.getLogger("paradec.server")
 
 @dataclass(frozen=True)
 class Job:
-    """One validated generation request, as the engine takes it."""
+    """One validated generation request: `start()` (on the worker's thread) builds its engine generation."""
 
-    prompt_ids: list[int]
-    method: str
-    options: Any  # an instance of the method's options class
-    sampling: SamplingParams
-    max_new_tokens: int
-    stop: list[str]
+    start: Callable[[], Generation]
+    method: str  # the decoding method, for metrics
     timeout: float  # seconds from submission to the last event, queue wait included
+    request_id: str = ""  # the HTTP request's id, in the server log
     submitted: float = field(default_factory=time.monotonic)
 
 
@@ -105,6 +103,13 @@ class Handle:
             self.cancel_reason = reason
             self._cancelled.set()
 
+    def fail(self, reason: str) -> None:
+        """Cancel the job and end its events now, without waiting for the scheduler to notice (it may be in the
+        middle of a step): the reader's next event is `Failed(JobCancelled(reason))`, unless the job's end is
+        already on its way. What the scheduler pushes afterwards is never read."""
+        self.cancel(reason)
+        self.push(Failed(JobCancelled(reason)))
+
     def push(self, event: Event) -> None:
         """Called by the scheduler, from any thread."""
         with contextlib.suppress(RuntimeError):  # RuntimeError: the event loop has closed, nobody is listening
@@ -139,6 +144,11 @@ class Scheduler(Protocol):
 
     def start(self) -> None: ...
 
+    def close(self) -> int:
+        """Refuse new jobs (`QueueFull`) and fail the waiting ones; the running ones go on. Returns how many
+        waiting jobs failed."""
+        ...
+
     def stop(self) -> None: ...
 
     def submit(self, job: Job) -> Handle:
@@ -156,12 +166,11 @@ class Scheduler(Protocol):
 
 
 class EngineWorker:
-    """Runs jobs one at a time, in submission order, on a thread that owns the engine."""
+    """Runs jobs one at a time, in submission order, on one thread: the only one that calls into the engine."""
 
-    def __init__(self, engine, *, max_queue: int, on_report: Callable[[JobReport], None] | None = None) -> None:
+    def __init__(self, *, max_queue: int, on_report: Callable[[JobReport], None] | None = None) -> None:
         if max_queue < 1:
             raise ParadecError(f"max_queue must be >= 1, got {max_queue!r}")
-        self.engine = engine
         self.max_queue = max_queue
         self.on_report = on_report
         self._queue: queue.Queue[Handle | None] = queue.Queue(max_queue)
@@ -184,20 +193,25 @@ class EngineWorker:
     def start(self) -> None:
         self._thread.start()
 
+    def close(self) -> int:
+        self._stopping = True
+        failed = 0
+        while True:
+            try:
+                waiting = self._queue.get_nowait()
+            except queue.Empty:
+                return failed
+            if waiting is not None:
+                waiting.fail("shutdown")
+                failed += 1
+
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel the running and the waiting jobs, and end the thread."""
         self._stopping = True
         current = self._current
         if current is not None:
             current.cancel("shutdown")
-        while True:
-            try:
-                waiting = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if waiting is not None:
-                waiting.cancel("shutdown")
-                waiting.push(Failed(JobCancelled("shutdown")))
+        self.close()
         self._queue.put(None)
         self._thread.join(timeout)
 
@@ -230,14 +244,7 @@ class EngineWorker:
                 handle.cancel("shutdown")
             if handle.cancelled:
                 raise JobCancelled(handle.cancel_reason)
-            generation = self.engine.stream(
-                job.prompt_ids,
-                method=job.method,
-                sampling=job.sampling,
-                max_new_tokens=job.max_new_tokens,
-                stop=job.stop,
-                options=job.options,
-            )
+            generation = job.start()
             pieces = iter(generation)
             try:
                 for piece in pieces:
@@ -255,7 +262,7 @@ class EngineWorker:
             handle.push(Failed(exc))
             outcome = "invalid"
         except Exception as exc:  # a bug or a device failure: report it to this request, keep serving the others
-            log.exception("generation failed")
+            log.exception("generation failed (request %s)", job.request_id)
             handle.push(Failed(exc))
         if self.on_report is not None:
             try:
