@@ -20,11 +20,11 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from paradec.train.overlap import dev_overlap
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "src" / "paradec" / "train" / "data" / "chat_prompts.jsonl"
-BENCH_DATA = ROOT / "src" / "paradec" / "bench" / "data"
 SEED = 20250607
-NGRAM = 8
 
 NAMES = [
     ("Amara", "she", "her"), ("Bruno", "he", "his"), ("Chen", "he", "his"), ("Dalia", "she", "her"),
@@ -862,51 +862,18 @@ CATEGORIES = {
 }  # fmt: skip
 
 
-def ngrams(text: str) -> set[tuple[str, ...]]:
-    words = text.lower().split()
-    return {tuple(words[i : i + NGRAM]) for i in range(len(words) - NGRAM + 1)}
-
-
-def strings(value) -> Iterator[str]:
-    """Every string inside a JSON value (prompts, turns, message contents, ...)."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, list):
-        for item in value:
-            yield from strings(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from strings(item)
-
-
-def bench_ngrams(folder: Path) -> set[tuple[str, ...]]:
-    found: set[tuple[str, ...]] = set()
-    for path in sorted(folder.glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                for text in strings(json.loads(line)):
-                    found |= ngrams(text)
-    return found
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     rng = random.Random(SEED)
-    banned = bench_ngrams(BENCH_DATA)
-    seen: set[str] = set()
-    records, dropped = [], 0
+    unique: dict[str, str] = {}  # prompt -> category, in the order of first appearance
     for category, generate in CATEGORIES.items():
         for prompt in generate(rng):
-            prompt = prompt.strip()
-            if prompt in seen:
-                continue
-            seen.add(prompt)
-            if ngrams(prompt) & banned:
-                dropped += 1
-                continue
-            records.append({"prompt": prompt, "category": category})
+            unique.setdefault(prompt.strip(), category)
+    overlaps = dev_overlap(list(unique))
+    records = [{"prompt": p, "category": c} for (p, c), shared in zip(unique.items(), overlaps) if not shared]
+    dropped = sum(overlaps)
     rng.shuffle(records)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

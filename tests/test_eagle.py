@@ -1,25 +1,30 @@
 """`eagle`: lossless whatever the head says (greedy equality with random-weight heads, sampling distribution over
-dynamic trees), and the drafter's batched, cached EAGLE-2 tree equals a brute-force construction."""
+dynamic trees), and the drafter's batched, cached EAGLE-2 tree equals a brute-force construction; the same for heads
+with a reduced draft vocabulary (draft ids mapped to target ids), whose map, when broken, costs acceptance only."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 
 import paradec
 import paradec.drafters.eagle as eagle_module
-from conftest import ARCHS, hf_greedy
+from conftest import ARCHS, CORPUS, hf_greedy
 from fakes import TableRunner
 from paradec.config import SamplingParams
 from paradec.decode import Generation
 from paradec.drafters.base import DecodeState
 from paradec.drafters.eagle import Eagle, EagleMethod, EagleOptions, compiled_step
 from paradec.errors import ParadecError
-from paradec.heads import EagleConfig, EagleHead, save_heads
+from paradec.heads import EagleConfig, EagleHead, load_heads, save_heads
+from paradec.train.loop import TrainSettings
+from paradec.train.pipeline import DataSettings, HeadSettings, run
 from paradec.types import Verdict
 from test_distribution import NEW, PROMPT, SAMPLES, TARGET_TABLE, VOCAB, WARPS, p_value
 from test_heads import chain_outputs, random_eagle
@@ -31,32 +36,49 @@ PROMPTS = [
 ]
 
 
-def random_heads_dir(root, hidden: int, vocab: int, seed: int):
+def randomise(head: EagleHead, seed: int) -> EagleHead:
+    """Random weights and, for a reduced head, a random draft -> target id map."""
     torch.manual_seed(seed)
-    head = EagleHead(EagleConfig.for_target(hidden, vocab))
     for p in head.parameters():
         torch.nn.init.normal_(p, std=0.3)
+    if head.d2t is not None:
+        head.d2t.copy_(torch.randperm(head.config.vocab_size)[: head.config.draft_vocab_size])
+    return head
+
+
+def random_heads_dir(root, hidden: int, vocab: int, seed: int, draft_vocab: int | None = None):
+    head = randomise(EagleHead(EagleConfig.for_target(hidden, vocab, draft_vocab_size=draft_vocab)), seed)
     save_heads(head, root / "eagle")
     return root
 
 
+def random_reduced_eagle(seed: int, draft_vocab: int) -> EagleHead:
+    """test_heads' random head (hidden 32, vocabulary 50), scoring `draft_vocab` of the 50 ids."""
+    config = EagleConfig(hidden_size=32, vocab_size=50, num_heads=2, head_dim=16, intermediate_size=48)
+    return randomise(EagleHead(replace(config, draft_vocab_size=draft_vocab)), seed).eval()
+
+
 @pytest.fixture(scope="module")
 def eagle_engines(model_dirs, tmp_path_factory):
+    """(arch, draft vocabulary: "full" or "reduced", half the target's) -> an engine with a random EAGLE head."""
     cache = {}
 
-    def get(arch: str):
-        if arch not in cache:
+    def get(arch: str, vocab: str = "full"):
+        if (arch, vocab) not in cache:
             engine = paradec.load(model_dirs[arch], runner="hf")
-            heads = random_heads_dir(tmp_path_factory.mktemp(f"eagle-{arch}"), 64, engine.target.vocab_size, seed=3)
-            cache[arch] = paradec.load(model_dirs[arch], heads=heads, runner="hf")
-        return cache[arch]
+            size = engine.target.vocab_size
+            root = tmp_path_factory.mktemp(f"eagle-{arch}-{vocab}")
+            heads = random_heads_dir(root, 64, size, seed=3, draft_vocab=size // 2 if vocab == "reduced" else None)
+            cache[arch, vocab] = paradec.load(model_dirs[arch], heads=heads, runner="hf")
+        return cache[arch, vocab]
 
     return get
 
 
+@pytest.mark.parametrize("vocab", ["full", "reduced"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_equals_transformers_with_random_head(eagle_engines, hf_models, arch):
-    engine = eagle_engines(arch)
+def test_greedy_equals_transformers_with_random_head(eagle_engines, hf_models, arch, vocab):
+    engine = eagle_engines(arch, vocab)
     for prompt in PROMPTS:
         reference = hf_greedy(hf_models(arch), engine.encode(prompt), 40)
         result = engine.generate(prompt, method="eagle", max_new_tokens=40)
@@ -115,22 +137,23 @@ class FakeResources:
 
 
 def reference_tree(head, embed, lm_head, tokens, features, topk, depth, nodes):
-    """EAGLE-2 in plain Python: every node's distribution from a from-scratch chain over its path."""
+    """EAGLE-2 in plain Python: every node's distribution from a from-scratch chain over its path (over the head's
+    draft vocabulary, its picks mapped to target ids)."""
     committed = features.shape[0]
+    to_target = (lambda i: int(i)) if head.d2t is None else (lambda i: int(head.d2t[i]))
 
-    def logp(path: list[int]) -> torch.Tensor:
+    def top(path: list[int]) -> list[tuple[float, int]]:
         outs = chain_outputs(head, embed, tokens[: committed + 1] + path, features, committed, len(path))
-        return F.log_softmax(outs[-1] @ lm_head.t(), -1)
+        best = F.log_softmax(head.logits(outs[-1], lm_head), -1).topk(topk)
+        return [(float(s), to_target(i)) for s, i in zip(best.values, best.indices)]
 
-    top = logp([]).topk(topk)
-    tree = [(float(s), int(t), -1, [int(t)]) for s, t in zip(top.values, top.indices)]  # (score, token, parent, path)
+    tree = [(s, t, -1, [t]) for s, t in top([])]  # (score, token, parent, path)
     frontier = list(range(topk))
     for _ in range(1, depth):
         children = []
         for node in frontier:
             score, _, _, path = tree[node]
-            top = logp(path).topk(topk)
-            children += [(score + float(s), int(t), node, [*path, int(t)]) for s, t in zip(top.values, top.indices)]
+            children += [(score + s, t, node, [*path, t]) for s, t in top(path)]
         first = len(tree)
         tree += children
         frontier = [first + i for i in sorted(range(len(children)), key=lambda i: -children[i][0])[:topk]]
@@ -140,8 +163,9 @@ def reference_tree(head, embed, lm_head, tokens, features, topk, depth, nodes):
 
 
 @torch.no_grad()
-def test_drafter_tree_equals_brute_force_eagle2():
-    head = random_eagle(2)
+@pytest.mark.parametrize("draft_vocab", [None, 20])
+def test_drafter_tree_equals_brute_force_eagle2(draft_vocab):
+    head = random_eagle(2) if draft_vocab is None else random_reduced_eagle(2, draft_vocab)
     V, H = head.config.vocab_size, head.config.hidden_size
     torch.manual_seed(5)
     embed, lm_head = torch.randn(V, H), torch.randn(V, H) * 0.5
@@ -158,6 +182,8 @@ def test_drafter_tree_equals_brute_force_eagle2():
         if max_tokens:
             expected = reference_tree(head, embed, lm_head, state.tokens, features, 3, 4, 10)
             assert (proposal.tokens.tolist(), proposal.layout.host_parents()) == expected
+            if draft_vocab is not None:  # target ids, of the draft vocabulary only
+                assert set(proposal.tokens.tolist()) <= set(head.d2t.tolist())
             emitted = [proposal.tokens[0].item(), 7]  # as if node 0 was accepted and 7 came from the target
         else:
             assert proposal.size == 0
@@ -170,15 +196,18 @@ def test_drafter_tree_equals_brute_force_eagle2():
 
 
 @torch.no_grad()
-def test_compiled_step_drafts_the_same_trees(monkeypatch):
+@pytest.mark.parametrize("draft_vocab", [None, 20])
+def test_compiled_step_drafts_the_same_trees(monkeypatch, draft_vocab):
     """`compile=true` runs a whole step (adding entries, growing every level) through torch.compile. Here with
-    dynamo's "eager" backend: it proves the step traces into one whole graph (no break, so Inductor gets all of it)
-    and stays exact, in a second rather than Inductor's minute of C++ builds on CPU."""
+    dynamo's "eager" backend: it proves the step traces into one whole graph (no break, so Inductor gets all of it;
+    the draft -> target id map included) and stays exact, in a second rather than Inductor's minute of C++ builds on
+    CPU."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setattr(eagle_module, "compiled_step", lambda: compiled_step("eager"))
     counters.clear()
-    head = random_eagle(2)
+    torch._dynamo.reset()  # a fresh cache: the other parametrisation's graph is not counted again
+    head = random_eagle(2) if draft_vocab is None else random_reduced_eagle(2, draft_vocab)
     V, H = head.config.vocab_size, head.config.hidden_size
     torch.manual_seed(6)
     embed, lm_head = torch.randn(V, H), torch.randn(V, H) * 0.5
@@ -231,11 +260,21 @@ class HiddenTableRunner(TableRunner):
         return self.lm_head
 
 
-def test_eagle_sampling_matches_plain_sampling():
+# draft -> target id maps over the table target's 4 tokens: none (the full vocabulary), two tokens, and the same
+# two swapped (a broken map: the head's drafts go to the wrong ids; the output distribution must not move)
+DRAFT_MAPS = {"full": None, "reduced": [2, 0], "swapped": [0, 2]}
+
+
+@pytest.mark.parametrize("draft_map", list(DRAFT_MAPS))
+def test_eagle_sampling_matches_plain_sampling(draft_map):
     sp = WARPS["warped"]  # temperature, top-k and top-p: the verifier compares warped distributions
     target = HiddenTableRunner(TARGET_TABLE)
     torch.manual_seed(0)
-    head = EagleHead(EagleConfig(hidden_size=16, vocab_size=VOCAB, num_heads=1, head_dim=16, intermediate_size=16))
+    d2t = DRAFT_MAPS[draft_map]
+    config = EagleConfig(hidden_size=16, vocab_size=VOCAB, num_heads=1, head_dim=16, intermediate_size=16)
+    head = EagleHead(replace(config, draft_vocab_size=None if d2t is None else len(d2t)))
+    if d2t is not None:
+        head.init_draft_vocab(torch.tensor(d2t), target.lm_head)
     method = EagleMethod(FakeResources(target, {"eagle": head.eval()}), Eagle)
     options = EagleOptions(topk=2, depth=2, nodes=4)
     counts, accepted = Counter(), 0
@@ -272,3 +311,120 @@ def test_wide_topk_and_written_out_attention_equal_the_library_ones():
     mask[:, 0] = True  # no row without a key
     expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
     torch.testing.assert_close(eagle_module.attention(q, keys, values, attn_mask=mask), expected)
+
+
+@pytest.fixture(scope="module")
+def reduced_loop_heads(loop_dirs, tmp_path_factory):
+    """arch -> a heads directory holding an EAGLE head with a draft vocabulary of half the looping target's,
+    briefly trained (`paradec.train.pipeline.run`)."""
+    cache = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            root = tmp_path_factory.mktemp(f"reduced-{arch}")
+            data = root / "code.txt"
+            data.write_text(CORPUS * 3)
+            vocab = json.loads((loop_dirs[arch] / "config.json").read_text())["vocab_size"]
+            cache[arch] = run(
+                "eagle",
+                model=loop_dirs[arch],
+                out=root / "heads",
+                data=DataSettings(data, sequences=32, val_sequences=4, prompt_len=8, new_tokens=24, batch_size=32),
+                train=TrainSettings(steps=150, batch_size=16, lr=1e-2, warmup=10),
+                heads=HeadSettings(passes=2, draft_vocab=vocab // 2),
+                device="cpu",
+                val_prompts=1,
+                val_new_tokens=16,
+                progress=False,
+            ).parent
+        return cache[arch]
+
+    return get
+
+
+def broken_map_copy(heads, out):
+    """A copy of the heads directory `heads` whose draft -> target map is shifted by one (a permutation: a valid
+    map, loaded without complaint, that sends every draft id to the wrong target id)."""
+    (out / "eagle").mkdir(parents=True)
+    for name in ("config.json", "card.json"):
+        (out / "eagle" / name).write_bytes((heads / "eagle" / name).read_bytes())
+    tensors = load_file(str(heads / "eagle" / "model.safetensors"))
+    tensors["d2t"] = tensors["d2t"].roll(1)
+    save_file(tensors, str(out / "eagle" / "model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_trained_reduced_vocab_head_is_exact_and_a_broken_map_costs_acceptance_only(
+    reduced_loop_heads, loop_dirs, hf_models, tmp_path, arch
+):
+    """A briefly trained head over half the vocabulary gets most drafts accepted on a looping target, its output
+    equal to `transformers`; the same head with a broken map still decodes exactly (the verifier rejects the wrong
+    drafts), its acceptance gone."""
+    heads = reduced_loop_heads(arch)
+    card = json.loads((heads / "eagle" / "card.json").read_text())
+    vocab = card["draft_vocab"]["target_vocab"]
+    assert card["draft_vocab"]["size"] == vocab // 2
+    coverage = card["draft_vocab"]["validation_coverage"]
+    assert 0 < coverage["target_mass"] <= 1 and 0.8 < coverage["greedy_in_vocab"] <= 1  # the frequent ids hold it
+    tau = {}
+    for name, where in (("trained", heads), ("broken", broken_map_copy(heads, tmp_path / "broken"))):
+        engine = paradec.load(loop_dirs[arch], heads=where, runner="hf")
+        assert engine.heads("eagle").config.draft_vocab_size == vocab // 2
+        taus = []
+        for prompt in PROMPTS[:2]:
+            result = engine.generate(prompt, method="eagle", max_new_tokens=48)
+            assert result.token_ids == hf_greedy(hf_models(f"loop-{arch}"), engine.encode(prompt), 48)
+            taus.append(result.stats.tau)
+        tau[name] = min(taus)
+    assert tau["trained"] > 2.5 and tau["broken"] < 1.5
+
+
+def test_old_full_vocabulary_heads_still_load_and_decode(model_dirs, hf_models, tmp_path):
+    """A heads directory written before draft vocabularies (no draft_vocab_size in its config, no d2t in its
+    weights) loads as a full-vocabulary head and decodes exactly."""
+    engine = paradec.load(model_dirs["qwen2"], runner="hf")
+    root = random_heads_dir(tmp_path, 64, engine.target.vocab_size, seed=4)
+    config_path = root / "eagle" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["config"]["draft_vocab_size"]
+    config_path.write_text(json.dumps(config))
+    assert "d2t" not in load_file(str(root / "eagle" / "model.safetensors"))
+    engine = paradec.load(model_dirs["qwen2"], heads=root, runner="hf")
+    assert engine.heads("eagle").d2t is None and engine.heads("eagle").lm_head is None
+    reference = hf_greedy(hf_models("qwen2"), engine.encode(PROMPTS[0]), 32)
+    result = engine.generate(PROMPTS[0], method="eagle", max_new_tokens=32)
+    assert result.token_ids == reference and result.stats.proposed_tokens > 0
+
+
+def test_draft_map_round_trip_and_checks(tmp_path):
+    """The map is saved as int64 whatever the weights' dtype (float16 would round ids above 2048), loads back
+    exactly, and a map that is not distinct ids of the target's vocabulary is a clear error at load."""
+    config = EagleConfig(hidden_size=32, vocab_size=5000, num_heads=2, head_dim=16, intermediate_size=48)
+    head = randomise(EagleHead(replace(config, draft_vocab_size=300)), seed=1)
+    head.d2t.copy_(torch.randperm(5000)[:300])
+    save_heads(head, tmp_path / "good")  # float16 weights
+    saved = load_file(str(tmp_path / "good" / "model.safetensors"))
+    assert saved["d2t"].dtype == torch.int64 and saved["lm_head.weight"].dtype == torch.float16
+    cpu = torch.device("cpu")
+    loaded = load_heads("eagle", tmp_path / "good", hidden_size=32, vocab_size=5000, device=cpu, dtype=torch.bfloat16)
+    assert loaded.config.draft_vocab_size == 300 and torch.equal(loaded.d2t, head.d2t)
+    assert loaded.d2t.dtype == torch.int64 and loaded.lm_head.weight.dtype == torch.bfloat16
+    for name, d2t in (("repeats", torch.zeros(300, dtype=torch.long)), ("outside", torch.arange(4800, 5100))):
+        tensors = dict(saved, d2t=d2t)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_bytes((tmp_path / "good" / "config.json").read_bytes())
+        save_file(tensors, str(tmp_path / name / "model.safetensors"))
+        with pytest.raises(ParadecError, match=r"map must hold 300 distinct target ids in \[0, 5000\)"):
+            load_heads("eagle", tmp_path / name, hidden_size=32, vocab_size=5000, device=cpu, dtype=torch.float32)
+    with pytest.raises(ParadecError, match=r"draft_vocab_size must be an integer in \[1, 5000\].*got 5001"):
+        replace(config, draft_vocab_size=5001)
+
+
+def test_topk_is_bounded_by_the_draft_vocabulary():
+    head = random_reduced_eagle(0, 5)
+    V, H = head.config.vocab_size, head.config.hidden_size
+    method = EagleMethod(FakeResources(FakeTarget(torch.randn(V, H), torch.randn(V, H)), {"eagle": head}), Eagle)
+    assert method.request_options({"topk": 5}).topk == 5
+    with pytest.raises(ParadecError, match=r"option topk=6 for method 'eagle' must be an integer in \[1, 5\]"):
+        method.request_options({"topk": 6})

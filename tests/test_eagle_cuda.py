@@ -1,5 +1,6 @@
 """`eagle` on CUDA: a step replayed from the captured CUDA graph equals the same step run eagerly, and greedy
-output through the engine equals `transformers` on the GPU. Skipped where there is no GPU."""
+output through the engine equals `transformers` on the GPU; both for heads over the full vocabulary and heads with a
+reduced draft vocabulary (the draft -> target map inside the graph). Skipped where there is no GPU."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from paradec.config import SamplingParams
 from paradec.drafters.base import DecodeState
 from paradec.drafters.eagle import Eagle, EagleMethod, EagleOptions
 from paradec.types import Verdict
-from test_eagle import PROMPTS, FakeResources, FakeTarget, random_heads_dir
+from test_eagle import PROMPTS, FakeResources, FakeTarget, random_heads_dir, random_reduced_eagle
 from test_heads import random_eagle
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -19,10 +20,11 @@ CUDA = torch.device("cuda")
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("draft_vocab", [None, 20])
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graph_replay_equals_the_step_run_directly(dtype, compiled):
-    head = random_eagle(2).to(CUDA, dtype)
+def test_graph_replay_equals_the_step_run_directly(dtype, compiled, draft_vocab):
+    head = (random_eagle(2) if draft_vocab is None else random_reduced_eagle(2, draft_vocab)).to(CUDA, dtype)
     V, H = head.config.vocab_size, head.config.hidden_size
     gen = torch.Generator().manual_seed(5)
     embed, lm_head = torch.randn(V, H, generator=gen), torch.randn(V, H, generator=gen) * 0.5
@@ -42,21 +44,26 @@ def test_graph_replay_equals_the_step_run_directly(dtype, compiled):
         replayed = drafter.propose(state, max_tokens=10)
         ws.keys.copy_(keys)
         ws.values.copy_(values)
-        args = (drafter.head, drafter.embed, drafter.lm_head, *ws.state(), ws.capacity, 3, 4, 10, True)
-        tokens, depth, mask, parent = drafter.step(*args)  # the same step, run directly
+        weights = (drafter.head, drafter.embed, drafter.lm_head, drafter.d2t)
+        tokens, depth, mask, parent = drafter.step(*weights, *ws.state(), ws.capacity, 3, 4, 10, True)  # directly
         assert replayed.tokens.tolist() == tokens.tolist()
+        if draft_vocab is not None:  # target ids of the draft vocabulary
+            assert set(replayed.tokens.tolist()) <= set(head.d2t.tolist())
         assert torch.equal(replayed.layout.parent, parent)
         assert torch.equal(replayed.layout.mask, mask) and torch.equal(replayed.layout.depth, depth)
 
 
+@pytest.mark.parametrize("vocab", ["full", "reduced"])
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_greedy_equals_transformers_on_cuda(model_dirs, tmp_path, arch, compiled):
+def test_greedy_equals_transformers_on_cuda(model_dirs, tmp_path, arch, compiled, vocab):
     from transformers import AutoModelForCausalLM
 
     engine = paradec.load(model_dirs[arch], runner="hf", device="cuda", dtype="float32")
-    heads = random_heads_dir(tmp_path, 64, engine.target.vocab_size, seed=3)
+    size = engine.target.vocab_size
+    heads = random_heads_dir(tmp_path, 64, size, seed=3, draft_vocab=size // 2 if vocab == "reduced" else None)
     engine = paradec.load(model_dirs[arch], heads=heads, runner="hf", device="cuda", dtype="float32")
+    engine.set_default_options("eagle", {"compile": compiled})  # an engine setting, not a request's
     model = AutoModelForCausalLM.from_pretrained(model_dirs[arch], dtype=torch.float32).to(CUDA).eval()
     for prompt in PROMPTS[:2]:
         ids = engine.encode(prompt)
@@ -65,8 +72,7 @@ def test_greedy_equals_transformers_on_cuda(model_dirs, tmp_path, arch, compiled
                 torch.tensor([ids], device=CUDA), do_sample=False, max_new_tokens=40, eos_token_id=0, pad_token_id=0
             )
         reference = out[0, len(ids) :].tolist()
-        options = {"compile": compiled}
-        result = engine.generate(prompt, method="eagle", max_new_tokens=40, options=options)
+        result = engine.generate(prompt, method="eagle", max_new_tokens=40)
         assert result.token_ids == reference
-        again = engine.generate(prompt, method="eagle", max_new_tokens=40, options=options)
+        again = engine.generate(prompt, method="eagle", max_new_tokens=40)
         assert again.token_ids == reference  # graphs reused

@@ -1,10 +1,12 @@
-"""Layer-skip self-speculation: candidate layer sets, the planner, calibration, greedy equality with
-`transformers` on the native runner, exact sampling against the early-exit q, and clear errors."""
+"""Layer-skip self-speculation: candidate layer sets, the planner, calibration (and its fallback to plain steps when no
+plan pays), greedy equality with `transformers` on the native runner, exact sampling against the early-exit q, and
+clear errors."""
 
 from __future__ import annotations
 
 import gc
 import itertools
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +22,7 @@ from paradec.drafters.layerskip import (
     LayerSkipMethod,
     LayerSkipOptions,
     candidate_layers,
+    expected_speedup,
     expected_tokens,
     plan,
 )
@@ -76,6 +79,47 @@ def test_planner_trades_acceptance_against_cost():
     assert layers == (0, 1, 2, 3) and k > 2
     assert plan({(0, 1): 0.5, (0, 1, 2, 3): 0.95}, 8, k=1)[1] == 1  # a given k is kept
     assert plan({(0,): 0.0}, 8) == ((0,), 1)  # nothing is ever accepted: the shortest draft
+    assert expected_speedup(0.0, 1, (0,), 8) == pytest.approx(1 / (1 + 2 / 9))  # ... which only costs: < 1
+    assert expected_speedup(0.95, 4, (0, 1, 2, 3), 8) == pytest.approx((1 - 0.95**5) / 0.05 / (1 + 4 * 5 / 9))
+
+
+def agreement_table(engine) -> dict[tuple[int, ...], float]:
+    """The engine's measured agreement of every calibration candidate (4 layers)."""
+
+    def unmeasured():
+        raise AssertionError("a candidate was not measured")
+
+    return {layers: engine.method("layerskip").agreement.get(layers, unmeasured) for layers in candidate_layers(4)}
+
+
+def test_calibration_falls_back_to_plain_steps_when_no_plan_pays(deep_dirs, deep, caplog):
+    """Random weights: the early exits rarely agree with the full model, so the best plan expects less than
+    vanilla's speed. The drafter then proposes nothing (every step is a plain target step, τ = 1), says so once per
+    engine, and the output stays exact; options that fix layers and k still draft."""
+    engine, model = paradec.load(deep_dirs["qwen2"], runner="native"), deep["qwen2"][1]  # a fresh engine
+    with caplog.at_level(logging.WARNING, logger=layerskip.__name__):
+        for prompt in PROMPTS:
+            result = engine.generate(prompt, method="layerskip", max_new_tokens=24)
+            assert result.token_ids == hf_greedy(model, engine.encode(prompt), 24)
+            assert result.stats.proposed_tokens == 0 and result.stats.steps == result.stats.new_tokens
+    table = agreement_table(engine)
+    layers, k = plan(table, 4)
+    assert expected_speedup(table[layers], k, layers, 4) <= 1.0  # what the test is about: no plan pays
+    notes = [r.getMessage() for r in caplog.records if "decoding without drafts" in r.getMessage()]
+    assert len(notes) == 1 and f"expects {expected_speedup(table[layers], k, layers, 4):.2f}x" in notes[0]
+    given = engine.generate(PROMPTS[0], method="layerskip", options={"layers": "0,1", "k": 2}, max_new_tokens=24)
+    assert given.stats.proposed_tokens > 0
+    assert given.token_ids == hf_greedy(model, engine.encode(PROMPTS[0]), 24)
+
+
+def test_calibration_drafts_when_a_plan_pays(deep_dirs, deep, monkeypatch, caplog):
+    """The same engine with early exits that (as measured here) agree 95% of the time: the planner drafts."""
+    monkeypatch.setattr(layerskip, "measure_agreement", lambda target, tokens, missing: dict.fromkeys(missing, 0.95))
+    engine, model = paradec.load(deep_dirs["qwen2"], runner="native"), deep["qwen2"][1]
+    with caplog.at_level(logging.WARNING, logger=layerskip.__name__):
+        result = engine.generate(PROMPTS[0], method="layerskip", max_new_tokens=24)
+    assert result.stats.proposed_tokens > 0 and not caplog.records
+    assert result.token_ids == hf_greedy(model, engine.encode(PROMPTS[0]), 24)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

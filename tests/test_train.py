@@ -16,7 +16,7 @@ from paradec.errors import ParadecError
 from paradec.heads import EagleConfig, EagleHead, MedusaConfig, MedusaHeads, save_heads
 from paradec.train.data import build_data, continue_with_target, make_windows, read_texts
 from paradec.train.draft import draft_loss
-from paradec.train.eagle import eagle_loss
+from paradec.train.eagle import continuation_mask, draft_vocab_coverage, eagle_loss, frequent_tokens
 from paradec.train.loop import TrainSettings, fit
 from paradec.train.medusa import medusa_loss
 from paradec.train.pipeline import DataSettings, HeadSettings, load_target, run
@@ -128,6 +128,68 @@ def test_eagle_training_decreases_loss(toy):
     assert last < 0.8 * first
 
 
+def test_draft_vocabulary_is_the_most_frequent_continuation_tokens(toy):
+    tokens = torch.tensor([[5, 5, 1, 2, 2, 2], [9, 9, 3, 3, 4, 7]])
+    valid = torch.tensor([[True] * 6, [True] * 5 + [False]])  # the 7 is past an end-of-text
+    assert frequent_tokens(tokens, valid, 10, 4).tolist() == [2, 3, 5, 9]  # 2 x3; then 3, 5, 9 x2 (ties by id)
+    assert frequent_tokens(tokens, valid, 10, 8).tolist() == [2, 3, 5, 9, 1, 4, 0, 6]  # then once; unseen last
+    _, data = toy  # 16 prompt tokens, then the target's continuation: only the continuation counts
+    mask = continuation_mask(data)
+    assert not mask[:, :16].any() and torch.equal(mask[:, 16:], data.valid[:, 16:])
+    d2t = frequent_tokens(data.tokens, mask, 400, 8)
+    counts = torch.bincount(data.tokens[:, 16:][data.valid[:, 16:]], minlength=400)
+    assert counts[d2t].tolist() == sorted(counts.tolist(), reverse=True)[:8]
+
+
+def test_draft_vocabulary_coverage_and_restricted_loss(toy):
+    target, data = toy
+    V = target.lm_head.shape[0]
+    d2t = torch.randperm(V, generator=torch.Generator().manual_seed(0))[: V // 3]  # draft-id order is not id order
+    coverage = draft_vocab_coverage(d2t, target.lm_head, data)
+    probs = torch.softmax(data.features[:, 1:] @ target.lm_head.t(), -1)  # [N, T-1, V]
+    valid = data.valid[:, 1:]
+    assert coverage["target_mass"] == pytest.approx(float(probs[..., d2t].sum(-1)[valid].mean()), rel=1e-5)
+    greedy_in = torch.isin(probs.argmax(-1), d2t)[valid].float().mean()
+    assert coverage["greedy_in_vocab"] == pytest.approx(float(greedy_in))
+    assert draft_vocab_coverage(torch.arange(V), target.lm_head, data)["target_mass"] == pytest.approx(1.0)
+
+    # the KL target is the target's distribution restricted to the draft ids and renormalised: a head whose own
+    # logits are exactly the target's at those ids (an identity layer, the LM head copied) has a KL term of 0
+    head = EagleHead(EagleConfig.for_target(64, V, draft_vocab_size=len(d2t)))
+    head.init_draft_vocab(d2t, target.lm_head)
+    assert torch.equal(head.lm_head.weight, target.lm_head[d2t])
+    for module in (head.o, head.down):
+        torch.nn.init.zeros_(module.weight)  # the layer passes u through
+    with torch.no_grad():
+        head.fc.weight.zero_()
+        head.fc.weight[:, 64:] = torch.eye(64)  # u = norm(feature)
+        head.feature_norm.weight.fill_(1.0)
+    # features constant along each window and of unit RMS: the head's prediction of f_{j+1} is f_j = f_{j+1}
+    features = data.features[:, :1] / data.features[:, :1].pow(2).mean(-1, keepdim=True).sqrt()
+    features = features.expand_as(data.features)
+    with torch.no_grad():
+        loss = eagle_loss(head, target.embed, target.lm_head, data.tokens, features, data.valid, passes=1, reg_weight=0)
+    assert float(loss) == pytest.approx(0.0, abs=1e-4)
+    first, last = decreases(
+        lambda i: eagle_loss(
+            head, target.embed, target.lm_head, data.tokens[i], data.features[i], data.valid[i], passes=2
+        ),
+        head.parameters(),
+        len(data),
+    )
+    assert last < 0.8 * first
+
+
+def test_draft_vocabulary_setting():
+    assert HeadSettings().draft_vocab_for(32768) is None  # the whole vocabulary up to 32k tokens ...
+    assert HeadSettings().draft_vocab_for(151936) == 32768  # ... the 32k most frequent above
+    assert HeadSettings(draft_vocab=0).draft_vocab_for(151936) is None
+    assert HeadSettings(draft_vocab=200).draft_vocab_for(384) == 200
+    assert HeadSettings(draft_vocab=384).draft_vocab_for(384) is None
+    with pytest.raises(ParadecError, match="draft-vocab must be an integer >= 0, got -1"):
+        HeadSettings(draft_vocab=-1)
+
+
 def test_draft_distillation_decreases_loss(toy, model_dirs):
     from transformers import AutoModelForCausalLM
 
@@ -232,6 +294,8 @@ def test_cli_trains_a_draft_and_reports_errors(model_dirs, data_file, tmp_path, 
     assert "needs --draft DIR" in capsys.readouterr().err
     assert main(["train", "eagle", "--model", str(model_dirs["llama"]), *small, "--steps", "0"]) == 2
     assert "steps must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert main(["train", "eagle", "--model", str(model_dirs["llama"]), *small, "--draft-vocab", "-1"]) == 2
+    assert "draft-vocab must be an integer >= 0, got -1" in capsys.readouterr().err
     assert main(["train", "medusa", "--model", str(model_dirs["llama"]), "--data", str(tmp_path / "nope")]) == 2
     assert "data file" in capsys.readouterr().err
 

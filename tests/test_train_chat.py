@@ -6,7 +6,6 @@ reproduced by its script); and one `paradec train eagle --chat on` run."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,14 +19,10 @@ from paradec.cli import main
 from paradec.errors import ParadecError
 from paradec.loading import load_tokenizer
 from paradec.train.data import CHAT_DATA, CHAT_PROMPTS, build_data, make_chat_windows, make_prompts, read_texts
+from paradec.train.overlap import dev_overlap
 from paradec.train.pipeline import DataSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-BENCH_DATA = ROOT / "src" / "paradec" / "bench" / "data"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 QUESTIONS = [
     "def fibonacci(n):",
     "class Stack:",
@@ -39,18 +34,8 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def chat_model(model_dirs, tmp_path_factory) -> Path:
-    """The tiny llama, with a Jinja chat template in its tokenizer_config.json."""
-    out = tmp_path_factory.mktemp("chat") / "llama"
-    shutil.copytree(model_dirs["llama"], out)
-    config = json.loads((out / "tokenizer_config.json").read_text())
-    (out / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
-    return out
-
-
-@pytest.fixture(scope="module")
-def tokenizer(chat_model):
-    return load_tokenizer(chat_model)
+def tokenizer(chat_llama_dir):
+    return load_tokenizer(chat_llama_dir)
 
 
 def rendered_ids(tokenizer, contents: list[str]) -> list[list[int]]:
@@ -183,10 +168,10 @@ def test_mixed_sources_share_the_windows(tokenizer):
     assert windows.shape == (8, 32) and stats["chat_windows"] == 6 and stats["text_windows"] == 2
 
 
-def test_target_continues_each_chat_window_with_its_answer(chat_model, tokenizer, hf_models):
+def test_target_continues_each_chat_window_with_its_answer(chat_llama_dir, tokenizer, hf_models):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(chat_model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(chat_llama_dir, dtype=torch.float32).eval()
     chats = [chat_text(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
     data = build_data(
         model, tokenizer, [], chats=chats, sequences=4, prompt_len=32, new_tokens=6, eos_token_ids=[0], progress=False
@@ -210,29 +195,9 @@ def test_packaged_prompt_set(tokenizer):
     assert len(texts.val_chats) >= 64  # enough held out for the default --val-sequences
 
 
-def ngrams(text: str, n: int = 8) -> set[tuple[str, ...]]:
-    words = text.lower().split()
-    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
-
-
-def bench_texts(value) -> list[str]:
-    """Every string of a bench record: prompts, turns, message contents."""
-    if isinstance(value, str):
-        return [value]
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
-    return [text for item in items for text in bench_texts(item)]
-
-
 def test_training_prompts_share_no_8_words_with_the_bench_suites():
-    bench = set()
-    for path in sorted(BENCH_DATA.glob("*.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                for text in bench_texts(json.loads(line)):
-                    bench |= ngrams(text)
-    shared = [
-        p for p in (json.loads(line)["prompt"] for line in CHAT_PROMPTS.read_text().splitlines()) if ngrams(p) & bench
-    ]
+    prompts = [json.loads(line)["prompt"] for line in CHAT_PROMPTS.read_text().splitlines()]
+    shared = [p for p, overlap in zip(prompts, dev_overlap(prompts)) if overlap]
     assert not shared, f"{len(shared)} training prompts share 8 words with the bench suites, e.g. {shared[0]!r}"
 
 
@@ -243,13 +208,14 @@ def test_the_script_reproduces_the_packaged_set(tmp_path):
     assert out.read_bytes() == CHAT_PROMPTS.read_bytes()
 
 
-def test_train_eagle_on_chat_data_writes_heads(chat_model, tmp_path):
+def test_train_eagle_on_chat_data_writes_heads(chat_llama_dir, tmp_path):
     data = write(
         tmp_path / "chats.jsonl",
         *({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "ok"}]} for q in QUESTIONS),
         {"conversations": [{"from": "human", "value": "def add(a, b):"}]},
     )
-    args = ["train", "eagle", "--model", str(chat_model), "--data", str(data), "--chat", "on", "--out", str(tmp_path)]
+    args = ["train", "eagle", "--model", str(chat_llama_dir), "--data", str(data), "--chat", "on"]
+    args += ["--out", str(tmp_path)]
     args += ["--self-distill", "8", "--prompt-len", "40", "--new-tokens", "8", "--val-sequences", "2"]
     args += ["--val-prompts", "1", "--steps", "3", "--batch-size", "4", "--passes", "2", "--device", "cpu", "--quiet"]
     assert main(args) == 0

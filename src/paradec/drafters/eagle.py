@@ -25,8 +25,16 @@ past max_new_tokens). The tree's buffers (mask, depth, parents) are built inside
 graph, the target's tree forward and the verification back to back, and the tree's shape reaches the host with
 the verdict.
 
-Nodes are point masses with distinct siblings (top-k tokens), so the verifier's token-match walk keeps greedy and
-sampled output exact.
+Reduced draft vocabulary (EAGLE-3): a head trained with one scores only its N draft ids (its own LM head [N, H],
+the biggest matmul and top-k of a level shrunk from the target's V). The ids each level picks are mapped through the
+head's `d2t` [N] buffer (draft id -> target id: one gather, on the device, inside the captured graph) before they go
+anywhere: the next level's embedding lookups read target ids, and the proposal holds target ids only. Cumulative
+scores are log-probabilities over the draft vocabulary; a token outside it is never drafted (q = 0 there).
+
+Lossless whatever the head or its map: nodes are point masses with distinct siblings (top-k ids, a map without
+repeats), and the verifier scores them over the target's full vocabulary by token match. Greedy accepts a node iff
+it is the target's exact argmax; sampling draws x ~ p from the target and accepts iff x is one of the children,
+so the output is exactly plain decoding's. A bad head or a wrong map only lowers acceptance.
 """
 
 from __future__ import annotations
@@ -106,11 +114,16 @@ def entries(head: EagleHead, embed: torch.Tensor, tokens: torch.Tensor, features
     return (x, *head.project(x, positions))
 
 
-def top_children(hidden: torch.Tensor, lm_head: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted hidden states [..., H] -> the k likeliest next tokens [..., k] and their float32 log-probabilities."""
-    logits = (hidden @ lm_head.t()).float()
+def top_children(
+    hidden: torch.Tensor, lm_head: torch.Tensor, d2t: torch.Tensor | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted hidden states [..., H] -> the k likeliest next tokens [..., k] as target ids, and their float32
+    log-probabilities over the draft vocabulary (lm_head [N, H]; `d2t` [N] maps draft ids to target ids, None when
+    the draft vocabulary is the target's)."""
+    logits = (hidden @ lm_head.t()).float()  # [..., N]
     values, indices = wide_topk(logits, k)
-    return values - logits.logsumexp(-1, keepdim=True), indices
+    tokens = indices if d2t is None else d2t[indices]  # a gather: no host round trip, capturable
+    return values - logits.logsumexp(-1, keepdim=True), tokens
 
 
 def wide_topk(x: torch.Tensor, k: int, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,15 +167,16 @@ def extend(head, embed, keys, values, slots, tokens, features, count, start, len
 
 
 def draft_step(
-    head, embed, lm_head, keys, values, slots, tokens, features, count, start, length, root,
+    head, embed, lm_head, d2t, keys, values, slots, tokens, features, count, start, length, root,
     capacity: int, topk: int, levels: int, nodes: int, staged: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """One drafter step: add the staged entries (if `staged`), then grow the EAGLE-2 tree from `root`.
-    Returns the kept node tokens [nodes] and the tree's depth [nodes+1], mask and parent (`device_tree_tensors`)."""
+    """One drafter step: add the staged entries (if `staged`), then grow the EAGLE-2 tree from `root`; `lm_head` and
+    `d2t` are the draft vocabulary's (`top_children`). Returns the kept node tokens [nodes] (target ids) and the
+    tree's depth [nodes+1], mask and parent (`device_tree_tensors`)."""
     if staged:
         extend(head, embed, keys, values, slots, tokens, features, count, start, length, root, capacity)
     k, device = topk, keys.device
-    front_scores, front_tokens = top_children(root, lm_head, k)  # [k] level-1 nodes
+    front_scores, front_tokens = top_children(root, lm_head, d2t, k)  # [k] level-1 nodes (target ids)
     front_ids = torch.arange(k, device=device)
     front_features = root.expand(k, -1)  # [k, H] each node's parent prediction
     scores, node_tokens, parents = [front_scores], [front_tokens], [torch.full((k,), -1, device=device)]
@@ -178,7 +192,7 @@ def draft_step(
         values[:, :, capacity + first : capacity + first + k] = value
         mask = torch.cat([committed, ancestry[first : first + k]], 1)  # [k, capacity + draft slots]
         out = head.attend(x, q, keys, values, mask, attention)[0]  # [k, H]
-        child_scores, child_tokens = top_children(out, lm_head, k)  # [k, k]
+        child_scores, child_tokens = top_children(out, lm_head, d2t, k)  # [k, k]
         cum = (front_scores[:, None] + child_scores).reshape(-1)  # [k * k] cumulative log-probability
         scores.append(cum)
         node_tokens.append(child_tokens.reshape(-1))
@@ -218,6 +232,10 @@ class EagleMethod(Method):
         self.head = resources.heads("eagle")
         self.workspace: Workspace | None = None
         self.compile_failed = False
+
+    def limits(self) -> dict[str, int]:
+        """topk is bounded by the ids the head scores: its draft vocabulary (the target's whole one by default)."""
+        return {**super().limits(), "vocab": self.head.config.draft_vocab_size or self.resources.target.vocab_size}
 
     def check(self, options: EagleOptions) -> None:
         super().check(options)
@@ -261,7 +279,8 @@ class Eagle(Drafter):
         self.method = method
         self.head = method.head
         self.target = method.resources.target
-        self.embed, self.lm_head = target_weights(self.target)
+        self.embed, target_lm_head = target_weights(self.target)
+        self.lm_head, self.d2t = self.head.logits_weight(target_lm_head), self.head.d2t  # the draft vocabulary's
         self.step = method.step(options)
         self.ws: Workspace | None = None
         self.committed = 0  # entries added or staged (the host's copy of ws.length once they are added)
@@ -349,9 +368,8 @@ class Eagle(Drafter):
         """`step` over the workspace (the step is idempotent: same inputs, same writes): by CUDA graph replay for a
         full tree after staged entries, else directly. Returns the tokens [n] and the tree's depth, mask and parent."""
         ws, options = self.ws, self.options
-        run = partial(
-            step, self.head, self.embed, self.lm_head, *ws.state(), ws.capacity, options.topk, options.depth, n
-        )
+        weights = (self.head, self.embed, self.lm_head, self.d2t)
+        run = partial(step, *weights, *ws.state(), ws.capacity, options.topk, options.depth, n)
         if not (staged and full and ws.keys.device.type == "cuda"):
             return run(staged)
         if n not in ws.graphs:

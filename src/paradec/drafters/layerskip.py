@@ -19,7 +19,11 @@ its argmax equals the full model's next token there (the model's own output, not
 measured on what the target generates, which is often far more predictable than its prompts).
 With α as the per-token acceptance, a chain of k drafts yields E(k) = (1 - α^(k+1)) / (1 - α) tokens per step for
 a cost of 1 + k·r target steps, r = (draft layers + 1) / (target layers + 1) (the + 1 stands for the embedding,
-LM head and launch overhead). The candidate and k with the most tokens per unit cost win.
+LM head and launch overhead). The candidate and k with the most tokens per unit cost win. That ratio is the plan's
+expected speedup over vanilla decoding (1 token per step of cost 1); when even the best plan's is <= 1 (the exits
+agree too rarely with the full model: τ ≈ 1 at the price of the drafts), drafting would only slow decoding down, so
+the drafter proposes nothing and the generation runs plain target steps, as `vanilla` does; the engine logs that once
+(per requested layers and k). Options that fix both `layers` and `k` are used as given.
 
 Per engine (`LayerSkipMethod`): the agreement table, so calibration costs one 64-token greedy decode plus one
 teacher-forced forward per candidate, once; and the drafting views of the last VIEWS_KEPT layer sets, so their
@@ -28,6 +32,7 @@ CUDA graphs are captured once, while a request per layer set cannot pile up KV c
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +46,8 @@ from paradec.drafters.options import Options, bound
 from paradec.errors import ParadecError, shown
 from paradec.runners.native import NativeRunner
 from paradec.types import Proposal, Verdict
+
+log = logging.getLogger(__name__)
 
 MAX_K = 8  # longest draft the planner (and the adaptive policy, when k is not given) considers
 CALIBRATION_PROMPT_TOKENS = 256  # the first prompt's last tokens, continued greedily by the full model ...
@@ -90,14 +97,17 @@ def expected_tokens(alpha: float, k: int) -> float:
     return k + 1.0 if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
+def expected_speedup(alpha: float, k: int, layers: tuple[int, ...], n_layers: int) -> float:
+    """The planner's speedup of a plan over vanilla decoding: expected tokens per step / the step's cost (a target
+    step costs 1; vanilla: 1 token for 1)."""
+    return expected_tokens(alpha, k) / (1.0 + k * draft_cost(layers, n_layers))
+
+
 def plan(agreement: dict[tuple[int, ...], float], n_layers: int, k: int | None = None) -> tuple[tuple[int, ...], int]:
     """(layers, k) with the most expected tokens per unit of step cost; `k` fixes the draft length."""
     lengths = range(1, MAX_K + 1) if k is None else (k,)
     options = [(layers, length) for layers in agreement for length in lengths]
-    return max(
-        options,
-        key=lambda o: expected_tokens(agreement[o[0]], o[1]) / (1.0 + o[1] * draft_cost(o[0], n_layers)),
-    )
+    return max(options, key=lambda o: expected_speedup(agreement[o[0]], o[1], o[0], n_layers))
 
 
 @torch.no_grad()
@@ -144,6 +154,7 @@ class LayerSkipMethod(Method):
             raise ParadecError(f"method 'layerskip' needs a target of at least 2 layers, this one has {self.n_layers}")
         self.agreement: LRU[tuple[int, ...], float] = LRU(AGREEMENTS_KEPT)  # layers -> argmax agreement
         self.views: LRU[tuple[int, ...], NativeRunner] = LRU(VIEWS_KEPT)  # layers -> drafting view
+        self.vanilla_noted: set[tuple] = set()  # requested (layers, k) whose fallback to vanilla steps was logged
 
     def limits(self) -> dict[str, int]:
         return {**super().limits(), "layer": self.n_layers - 1}
@@ -156,6 +167,18 @@ class LayerSkipMethod(Method):
                 "leave at least one out",
                 param="method_options",
             )
+
+    def note_vanilla(self, options: LayerSkipOptions, layers: tuple[int, ...], k: int, alpha: float) -> None:
+        """Log, once per requested (layers, k), that the best plan would not pay and steps run without drafts."""
+        key = (options.layers, options.k)
+        if key in self.vanilla_noted:
+            return
+        self.vanilla_noted.add(key)
+        log.warning(
+            "layerskip: the best plan (layers %s, k=%d, agreement %.3f) expects %.2fx vanilla's speed; decoding "
+            "without drafts (plain target steps). Give both layers and k to draft anyway",
+            ",".join(map(str, layers)), k, alpha, expected_speedup(alpha, k, layers, self.n_layers),
+        )  # fmt: skip
 
     def view(self, layers: tuple[int, ...]) -> NativeRunner:
         """The drafting view over `layers` (made now if it is not among the last VIEWS_KEPT used)."""
@@ -178,12 +201,15 @@ class LayerSkip(Drafter):
         self.n_layers = method.n_layers
         self.layers: tuple[int, ...] | None = options.layers
         self.k: int | None = options.k
-        self.chain: DraftChain | None = None
+        self.chain: DraftChain | None = None  # None: no drafts (the chosen plan would not pay)
         self.policy: AdaptiveLength | None = None
 
     def begin(self, state: DecodeState) -> None:
         if self.layers is None or self.k is None:
-            self.layers, self.k = self._plan(state.tokens)
+            self.layers, self.k, alpha = self._plan(state.tokens)
+            if expected_speedup(alpha, self.k, self.layers, self.n_layers) <= 1.0:
+                self.method.note_vanilla(self.options, self.layers, self.k, alpha)
+                return
         self.chain = DraftChain(self.method.view(self.layers), "the layerskip draft")
         self.chain.begin(state)
         if self.options.adaptive:
@@ -193,18 +219,24 @@ class LayerSkip(Drafter):
             self.policy.start()
 
     def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
+        if self.chain is None:
+            return Proposal.empty(state.device)
         k = self.k if self.policy is None else self.policy.next_k()
         return self.chain.propose(state, min(k, max_tokens))
 
     def update(self, state: DecodeState, verdict: Verdict) -> None:
+        if self.chain is None:
+            return
         self.chain.update(verdict)
         if self.policy is not None:
             self.policy.observe(verdict.proposed, verdict.accepted)
 
-    def _plan(self, tokens: list[int]) -> tuple[tuple[int, ...], int]:
+    def _plan(self, tokens: list[int]) -> tuple[tuple[int, ...], int, float]:
+        """(layers, k) of the best plan for what the options leave open, and the layers' agreement α."""
         candidates = [self.layers] if self.layers is not None else candidate_layers(self.n_layers)
         known = self.method.agreement
         missing = [layers for layers in candidates if layers not in known]
         measured = measure_agreement(self.target, tokens, missing) if missing else {}
         table = {layers: known.get(layers, lambda layers=layers: measured[layers]) for layers in candidates}
-        return plan(table, self.n_layers, self.k)
+        layers, k = plan(table, self.n_layers, self.k)
+        return layers, k, table[layers]

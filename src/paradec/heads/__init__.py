@@ -7,7 +7,9 @@ one sub-directory per kind, each written by `paradec train <kind>`:
     HEADS/eagle/   config.json  model.safetensors  card.json
 
 Heads share the target's token embedding and LM head instead of owning copies; runners lend them through
-`embed_weight()` and `lm_head_weight()` (both [V, H]).
+`embed_weight()` and `lm_head_weight()` (both [V, H]). An EAGLE head with a reduced draft vocabulary owns a small LM
+head [N, H] and its draft -> target id map `d2t` [N] (int64, kept as it is in the weights file); heads written
+before there was one (no `draft_vocab_size` in their config) load as full-vocabulary heads.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from paradec.errors import ParadecError
-from paradec.heads.eagle import EagleConfig, EagleHead
+from paradec.heads.eagle import EagleConfig, EagleHead, check_draft_map
 from paradec.heads.medusa import MedusaConfig, MedusaHeads
 from paradec.runners.base import Runner
 
@@ -57,12 +59,16 @@ def _read_json(path: Path) -> dict:
 
 
 def save_heads(module: nn.Module, out_dir: str | Path, *, dtype: torch.dtype = torch.float16) -> Path:
-    """Write `module` (MedusaHeads | EagleHead) to `out_dir` (created): its config and its weights in `dtype`."""
+    """Write `module` (MedusaHeads | EagleHead) to `out_dir` (created): its config, its weights in `dtype` (integer
+    buffers, such as the EAGLE head's id map, as they are)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = {"kind": module.kind, "config": module.config.to_dict()}
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in module.state_dict().items()}
+    tensors = {
+        name: t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype).contiguous()
+        for name, t in module.state_dict().items()
+    }
     save_file(tensors, str(out / WEIGHTS_FILE))
     return out
 
@@ -94,6 +100,8 @@ def load_heads(
         module.load_state_dict(load_file(str(path / WEIGHTS_FILE)))
     except (OSError, RuntimeError) as exc:
         raise ParadecError(f"cannot load {kind} heads weights from {str(path)!r}: {exc}") from exc
+    if isinstance(module, EagleHead) and module.d2t is not None:  # ids index the target's embedding: check them once
+        check_draft_map(module.d2t, config, f"{kind} heads in {str(path)!r}")
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

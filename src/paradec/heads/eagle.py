@@ -5,11 +5,15 @@ position t (after its final norm) or, deeper in a draft, the head's own predicti
 
     u_t    = fc([norm_e(embed(x_{t+1})), norm_g(g_t)])          [2H] -> [H]
     ĥ_t+1  = u_t + Attn(norm(u_t)) + MLP(...)                   one pre-norm Llama-style layer (RoPE, SwiGLU)
-    logits = lm_head(ĥ_t+1)                                     the target's LM head: a guess at x_{t+2}
+    logits = lm_head(ĥ_t+1)                                     a guess at x_{t+2}
 
-The token embedding and the LM head are the target's own (shared, frozen): the head owns only the fc, norms,
-attention and MLP. Entry t sits at position t and attends causally to earlier entries, which at decode time
-live in a small KV cache of the head's own (owned by the `eagle` drafter).
+The token embedding is the target's own (shared, frozen). The LM head is the target's too (shared, frozen: logits
+over its whole vocabulary V), unless the head has a reduced draft vocabulary (`draft_vocab_size` N, as in EAGLE-3):
+then it owns a small LM head [N, H], trained, initialised from the target's rows of its N tokens, and a buffer
+`d2t` [N] int64 (draft id -> target id, most frequent first) saved with it. Its logits are over the N draft ids;
+the drafter maps the ids it picks through `d2t`, so what leaves the head is always target ids. Entry t sits at
+position t and attends causally to earlier entries, which at decode time live in a small KV cache of the head's
+own (owned by the `eagle` drafter).
 
 `forward` serves training (batches of whole sequences, several unrolled passes whose keys are concatenated);
 decoding calls its two halves, `project` and `attend`, around writing the new keys into a preallocated cache.
@@ -36,6 +40,7 @@ class EagleConfig:
     intermediate_size: int
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    draft_vocab_size: int | None = None  # N draft ids (a `d2t` map to target ids); None: the target's whole vocabulary
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "vocab_size", "num_heads", "head_dim", "intermediate_size"):
@@ -44,9 +49,17 @@ class EagleConfig:
                 raise ParadecError(f"EAGLE head {name} must be an integer >= 1, got {value!r}")
         if self.head_dim % 2:
             raise ParadecError(f"EAGLE head head_dim must be even (rotary embeddings), got {self.head_dim}")
+        n = self.draft_vocab_size
+        if n is not None and not (isinstance(n, int) and 1 <= n <= self.vocab_size):
+            raise ParadecError(
+                f"EAGLE head draft_vocab_size must be an integer in [1, {self.vocab_size}] (the vocabulary) or "
+                f"none, got {n!r}"
+            )
 
     @staticmethod
-    def for_target(hidden_size: int, vocab_size: int, *, intermediate_size: int | None = None) -> EagleConfig:
+    def for_target(
+        hidden_size: int, vocab_size: int, *, intermediate_size: int | None = None, draft_vocab_size: int | None = None
+    ) -> EagleConfig:
         """A layer of the target's width: heads of 64 dimensions (fewer heads for narrow targets), MLP ~2.75x."""
         num_heads = max(1, hidden_size // 64)
         while hidden_size % num_heads:
@@ -57,10 +70,22 @@ class EagleConfig:
             num_heads=num_heads,
             head_dim=hidden_size // num_heads,
             intermediate_size=intermediate_size or 64 * -(-(11 * hidden_size // 4) // 64),
+            draft_vocab_size=draft_vocab_size,
         )
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def check_draft_map(d2t: torch.Tensor, config: EagleConfig, where: str) -> None:
+    """Raise unless `d2t` is a draft -> target id map for `config`: [draft_vocab_size] distinct ids in [0, V)."""
+    n, vocab = config.draft_vocab_size, config.vocab_size
+    if d2t.shape != (n,) or d2t.dtype != torch.int64:
+        raise ParadecError(
+            f"{where}: the draft -> target id map must be [{n}] int64, got {list(d2t.shape)} {d2t.dtype}"
+        )
+    if n and not (int(d2t.min()) >= 0 and int(d2t.max()) < vocab and d2t.unique().numel() == n):
+        raise ParadecError(f"{where}: the draft -> target id map must hold {n} distinct target ids in [0, {vocab})")
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -85,6 +110,32 @@ class EagleHead(nn.Module):
         self.mlp_norm = RMSNorm(h, config.norm_eps)
         self.gate_up = nn.Linear(h, 2 * inter, bias=False)
         self.down = nn.Linear(inter, h, bias=False)
+        n = config.draft_vocab_size
+        # a reduced draft vocabulary: its own LM head and the draft -> target id map (set by `init_draft_vocab` or
+        # loading); without one, logits come from the target's LM head and ids are target ids (d2t None)
+        self.lm_head = None if n is None else nn.Linear(h, n, bias=False)
+        self.register_buffer("d2t", None if n is None else torch.arange(n))
+
+    def init_draft_vocab(self, d2t: torch.Tensor, target_lm_head: torch.Tensor) -> None:
+        """Set the draft vocabulary: `d2t` [N] (draft id -> target id) and the LM head's rows copied from the target's
+        LM head [V, H] at those ids (the start of training)."""
+        check_draft_map(d2t, self.config, "the given draft vocabulary")
+        with torch.no_grad():
+            self.d2t.copy_(d2t)
+            self.lm_head.weight.copy_(target_lm_head[d2t.to(target_lm_head.device)])
+
+    def logits_weight(self, target_lm_head: torch.Tensor) -> torch.Tensor:
+        """The LM head the head's logits read: its own [N, H], or the target's [V, H] (full vocabulary)."""
+        return target_lm_head if self.lm_head is None else self.lm_head.weight
+
+    def logits(self, hidden: torch.Tensor, target_lm_head: torch.Tensor) -> torch.Tensor:
+        """Predicted hidden states [..., H] -> logits over the draft ids [..., N] (target ids [..., V] if full)."""
+        return hidden @ self.logits_weight(target_lm_head).t()
+
+    def target_rows(self, target_lm_head: torch.Tensor) -> torch.Tensor:
+        """The target's LM-head rows of the draft ids [N, H], in draft-id order (the whole LM head if full): the
+        target's logits restricted to the draft vocabulary are `f @ target_rows.t()`."""
+        return target_lm_head if self.d2t is None else target_lm_head[self.d2t]
 
     def inputs(self, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """(token embeddings [..., H], features [..., H]) -> layer inputs u [..., H]."""

@@ -3,10 +3,14 @@
     paradec train eagle --model DIR                      # -> DIR/heads/eagle/, picked up by paradec.load(DIR)
     paradec train medusa --model DIR --out HEADS         # -> HEADS/medusa/, use with --heads HEADS
     paradec train draft --model DIR --draft SMALL --out OUT   # -> OUT/draft/, use with --draft OUT/draft
-    paradec train eagle --model CHAT_MODEL --data chat   # windows end where the target's answer starts
+    paradec train eagle --model CHAT_MODEL               # self-chat: the target writes its requests and answers them
+    paradec train eagle --model CHAT_MODEL --data chat   # the packaged chat prompts, answered by the target
+    paradec train eagle --model DIR --data chats.jsonl --keep-responses   # teacher-forced on the given answers
+    paradec train eagle --model CODE_MODEL --data python-source           # windows of this machine's Python files
 
-Without --model, the default model (`paradec.zoo.DEFAULT_MODEL`, fetched on first use) is the target. Without
---draft, `train draft` distils the draft registered for a zoo target (`--model code-8m`: `code-8m-draft`).
+Chat windows end where the target's answer starts. Without --model, the default model (`paradec.zoo.DEFAULT_MODEL`,
+fetched on first use) is the target. Without --draft, `train draft` distils the draft registered for a zoo target
+(`--model code-8m`: `code-8m-draft`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import sys
 from pathlib import Path
 
 from paradec.train.data import CHAT_MODES
+from paradec.train.selfchat import SelfChatSettings
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -31,9 +36,17 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("data (made by the target itself)")
     data.add_argument(
         "--data",
-        help="prompt source: a .jsonl file of 'messages' (OpenAI), 'conversations' (ShareGPT), 'prompt' or 'text' "
-        "records, a text file, or 'chat' (the packaged chat prompt set; a file named chat: ./chat) "
-        "(default: the Python source files on this machine)",
+        help="prompt source: 'self-chat' (the target writes its own user requests, then answers them; the default "
+        "for a target with a chat template), 'chat' (the packaged chat prompt set), 'python-source' (the Python "
+        "source files on this machine; the default otherwise), or a file: .jsonl of 'messages' (OpenAI), "
+        "'conversations' (ShareGPT), 'prompt' or 'text' records, or any text file (a file named like a source: "
+        "./chat)",
+    )
+    data.add_argument(
+        "--keep-responses",
+        action="store_true",
+        help="keep the assistant turns of a .jsonl data file: the windows hold them (teacher forcing on your data) "
+        "instead of the target's own answers (default: the target rewrites every assistant turn)",
     )
     data.add_argument(
         "--chat",
@@ -57,7 +70,19 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default=192,
         help="tokens the target adds to each window; 0 = train on the text windows (default 192)",
     )
-    data.add_argument("--temperature", type=float, default=0.0, help="0 = greedy continuations (default)")
+    data.add_argument(
+        "--temperature",
+        type=float,
+        help="temperature of the sampled answers (default 1); 0 = every answer greedy; given alone, every answer "
+        "is sampled",
+    )
+    data.add_argument(
+        "--sampled-share",
+        type=float,
+        metavar="SHARE",
+        help="share of the windows the target answers by sampling, the rest greedily (default: 0.25 with self-chat, "
+        "else 0)",
+    )
     data.add_argument("--gen-batch-size", type=int, default=256, help="windows per generate batch (default 256)")
     data.add_argument("--val-sequences", type=int, default=64, help="held-out windows for accuracies (default 64)")
     data.add_argument(
@@ -66,18 +91,81 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default=16,
         help="held-out prompts decoded with the engine for the validation acceptance (default 16)",
     )
+    defaults = SelfChatSettings()
+    chat = parser.add_argument_group("self-chat (--data self-chat: the requests the target writes)")
+    chat.add_argument(
+        "--self-chat-requests",
+        type=int,
+        default=defaults.requests,
+        metavar="N",
+        help=f"requests the target writes, before the filters (default {defaults.requests})",
+    )
+    for flag, name, metavar in (("--request-temperature", "temperature", "T"), ("--request-top-p", "top_p", "P")):
+        low, high = getattr(defaults, name)
+        chat.add_argument(
+            flag,
+            type=float,
+            nargs="+",
+            default=(low, high),
+            metavar=metavar,
+            help=f"sampling {name.replace('_', '-')} of the requests: a value, or a range LOW HIGH each batch draws "
+            f"from (default {low} {high})",
+        )
+    chat.add_argument(
+        "--request-max-tokens",
+        type=int,
+        default=defaults.max_tokens,
+        help=f"a request that has not ended within this many tokens is dropped (default {defaults.max_tokens})",
+    )
+    chat.add_argument(
+        "--request-min-tokens",
+        type=int,
+        default=defaults.min_tokens,
+        help=f"a request of fewer tokens is dropped (default {defaults.min_tokens})",
+    )
+    chat.add_argument(
+        "--near-duplicate",
+        type=float,
+        default=defaults.near_duplicate,
+        metavar="SHARE",
+        help="drop a request that shares more than this share of its 8-word shingles with a kept one "
+        f"(default {defaults.near_duplicate})",
+    )
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, help="optimizer steps (default: medusa 1000, eagle 3000, draft 1000)")
     opt.add_argument("--batch-size", type=int, default=16, help="windows per step (default 16)")
     opt.add_argument("--lr", type=float, help="peak learning rate (default: medusa and eagle 3e-3, draft 3e-4)")
     opt.add_argument("--warmup", type=int, default=100, help="warm-up steps (default 100)")
-    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument(
+        "--seed", type=int, default=0, help="seeds the data (requests, windows, sampled answers) and the training"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_draft_vocab(parser: argparse.ArgumentParser) -> None:
+    from paradec.train.eagle import DRAFT_VOCAB
+
+    group = parser.add_argument_group("draft vocabulary (EAGLE-3)")
+    group.add_argument(
+        "--draft-vocab",
+        type=int,
+        metavar="N",
+        help="the head scores only the N most frequent tokens of the target's answers (its own LM head, mapped to "
+        "target ids; verification stays over the full vocabulary); 0 = the whole vocabulary (default: whole up to "
+        f"{DRAFT_VOCAB} tokens, else {DRAFT_VOCAB})",
+    )
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `train` with its `medusa`, `eagle` and `draft` sub-commands (each sets `func(args) -> int`)."""
-    train = subparsers.add_parser("train", help="train Medusa heads, an EAGLE head or a distilled draft for a target")
+    train = subparsers.add_parser(
+        "train",
+        help="train Medusa heads, an EAGLE head or a distilled draft for a target",
+        description="Train a drafter on data the target makes itself: by default, for a target with a chat template, "
+        "self-chat (the target writes its own user requests, filtered for length, control tokens, duplicates and "
+        "overlap with the bench dev suites, then answers them); else windows of this machine's Python source. "
+        "--data chat, a .jsonl of chats or a text file are the other sources.",
+    )
     kinds = train.add_subparsers(dest="kind", required=True)
 
     medusa = kinds.add_parser("medusa", help="Medusa heads + a static token tree")
@@ -91,6 +179,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     eagle.add_argument("--passes", type=int, default=3, help="draft levels unrolled per training step (default 3)")
     eagle.add_argument("--reg-weight", type=float, default=1.0, help="hidden-state regression weight (default 1)")
     eagle.add_argument("--intermediate-size", type=int, help="MLP width (default ~2.75x the hidden size)")
+    _add_draft_vocab(eagle)
     eagle.set_defaults(func=cmd_train)
 
     draft = kinds.add_parser("draft", help="distil a small draft model towards the target")
@@ -101,18 +190,35 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     draft.set_defaults(func=cmd_train)
 
 
+def _bounds(values) -> tuple[float, ...]:
+    """A value or a range LOW HIGH, as a range (more values are refused by SelfChatSettings)."""
+    values = tuple(values)
+    return values * 2 if len(values) == 1 else values
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from paradec.train.loop import TrainSettings
     from paradec.train.pipeline import DEFAULT_LR, DEFAULT_STEPS, DataSettings, HeadSettings, run
 
+    self_chat = SelfChatSettings(
+        requests=args.self_chat_requests,
+        temperature=_bounds(args.request_temperature),
+        top_p=_bounds(args.request_top_p),
+        max_tokens=args.request_max_tokens,
+        min_tokens=args.request_min_tokens,
+        near_duplicate=args.near_duplicate,
+    )
     data = DataSettings(
         data=args.data,
         chat=args.chat,
+        keep_responses=args.keep_responses,
         sequences=args.self_distill,
         val_sequences=args.val_sequences,
         prompt_len=args.prompt_len,
         new_tokens=args.new_tokens,
         temperature=args.temperature,
+        sampled_share=args.sampled_share,
+        self_chat=self_chat,
         batch_size=args.gen_batch_size,
     )
     train = TrainSettings(
@@ -128,6 +234,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         passes=getattr(args, "passes", 3),
         reg_weight=getattr(args, "reg_weight", 1.0),
         intermediate_size=getattr(args, "intermediate_size", None),
+        draft_vocab=getattr(args, "draft_vocab", None),
     )
     out = run(
         args.kind,

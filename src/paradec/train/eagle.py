@@ -12,6 +12,15 @@ reproduce what a level-s tree node sees at decode time, where the committed pref
                                   pass s' keys at entry j - s + s'   for 1 <= s' <= s (its draft ancestors, itself)
 
 Entries j < s have no such history and are left out of pass s's loss. Pass s's loss is weighted 0.8^s.
+
+Reduced draft vocabulary (`paradec train eagle --draft-vocab N`, EAGLE-3's): the head scores only the N target tokens
+that occur most often in the target's own continuations of the training windows (`frequent_tokens`), through an LM
+head of its own initialised from the target's rows of those tokens. Its KL target is then the target's distribution
+restricted to the draft vocabulary and renormalised, softmax over the N logits f_{j+1} @ lm_head[d2t]^T: the head
+cannot put mass on tokens it never drafts. The mass it gives up is measured, not trained: `draft_vocab_coverage`,
+the mean share of the target's probability that falls on the draft vocabulary at the validation positions (logged,
+and on the card with N). Decoding stays lossless either way (the drafter maps draft ids to target ids and the
+verifier checks them over the full vocabulary); coverage only bounds how often a draft can be right.
 """
 
 from __future__ import annotations
@@ -23,6 +32,35 @@ from paradec.heads.eagle import EagleHead
 from paradec.train.data import DistillData
 
 PASS_DECAY = 0.8
+DRAFT_VOCAB = 32768  # --draft-vocab's default for targets whose vocabulary is larger (`default_draft_vocab`)
+
+
+def default_draft_vocab(vocab_size: int) -> int | None:
+    """The draft vocabulary of a head trained without --draft-vocab: None (the target's whole vocabulary) up to
+    DRAFT_VOCAB tokens, else the DRAFT_VOCAB most frequent ones.
+
+    Why: the draft LM head is the largest matmul and top-k of every tree level, and its cost grows with the
+    vocabulary. At 32k tokens or fewer (Llama-2, Mistral) it is already as small as a reduced head would be, and a
+    map would only give up coverage. Above (49,152 for SmolLM2, 128,256 for Llama-3, 151,936 for Qwen2.5) a 32k head
+    is 1.5-4.6x smaller, and the tokens outside the 32k most frequent ones of the target's own answers carry little
+    of its probability mass (the card's coverage says how little); EAGLE-3 uses 32,000 draft ids for Llama-3."""
+    return None if vocab_size <= DRAFT_VOCAB else DRAFT_VOCAB
+
+
+def continuation_mask(data: DistillData) -> torch.Tensor:
+    """[N, T] bool: the valid tokens the target wrote, after each window's prompt (every valid token when the data
+    hold no continuations, `--new-tokens 0`)."""
+    mask = data.valid.clone()
+    if data.stats.get("new_tokens", 0) > 0:
+        mask[:, : data.stats["prompt_tokens"]] = False
+    return mask
+
+
+def frequent_tokens(tokens: torch.Tensor, valid: torch.Tensor, vocab_size: int, size: int) -> torch.Tensor:
+    """The draft vocabulary d2t [size] int64 (draft id -> target id): the `size` most frequent ids among the valid
+    `tokens` (the target's continuations), most frequent first, ties by id; ids never seen fill the rest by id."""
+    counts = torch.bincount(tokens[valid].flatten().cpu(), minlength=vocab_size)  # [V]
+    return torch.sort(counts, descending=True, stable=True).indices[:size]
 
 
 def unroll_mask(length: int, step: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -63,15 +101,15 @@ def eagle_loss(
     reg_weight: float = 1.0,
 ) -> torch.Tensor:
     target = features[:, 1:]  # [B, T-1, H] f_{j+1}
-    with torch.no_grad():
-        target_logp = F.log_softmax((target @ lm_head.t()).float(), -1)  # [B, T-1, V]
+    with torch.no_grad():  # over the draft vocabulary (the whole one unless reduced): restricted and renormalised
+        target_logp = F.log_softmax((target @ head.target_rows(lm_head).t()).float(), -1)  # [B, T-1, N]
     outs = unrolled(head, F.embedding(tokens[:, 1:], embed), features[:, :-1], passes)
     total = features.new_zeros((), dtype=torch.float32)
     weights = 0.0
     for step, out in enumerate(outs):
         mask = valid[:, 1:].clone()
         mask[:, :step] = False
-        logp = F.log_softmax((out @ lm_head.t()).float(), -1)
+        logp = F.log_softmax(head.logits(out, lm_head).float(), -1)  # [B, T-1, N]
         kl = F.kl_div(logp, target_logp, log_target=True, reduction="none").sum(-1)  # [B, T-1]
         reg = F.smooth_l1_loss(out.float(), target.float(), reduction="none").mean(-1)  # [B, T-1]
         total = total + PASS_DECAY**step * ((kl + reg_weight * reg) * mask).sum() / mask.sum().clamp_min(1)
@@ -89,7 +127,8 @@ def eagle_accuracy(
     *,
     batch_size: int = 8,
 ) -> list[float]:
-    """Top-1 agreement with the target's greedy token of each unrolled pass (draft level) on `data`."""
+    """Top-1 agreement with the target's greedy token (over its whole vocabulary) of each unrolled pass (draft level)
+    on `data`; a reduced head's pick counts as its target id."""
     hits = torch.zeros(passes, dtype=torch.float64, device=data.features.device)
     counts = torch.zeros(passes, dtype=torch.float64, device=data.features.device)
     for start in range(0, len(data), batch_size):
@@ -101,6 +140,31 @@ def eagle_accuracy(
         for step, out in enumerate(outs):
             mask = valid.clone()
             mask[:, :step] = False
-            hits[step] += (((out @ lm_head.t()).argmax(-1) == greedy) & mask).sum().double()
+            pick = head.logits(out, lm_head).argmax(-1)  # [B, T-1] draft ids
+            pick = pick if head.d2t is None else head.d2t[pick]  # target ids
+            hits[step] += ((pick == greedy) & mask).sum().double()
             counts[step] += mask.sum().double()
     return (hits / counts.clamp_min(1)).tolist()
+
+
+@torch.no_grad()
+def draft_vocab_coverage(
+    d2t: torch.Tensor, lm_head: torch.Tensor, data: DistillData, *, batch_size: int = 8
+) -> dict[str, float]:
+    """How much of the target a draft vocabulary `d2t` [N] covers at the positions the loss reads on `data` (every
+    valid next token): `target_mass`, the mean share of the target's probability on the N tokens; `greedy_in_vocab`,
+    the share of positions whose greedy token is one of them (an upper bound of the head's top-1 accuracy)."""
+    mass = torch.zeros((), dtype=torch.float64, device=data.features.device)
+    greedy_in = torch.zeros_like(mass)
+    positions = torch.zeros_like(mass)
+    in_vocab = torch.zeros(lm_head.shape[0], dtype=torch.bool, device=lm_head.device)
+    in_vocab[d2t.to(lm_head.device)] = True
+    for start in range(0, len(data), batch_size):
+        valid = data.valid[start : start + batch_size, 1:]  # [B, T-1]
+        logits = (data.features[start : start + batch_size, 1:] @ lm_head.t()).float()  # [B, T-1, V]
+        share = (logits[..., in_vocab].logsumexp(-1) - logits.logsumexp(-1)).exp()  # [B, T-1]
+        mass += (share * valid).sum().double()
+        greedy_in += (in_vocab[logits.argmax(-1)] & valid).sum().double()
+        positions += valid.sum().double()
+    count = positions.clamp_min(1)
+    return {"target_mass": float(mass / count), "greedy_in_vocab": float(greedy_in / count)}

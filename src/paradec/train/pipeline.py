@@ -1,9 +1,15 @@
 """One `paradec train <kind>` run: target -> self-distilled data -> training -> validation -> saved output + card.
 
+The data (`paradec.train.data`): self-chat for a target with a chat template (the target writes its requests,
+`paradec.train.selfchat`, then answers them), else windows of the Python source on this machine, or `--data chat`,
+or a data file; the target answers greedily, a share of the windows sampled (`DataSettings.answer_sampling`).
+
 Outputs go to `OUT/<kind>/` (OUT defaults to `<model dir>/heads`, where `paradec.load(model)` looks for heads):
 `medusa/` and `eagle/` are heads directories (`paradec.heads`), `draft/` a Hugging Face checkpoint usable as
-`--draft`. Each carries a `card.json`: data, steps, seconds, device, validation accuracy per head/level, and the
-validation acceptance the method reaches with the engine (τ and acceptance by position over held-out prompts).
+`--draft`. Each carries a `card.json`: data (with self-chat: requests written, kept and dropped per filter, the
+dev-suite overlap check, system prompts, temperatures, seconds), steps, seconds, device, validation accuracy per
+head/level, and the validation acceptance the method reaches with the engine (τ and acceptance by position over
+held-out prompts).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,26 +31,49 @@ from paradec.heads import EagleConfig, EagleHead, MedusaConfig, MedusaHeads, sav
 from paradec.heads.medusa import best_tree
 from paradec.loading import DTYPES, load_tokenizer, read_config, resolve_device, resolve_dtype, resolve_model_dir
 from paradec.runners import HFRunner, load_hf_model
-from paradec.train.data import CHAT_MODES, DistillData, build_data, read_texts
+from paradec.train.data import (
+    CHAT_MODES,
+    PYTHON_SOURCE_DATA,
+    SELF_CHAT_DATA,
+    DistillData,
+    build_data,
+    data_source,
+    read_texts,
+)
 from paradec.train.draft import draft_accuracy, draft_loss
-from paradec.train.eagle import eagle_accuracy, eagle_loss
+from paradec.train.eagle import (
+    continuation_mask,
+    default_draft_vocab,
+    draft_vocab_coverage,
+    eagle_accuracy,
+    eagle_loss,
+    frequent_tokens,
+)
 from paradec.train.loop import FitResult, TrainSettings, autocast, device_name, fit
 from paradec.train.medusa import medusa_accuracy, medusa_loss
+from paradec.train.selfchat import SelfChatSettings, self_chat_texts
 
 KINDS = ("medusa", "eagle", "draft")
 DEFAULT_STEPS = {"medusa": 1000, "eagle": 3000, "draft": 1000}
 DEFAULT_LR = {"medusa": 3e-3, "eagle": 3e-3, "draft": 3e-4}
+ANSWER_TEMPERATURE = 1.0  # the temperature of the sampled answers, unless given
+SELF_CHAT_SAMPLED_SHARE = 0.25  # with self-chat, this share of the answers is sampled, unless given
 
 
 @dataclass(frozen=True)
 class DataSettings:
-    data: str | Path | None = None  # prompt source: a file, "chat" (the packaged chat prompts), None (Python corpus)
+    # prompt source: "self-chat", "chat" (the packaged chat prompts), "python-source" or a file; None: self-chat for
+    # a target with a chat template, else python-source (`paradec.train.data.data_source`)
+    data: str | Path | None = None
     chat: str = "auto"  # render chats (and prompts) with the target's chat template: auto, on or off
+    keep_responses: bool = False  # a data file's assistant turns are kept (teacher forcing), not rewritten
     sequences: int = 2048  # training windows, each continued by the target (self-distillation)
     val_sequences: int = 64  # validation windows (accuracies)
     prompt_len: int = 128  # text tokens per window
     new_tokens: int = 192  # tokens the target adds to each window (0: train on the text windows alone)
-    temperature: float = 0.0  # 0: the target's greedy continuations; > 0: sampled ones
+    temperature: float | None = None  # of the sampled answers (None: ANSWER_TEMPERATURE); 0: all answers greedy
+    sampled_share: float | None = None  # share of sampled answers; None: see `answer_sampling`
+    self_chat: SelfChatSettings = field(default_factory=SelfChatSettings)
     max_corpus_chars: int = 40_000_000
     batch_size: int = 256  # windows per generate / feature batch
 
@@ -58,10 +87,31 @@ class DataSettings:
             raise ParadecError(f"new-tokens must be an integer >= 0, got {self.new_tokens!r}")
         if self.prompt_len + self.new_tokens < 4:
             raise ParadecError(f"windows of {self.prompt_len + self.new_tokens} tokens are too short (need >= 4)")
-        if not self.temperature >= 0:
+        if self.temperature is not None and not self.temperature >= 0:
             raise ParadecError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.sampled_share is not None and not 0 <= self.sampled_share <= 1:
+            raise ParadecError(f"sampled-share must be in [0, 1], got {self.sampled_share!r}")
+        if self.temperature == 0 and self.sampled_share:
+            raise ParadecError(f"sampled-share {self.sampled_share} needs a temperature > 0, got 0")
         if self.chat not in CHAT_MODES:
             raise ParadecError(f"chat must be one of {', '.join(CHAT_MODES)}, got {self.chat!r}")
+        if self.keep_responses and self.new_tokens == 0:
+            raise ParadecError(
+                "--keep-responses needs --new-tokens >= 1: the tokens of the given answers each window holds"
+            )
+
+    def answer_sampling(self, source: str | Path) -> tuple[float, float]:
+        """(sampled share, temperature) of the target's answers for `source`: temperature 0 is all greedy; a
+        temperature alone (> 0) samples all of them (a share alone samples it at ANSWER_TEMPERATURE); neither
+        samples SELF_CHAT_SAMPLED_SHARE of the self-chat answers and none of the others."""
+        if self.temperature == 0:
+            return 0.0, 0.0
+        temperature = ANSWER_TEMPERATURE if self.temperature is None else self.temperature
+        if self.sampled_share is not None:
+            return self.sampled_share, temperature
+        if self.temperature is not None:
+            return 1.0, temperature
+        return (SELF_CHAT_SAMPLED_SHARE if str(source) == SELF_CHAT_DATA else 0.0), temperature
 
 
 @dataclass(frozen=True)
@@ -72,12 +122,21 @@ class HeadSettings:
     passes: int = 3  # EAGLE: unrolled draft levels per training step
     reg_weight: float = 1.0  # EAGLE: weight of the hidden-state regression next to the KL term
     intermediate_size: int | None = None  # EAGLE: MLP width (default ~2.75x hidden)
+    # EAGLE: draft vocabulary size; None: `default_draft_vocab` of the target's; 0 (or >= the target's): the whole one
+    draft_vocab: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("medusa_heads", "tree_nodes", "tree_ranks", "passes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ParadecError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if self.draft_vocab is not None and not (isinstance(self.draft_vocab, int) and self.draft_vocab >= 0):
+            raise ParadecError(f"draft-vocab must be an integer >= 0, got {self.draft_vocab!r}")
+
+    def draft_vocab_for(self, vocab_size: int) -> int | None:
+        """The EAGLE head's draft vocabulary size for a target of `vocab_size` tokens (None: the whole vocabulary)."""
+        size = default_draft_vocab(vocab_size) if self.draft_vocab is None else self.draft_vocab
+        return size if size and size < vocab_size else None
 
 
 @dataclass
@@ -223,18 +282,42 @@ def run(
     draft_path = _draft_path(kind, target.path, draft)
     torch.manual_seed(train.seed)
 
-    texts = read_texts(
-        data.data, tokenizer=target.tokenizer, chat=data.chat, max_corpus_chars=data.max_corpus_chars, progress=progress
-    )
+    source = data_source(data.data, target.tokenizer, data.chat)
+    sampled_share, temperature = data.answer_sampling(source)
+    if str(source) == SELF_CHAT_DATA:
+        if data.chat == "off" or data.keep_responses:
+            flag = "--chat off" if data.chat == "off" else "--keep-responses"
+            raise ParadecError(f"--data self-chat renders chats with the target's template: {flag} does not apply")
+        texts = self_chat_texts(
+            target.model,
+            target.tokenizer,
+            data.self_chat,
+            eos_token_ids=target.eos_token_ids,
+            seed=train.seed,
+            batch_size=data.batch_size,
+            progress=progress,
+        )
+        _log(f"self-chat: dropped {texts.stats['dropped']}")
+    else:
+        texts = read_texts(
+            source,
+            tokenizer=target.tokenizer,
+            chat=data.chat,
+            keep_responses=data.keep_responses,
+            max_corpus_chars=data.max_corpus_chars,
+            progress=progress,
+        )
     _log(
-        f"data: {texts.description}; {len(texts.train)} + {len(texts.train_chats)} train / "
-        f"{len(texts.val)} + {len(texts.val_chats)} validation texts + chats"
+        f"data: {texts.description}; {len(texts.train)} + {len(texts.train_chats)} + {len(texts.train_answered)} "
+        f"train / {len(texts.val)} + {len(texts.val_chats)} + {len(texts.val_answered)} validation texts + chats + "
+        "given answers"
     )
     common = dict(
         prompt_len=data.prompt_len,
         new_tokens=data.new_tokens,
         eos_token_ids=target.eos_token_ids,
-        temperature=data.temperature,
+        temperature=temperature,
+        sampled_share=sampled_share,
         batch_size=data.batch_size,
         progress=progress,
     )
@@ -243,6 +326,7 @@ def run(
         target.tokenizer,
         texts.train,
         chats=texts.train_chats,
+        answered=texts.train_answered,
         sequences=data.sequences,
         seed=train.seed,
         **common,
@@ -252,6 +336,7 @@ def run(
         target.tokenizer,
         texts.val,
         chats=texts.val_chats,
+        answered=texts.val_answered,
         sequences=data.val_sequences,
         seed=train.seed + 1,
         **common,
@@ -266,11 +351,15 @@ def run(
         "kind": kind,
         "target": str(target.path),
         "data": {
+            "name": str(source),  # self-chat, chat, python-source or the data file
             "source": texts.description,
             "chat": data.chat,
+            "keep_responses": data.keep_responses,
+            "answers": {"sampled_share": sampled_share, "temperature": temperature if sampled_share else None},
+            **({"self_chat": texts.stats} if str(source) == SELF_CHAT_DATA else {}),
             "train": train_data.stats,
             "validation": val_data.stats,
-            "max_corpus_chars": data.max_corpus_chars if data.data is None else None,
+            "max_corpus_chars": data.max_corpus_chars if str(source) == PYTHON_SOURCE_DATA else None,
         },
         "train": asdict(train),
         **report,
@@ -342,8 +431,14 @@ def _train_medusa(job: Job) -> dict:
 def _train_eagle(job: Job) -> dict:
     target, train_data, heads = job.target, job.train_data, job.heads
     hidden, vocab = target.lm_head.shape[1], target.lm_head.shape[0]
-    config = EagleConfig.for_target(hidden, vocab, intermediate_size=heads.intermediate_size)
+    draft_vocab = heads.draft_vocab_for(vocab)
+    config = EagleConfig.for_target(
+        hidden, vocab, intermediate_size=heads.intermediate_size, draft_vocab_size=draft_vocab
+    )
     module = EagleHead(config).to(job.device)
+    if draft_vocab is not None:  # the most frequent tokens of the target's own continuations
+        d2t = frequent_tokens(train_data.tokens, continuation_mask(train_data), vocab, draft_vocab)
+        module.init_draft_vocab(d2t.to(job.device), target.lm_head)
     _log(f"eagle: {config}, {sum(p.numel() for p in module.parameters())} parameters")
 
     def loss(index: torch.Tensor) -> torch.Tensor:
@@ -362,12 +457,21 @@ def _train_eagle(job: Job) -> dict:
     module.eval()
     with job.autocast():
         accuracy = eagle_accuracy(module, target.embed, target.lm_head, job.val_data, heads.passes)
+    vocab_card = {"size": draft_vocab, "target_vocab": vocab}
+    if draft_vocab is not None:
+        coverage = draft_vocab_coverage(module.d2t, target.lm_head, job.val_data)
+        vocab_card["validation_coverage"] = {name: round(value, 4) for name, value in coverage.items()}
+        _log(
+            f"eagle: draft vocabulary of {draft_vocab} / {vocab} tokens holds {coverage['target_mass']:.1%} of the "
+            f"target's probability mass on validation data ({coverage['greedy_in_vocab']:.1%} of its greedy tokens)"
+        )
     save_heads(module, job.out_dir)
     return {
         "parameters": sum(p.numel() for p in module.parameters()),
         "config": config.to_dict(),
         "passes": heads.passes,
         "reg_weight": heads.reg_weight,
+        "draft_vocab": vocab_card,
         "fit": result.to_dict(),
         "validation": {"top1_accuracy_per_level": [round(a, 4) for a in accuracy]},
         "validation_acceptance": job.acceptance("eagle", heads_dir=job.out_dir),
