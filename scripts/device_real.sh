@@ -14,7 +14,11 @@
 #   SMOL_PEERS / QWEN_PEERS   HF peers (default hf-vanilla,hf-pld / hf-vanilla,hf-assisted)
 #   SMOL_TRAIN / QWEN_TRAIN   extra `paradec train` options for both kinds
 set -uo pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH="$HOME/site:$PWD/src"
+# The background chain runs from a snapshot of src/: every later device call lays the working tree anew, and a chain
+# importing from it mid-copy failed once ("No module named paradec.__main__").
+SNAPSHOT=$HOME/paradec-src
+export PYTHONUNBUFFERED=1 PYTHONPATH="$HOME/site:$SNAPSHOT"
+snapshot() { rm -rf "$SNAPSHOT" && cp -r src "$SNAPSHOT"; }
 STAGE=${STAGE:-$HOME/stage}
 LOG=/tmp/paradec-real.log
 DONE=/tmp/paradec-real.done
@@ -96,6 +100,7 @@ start)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     export -f chain
     # its own bash, so that `set -e` ends the chain alone; the exit status goes to $DONE
+    snapshot
     setsid nohup bash -c "bash -c chain; echo \$? > $DONE" > $LOG 2>&1 < /dev/null &
     sleep 20
     tail -n 5 $LOG
@@ -135,6 +140,7 @@ if [ "${1:-}" = qwen ]; then
         echo "DONE $(date +%T)"
     }
     export -f qwen_chain
+    snapshot
     setsid nohup bash -c "bash -c qwen_chain; echo \$? > $DONE" > $LOG 2>&1 < /dev/null &
     sleep 5; tail -n 3 $LOG
 fi
