@@ -86,11 +86,12 @@ class Recording:
     def __getattr__(self, name):
         return getattr(self._engine, name)
 
-    def generate(self, prompt, *, method, **kwargs):
-        result = self._engine.generate(prompt, method=method, **kwargs)
-        if self._corrupt(method, list(prompt)) and len(result.token_ids) > 1:
+    def generate(self, request):
+        result = self._engine.generate(request)
+        prompt = list(request.prompt_ids)
+        if self._corrupt(request.method, prompt) and len(result.token_ids) > 1:
             result.token_ids[1] = (result.token_ids[1] + 1) % self._engine.target.vocab_size
-        self.calls.append((method, list(prompt), kwargs["max_new_tokens"], list(result.token_ids)))
+        self.calls.append((request.method, prompt, request.max_new_tokens, list(result.token_ids)))
         return result
 
 
