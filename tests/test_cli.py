@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -59,30 +58,13 @@ def test_bad_input_exit_code_2(model_dirs):
     assert "Traceback" not in proc.stderr
 
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 CHAT = [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "def stack():"}]
 
 
-@pytest.fixture(scope="module")
-def chat_model(model_dirs, tmp_path_factory):
-    """The tiny llama, with a chat template added to its tokenizer."""
-    from transformers import AutoTokenizer
-
-    out = tmp_path_factory.mktemp("chat") / "llama"
-    shutil.copytree(model_dirs["llama"], out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def test_chat_and_messages_answer_the_encode_chat_prompt(chat_model, tmp_path, capsys):
-    engine = load(chat_model, runner="hf")
+def test_chat_and_messages_answer_the_encode_chat_prompt(chat_llama_dir, tmp_path, capsys):
+    engine = load(chat_llama_dir, runner="hf")
     expected = engine.generate(engine.encode_chat(CHAT), max_new_tokens=12)
-    common = ["generate", "--model", str(chat_model), "--runner", "hf", "--max-new-tokens", "12", "--json"]
+    common = ["generate", "--model", str(chat_llama_dir), "--runner", "hf", "--max-new-tokens", "12", "--json"]
     proc = paradec(*common, "--chat", CHAT[1]["content"], "--system", CHAT[0]["content"])
     assert proc.returncode == 0, proc.stderr
     record = json.loads(proc.stdout)

@@ -4,7 +4,6 @@ included); engine settings are per engine; sampling has a greedy epsilon and a s
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 
 import pytest
@@ -23,10 +22,6 @@ from paradec.heads import EagleConfig, EagleHead, save_heads
 from paradec.request import MAX_STOP_CHARS, MAX_STOPS, Request
 
 PROMPT = "def fibonacci(n):\n"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +30,9 @@ def engine(engines):
 
 
 @pytest.fixture(scope="module")
-def chat_engine(model_dirs, tmp_path_factory):
+def chat_engine(chat_llama_dir):
     """The tiny llama with a chat template."""
-    from transformers import AutoTokenizer
-
-    out = tmp_path_factory.mktemp("chat") / "llama"
-    shutil.copytree(model_dirs["llama"], out)
-    tokenizer = AutoTokenizer.from_pretrained(out)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(out)
-    return paradec.load(out, runner="hf")
+    return paradec.load(chat_llama_dir, runner="hf")
 
 
 @pytest.fixture
