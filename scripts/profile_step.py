@@ -5,12 +5,15 @@ tree is drafted and scored each step), so the cost of a step does not depend on 
 measures, per method configuration, in one process on one card:
 
 - `step ms`: wall time of one decode step (a 128-token generation's time / its steps), host included;
-- `draft ms`: GPU time of the drafter's CUDA graph alone (EAGLE: adding the new entries and growing the tree);
+- `draft ms`: GPU time of the drafter's CUDA graph alone (EAGLE: adding the new entries and growing the tree;
+  `draft`: the whole chain of k tokens, one graph with `one_graph=true`, k launch sequences with `one_graph=false`,
+  host launch gaps included), and `draft ms/token` for a chain;
 - `score ms`: GPU time of the target's forward over the step's inputs alone (1 for vanilla, 1 + nodes for trees);
 - `kernels`: CUDA kernels one eager drafter step launches (torch.profiler), the count the graph replays.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=src python3 scripts/profile_step.py --out $OUT \
-        --config vanilla --config eagle --config eagle:compile=true
+        --config vanilla --config eagle --config eagle:compile=true \
+        --config draft:k=5 --config draft:k=5,one_graph=false
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from paradec.config import EngineConfig
+from paradec.config import EngineConfig, SamplingParams
+from paradec.drafters.base import DecodeState
 from paradec.engine import Engine
 from paradec.heads import EagleConfig, EagleHead, save_heads
 from paradec.runners import load_runner
@@ -33,14 +37,15 @@ from paradec.zoo.presets import BENCH
 
 
 def bench_shaped_model(root: Path, seed: int) -> Path:
-    """A random-weight Llama checkpoint of the bench target's shape (its exact config), saved in bf16."""
+    """A random-weight Llama checkpoint of the bench target's shape (its exact config), saved in bf16; beside it
+    `draft`, one of the bench draft's shape."""
     from transformers import LlamaForCausalLM
 
     shape = BENCH.target
-    config = llama_config(shape, BENCH.vocab_size, BENCH.context, BENCH.rope_theta, "bfloat16")
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(str(root / "target"))
+    for name, model_shape in (("target", shape), ("draft", BENCH.draft)):
+        config = llama_config(model_shape, BENCH.vocab_size, BENCH.context, BENCH.rope_theta, "bfloat16")
+        torch.manual_seed(seed)
+        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(root / name))
     head = EagleHead(EagleConfig.for_target(shape.hidden_size, BENCH.vocab_size))
     save_heads(head, root / "target" / "heads" / "eagle")
     return root / "target"
@@ -114,8 +119,27 @@ def profile(
             with torch.profiler.profile(activities=activities) as timeline:
                 engine.generate(prompt, method=method, max_new_tokens=24)
             timeline.export_chrome_trace(str(trace))
+    if method == "draft":
+        row["draft_ms"], row["k"] = chain_ms(engine.method(method).open(parsed), prompt, parsed.k, target.vocab_size)
+        row["draft_ms_per_token"] = row["draft_ms"] / row["k"]
+        n_inputs = row["k"] + 1  # the target scores the pending token and the k drafts
     row["score_ms"] = score_ms(target, prompt[0], n_inputs)
     return row
+
+
+def chain_ms(drafter, prompt: list[int], k: int, vocab_size: int) -> float:
+    """GPU time of one draft chain of k tokens after the prompt (greedy; fed the pending token), between two CUDA
+    events: with `one_graph` one graph replay, else k forwards launched from the host (their launch gaps count)."""
+    runner = drafter.runner
+    state = DecodeState(list(prompt), len(prompt), SamplingParams(), None, runner.device, vocab_size)
+    drafter.begin(state)
+    length = runner.length
+
+    def draft() -> None:
+        drafter.chain.propose(state, k)
+        runner.rollback(length)
+
+    return gpu_ms(draft, 200)
 
 
 def score_ms(target, token: int, n: int) -> float:
@@ -177,9 +201,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = bench_shaped_model(Path(tmp), seed=0)
         target = load_runner(model_dir, "native", torch.device("cuda"), torch.bfloat16)
+        draft = load_runner(model_dir.parent / "draft", "native", torch.device("cuda"), torch.bfloat16)
         config = EngineConfig(model=str(model_dir), draft=None, heads=str(model_dir / "heads"), device="cuda",
                               dtype="bfloat16", runner="NativeRunner")  # fmt: skip
-        engine = Engine(target, None, config, heads_dir=model_dir / "heads", eos_token_ids=set())
+        engine = Engine(target, None, config, draft=draft, heads_dir=model_dir / "heads", eos_token_ids=set())
         prompt = torch.randint(0, BENCH.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
         rows = []
         for text in args.config:
@@ -196,12 +221,13 @@ def main() -> None:
         print("topk us:", json.dumps(topk_variants()))
     vanilla = next((r["step_ms"] for r in rows if r["config"] == "vanilla"), None)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print("| config | step ms | x vanilla step | draft ms | score ms | host+verify ms | kernels | tau |")
+    print("| config | step ms | x vanilla | draft ms | ms/draft token | score ms | host+verify ms | kernels | tau |")
     for r in rows:
         host = r["step_ms"] - r["draft_ms"] - r["score_ms"]
         rel = r["step_ms"] / vanilla if vanilla else float("nan")
-        print(f"| {r['config']} | {r['step_ms']:.3f} | {rel:.2f} | {r['draft_ms']:.3f} | {r['score_ms']:.3f} | "
-              f"{host:.3f} | {r.get('kernels', '')} | {r['tau']:.2f} |")  # fmt: skip
+        per_token = f"{r['draft_ms_per_token']:.3f}" if "draft_ms_per_token" in r else ""
+        print(f"| {r['config']} | {r['step_ms']:.3f} | {rel:.2f} | {r['draft_ms']:.3f} | {per_token} | "
+              f"{r['score_ms']:.3f} | {host:.3f} | {r.get('kernels', '')} | {r['tau']:.2f} |")  # fmt: skip
     if args.out:
         (args.out / "profile_step.json").write_text(json.dumps({"rows": rows, "score_ms": sizes}, indent=1))
 

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 import paradec
 import paradec.drafters.eagle as eagle_module
-from conftest import ARCHS, CORPUS, hf_greedy
+from conftest import ARCHS, CORPUS, hf_greedy, make_config, save_model
 from fakes import TableRunner
 from paradec.config import SamplingParams
 from paradec.decode import Generation
@@ -46,9 +46,11 @@ def randomise(head: EagleHead, seed: int) -> EagleHead:
     return head
 
 
-def random_heads_dir(root, hidden: int, vocab: int, seed: int, draft_vocab: int | None = None):
-    head = randomise(EagleHead(EagleConfig.for_target(hidden, vocab, draft_vocab_size=draft_vocab)), seed)
-    save_heads(head, root / "eagle")
+def random_heads_dir(
+    root, hidden: int, vocab: int, seed: int, draft_vocab: int | None = None, feature_layers: tuple | None = None
+):
+    config = EagleConfig.for_target(hidden, vocab, draft_vocab_size=draft_vocab, feature_layers=feature_layers)
+    save_heads(randomise(EagleHead(config), seed), root / "eagle")
     return root
 
 
@@ -245,12 +247,16 @@ class HiddenTableRunner(TableRunner):
         self.embed = torch.randn(self.vocab_size, hidden_size, generator=gen)
         self.lm_head = torch.randn(self.vocab_size, hidden_size, generator=gen)
 
+    num_layers = 4  # layer i's output: (i + 1) times the last hidden state, for heads that fuse layers
+
     def forward(self, token_ids, tree=None, *, logits="all", hidden=False):
         out = super().forward(token_ids, tree, logits=logits)
         if hidden:
             ids = token_ids.tolist()
             previous = [ids[p] if p >= 0 else (self.tokens[-1] if self.tokens else 0) for _, p in self.provisional]
             out.hidden = self.states[previous, ids]
+            if isinstance(hidden, tuple):  # [n, len(layers) * H]
+                out.hidden = torch.cat([out.hidden * (i + 1) for i in hidden], -1)
         return out
 
     def embed_weight(self) -> torch.Tensor:
@@ -261,8 +267,9 @@ class HiddenTableRunner(TableRunner):
 
 
 # draft -> target id maps over the table target's 4 tokens: none (the full vocabulary), two tokens, and the same
-# two swapped (a broken map: the head's drafts go to the wrong ids; the output distribution must not move)
-DRAFT_MAPS = {"full": None, "reduced": [2, 0], "swapped": [0, 2]}
+# two swapped (a broken map: the head's drafts go to the wrong ids; the output distribution must not move); "fused":
+# the full vocabulary, features fused from three layers (EAGLE-3)
+DRAFT_MAPS = {"full": None, "reduced": [2, 0], "swapped": [0, 2], "fused": None}
 
 
 @pytest.mark.parametrize("draft_map", list(DRAFT_MAPS))
@@ -271,7 +278,10 @@ def test_eagle_sampling_matches_plain_sampling(draft_map):
     target = HiddenTableRunner(TARGET_TABLE)
     torch.manual_seed(0)
     d2t = DRAFT_MAPS[draft_map]
-    config = EagleConfig(hidden_size=16, vocab_size=VOCAB, num_heads=1, head_dim=16, intermediate_size=16)
+    layers = (0, 2, 1) if draft_map == "fused" else None
+    config = EagleConfig(
+        hidden_size=16, vocab_size=VOCAB, num_heads=1, head_dim=16, intermediate_size=16, feature_layers=layers
+    )
     head = EagleHead(replace(config, draft_vocab_size=None if d2t is None else len(d2t)))
     if d2t is not None:
         head.init_draft_vocab(torch.tensor(d2t), target.lm_head)
@@ -358,13 +368,14 @@ def broken_map_copy(heads, out):
 def test_trained_reduced_vocab_head_is_exact_and_a_broken_map_costs_acceptance_only(
     reduced_loop_heads, loop_dirs, hf_models, tmp_path, arch
 ):
-    """A briefly trained head over half the vocabulary gets most drafts accepted on a looping target, its output
+    """A briefly trained head over half the vocabulary (fusing the target's layers, the default) gets most drafts accepted on a looping target, its output
     equal to `transformers`; the same head with a broken map still decodes exactly (the verifier rejects the wrong
     drafts), its acceptance gone."""
     heads = reduced_loop_heads(arch)
     card = json.loads((heads / "eagle" / "card.json").read_text())
     vocab = card["draft_vocab"]["target_vocab"]
     assert card["draft_vocab"]["size"] == vocab // 2
+    assert card["feature_layers"] == [0, 0, 0]  # the default: EAGLE-3's fused layers, clamped for 2 layers
     coverage = card["draft_vocab"]["validation_coverage"]
     assert 0 < coverage["target_mass"] <= 1 and 0.8 < coverage["greedy_in_vocab"] <= 1  # the frequent ids hold it
     tau = {}
@@ -387,11 +398,12 @@ def test_old_full_vocabulary_heads_still_load_and_decode(model_dirs, hf_models, 
     root = random_heads_dir(tmp_path, 64, engine.target.vocab_size, seed=4)
     config_path = root / "eagle" / "config.json"
     config = json.loads(config_path.read_text())
-    del config["config"]["draft_vocab_size"]
+    del config["config"]["draft_vocab_size"], config["config"]["feature_layers"]
     config_path.write_text(json.dumps(config))
-    assert "d2t" not in load_file(str(root / "eagle" / "model.safetensors"))
+    assert not {"d2t", "fc_fuse.weight"} & set(load_file(str(root / "eagle" / "model.safetensors")))
     engine = paradec.load(model_dirs["qwen2"], heads=root, runner="hf")
     assert engine.heads("eagle").d2t is None and engine.heads("eagle").lm_head is None
+    assert engine.heads("eagle").config.feature_layers is None and engine.heads("eagle").fc_fuse is None
     reference = hf_greedy(hf_models("qwen2"), engine.encode(PROMPTS[0]), 32)
     result = engine.generate(PROMPTS[0], method="eagle", max_new_tokens=32)
     assert result.token_ids == reference and result.stats.proposed_tokens > 0
@@ -428,3 +440,73 @@ def test_topk_is_bounded_by_the_draft_vocabulary():
     assert method.request_options({"topk": 5}).topk == 5
     with pytest.raises(ParadecError, match=r"option topk=6 for method 'eagle' must be an integer in \[1, 5\]"):
         method.request_options({"topk": 6})
+
+
+FUSED = (2, 0, 1)  # fused layers of the 4-layer targets below (any order: the head's fc_fuse learns which is which)
+
+
+def make_deep_dirs(root, tokenizer_dir, vocab_size: int) -> dict:
+    """arch -> a 4-layer random target (so that fused layers are distinct) and a random EAGLE-3 head fusing FUSED."""
+    out = {}
+    for i, arch in enumerate(ARCHS):
+        path = save_model(make_config(arch, vocab_size, layers=4), root / arch, tokenizer_dir, seed=400 + i)
+        out[arch] = (path, random_heads_dir(root / f"{arch}-heads", 64, vocab_size, seed=5, feature_layers=FUSED))
+    return out
+
+
+@pytest.fixture(scope="module")
+def deep_dirs(tmp_path_factory, tokenizer_dir, vocab_size):
+    return make_deep_dirs(tmp_path_factory.mktemp("deep"), tokenizer_dir, vocab_size)
+
+
+@pytest.mark.parametrize("runner", ["hf", "native", "static"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_head_greedy_equals_transformers(deep_dirs, arch, runner):
+    """A random EAGLE-3 head reading the outputs of three target layers decodes exactly, on both runners (the
+    native one over its static buckets too: "static"); the drafter asks the runner for those layers."""
+    from transformers import AutoModelForCausalLM
+
+    from paradec.engine import Engine
+    from paradec.runners.native import NativeRunner
+
+    if arch == "gpt2" and runner != "hf":
+        pytest.skip("the native runner runs Llama-family models only")
+    path, heads = deep_dirs[arch]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    engine = paradec.load(path, heads=heads, runner="hf" if runner == "hf" else "native", device="cpu")
+    if runner == "static":
+        target = NativeRunner.from_pretrained(path, static_shapes=True)
+        engine = Engine(target, engine.tokenizer, engine.config, heads_dir=heads, eos_token_ids={0})
+    assert engine.heads("eagle").config.feature_layers == FUSED
+    for prompt in PROMPTS:
+        result = engine.generate(prompt, method="eagle", max_new_tokens=32)
+        assert result.token_ids == hf_greedy(model, engine.encode(prompt), 32)
+        assert result.stats.proposed_tokens > 0
+
+
+def test_fused_head_needs_layers_the_target_lends(deep_dirs):
+    """A head fusing a layer the target cannot lend (its last, or one it lacks) is a clear error, not a crash."""
+    path, _ = deep_dirs["llama"]
+    engine = paradec.load(path, runner="hf")
+    head = randomise(EagleHead(EagleConfig.for_target(64, engine.target.vocab_size, feature_layers=(0, 3))), 1)
+    with pytest.raises(ParadecError, match=r"feature_layers \[0, 3\].*lends the outputs of layers \[0, 3\) of its 4"):
+        EagleMethod(FakeResources(engine.target, {"eagle": head}), Eagle)
+
+
+def test_feature_layers_round_trip_and_checks(tmp_path):
+    config = EagleConfig(hidden_size=32, vocab_size=50, num_heads=2, head_dim=16, intermediate_size=48)
+    head = randomise(EagleHead(replace(config, feature_layers=(3, 1, 7))), seed=2)
+    assert head.fc_fuse.weight.shape == (32, 3 * 32) and head.config.feature_size == 96
+    save_heads(head, tmp_path / "fused")
+    assert json.loads((tmp_path / "fused" / "config.json").read_text())["config"]["feature_layers"] == [3, 1, 7]
+    cpu = torch.device("cpu")
+    loaded = load_heads("eagle", tmp_path / "fused", hidden_size=32, vocab_size=50, device=cpu, dtype=torch.float32)
+    assert loaded.config == head.config and loaded.config.feature_layers == (3, 1, 7)
+    torch.testing.assert_close(loaded.fc_fuse.weight, head.fc_fuse.weight.half().float())
+    features = torch.randn(5, 96)  # [n, 3H] -> [n, H]
+    assert loaded.fuse(features).shape == (5, 32) and torch.equal(
+        EagleHead(config).fuse(features[:, :32]), features[:, :32]
+    )
+    for bad in ((), (1, -1), (1.5,), "1,2"):
+        with pytest.raises(ParadecError, match="feature_layers must be"):
+            replace(config, feature_layers=bad)

@@ -1,6 +1,8 @@
 """`eagle` on CUDA: a step replayed from the captured CUDA graph equals the same step run eagerly, and greedy
 output through the engine equals `transformers` on the GPU; both for heads over the full vocabulary and heads with a
-reduced draft vocabulary (the draft -> target map inside the graph). Skipped where there is no GPU."""
+reduced draft vocabulary (the draft -> target map inside the graph), and for EAGLE-3 heads fusing three target layers
+(the fusion inside the drafter's graph, the layers from the native runner's captured graphs). Skipped where there is
+no GPU."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from paradec.config import SamplingParams
 from paradec.drafters.base import DecodeState
 from paradec.drafters.eagle import Eagle, EagleMethod, EagleOptions
 from paradec.types import Verdict
-from test_eagle import PROMPTS, FakeResources, FakeTarget, random_heads_dir, random_reduced_eagle
+from test_eagle import FUSED, PROMPTS, FakeResources, FakeTarget, make_deep_dirs, random_heads_dir, random_reduced_eagle
 from test_heads import random_eagle
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -76,3 +78,33 @@ def test_greedy_equals_transformers_on_cuda(model_dirs, tmp_path, arch, compiled
         assert result.token_ids == reference
         again = engine.generate(prompt, method="eagle", max_new_tokens=40)
         assert again.token_ids == reference  # graphs reused
+
+
+@pytest.fixture(scope="module")
+def deep_dirs(tmp_path_factory, tokenizer_dir, vocab_size):
+    return make_deep_dirs(tmp_path_factory.mktemp("deep"), tokenizer_dir, vocab_size)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_head_greedy_equals_transformers_on_cuda(deep_dirs, arch, compiled):
+    """The native runner on CUDA returns the fused layers from its captured graphs (one per layer set) and the
+    drafter's graph fuses them: greedy output equals `transformers`, again when every graph is replayed."""
+    from transformers import AutoModelForCausalLM
+
+    path, heads = deep_dirs[arch]
+    engine = paradec.load(path, heads=heads, runner="native", device="cuda", dtype="float32")
+    assert engine.heads("eagle").config.feature_layers == FUSED
+    engine.set_default_options("eagle", {"compile": compiled})
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(CUDA).eval()
+    for prompt in PROMPTS[:2]:
+        ids = engine.encode(prompt)
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([ids], device=CUDA), do_sample=False, max_new_tokens=40, eos_token_id=0, pad_token_id=0
+            )
+        reference = out[0, len(ids) :].tolist()
+        for _ in range(2):  # graphs captured, then reused
+            result = engine.generate(prompt, method="eagle", max_new_tokens=40)
+            assert result.token_ids == reference and result.stats.proposed_tokens > 0
+    assert engine.target.graphs_captured > 0

@@ -404,3 +404,46 @@ def test_clear_errors(checkpoints, tmp_path):
         runner.rollback(7)
     with pytest.raises(ParadecError, match=r"layers \[3\]"):
         runner.view([3])
+
+
+TAPS = (1, 0, 1)  # decoder layers of the 3-layer models whose outputs a fused EAGLE-3 head reads: any order, repeats
+
+
+def hf_layer_states(model, ids: torch.Tensor, layers: tuple[int, ...]) -> torch.Tensor:
+    """`transformers`' outputs of `layers` (hidden_states[i + 1]) concatenated: [n, len(layers) * H]."""
+    with torch.no_grad():
+        states = model(ids[None], output_hidden_states=True).hidden_states
+    return torch.cat([states[i + 1][0] for i in layers], -1)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_layer_hidden_states_match_transformers_for_chains_and_trees(checkpoints, arch, static, monkeypatch):
+    """`forward(hidden=layers)` returns those layers' outputs, equal to `transformers`' and to the hf runner's: for a
+    prompt longer than every bucket and than the eager chunk (chunked both ways), then for host and device trees,
+    each layer set over its own static buffers; `hidden=True` still returns the last hidden state after that."""
+    from paradec.runners import HFRunner
+    from paradec.runners.native import runner as runner_module
+
+    model, path = checkpoints[arch]
+    monkeypatch.setattr(runner_module, "PREFILL_CHUNK", 64)
+    runner, hf = NativeRunner.from_pretrained(path, static_shapes=static), HFRunner(model)
+    prompt = sequence(30, 150)
+    out, ref = runner.forward(prompt, hidden=TAPS), hf.forward(prompt, hidden=TAPS)
+    runner.commit(150)
+    hf.commit(150)
+    assert out.hidden.shape == ref.hidden.shape == (150, 3 * 64)
+    assert rel_err(out.hidden, hf_layer_states(model, prompt, TAPS)) < TOL and rel_err(ref.hidden, out.hidden) < TOL
+    tokens = sequence(31, 10)
+    for tree, layers in ((build_tree(TREE), TAPS), (on_device(TREE), TAPS), (build_tree(TREE), (0,))):
+        a, b = runner.forward(tokens, tree, hidden=layers), hf.forward(tokens, build_tree(TREE), hidden=layers)
+        assert a.hidden.shape == (10, len(layers) * 64)
+        assert rel_err(a.hidden, b.hidden) < TOL and rel_err(a.logits, b.logits) < TOL
+        runner.commit([0, 1, 4])
+        hf.commit([0, 1, 4])
+    last, last_ref = runner.forward(tokens[:4], hidden=True), hf.forward(tokens[:4], hidden=True)
+    assert last.hidden.shape == (4, 64) and rel_err(last.hidden, last_ref.hidden) < TOL
+    runner.commit(4)
+    for bad in ((2,), (), (0, -1)):  # the last layer's output before the norm is not lent
+        with pytest.raises(ParadecError, match=r"lends the outputs of layers \[0, 2\) of its 3"):
+            runner.forward(tokens[:1], hidden=bad)

@@ -319,3 +319,60 @@ def test_half_precision_target(model_dirs, data_file, tmp_path, kind):
     )
     card = json.loads((out / "card.json").read_text())
     assert card["dtype"] == "bfloat16" and card["fit"]["steps"] == 3
+
+
+def test_cli_trains_a_fused_eagle_head(model_dirs, data_file, tmp_path, capsys, hf_models):
+    """`--feature-layers` end to end: the data hold those layers' outputs, the head fuses them, the card says so (and
+    how many bytes of hidden states training held), and the head decodes exactly."""
+    args = ["train", "eagle", "--model", str(model_dirs["llama"]), "--data", str(data_file), "--self-distill", "8"]
+    args += ["--prompt-len", "16", "--new-tokens", "8", "--val-sequences", "2", "--val-prompts", "1", "--steps", "3"]
+    args += ["--batch-size", "4", "--device", "cpu", "--quiet", "--passes", "2"]
+    assert main([*args, "--feature-layers", "0,0", "--out", str(tmp_path)]) == 0
+    card = json.loads((tmp_path / "eagle" / "card.json").read_text())
+    assert card["feature_layers"] == [0, 0] and card["config"]["feature_layers"] == [0, 0]
+    assert card["reg_weight"] is None  # a fused head's loss is the KL alone
+    stats = card["data"]["train"]
+    assert stats["feature_layers"] == [0, 0] and stats["feature_bytes"] == 8 * 24 * 64 * 4 * 3  # H + 2H, float32
+    engine = paradec.load(model_dirs["llama"], heads=tmp_path, runner="hf")
+    assert engine.heads("eagle").config.feature_layers == (0, 0)
+    prompt = "def fibonacci(n):\n"
+    reference = hf_greedy(hf_models("llama"), engine.encode(prompt), 16)
+    assert engine.generate(prompt, method="eagle", max_new_tokens=16).token_ids == reference
+    capsys.readouterr()
+    assert main([*args, "--feature-layers", "1", "--out", str(tmp_path / "bad")]) == 2
+    assert "feature-layers [1]: the target has 2 layers; fuse outputs of layers [0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--feature-layers", "low"])
+
+
+@torch.no_grad()
+def test_fused_eagle_loss_drops_the_regression(toy):
+    """With feature_layers the loss is the KL alone (EAGLE-3): the regression weight changes nothing; without, it
+    does. The fused head reads the layer features, and refuses to train without them."""
+    target, data = toy
+    layers = torch.randn(*data.features.shape[:2], 3 * 64)  # [N, T, 3H]
+    config = EagleConfig.for_target(64, target.lm_head.shape[0])
+    losses = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        head = EagleHead(
+            config if not fused else EagleConfig.for_target(64, config.vocab_size, feature_layers=(0, 0, 0))
+        )
+        for weight in (0.0, 5.0):
+            extra = {"layer_features": layers} if fused else {}
+            losses[fused, weight] = float(
+                eagle_loss(
+                    head,
+                    target.embed,
+                    target.lm_head,
+                    data.tokens,
+                    data.features,
+                    data.valid,
+                    passes=2,
+                    reg_weight=weight,
+                    **extra,
+                )
+            )
+    assert losses[True, 0.0] == losses[True, 5.0] and losses[False, 0.0] < losses[False, 5.0]
+    with pytest.raises(ValueError, match="layer_features"):
+        eagle_loss(head, target.embed, target.lm_head, data.tokens, data.features, data.valid)

@@ -58,3 +58,14 @@ def make_generator(sp: SamplingParams, device: torch.device) -> torch.Generator 
     else:
         gen.manual_seed(sp.seed)
     return gen
+
+
+def align_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Cut or pad (with -inf) the last dimension to `vocab_size` (a draft model's logits to the target's width)."""
+    width = logits.shape[-1]
+    if width == vocab_size:
+        return logits
+    if width > vocab_size:
+        return logits[..., :vocab_size]
+    pad = logits.new_full((*logits.shape[:-1], vocab_size - width), float("-inf"))
+    return torch.cat([logits, pad], -1)

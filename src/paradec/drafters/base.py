@@ -40,7 +40,8 @@ class DecodeState:
     device: torch.device
     vocab_size: int  # width of the target's logits
     max_length: int = 1 << 30  # the target's context: proposal nodes (+ aux inputs) must fit in `room`
-    target_hidden: torch.Tensor | None = None  # [m, H] target hidden states of the inputs committed last step
+    # [m, H] target hidden states of the inputs committed last step ([m, k * H]: k layers, `Drafter.needs_hidden`)
+    target_hidden: torch.Tensor | None = None
     target_logits: torch.Tensor | None = None  # [n+1(+aux), V] target logits of every input of the last step
 
     @property
@@ -157,7 +158,9 @@ class Drafter(ABC):
     name: ClassVar[str]
     options_class: ClassVar[type[Options]] = NoOptions
     method_class: ClassVar[type[Method]] = Method  # the engine-lifetime side (a subclass where state is kept)
-    needs_hidden: ClassVar[bool] = False  # the decode loop asks the target runner for hidden states
+    # the hidden states the decode loop asks the target runner for (`Runner.forward(hidden=...)`): none (False), the
+    # last one (True) or those decoder layers' outputs (a tuple; an instance may set it from its head)
+    needs_hidden: bool | tuple[int, ...] = False
     lossy: ClassVar[bool] = False
 
     def __init__(self, resources: Resources, options: Any) -> None:

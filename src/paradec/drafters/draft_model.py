@@ -7,6 +7,10 @@ back to the tokens that are still valid (the sequence up to the pending token pl
 Sampling draws each draft token from the draft's warped distribution q, which goes to the verifier for
 rejection sampling (Leviathan et al. 2023). With `adaptive=true` the draft length follows
 `paradec.drafters.adaptive.AdaptiveLength` (k is then the longest draft).
+
+With `one_graph=true` (the default) and a runner that offers `ChainDrafting` (the native runner), the whole chain is
+one call: on CUDA one graph replay of k forwards, the tokens chosen on the device (same tokens, same q, same cache
+as the loop below). Other runners, and `one_graph=false`, run one forward per draft token.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from paradec.drafters.adaptive import AdaptiveLength
 from paradec.drafters.base import DecodeState, Drafter, Method, Resources
 from paradec.drafters.options import Options, bound
 from paradec.errors import ParadecError
-from paradec.runners.base import Runner, prefill
-from paradec.sampling import sample, warp
+from paradec.runners.base import ChainDrafting, Runner, prefill
+from paradec.sampling import align_vocab, sample, warp
 from paradec.types import Proposal, Verdict
 
 MAX_K = 32  # longest draft chain: every draft token is one forward of the draft model, one after the other
@@ -32,25 +36,16 @@ class DraftOptions(Options):
     method = "draft"
     k: int = field(default=5, metadata=bound(1, MAX_K, limit="proposal"))  # draft tokens per step (adaptive: most)
     adaptive: bool = False  # choose the draft length per step from measured acceptance and step time
-
-
-def align_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Cut or pad (with -inf) the last dimension to the target's logits width."""
-    width = logits.shape[-1]
-    if width == vocab_size:
-        return logits
-    if width > vocab_size:
-        return logits[..., :vocab_size]
-    pad = logits.new_full((*logits.shape[:-1], vocab_size - width), float("-inf"))
-    return torch.cat([logits, pad], -1)
+    one_graph: bool = True  # the whole chain as one CUDA graph where the draft runner offers it (native runner)
 
 
 class DraftChain:
     """A drafting runner (its own cache) kept in step with the sequence; proposes chains of draft tokens."""
 
-    def __init__(self, runner: Runner, what: str = "the draft model") -> None:
+    def __init__(self, runner: Runner, what: str = "the draft model", *, one_graph: bool = True) -> None:
         self.runner = runner
         self.what = what  # names the drafter in errors
+        self.one_graph = one_graph and isinstance(runner, ChainDrafting)
         self._base = 0  # sequence length (pending token included) when the last proposal was made
         self._drafted = 0
 
@@ -70,6 +65,9 @@ class DraftChain:
         if k <= 0:
             return Proposal.empty(state.device)
         fresh = torch.tensor(state.tokens[self.runner.length :], device=self.runner.device)
+        if self.one_graph and k <= self.runner.max_chain:
+            tokens, probs = self.runner.draft_chain(fresh, k, state.sampling, state.generator, state.vocab_size)
+            return Proposal(tokens=tokens.to(state.device), probs=None if probs is None else probs.to(state.device))
         out = prefill(self.runner, fresh, logits="last")
         tokens, probs = [], []
         for i in range(k):
@@ -112,7 +110,7 @@ class DraftModel(Drafter):
 
     def __init__(self, resources: Resources, options: DraftOptions) -> None:
         super().__init__(resources, options)
-        self.chain = DraftChain(resources.draft_runner())
+        self.chain = DraftChain(resources.draft_runner(), one_graph=options.one_graph)
         self.runner = self.chain.runner
         self.policy: AdaptiveLength | None = None
 

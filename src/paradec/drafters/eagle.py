@@ -31,6 +31,11 @@ head's `d2t` [N] buffer (draft id -> target id: one gather, on the device, insid
 anywhere: the next level's embedding lookups read target ids, and the proposal holds target ids only. Cumulative
 scores are log-probabilities over the draft vocabulary; a token outside it is never drafted (q = 0 there).
 
+Fused target features (EAGLE-3): a head with `feature_layers` asks the target for those layers' outputs
+(`needs_hidden` is the layer tuple; the decode loop passes it to the runner), [m, k * H] per committed input. They are
+staged as they come and fused to the head's feature space (`EagleHead.fuse`) where they are added, inside the step;
+deeper levels read the head's own predictions, as for any head.
+
 Lossless whatever the head or its map: nodes are point masses with distinct siblings (top-k ids, a map without
 repeats), and the verifier scores them over the target's full vocabulary by token match. Greedy accepts a node iff
 it is the target's exact argmax; sampling draws x ~ p from the target and accepts iff x is one of the children,
@@ -53,6 +58,7 @@ from paradec.drafters.base import DecodeState, Drafter, Method, Resources
 from paradec.drafters.options import Options, bound, engine_setting
 from paradec.errors import ParadecError
 from paradec.heads import EagleHead, target_weights
+from paradec.runners.base import layer_taps
 from paradec.tree import TreeBuffers, device_tree_tensors
 from paradec.types import Proposal, Verdict
 
@@ -90,7 +96,7 @@ class Workspace:
         # a step's inputs, uploaded with one copy: x_{t+1} of the new entries, their count (<= rows), the first's slot
         self.inputs = torch.zeros(self.rows + 2, dtype=torch.long, device=device)
         self.tokens, self.count, self.start = self.inputs[: self.rows], self.inputs[-2], self.inputs[-1]
-        self.features = torch.zeros(self.rows, config.hidden_size, device=device, dtype=dtype)  # f_t
+        self.features = torch.zeros(self.rows, config.feature_size, device=device, dtype=dtype)  # [rows, k * H] f_t
         self.length = torch.zeros((), dtype=torch.long, device=device)  # committed entries
         self.root = torch.zeros(config.hidden_size, device=device, dtype=dtype)  # predicted hidden of the pending
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}  # by tree size
@@ -154,7 +160,7 @@ def extend(head, embed, keys, values, slots, tokens, features, count, start, len
     `root` to the last one's prediction and `length` to the committed entries. Padding rows read stale inputs and
     write slots past the new committed length, which no query sees before they are overwritten."""
     rows = slots[: tokens.shape[0]] + start
-    x, q, k, v = entries(head, embed, tokens, features, rows)
+    x, q, k, v = entries(head, embed, tokens, head.fuse(features), rows)  # features [rows, k * H] -> [rows, H]
     keys.index_copy_(2, rows, k)
     values.index_copy_(2, rows, v)
     last = (count - 1).view(1)  # only the last entry's prediction is needed: one query row
@@ -230,6 +236,9 @@ class EagleMethod(Method):
     def __init__(self, resources: Resources, drafter_class: type[Drafter]) -> None:
         super().__init__(resources, drafter_class)
         self.head = resources.heads("eagle")
+        layers, target = self.head.config.feature_layers, resources.target
+        if layers is not None and hasattr(target, "num_layers"):  # an EAGLE-3 head: the target must lend its layers
+            layer_taps(layers, target.num_layers, f"the target of this EAGLE head (feature_layers {list(layers)})")
         self.workspace: Workspace | None = None
         self.compile_failed = False
 
@@ -278,6 +287,7 @@ class Eagle(Drafter):
         super().__init__(method.resources, options)
         self.method = method
         self.head = method.head
+        self.needs_hidden = self.head.config.feature_layers or True  # the fused layers, or the last hidden state
         self.target = method.resources.target
         self.embed, target_lm_head = target_weights(self.target)
         self.lm_head, self.d2t = self.head.logits_weight(target_lm_head), self.head.d2t  # the draft vocabulary's
@@ -295,7 +305,7 @@ class Eagle(Drafter):
             self._prefill(state.tokens, features)
 
     def update(self, state: DecodeState, verdict: Verdict) -> None:
-        features = state.target_hidden  # [m, H] hidden states of the inputs the step committed
+        features = state.target_hidden  # [m, k * H] target features of the inputs the step committed
         m = int(features.shape[0])
         end = len(state.tokens) - 1  # committed target positions; tokens[end] is pending
         start = end - m
@@ -337,7 +347,7 @@ class Eagle(Drafter):
         length = int(features.shape[0])
         if length > 1:
             ids = torch.tensor(tokens[1:length], device=ws.keys.device)
-            _, _, k, v = entries(head, self.embed, ids, features[:-1], ws.slots[: length - 1])
+            _, _, k, v = entries(head, self.embed, ids, head.fuse(features[:-1]), ws.slots[: length - 1])
             ws.keys[:, :, : length - 1], ws.values[:, :, : length - 1] = k, v
         self._stage(tokens[length : length + 1], features[-1:], length - 1)
 

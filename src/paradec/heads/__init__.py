@@ -9,7 +9,8 @@ one sub-directory per kind, each written by `paradec train <kind>`:
 Heads share the target's token embedding and LM head instead of owning copies; runners lend them through
 `embed_weight()` and `lm_head_weight()` (both [V, H]). An EAGLE head with a reduced draft vocabulary owns a small LM
 head [N, H] and its draft -> target id map `d2t` [N] (int64, kept as it is in the weights file); heads written
-before there was one (no `draft_vocab_size` in their config) load as full-vocabulary heads.
+before there was one (no `draft_vocab_size` in their config) load as full-vocabulary heads; likewise heads without
+`feature_layers` (EAGLE-1/2: no `fc_fuse` weights) read the target's last hidden state.
 """
 
 from __future__ import annotations

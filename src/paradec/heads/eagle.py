@@ -1,7 +1,10 @@
 """The EAGLE-style feature head (Li et al. 2024): one decoder layer that extrapolates the target's hidden states.
 
-Entry t of the head reads the pair (token x_{t+1}, feature g_t) where g_t is the target's last hidden state at
-position t (after its final norm) or, deeper in a draft, the head's own prediction of it:
+Entry t of the head reads the pair (token x_{t+1}, feature g_t) where g_t is the target's feature at position t or,
+deeper in a draft, the head's own prediction of it. The target's feature is its last hidden state (after its final
+norm) for an EAGLE-1/2 head (`feature_layers` None), or for an EAGLE-3 head the fusion of three of its layers:
+
+    g_t    = fc_fuse([h_low, h_mid, h_high])                    [3H] -> [H]  (`fuse`; layer outputs, before any norm)
 
     u_t    = fc([norm_e(embed(x_{t+1})), norm_g(g_t)])          [2H] -> [H]
     ĥ_t+1  = u_t + Attn(norm(u_t)) + MLP(...)                   one pre-norm Llama-style layer (RoPE, SwiGLU)
@@ -14,6 +17,9 @@ then it owns a small LM head [N, H], trained, initialised from the target's rows
 the drafter maps the ids it picks through `d2t`, so what leaves the head is always target ids. Entry t sits at
 position t and attends causally to earlier entries, which at decode time live in a small KV cache of the head's
 own (owned by the `eagle` drafter).
+
+An EAGLE-3 head's predictions ĥ live in its own feature space (where `fc_fuse` maps the target's layers), not in the
+target's: they feed the next draft level and the head's LM head, and training scores them by their logits only.
 
 `forward` serves training (batches of whole sequences, several unrolled passes whose keys are concatenated);
 decoding calls its two halves, `project` and `attend`, around writing the new keys into a preallocated cache.
@@ -41,6 +47,9 @@ class EagleConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     draft_vocab_size: int | None = None  # N draft ids (a `d2t` map to target ids); None: the target's whole vocabulary
+    # target decoder layers whose outputs are fused into the head's feature (EAGLE-3; `default_feature_layers`);
+    # None: the target's last hidden state after its final norm (EAGLE-1/2)
+    feature_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "vocab_size", "num_heads", "head_dim", "intermediate_size"):
@@ -55,10 +64,22 @@ class EagleConfig:
                 f"EAGLE head draft_vocab_size must be an integer in [1, {self.vocab_size}] (the vocabulary) or "
                 f"none, got {n!r}"
             )
+        layers = self.feature_layers
+        if layers is not None:
+            if not isinstance(layers, (list, tuple)) or not layers:
+                raise ParadecError(f"EAGLE head feature_layers must be a non-empty list of layers, got {layers!r}")
+            if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+                raise ParadecError(f"EAGLE head feature_layers must be layer indices >= 0, got {list(layers)}")
+            object.__setattr__(self, "feature_layers", tuple(layers))  # a list when read from config.json
 
     @staticmethod
     def for_target(
-        hidden_size: int, vocab_size: int, *, intermediate_size: int | None = None, draft_vocab_size: int | None = None
+        hidden_size: int,
+        vocab_size: int,
+        *,
+        intermediate_size: int | None = None,
+        draft_vocab_size: int | None = None,
+        feature_layers: tuple[int, ...] | None = None,
     ) -> EagleConfig:
         """A layer of the target's width: heads of 64 dimensions (fewer heads for narrow targets), MLP ~2.75x."""
         num_heads = max(1, hidden_size // 64)
@@ -71,10 +92,34 @@ class EagleConfig:
             head_dim=hidden_size // num_heads,
             intermediate_size=intermediate_size or 64 * -(-(11 * hidden_size // 4) // 64),
             draft_vocab_size=draft_vocab_size,
+            feature_layers=feature_layers,
         )
 
+    @property
+    def feature_size(self) -> int:
+        """Width of the target features the head reads: H, or len(feature_layers) * H fused."""
+        return self.hidden_size * (1 if self.feature_layers is None else len(self.feature_layers))
+
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        if self.feature_layers is not None:
+            out["feature_layers"] = list(self.feature_layers)
+        return out
+
+
+def default_feature_layers(num_layers: int) -> tuple[int, ...]:
+    """EAGLE-3's low, middle and high layers of a target of `num_layers` decoder layers, as layer outputs.
+
+    EAGLE-3's code (and vLLM's and SpecForge's) records the residual stream entering layers 2, L // 2 and L - 3, that
+    is the outputs of layers 1, L // 2 - 1 and L - 4: early enough to still carry the current token's identity,
+    mid-way for the context, and close to the top (not the last layer, whose output the final norm turns into the
+    next-token prediction, which the LM head already gives). SmolLM2-135M (30 layers): (1, 14, 26);
+    Qwen2.5-1.5B (28): (1, 13, 24). Clamped into [0, L - 2] for tiny targets (the last layer's output before the
+    norm is not one `transformers` hands out), keeping low <= middle <= high (2 layers: (0, 0, 0))."""
+    top = max(num_layers - 2, 0)
+    low = min(1, top)
+    middle = min(max(low, num_layers // 2 - 1), top)
+    return low, middle, min(max(middle, num_layers - 4), top)
 
 
 def check_draft_map(d2t: torch.Tensor, config: EagleConfig, where: str) -> None:
@@ -104,6 +149,8 @@ class EagleHead(nn.Module):
         self.embed_norm = RMSNorm(h, config.norm_eps)
         self.feature_norm = RMSNorm(h, config.norm_eps)
         self.fc = nn.Linear(2 * h, h, bias=False)
+        # EAGLE-3: the target's fused layers [k * H] -> a feature [H]; absent from EAGLE-1/2 heads (old files load)
+        self.fc_fuse = None if config.feature_layers is None else nn.Linear(config.feature_size, h, bias=False)
         self.attn_norm = RMSNorm(h, config.norm_eps)
         self.qkv = nn.Linear(h, 3 * nh * hd, bias=False)
         self.o = nn.Linear(nh * hd, h, bias=False)
@@ -136,6 +183,12 @@ class EagleHead(nn.Module):
         """The target's LM-head rows of the draft ids [N, H], in draft-id order (the whole LM head if full): the
         target's logits restricted to the draft vocabulary are `f @ target_rows.t()`."""
         return target_lm_head if self.d2t is None else target_lm_head[self.d2t]
+
+    def fuse(self, features: torch.Tensor) -> torch.Tensor:
+        """The target's features [..., k * H] -> the head's feature space [..., H] (identity for an EAGLE-1/2 head,
+        whose target feature is already the last hidden state). Only real target features pass here; deeper draft
+        levels feed the head's own predictions, already [..., H]."""
+        return features if self.fc_fuse is None else self.fc_fuse(features)
 
     def inputs(self, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """(token embeddings [..., H], features [..., H]) -> layer inputs u [..., H]."""

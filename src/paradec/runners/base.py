@@ -11,24 +11,36 @@ the prefix, and drops the rest. `rollback` shortens the committed prefix (a leng
     commit([0, 2]) ->  [t0 ... t(L-1) x0 x2]    length = L + 2
 
 Drafters never touch the target's runner; a drafter that runs a model (a draft LM) owns a runner of its own.
+
+Hidden states (`forward(..., hidden=...)`): `True` returns the last hidden state after the final norm (what the LM
+head reads), [n, H]; a tuple of layer indices `(i, j, ...)` returns the outputs of those decoder layers (the residual
+stream after layer i, before any final norm; `transformers`' `hidden_states[i + 1]`), concatenated in that order,
+[n, len(layers) * H]. A runner lends the layers [0, num_layers - 1): the last layer's output before the norm is not
+one `transformers` hands out.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import torch
 
+from paradec.errors import ParadecError
 from paradec.tree import TreeBuffers
 
+if TYPE_CHECKING:
+    from paradec.config import SamplingParams
+
 LogitsWanted = Literal["all", "last", "none"]
+HiddenWanted = bool | tuple[int, ...]  # False, True (after the final norm) or decoder layers (module doc)
 
 
 @dataclass
 class RunnerOutput:
     logits: torch.Tensor | None  # [n, V] float32 ("all"), [1, V] ("last") or None ("none")
-    hidden: torch.Tensor | None = None  # [n, H] last hidden state (after the final norm) if asked for
+    # [n, H] last hidden state (after the final norm) if asked for; [n, len(layers) * H] layer outputs for a tuple
+    hidden: torch.Tensor | None = None
 
 
 @runtime_checkable
@@ -40,6 +52,7 @@ class Runner(Protocol):
     vocab_size: int  # logits width
     max_length: int  # context length (max_position_embeddings)
     hidden_size: int
+    num_layers: int  # decoder layers; `forward(hidden=(i, ...))` lends the outputs of layers [0, num_layers - 1)
 
     @property
     def length(self) -> int:
@@ -56,7 +69,7 @@ class Runner(Protocol):
         tree: TreeBuffers | None = None,  # None -> chain
         *,
         logits: LogitsWanted = "all",
-        hidden: bool = False,
+        hidden: HiddenWanted = False,
     ) -> RunnerOutput:
         """Score n inputs after the committed prefix; their KV stays provisional until `commit`."""
         ...
@@ -71,8 +84,41 @@ class Runner(Protocol):
         ...
 
 
+@runtime_checkable
+class ChainDrafting(Protocol):
+    """A runner that drafts a whole chain of its own tokens in one call, with no host round trip between them (the
+    native runner: one CUDA graph per shape). Drafters use it when a runner offers it, else one forward per token."""
+
+    max_chain: int  # the longest chain one call drafts
+
+    def draft_chain(
+        self,
+        token_ids: torch.Tensor,  # [n] int64: the tokens after the committed prefix, the pending one last
+        k: int,
+        sampling: SamplingParams,
+        generator: torch.Generator | None,
+        vocab_size: int,  # the target's logits width: drafts and q are over it (cut, or padded with q = 0)
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drafts [k] int64 and, when sampling, their warped draft distributions q [k, V] float32: greedy takes each
+        argmax, sampling draws each token from its q with `generator`. Leaves the fed tokens and drafts 1..k-1
+        committed, as k prefills of one token each would (the caller rolls back what verification rejects)."""
+        ...
+
+
+def layer_taps(hidden: HiddenWanted, num_layers: int, where: str) -> tuple[int, ...]:
+    """The decoder layers a `hidden` request names (() for False or True), checked against [0, num_layers - 1)."""
+    if not isinstance(hidden, tuple):
+        return ()
+    if not hidden or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < num_layers - 1 for i in hidden):
+        raise ParadecError(
+            f"{where}: hidden states of layers {list(hidden)} asked for; it lends the outputs of layers "
+            f"[0, {num_layers - 1}) of its {num_layers} (the last one's only after the final norm: hidden=True)"
+        )
+    return hidden
+
+
 def prefill(
-    runner: Runner, token_ids: torch.Tensor, *, logits: LogitsWanted = "none", hidden: bool = False
+    runner: Runner, token_ids: torch.Tensor, *, logits: LogitsWanted = "none", hidden: HiddenWanted = False
 ) -> RunnerOutput:
     """Append `token_ids` to the committed prefix."""
     out = runner.forward(token_ids, logits=logits, hidden=hidden)

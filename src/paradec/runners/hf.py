@@ -14,7 +14,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from paradec.errors import ParadecError
-from paradec.runners.base import LogitsWanted, RunnerOutput
+from paradec.runners.base import HiddenWanted, LogitsWanted, RunnerOutput, layer_taps
 from paradec.tree import TreeBuffers
 
 
@@ -30,6 +30,7 @@ class HFRunner:
         self.dtype = next(model.parameters()).dtype
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.hidden_size = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0))
+        self.num_layers = int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0))
         self.max_length = int(
             getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 1 << 30
         )
@@ -65,10 +66,11 @@ class HFRunner:
         tree: TreeBuffers | None = None,
         *,
         logits: LogitsWanted = "all",
-        hidden: bool = False,
+        hidden: HiddenWanted = False,
     ) -> RunnerOutput:
         if self._provisional:
             raise RuntimeError("forward() called twice without commit()")
+        taps = layer_taps(hidden, self.num_layers, "the hf runner")
         n = int(token_ids.shape[0])
         if self._length + n > self.max_length:
             raise ParadecError(
@@ -91,7 +93,7 @@ class HFRunner:
             input_ids=token_ids.view(1, n).to(self.device),
             position_ids=positions.view(1, n),
             use_cache=True,
-            output_hidden_states=hidden,
+            output_hidden_states=bool(hidden),
             **{self._cache_kw: self._cache},
             **kwargs,
         )
@@ -101,7 +103,12 @@ class HFRunner:
             result_logits = out.logits[0].float()  # [n, V]
         elif logits == "last":
             result_logits = out.logits[0, -1:].float()  # [1, V]
-        return RunnerOutput(logits=result_logits, hidden=out.hidden_states[-1][0] if hidden else None)
+        if not hidden:
+            return RunnerOutput(logits=result_logits)
+        if not taps:
+            return RunnerOutput(logits=result_logits, hidden=out.hidden_states[-1][0])  # [n, H] after the final norm
+        # hidden_states[i + 1] is layer i's output (hidden_states[0] the embeddings, the last one after the norm)
+        return RunnerOutput(logits=result_logits, hidden=torch.cat([out.hidden_states[i + 1][0] for i in taps], -1))
 
     def commit(self, keep: list[int] | int) -> None:
         n = self._provisional

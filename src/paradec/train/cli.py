@@ -156,6 +156,19 @@ def _add_draft_vocab(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _feature_layers(value: str) -> str | tuple[int, ...] | None:
+    """--feature-layers: auto, none or comma-separated layer indices."""
+    if value in ("auto", "none"):
+        return None if value == "none" else value
+    try:
+        layers = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, none or layer indices like 1,8,14, got {value!r}") from None
+    if any(i < 0 for i in layers):
+        raise argparse.ArgumentTypeError(f"layer indices must be >= 0, got {value!r}")
+    return layers
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `train` with its `medusa`, `eagle` and `draft` sub-commands (each sets `func(args) -> int`)."""
     train = subparsers.add_parser(
@@ -180,6 +193,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     eagle.add_argument("--reg-weight", type=float, default=1.0, help="hidden-state regression weight (default 1)")
     eagle.add_argument("--intermediate-size", type=int, help="MLP width (default ~2.75x the hidden size)")
     _add_draft_vocab(eagle)
+    eagle.add_argument(
+        "--feature-layers",
+        type=_feature_layers,
+        default="auto",
+        metavar="auto|none|I,J,K",
+        help="target layers whose outputs the head fuses (EAGLE-3): auto = low, middle and high (outputs of layers "
+        "1, L/2-1 and L-4 of L), none = the last hidden state (EAGLE-1/2), or indices (default auto)",
+    )
     eagle.set_defaults(func=cmd_train)
 
     draft = kinds.add_parser("draft", help="distil a small draft model towards the target")
@@ -235,6 +256,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         reg_weight=getattr(args, "reg_weight", 1.0),
         intermediate_size=getattr(args, "intermediate_size", None),
         draft_vocab=getattr(args, "draft_vocab", None),
+        feature_layers=getattr(args, "feature_layers", "auto"),
     )
     out = run(
         args.kind,

@@ -3,7 +3,9 @@
 Drafters must learn the *target's* distribution, not the corpus': the data are token windows (prompts) continued
 by the target's own greedy (or sampled) decoding, plus the target's last hidden state at every position. The
 target's next-token distribution at position t is softmax(lm_head(f_t)), so storing the hidden states f [N, T, H]
-is enough to recover every soft label without keeping [N, T, V] logits around.
+is enough to recover every soft label without keeping [N, T, V] logits around. An EAGLE-3 head's data also hold the
+outputs of its fused target layers [N, T, k * H] (`target_features(layers=...)`), in the target's dtype: k + 1 times
+the hidden-state storage (`stats["feature_bytes"]` on the card).
 
 Sources (`--data`):
 - `self-chat` (the default for a target with a chat template): requests written by the target itself
@@ -84,6 +86,9 @@ class DistillData:
     valid: torch.Tensor  # [N, T] bool: real tokens (False after an end-of-text the target emitted)
     features: torch.Tensor  # [N, T, H] the target's last hidden states (after its final norm), target dtype
     stats: dict = field(default_factory=dict)
+    # [N, T, k * H] the outputs of the target's layers `stats["feature_layers"]` (an EAGLE-3 head's input), target
+    # dtype; None unless asked for (k + 1 times the feature storage in all)
+    layer_features: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -469,16 +474,28 @@ def continue_with_target(
 
 
 @torch.no_grad()
-def target_features(model, tokens: torch.Tensor, *, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
-    """The target's last hidden states (after its final norm: what its LM head reads) [N, T, H], on its device."""
+def target_features(
+    model,
+    tokens: torch.Tensor,
+    *,
+    layers: tuple[int, ...] | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The target's last hidden states (after its final norm: what its LM head reads) [N, T, H], and with `layers`
+    the outputs of those decoder layers concatenated [N, T, k * H] (`hidden_states[i + 1]`, before any norm; what
+    `Runner.forward(hidden=layers)` returns at decode time), on its device in its dtype."""
     device = next(model.parameters()).device
     base = model.base_model
-    chunks = []
+    chunks, layer_chunks = [], []
     for start in tqdm(
         range(0, tokens.shape[0], batch_size), desc="target features", unit="batch", disable=not progress
     ):
-        chunks.append(base(input_ids=tokens[start : start + batch_size].to(device)).last_hidden_state)
-    return torch.cat(chunks)
+        out = base(input_ids=tokens[start : start + batch_size].to(device), output_hidden_states=layers is not None)
+        chunks.append(out.last_hidden_state)  # [B, T, H]
+        if layers is not None:
+            layer_chunks.append(torch.cat([out.hidden_states[i + 1] for i in layers], -1))  # [B, T, k * H]
+    return torch.cat(chunks), (torch.cat(layer_chunks) if layers is not None else None)
 
 
 def build_data(
@@ -496,13 +513,15 @@ def build_data(
     sampled_share: float | None = None,
     seed: int = 0,
     batch_size: int = 64,
+    feature_layers: tuple[int, ...] | None = None,
     progress: bool = True,
 ) -> DistillData:
     """`sequences` windows from `texts`, rendered `chats` and `answered` (chat, given answer) pairs, each kind
     taking a share proportional to its number of items, mixed in a seeded order, with the target's hidden states.
     Text and chat windows (`make_prompts`, `prompt_len` tokens) are continued by the target for `new_tokens` tokens
     (none: the windows alone): greedily, except a `sampled_share` of them sampled at `temperature` (None: all of
-    them when `temperature` > 0). Answered windows hold the given answer instead (`make_answered_windows`)."""
+    them when `temperature` > 0). Answered windows hold the given answer instead (`make_answered_windows`). With
+    `feature_layers`, the data also hold those layers' outputs (`target_features`)."""
     started = time.perf_counter()
     device = next(model.parameters()).device
     share = (1.0 if temperature > 0 else 0.0) if sampled_share is None else sampled_share
@@ -551,7 +570,9 @@ def build_data(
         order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))
         tokens, valid = tokens[order], valid[order]
     generated = time.perf_counter()
-    features = target_features(model, tokens, batch_size=batch_size, progress=progress)
+    features, layer_features = target_features(
+        model, tokens, layers=feature_layers, batch_size=batch_size, progress=progress
+    )
     stats = {
         "sequences": int(tokens.shape[0]),
         "prompt_tokens": prompt_len,
@@ -562,5 +583,8 @@ def build_data(
         **stats,
         "generate_seconds": round(generated - started, 1),
         "feature_seconds": round(time.perf_counter() - generated, 1),
+        "feature_layers": None if feature_layers is None else list(feature_layers),
+        # hidden states held for training, in the target's dtype: [N, T, H] (+ [N, T, k * H] of the fused layers)
+        "feature_bytes": features.nbytes + (0 if layer_features is None else layer_features.nbytes),
     }
-    return DistillData(tokens.to(device), valid.to(device), features, stats)
+    return DistillData(tokens.to(device), valid.to(device), features, stats, layer_features)

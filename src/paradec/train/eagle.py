@@ -13,6 +13,12 @@ reproduce what a level-s tree node sees at decode time, where the committed pref
 
 Entries j < s have no such history and are left out of pass s's loss. Pass s's loss is weighted 0.8^s.
 
+Fused features (`--feature-layers`, EAGLE-3; the default `auto` is `default_feature_layers`): pass 0 reads the fused
+outputs of three target layers, fc_fuse([h_low, h_mid, h_high]) [B, T, 3H] -> [B, T, H], instead of f_j. The head then
+predicts in a feature space of its own, which no target hidden state measures, so, as in EAGLE-3, the regression
+towards f_{j+1} is dropped: the loss is the KL term of the unrolled passes alone (`reg_weight` unused). A head over
+the last hidden state (`--feature-layers none`, EAGLE-1/2) keeps the regression.
+
 Reduced draft vocabulary (`paradec train eagle --draft-vocab N`, EAGLE-3's): the head scores only the N target tokens
 that occur most often in the target's own continuations of the training windows (`frequent_tokens`), through an LM
 head of its own initialised from the target's rows of those tokens. Its KL target is then the target's distribution
@@ -72,11 +78,13 @@ def unroll_mask(length: int, step: int, device: torch.device | str = "cpu") -> t
 
 
 def unrolled(head: EagleHead, embeds: torch.Tensor, features: torch.Tensor, passes: int) -> list[torch.Tensor]:
-    """Outputs of each pass [B, T, H] for entries reading embeds [B, T, H] (x_{j+1}) and features [B, T, H] (f_j)."""
+    """Outputs of each pass [B, T, H] for entries reading embeds [B, T, H] (x_{j+1}) and the target's features
+    [B, T, k * H] (f_j; k = 1 but for a fused head, whose `fuse` maps them to [B, T, H])."""
     length = embeds.shape[1]
     positions = torch.arange(length, device=embeds.device)
     outs: list[torch.Tensor] = []
     keys = values = None
+    features = head.fuse(features)  # [B, T, H]
     inputs = features
     for step in range(passes):
         x = head.inputs(embeds, inputs)
@@ -94,16 +102,21 @@ def eagle_loss(
     embed: torch.Tensor,  # [V, H] the target's token embedding, frozen
     lm_head: torch.Tensor,  # [V, H] frozen
     tokens: torch.Tensor,  # [B, T]
-    features: torch.Tensor,  # [B, T, H]
+    features: torch.Tensor,  # [B, T, H] last hidden states (the soft labels; the head's input unless fused)
     valid: torch.Tensor,  # [B, T] bool
     *,
+    layer_features: torch.Tensor | None = None,  # [B, T, k * H] the fused layers' outputs: a fused head's input
     passes: int = 3,
     reg_weight: float = 1.0,
 ) -> torch.Tensor:
+    fused = head.config.feature_layers is not None
+    if fused and layer_features is None:
+        raise ValueError("an EAGLE head with feature_layers trains on the target's layer outputs (layer_features)")
     target = features[:, 1:]  # [B, T-1, H] f_{j+1}
     with torch.no_grad():  # over the draft vocabulary (the whole one unless reduced): restricted and renormalised
         target_logp = F.log_softmax((target @ head.target_rows(lm_head).t()).float(), -1)  # [B, T-1, N]
-    outs = unrolled(head, F.embedding(tokens[:, 1:], embed), features[:, :-1], passes)
+    inputs = layer_features if fused else features  # [B, T, k * H]
+    outs = unrolled(head, F.embedding(tokens[:, 1:], embed), inputs[:, :-1], passes)
     total = features.new_zeros((), dtype=torch.float32)
     weights = 0.0
     for step, out in enumerate(outs):
@@ -111,8 +124,10 @@ def eagle_loss(
         mask[:, :step] = False
         logp = F.log_softmax(head.logits(out, lm_head).float(), -1)  # [B, T-1, N]
         kl = F.kl_div(logp, target_logp, log_target=True, reduction="none").sum(-1)  # [B, T-1]
-        reg = F.smooth_l1_loss(out.float(), target.float(), reduction="none").mean(-1)  # [B, T-1]
-        total = total + PASS_DECAY**step * ((kl + reg_weight * reg) * mask).sum() / mask.sum().clamp_min(1)
+        if not fused:  # a fused head predicts its own feature space: no target state to regress to (module doc)
+            reg = F.smooth_l1_loss(out.float(), target.float(), reduction="none").mean(-1)  # [B, T-1]
+            kl = kl + reg_weight * reg
+        total = total + PASS_DECAY**step * (kl * mask).sum() / mask.sum().clamp_min(1)
         weights += PASS_DECAY**step
     return total / weights
 
@@ -134,9 +149,10 @@ def eagle_accuracy(
     for start in range(0, len(data), batch_size):
         tokens = data.tokens[start : start + batch_size]
         features = data.features[start : start + batch_size]
+        inputs = features if head.config.feature_layers is None else data.layer_features[start : start + batch_size]
         valid = data.valid[start : start + batch_size, 1:]
         greedy = (features[:, 1:] @ lm_head.t()).argmax(-1)  # [B, T-1]
-        outs = unrolled(head, F.embedding(tokens[:, 1:], embed), features[:, :-1], passes)
+        outs = unrolled(head, F.embedding(tokens[:, 1:], embed), inputs[:, :-1], passes)
         for step, out in enumerate(outs):
             mask = valid.clone()
             mask[:, :step] = False

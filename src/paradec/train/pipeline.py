@@ -28,6 +28,7 @@ from tqdm import tqdm
 from paradec.config import EngineConfig
 from paradec.errors import ParadecError
 from paradec.heads import EagleConfig, EagleHead, MedusaConfig, MedusaHeads, save_heads
+from paradec.heads.eagle import default_feature_layers
 from paradec.heads.medusa import best_tree
 from paradec.loading import DTYPES, load_tokenizer, read_config, resolve_device, resolve_dtype, resolve_model_dir
 from paradec.runners import HFRunner, load_hf_model
@@ -124,6 +125,9 @@ class HeadSettings:
     intermediate_size: int | None = None  # EAGLE: MLP width (default ~2.75x hidden)
     # EAGLE: draft vocabulary size; None: `default_draft_vocab` of the target's; 0 (or >= the target's): the whole one
     draft_vocab: int | None = None
+    # EAGLE: the target layers fused into the head's feature (EAGLE-3): "auto" (`default_feature_layers`), layer
+    # indices, or None (the last hidden state, EAGLE-1/2)
+    feature_layers: str | tuple[int, ...] | None = "auto"
 
     def __post_init__(self) -> None:
         for name in ("medusa_heads", "tree_nodes", "tree_ranks", "passes"):
@@ -132,6 +136,20 @@ class HeadSettings:
                 raise ParadecError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if self.draft_vocab is not None and not (isinstance(self.draft_vocab, int) and self.draft_vocab >= 0):
             raise ParadecError(f"draft-vocab must be an integer >= 0, got {self.draft_vocab!r}")
+        layers = self.feature_layers
+        if not (layers is None or layers == "auto" or (isinstance(layers, tuple) and layers)):
+            raise ParadecError(f"feature-layers must be auto, none or layer indices, got {layers!r}")
+
+    def feature_layers_for(self, num_layers: int) -> tuple[int, ...] | None:
+        """The EAGLE head's fused layers for a target of `num_layers` decoder layers (None: the last hidden state),
+        checked: each an output `transformers` hands out, [0, num_layers - 1)."""
+        layers = default_feature_layers(num_layers) if self.feature_layers == "auto" else self.feature_layers
+        if layers is not None and not all(isinstance(i, int) and 0 <= i < num_layers - 1 for i in layers):
+            raise ParadecError(
+                f"feature-layers {list(layers)}: the target has {num_layers} layers; fuse outputs of layers "
+                f"[0, {num_layers - 1}) (the last one's is read only after the final norm)"
+            )
+        return layers
 
     def draft_vocab_for(self, vocab_size: int) -> int | None:
         """The EAGLE head's draft vocabulary size for a target of `vocab_size` tokens (None: the whole vocabulary)."""
@@ -312,7 +330,11 @@ def run(
         f"train / {len(texts.val)} + {len(texts.val_chats)} + {len(texts.val_answered)} validation texts + chats + "
         "given answers"
     )
+    text_config = target.model.config.get_text_config(decoder=True)
+    num_layers = int(getattr(text_config, "num_hidden_layers", 0) or getattr(text_config, "n_layer", 0))
+    feature_layers = heads.feature_layers_for(num_layers) if kind == "eagle" else None
     common = dict(
+        feature_layers=feature_layers,
         prompt_len=data.prompt_len,
         new_tokens=data.new_tokens,
         eos_token_ids=target.eos_token_ids,
@@ -342,6 +364,8 @@ def run(
         **common,
     )
     _log(f"training data: {train_data.stats}")
+    if feature_layers is not None:
+        _log(f"eagle: fusing the outputs of target layers {list(feature_layers)} (EAGLE-3)")
     prompts = _windows_as_prompts(val_data, data.prompt_len, val_prompts)
 
     job = Job(target, train_data, val_data, train, heads, dev, out_dir, draft_path, prompts, val_new_tokens, progress)
@@ -432,8 +456,13 @@ def _train_eagle(job: Job) -> dict:
     target, train_data, heads = job.target, job.train_data, job.heads
     hidden, vocab = target.lm_head.shape[1], target.lm_head.shape[0]
     draft_vocab = heads.draft_vocab_for(vocab)
+    layers = train_data.stats["feature_layers"]
     config = EagleConfig.for_target(
-        hidden, vocab, intermediate_size=heads.intermediate_size, draft_vocab_size=draft_vocab
+        hidden,
+        vocab,
+        intermediate_size=heads.intermediate_size,
+        draft_vocab_size=draft_vocab,
+        feature_layers=None if layers is None else tuple(layers),
     )
     module = EagleHead(config).to(job.device)
     if draft_vocab is not None:  # the most frequent tokens of the target's own continuations
@@ -449,6 +478,7 @@ def _train_eagle(job: Job) -> dict:
             train_data.tokens[index],
             train_data.features[index],
             train_data.valid[index],
+            layer_features=None if train_data.layer_features is None else train_data.layer_features[index],
             passes=heads.passes,
             reg_weight=heads.reg_weight,
         )
@@ -470,7 +500,8 @@ def _train_eagle(job: Job) -> dict:
         "parameters": sum(p.numel() for p in module.parameters()),
         "config": config.to_dict(),
         "passes": heads.passes,
-        "reg_weight": heads.reg_weight,
+        "feature_layers": layers,  # fused target layers (EAGLE-3), None: the last hidden state
+        "reg_weight": heads.reg_weight if layers is None else None,  # a fused head's loss is the KL alone
         "draft_vocab": vocab_card,
         "fit": result.to_dict(),
         "validation": {"top1_accuracy_per_level": [round(a, 4) for a in accuracy]},

@@ -23,8 +23,10 @@ from collections.abc import Callable
 
 import torch
 
+from paradec.config import SamplingParams
 from paradec.runners.native.kv_cache import KVCache
 from paradec.runners.native.model import Transformer
+from paradec.sampling import align_vocab, warp
 
 Q_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128)
 KV_ALIGN = 128
@@ -91,6 +93,7 @@ class StaticForward:
         self.depth = torch.zeros(size, dtype=torch.long, device=device)
         self.tree_mask = torch.eye(size, dtype=torch.bool, device=device)
         self.hidden = torch.zeros(size, args.hidden_size, dtype=model.embed.weight.dtype, device=device)
+        self.layer_states: dict[tuple[int, ...], torch.Tensor] = {}  # per requested layer set: (size, k * C)
         self.logits = torch.zeros(size, args.vocab_size, dtype=torch.float32, device=device)
         self._loaded: tuple[int, ...] = ()  # input-index parents whose depth/mask rows the buffers hold
         self.bank = GraphBank(device) if capture else None
@@ -102,9 +105,13 @@ class StaticForward:
         depth: torch.Tensor,  # (n,)
         tree_mask: torch.Tensor,  # (n, n)
         want_logits: bool,
+        taps: tuple[int, ...] = (),  # layers whose outputs to return instead of the final hidden state
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Logits (n, V) float32 (or None) and hidden (n, C): views of static buffers, valid until the next call."""
+        """Logits (n, V) float32 (or None) and hidden (n, C), or with `taps` those layers' outputs (n, len(taps) * C):
+        views of static buffers, valid until the next call. Each layer set has its own buffer and graphs."""
         n = token_ids.shape[0]
+        if taps and taps not in self.layer_states:
+            self.layer_states[taps] = self.hidden.new_zeros(self.hidden.shape[0], len(taps) * self.hidden.shape[1])
         self.tokens[:n].copy_(token_ids, non_blocking=True)
         if len(parents) < n or self._loaded[:n] != parents:
             # a tree's rows depend only on its first n nodes, so a loaded superset tree (or longer chain) still fits;
@@ -116,16 +123,99 @@ class StaticForward:
         kv = kv_bucket(self.cache.length + q, self.cache.capacity)
 
         def step() -> None:
-            hidden = self.model(
+            out = self.model(
                 self.tokens[:q], self.depth[:q], self.tree_mask[:q, :q], self.cache.length_t, self.cache.data, kv,
-                self.layer_ids,
+                self.layer_ids, taps,
             )  # fmt: skip
-            self.hidden[:q].copy_(hidden)
+            hidden = out[0] if taps else out
+            if taps:
+                self.layer_states[taps][:q].copy_(out[1])
+            else:
+                self.hidden[:q].copy_(hidden)
             if want_logits:
                 self.logits[:q].copy_(self.model.logits(hidden))
 
         if self.bank is None:
             step()
         else:
-            self.bank.replay((q, kv, want_logits), step)
-        return (self.logits[:n] if want_logits else None), self.hidden[:n]
+            self.bank.replay((q, kv, want_logits, taps), step)
+        states = self.layer_states[taps] if taps else self.hidden
+        return (self.logits[:n] if want_logits else None), states[:n]
+
+
+class ChainGraph:
+    """A draft model's whole chain of k tokens in one go: k forwards back to back, each choosing the next input on
+    the device; captured as one CUDA graph per (inputs fed first, k, cache buckets of the k forwards, warp) when
+    `bank` is set, run eagerly otherwise (on CPU), with no host synchronisation either way.
+
+        forward 0: the fed tokens (the pending one last) -> draft 1
+        forward i: draft i                                -> draft i + 1     (i = 1 .. k-1)
+
+    Forward i runs at the running length `start` (a device scalar of its own, started from the cache's committed
+    length), writes its keys/values after the previous forwards' and attends to all of them: the same slots,
+    positions and cache buckets as k single forwards each committed in turn, so the chain equals the step-by-step
+    one. Greedy picks the argmax of the logits (aligned to the target's vocabulary); sampling warps them to q (kept:
+    the verifier needs the draft's real distribution) and takes `paradec.sampling.sample`'s exponential race
+    argmax(q / E) with E ~ Exp(1) drawn before the graph from the generation's generator (a captured graph would
+    replay fixed random numbers; drawn outside, every replay gets fresh ones and the graph does not depend on which
+    generator the generation uses).
+    """
+
+    max_tokens = 32  # longest chain (rows of the output buffers)
+    max_fed = 2  # most tokens fed to the first forward (a chain after all drafts were accepted feeds two)
+
+    def __init__(
+        self, model: Transformer, cache: KVCache, layer_ids: tuple[int, ...], vocab_size: int, *, capture: bool
+    ) -> None:
+        self.model, self.cache, self.layer_ids, self.vocab_size = model, cache, layer_ids, vocab_size
+        device = cache.data.device
+        self.fed = torch.zeros(self.max_fed, dtype=torch.long, device=device)
+        self.start = torch.zeros((), dtype=torch.long, device=device)
+        self.tokens = torch.zeros(self.max_tokens, dtype=torch.long, device=device)  # [k] the drafts
+        self.race = torch.ones(self.max_tokens, vocab_size, dtype=torch.float32, device=device)  # [k, V] E ~ Exp(1)
+        self.probs = torch.zeros(self.max_tokens, vocab_size, dtype=torch.float32, device=device)  # [k, V] q
+        self._arange = torch.arange(self.max_fed, device=device)
+        self._tril = torch.ones(self.max_fed, self.max_fed, dtype=torch.bool, device=device).tril()
+        self.bank = GraphBank(device) if capture else None
+
+    def __call__(
+        self, token_ids: torch.Tensor, k: int, sampling: SamplingParams, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drafts [k] int64 and, when sampling, q [k, V] float32 (copies). The caller commits the n + k - 1 inputs."""
+        n = token_ids.shape[0]
+        self.fed[:n].copy_(token_ids, non_blocking=True)
+        length = self.cache.length
+        kvs = tuple(kv_bucket(length + n + i, self.cache.capacity) for i in range(k))  # forward i's cache bucket
+        warping = None if sampling.greedy else sampling
+        if warping is not None:
+            self.race[:k].exponential_(1.0, generator=generator)
+        warp_key = None if warping is None else (warping.temperature, warping.top_k, warping.top_p, warping.min_p)
+
+        def step() -> None:
+            self._chain(n, k, kvs, warping)
+
+        if self.bank is None:
+            step()
+        else:
+            self.bank.replay(("chain", n, k, kvs, warp_key), step)
+        return self.tokens[:k].clone(), None if warping is None else self.probs[:k].clone()
+
+    def _chain(self, n: int, k: int, kvs: tuple[int, ...], warping: SamplingParams | None) -> None:
+        self.start.copy_(self.cache.length_t)
+        inputs = self.fed[:n]
+        for i in range(k):
+            count = inputs.shape[0]
+            hidden = self.model(
+                inputs, self._arange[:count], self._tril[:count, :count], self.start, self.cache.data, kvs[i],
+                self.layer_ids,
+            )  # fmt: skip
+            logits = align_vocab(self.model.logits(hidden[-1:]).float()[0], self.vocab_size)  # [V] float32
+            if warping is None:
+                token = logits.argmax(-1, keepdim=True)  # [1]
+            else:
+                q = warp(logits, warping)  # [V]
+                self.probs[i].copy_(q)
+                token = (q / self.race[i]).argmax(-1, keepdim=True)  # [1] the exponential race of `sample`
+            self.tokens[i : i + 1].copy_(token)
+            self.start.add_(count)
+            inputs = self.tokens[i : i + 1]

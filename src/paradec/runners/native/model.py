@@ -351,17 +351,26 @@ class Transformer(nn.Module):
         cache: torch.Tensor,  # (L', 2, nkv, S, hs), one entry per layer in `layer_ids`
         kv_len: int,  # attend over cache slots [0, kv_len); must cover start + T
         layer_ids: tuple[int, ...],
-    ) -> torch.Tensor:
-        """Last hidden state after the final norm, (T, C): what the LM head reads."""
+        taps: tuple[int, ...] = (),  # layers (of layer_ids) whose outputs to return too
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Last hidden state after the final norm, (T, C): what the LM head reads. With `taps`, also the outputs of
+        those layers (the residual stream after each, before any norm), concatenated in that order: (T, len(taps) * C).
+        """
         group = self.args.n_heads // self.args.n_kv_heads
         cos, sin, slots, attn_bias = self._step_inputs(
             self.inv_freq, start, depth, tree_mask, kv_len, group, self.embed.weight.dtype
         )
         x = self.embed(tokens)  # (T, C)
         residual = torch.zeros_like(x)
+        outputs: dict[int, torch.Tensor] = {}
         for i, layer_id in enumerate(layer_ids):
             x, residual = self._block(self.layers[layer_id], x, residual, cos, sin, attn_bias, slots, cache[i], kv_len)
-        return self._add_norm(self.norm, x, residual)[0]
+            if layer_id in taps:  # the stream is residual + x (the add is pending, fused into the next norm)
+                outputs[layer_id] = residual + x
+        hidden = self._add_norm(self.norm, x, residual)[0]
+        if not taps:
+            return hidden
+        return hidden, torch.cat([outputs[i] for i in taps], -1)  # (T, C), (T, len(taps) * C)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(T, C) -> (T, V) in the model dtype."""

@@ -5,6 +5,8 @@ Input j of a forward sits at position `length + depth[j]` and writes its keys/va
 they are not already in place; `rollback` is a length reset. Forwards of up to Q_BUCKETS[-1] inputs run on static
 buckets (CUDA graphs on CUDA). A longer chain (a prompt) runs as consecutive forwards of the largest bucket over the
 same graphs; without static shapes it runs eagerly in chunks, so memory stays bounded. Longer trees run eagerly.
+Hidden states of decoder layers (`forward(hidden=(i, ...))`, `paradec.runners.base`) come from the same forward on
+every path; on the static buckets each requested layer set has its own output buffer and graphs.
 
 No host synchronisation happens in forward/commit/rollback: shapes come from host ints the runner tracks, the
 committed length the kernels read is a device scalar, and the only host-to-device copies (the index list of a tree
@@ -20,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from paradec.config import SamplingParams
 from paradec.errors import ParadecError
-from paradec.runners.base import LogitsWanted, RunnerOutput
-from paradec.runners.native.graphs import Q_BUCKETS, StaticForward, kv_bucket
+from paradec.runners.base import HiddenWanted, LogitsWanted, RunnerOutput, layer_taps
+from paradec.runners.native.graphs import Q_BUCKETS, ChainGraph, StaticForward, kv_bucket
 from paradec.runners.native.kv_cache import KVCache
 from paradec.runners.native.loading import load_transformer, read_config, resolve_dtype
 from paradec.runners.native.model import ModelArgs, Transformer, unsupported_reason
@@ -51,6 +54,8 @@ class NativeRunner:
     """One sequence on the native model (batch 1). Serves targets and draft models alike."""
 
     max_step_inputs = Q_BUCKETS[-1]  # the largest forward on the static buckets (method options are bounded by it)
+    max_chain = ChainGraph.max_tokens  # the longest `draft_chain`
+    _chain: ChainGraph | None = None  # built on the first `draft_chain` (its buffers are vocabulary-wide)
 
     def __init__(
         self,
@@ -68,6 +73,7 @@ class NativeRunner:
         self.dtype = model.embed.weight.dtype
         self.vocab_size = args.vocab_size
         self.hidden_size = args.hidden_size
+        self.num_layers = args.n_layers
         max_cache_len = max_cache_len or min(args.max_position_embeddings, DEFAULT_MAX_CACHE_LEN)
         if not 0 < max_cache_len <= args.max_position_embeddings:
             raise ParadecError(
@@ -159,7 +165,7 @@ class NativeRunner:
         tree: TreeBuffers | None = None,
         *,
         logits: LogitsWanted = "all",
-        hidden: bool = False,
+        hidden: HiddenWanted = False,
     ) -> RunnerOutput:
         if self._pending is not None:
             raise RuntimeError("NativeRunner.forward() called again before commit() of the previous forward")
@@ -167,6 +173,9 @@ class NativeRunner:
             raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
         if token_ids.dim() != 1 or token_ids.shape[0] == 0:
             raise ValueError(f"token_ids must be a non-empty 1-D tensor, got shape {tuple(token_ids.shape)}")
+        taps = layer_taps(hidden, self.num_layers, "the native runner")
+        if any(i not in self.layer_ids for i in taps):
+            raise ParadecError(f"hidden states of layers {list(taps)} asked for; this view runs {list(self.layer_ids)}")
         n = token_ids.shape[0]
         if self.cache.length + n > self.max_length:
             raise ParadecError(
@@ -181,15 +190,16 @@ class NativeRunner:
                 tree = tree.to(self.device)
             parents = input_parents(tree.parents) if tree.on_host else DEVICE_TREE
         if self._static is not None and n <= Q_BUCKETS[-1]:
-            out_logits, out_hidden = self._static_forward(token_ids, parents, tree, logits)
+            out_logits, out_hidden = self._static_forward(token_ids, parents, tree, logits, taps)
             result = RunnerOutput(logits=out_logits, hidden=out_hidden.clone() if hidden else None)
         elif tree is None:  # a chain (a prompt): in chunks, over the static buckets when there are
             size = Q_BUCKETS[-1] if self._static is not None else PREFILL_CHUNK
             run = self._static_forward if self._static is not None else self._eager_forward
-            result = self._forward_chain(token_ids.to(self.device, non_blocking=True), logits, hidden, size, run)
+            tokens = token_ids.to(self.device, non_blocking=True)
+            result = self._forward_chain(tokens, logits, bool(hidden), taps, size, run)
         else:
             out_logits, out_hidden = self._eager_forward(
-                token_ids.to(self.device, non_blocking=True), parents, tree, logits
+                token_ids.to(self.device, non_blocking=True), parents, tree, logits, taps
             )
             result = RunnerOutput(logits=out_logits, hidden=out_hidden if hidden else None)
         self._pending = (n, parents)
@@ -223,7 +233,9 @@ class NativeRunner:
         slots = torch.tensor(moves, dtype=torch.long).T.contiguous()  # (2, m): sources, destinations
         self.cache.compact(slots.to(self.device, non_blocking=True), len(keep))
 
-    def _forward_chain(self, tokens: torch.Tensor, logits: LogitsWanted, hidden: bool, size: int, run) -> RunnerOutput:
+    def _forward_chain(
+        self, tokens: torch.Tensor, logits: LogitsWanted, hidden: bool, taps: tuple[int, ...], size: int, run
+    ) -> RunnerOutput:
         """A chain in consecutive forwards of at most `size` inputs (`run`: `_static_forward` or `_eager_forward`).
         Each chunk's inputs count as committed for the next (every later input attends to them in full); the length
         is restored afterwards, so `commit` sees one forward of n inputs. Over the static buckets this keeps a long
@@ -235,7 +247,7 @@ class NativeRunner:
             for offset in range(0, n, size):
                 count = min(size, n - offset)
                 want = logits if logits == "all" or offset + count == n else "none"
-                out_logits, out_hidden = run(tokens[offset : offset + count], None, None, want)
+                out_logits, out_hidden = run(tokens[offset : offset + count], None, None, want, taps)
                 if hidden:
                     hiddens.append(out_hidden.clone())
                 if out_logits is not None:
@@ -249,10 +261,15 @@ class NativeRunner:
         )
 
     def _static_forward(
-        self, tokens: torch.Tensor, parents: tuple[int, ...] | None, tree: TreeBuffers | None, logits: LogitsWanted
+        self,
+        tokens: torch.Tensor,
+        parents: tuple[int, ...] | None,
+        tree: TreeBuffers | None,
+        logits: LogitsWanted,
+        taps: tuple[int, ...] = (),
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Up to Q_BUCKETS[-1] inputs on the static buckets: logits (a copy) and hidden (a view of a static buffer,
-        valid until the next forward)."""
+        """Up to Q_BUCKETS[-1] inputs on the static buckets: logits (a copy) and hidden, or the outputs of layers
+        `taps` (a view of a static buffer, valid until the next forward)."""
         n = tokens.shape[0]
         out_logits, out_hidden = self._static(
             tokens,
@@ -260,15 +277,22 @@ class NativeRunner:
             self._arange[:n] if tree is None else tree.depth,
             self._tril[:n, :n] if tree is None else tree.mask,
             logits != "none",
+            taps,
         )
         if out_logits is not None:
             out_logits = (out_logits[-1:] if logits == "last" else out_logits).clone()
         return out_logits, out_hidden
 
     def _eager_forward(
-        self, tokens: torch.Tensor, parents: tuple[int, ...] | None, tree: TreeBuffers | None, logits: LogitsWanted
+        self,
+        tokens: torch.Tensor,
+        parents: tuple[int, ...] | None,
+        tree: TreeBuffers | None,
+        logits: LogitsWanted,
+        taps: tuple[int, ...] = (),
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """One eager forward of any size (a chain when `tree` is None): logits (float32) and hidden."""
+        """One eager forward of any size (a chain when `tree` is None): logits (float32) and hidden, or the outputs
+        of layers `taps`."""
         n = tokens.shape[0]
         if tree is None:
             depth = self._arange[:n]
@@ -280,6 +304,47 @@ class NativeRunner:
         else:
             depth, mask = tree.depth, tree.mask
         kv = kv_bucket(self.cache.length + n, self.cache.capacity)
-        h = self.model(tokens, depth, mask, self.cache.length_t, self.cache.data, kv, self.layer_ids)
+        out = self.model(tokens, depth, mask, self.cache.length_t, self.cache.data, kv, self.layer_ids, taps)
+        h, states = out if taps else (out, out)
         out_logits = None if logits == "none" else self.model.logits(h[-1:] if logits == "last" else h).float()
-        return out_logits, h
+        return out_logits, states
+
+    @torch.no_grad()
+    def draft_chain(
+        self,
+        token_ids: torch.Tensor,
+        k: int,
+        sampling: SamplingParams,
+        generator: torch.Generator | None,
+        vocab_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`ChainDrafting`: feed `token_ids`, then k - 1 of its own drafts, as one CUDA graph on CUDA (`ChainGraph`).
+        A feed longer than `ChainGraph.max_fed` is prefilled first, so the graphs stay few."""
+        if self._pending is not None:
+            raise RuntimeError("NativeRunner.draft_chain() called before commit() of the previous forward")
+        if not 1 <= k <= self.max_chain:
+            raise ValueError(f"k must lie in [1, {self.max_chain}], got {k}")
+        if token_ids.dim() != 1 or token_ids.shape[0] == 0:
+            raise ValueError(f"token_ids must be a non-empty 1-D tensor, got shape {tuple(token_ids.shape)}")
+        if self.cache.length + token_ids.shape[0] + k - 1 > self.max_length:
+            raise ParadecError(
+                f"a chain of {k} drafts after {self.cache.length + token_ids.shape[0]} tokens exceeds the native "
+                f"runner's max_length {self.max_length} (raise max_cache_len)"
+            )
+        token_ids = token_ids.to(self.device, non_blocking=True)
+        if token_ids.shape[0] > ChainGraph.max_fed:
+            self.forward(token_ids[:-1], logits="none")
+            self.commit(token_ids.shape[0] - 1)
+            token_ids = token_ids[-1:]
+        if self._chain is None or self._chain.vocab_size != vocab_size:
+            capture = self.static_shapes and self.device.type == "cuda"
+            with torch.inference_mode(False):  # buffers that later calls outside inference mode may update too
+                self._chain = ChainGraph(self.model, self.cache, self.layer_ids, vocab_size, capture=capture)
+        tokens, probs = self._chain(token_ids, k, sampling, generator)
+        self.cache.advance(token_ids.shape[0] + k - 1)  # the fed tokens and drafts 1..k-1, as k prefills would
+        return tokens, probs
+
+    @property
+    def chain_graphs_captured(self) -> int:
+        """CUDA graphs of whole draft chains captured so far (one per fed tokens x k x cache buckets x warp)."""
+        return 0 if self._chain is None or self._chain.bank is None else len(self._chain.bank.graphs)
