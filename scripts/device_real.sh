@@ -6,6 +6,8 @@
 #   start    start the chain in the background (it waits for the files it needs) and return
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log
 #   collect  copy what the chain wrote (tar files, logs) to $OUT
+#   qwen     replace a running chain by its Qwen part alone (when time runs short: e.g. QWEN_TRAIN="--self-distill
+#            768 --steps 600" QWEN_METHODS=vanilla,pld,lookahead,draft,medusa,eagle); the Qwen files must be converted
 # The chain: smollm2 -> convert, train eagle + medusa (chat data), bench chat + code-chat; then the Qwen pair ->
 # convert, train eagle + medusa for the 1.5B, bench chat + code-chat with the 0.5B as draft. Each bench is timed
 # alone on the GPU (no training or conversion runs beside it). Settings travel in the environment:
@@ -13,6 +15,7 @@
 #   SMOL_BENCH / QWEN_BENCH   extra `paradec bench` options
 #   SMOL_PEERS / QWEN_PEERS   HF peers (default hf-vanilla,hf-pld / hf-vanilla,hf-assisted)
 #   SMOL_TRAIN / QWEN_TRAIN   extra `paradec train` options for both kinds
+#   QWEN_METHODS              Qwen's methods before the trained ones (default vanilla,pld,lookahead,jacobi,layerskip,draft)
 set -uo pipefail
 # The background chain runs from a snapshot of src/: every later device call lays the working tree anew, and a chain
 # importing from it mid-copy failed once ("No module named paradec.__main__").
@@ -27,6 +30,7 @@ export STAGE LOG DONE RES
 export CHAT_PC=${CHAT_PC:-1} CODE_PC=${CODE_PC:-2}
 export SMOL_PEERS=${SMOL_PEERS:-hf-vanilla,hf-pld} QWEN_PEERS=${QWEN_PEERS:-hf-vanilla,hf-assisted}
 export SMOL_BENCH=${SMOL_BENCH:-} QWEN_BENCH=${QWEN_BENCH:-} SMOL_TRAIN=${SMOL_TRAIN:-} QWEN_TRAIN=${QWEN_TRAIN:-}
+export QWEN_METHODS=${QWEN_METHODS:-vanilla,pld,lookahead,jacobi,layerskip,draft}
 SMOL=smollm2-135m-instruct
 Q15=qwen2.5-coder-1.5b-instruct
 Q05=qwen2.5-coder-0.5b-instruct
@@ -38,20 +42,21 @@ wait_chain() {  # $1: seconds since the call began, at most (capped at 570)
     tail -n 30 $LOG
 }
 
-chain() {  # in the background, logging to $LOG
+# The chain's parts, each run in the background by `bash -c NAME` (logging to $LOG, `set -e` inside).
+pd() { python3 -m paradec "$@"; }
+with_heads() {  # $1: model name, $2: methods; medusa/eagle only where their training wrote heads
+    local methods=$2 kind
+    for kind in medusa eagle; do
+        [ -f "$HOME/.cache/paradec/models/$1/heads/$kind/config.json" ] && methods="$methods,$kind"
+    done
+    echo "$methods"
+}
+per_category() { if [ "$1" = chat ]; then echo "$CHAT_PC"; else echo "$CODE_PC"; fi; }
+staged() { while [ ! -f "$STAGE/$1.gguf.ok" ]; do sleep 2; done; }
+
+smol_part() {  # SmolLM2-135M-Instruct, the default model
     set -e
-    pd() { python3 -m paradec "$@"; }
-    with_heads() {  # $1: model name, $2: methods; medusa/eagle only where their training wrote heads
-        local methods=$2 kind
-        for kind in medusa eagle; do
-            [ -f "$HOME/.cache/paradec/models/$1/heads/$kind/config.json" ] && methods="$methods,$kind"
-        done
-        echo "$methods"
-    }
-    per_category() { if [ "$1" = chat ]; then echo "$CHAT_PC"; else echo "$CODE_PC"; fi; }
-    staged() { while [ ! -f "$STAGE/$1.gguf.ok" ]; do sleep 2; done; }
     mkdir -p $RES
-    # --- SmolLM2-135M-Instruct: the embedded default
     staged $SMOL
     echo "CONVERT $SMOL $(date +%T)"
     pd zoo fetch $SMOL --gguf "$STAGE/$SMOL.gguf" --quiet
@@ -65,28 +70,41 @@ chain() {  # in the background, logging to $LOG
     for suite in chat code-chat; do
         echo "BENCH $SMOL $suite $(date +%T)"
         pd bench --suite $suite --model $SMOL --methods "$(with_heads $SMOL vanilla,pld,lookahead,jacobi,layerskip)" \
-            --per-category "$(per_category $suite)" --peers $SMOL_PEERS $SMOL_BENCH --out $RES/smol-$suite --quiet || echo "bench exit $?"
+            --per-category "$(per_category $suite)" --peers $SMOL_PEERS $SMOL_BENCH --out $RES/smol-$suite --quiet \
+            || echo "bench exit $?"
     done
-    # --- Qwen2.5-Coder-1.5B-Instruct with the 0.5B as draft
+}
+
+qwen_part() {  # Qwen2.5-Coder-1.5B-Instruct with the 0.5B as draft
+    set -e
+    mkdir -p $RES
     staged $Q05
     staged $Q15
     echo "CONVERT qwen $(date +%T)"
     pd zoo fetch $Q05 --gguf "$STAGE/$Q05.gguf" --quiet &
     pd zoo fetch $Q15 --gguf "$STAGE/$Q15.gguf" --quiet &
     wait
-    echo "TRAIN $Q15 $(date +%T)"
+    echo "TRAIN $Q15 $(date +%T) $QWEN_TRAIN"
     pd train eagle --model $Q15 --data chat --device cuda --quiet $QWEN_TRAIN > $RES/q15-eagle.log 2>&1 &
     pd train medusa --model $Q15 --data chat --device cuda --quiet $QWEN_TRAIN > $RES/q15-medusa.log 2>&1 &
     wait
     tail -n 2 $RES/q15-eagle.log $RES/q15-medusa.log
-    tar cf $RES/q15-heads-cards.tar -C "$HOME/.cache/paradec/models/$Q15" heads/eagle/card.json heads/medusa/card.json || true
     for suite in chat code-chat; do
         echo "BENCH $Q15 $suite $(date +%T)"
-        pd bench --suite $suite --model $Q15 --draft $Q05 \
-            --methods "$(with_heads $Q15 vanilla,pld,lookahead,jacobi,layerskip,draft)" \
-            --per-category "$(per_category $suite)" --peers $QWEN_PEERS $QWEN_BENCH --out $RES/q15-$suite --quiet || echo "bench exit $?"
+        pd bench --suite $suite --model $Q15 --draft $Q05 --methods "$(with_heads $Q15 "$QWEN_METHODS")" \
+            --per-category "$(per_category $suite)" --peers $QWEN_PEERS $QWEN_BENCH --out $RES/q15-$suite --quiet \
+            || echo "bench exit $?"
     done
-    echo "DONE $(date +%T)"
+}
+
+chain() { smol_part && qwen_part && echo "DONE $(date +%T)"; }
+
+launch() {  # $1: the function to run in the background; its exit status goes to $DONE
+    export -f pd with_heads per_category staged smol_part qwen_part chain
+    snapshot
+    rm -f $DONE
+    # its own bash, so that `set -e` ends the part alone
+    setsid nohup bash -c "bash -c $1; echo \$? > $DONE" > $LOG 2>&1 < /dev/null &
 }
 
 case "${1:-}" in
@@ -98,10 +116,7 @@ stage)
     ;;
 start)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    export -f chain
-    # its own bash, so that `set -e` ends the chain alone; the exit status goes to $DONE
-    snapshot
-    setsid nohup bash -c "bash -c chain; echo \$? > $DONE" > $LOG 2>&1 < /dev/null &
+    launch chain
     sleep 20
     tail -n 5 $LOG
     ;;
@@ -115,32 +130,14 @@ collect)
     cp $RES/*.tar "$OUT"/ 2>/dev/null
     ls -la "$OUT"
     ;;
-qwen) ;;
+qwen)
+    pkill -f "bash -c chain"; pkill -f "paradec train"; sleep 2
+    launch qwen_part
+    sleep 5
+    tail -n 3 $LOG
+    ;;
 *)
-    echo "usage: $0 stage|start|wait|collect" >&2
+    echo "usage: $0 stage|start|wait|collect|qwen" >&2
     exit 2
     ;;
 esac
-# qwen: replace a running chain by the Qwen part alone, with QWEN_TRAIN / QWEN_METHODS (run when time is short)
-if [ "${1:-}" = qwen ]; then
-    pkill -f "bash -c chain"; pkill -f "paradec train"; sleep 2; rm -f $DONE
-    qwen_chain() {
-        set -e
-        pd() { python3 -m paradec "$@"; }
-        echo "TRAIN $Q15 $(date +%T) $QWEN_TRAIN"
-        pd train eagle --model $Q15 --data chat --device cuda --quiet $QWEN_TRAIN > $RES/q15-eagle.log 2>&1 &
-        pd train medusa --model $Q15 --data chat --device cuda --quiet $QWEN_TRAIN > $RES/q15-medusa.log 2>&1 &
-        wait
-        tail -n 2 $RES/q15-eagle.log $RES/q15-medusa.log
-        for suite in chat code-chat; do
-            echo "BENCH $Q15 $suite $(date +%T)"
-            pd bench --suite $suite --model $Q15 --draft $Q05 --methods "$QWEN_METHODS" --per-category 1 \
-                --peers $QWEN_PEERS --out $RES/q15-$suite --quiet || echo "bench exit $?"
-        done
-        echo "DONE $(date +%T)"
-    }
-    export -f qwen_chain
-    snapshot
-    setsid nohup bash -c "bash -c qwen_chain; echo \$? > $DONE" > $LOG 2>&1 < /dev/null &
-    sleep 5; tail -n 3 $LOG
-fi
