@@ -19,6 +19,7 @@ Building lives in `paradec.zoo.build`, imported only when something is built; fe
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from paradec.errors import ParadecError
@@ -31,6 +32,11 @@ _PACKAGE = Path(__file__).resolve().parent
 _ASSETS = _PACKAGE.parent / "assets"
 _COMMITTED = {CODE_MODEL: _ASSETS / "default" / "target", CODE_DRAFT: _ASSETS / "default" / "draft"}
 PACKAGED_HEADS = _ASSETS / "heads"
+
+
+def cache_root() -> Path:
+    """paradec's cache: `$PARADEC_CACHE`, else `~/.cache/paradec` (fetched models, built zoo pairs, corpora)."""
+    return Path(os.environ.get("PARADEC_CACHE", Path.home() / ".cache" / "paradec")).expanduser()
 
 
 def _checkpoint(name: str) -> Path:
@@ -101,6 +107,7 @@ __all__ = [
     "CODE_MODEL",
     "DEFAULT_MODEL",
     "PACKAGED_HEADS",
+    "cache_root",
     "code_draft_dir",
     "code_model_dir",
     "committed_model_dir",

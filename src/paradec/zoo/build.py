@@ -30,7 +30,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from paradec.errors import ParadecError
-from paradec.zoo import dev_prompts_path
+from paradec.zoo import cache_root, dev_prompts_path
 from paradec.zoo.corpus import Corpus, load_corpus
 from paradec.zoo.model import ZooLlama, save_hf
 from paradec.zoo.presets import BENCH, ModelShape, Preset, TrainPlan
@@ -38,10 +38,6 @@ from paradec.zoo.prompts import build_dev_prompts, load_prompts
 from paradec.zoo.quality import LOOP_DEFINITION, greedy_continuations, loop_rate
 from paradec.zoo.tokenizer import encode_files, save_tokenizer, train_tokenizer, training_sample
 from paradec.zoo.train import evaluate, to_device_tokens, train
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PARADEC_CACHE", Path.home() / ".cache" / "paradec"))
 
 
 def preset_cache_dir(preset: Preset) -> Path:

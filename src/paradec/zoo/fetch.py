@@ -41,6 +41,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from paradec.errors import ParadecError
+from paradec.zoo import cache_root
 
 SOURCES = ("auto", "pypi", "hub")
 HUB_PROBE_SECONDS = 3.0
@@ -128,7 +129,7 @@ def real_model(name: str) -> RealModel:
 
 
 def models_root() -> Path:
-    return Path(os.environ.get("PARADEC_CACHE", Path.home() / ".cache" / "paradec")).expanduser() / "models"
+    return cache_root() / "models"
 
 
 def model_cache_dir(name: str) -> Path:
