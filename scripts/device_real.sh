@@ -1,36 +1,35 @@
 #!/usr/bin/env bash
 # The GPU session behind the committed real-model results (bench/results/real-*): the zoo's real instruct models,
-# staged as GGUF chunks (../shared/gpu/chunk.sh), converted with `paradec zoo fetch --gguf`, their heads trained on
-# chat data, then `paradec bench` on the chat and code-chat suites with the HF peers. Run from the repo root there:
+# staged as GGUF chunks (../shared/gpu/chunk.sh), converted with `paradec zoo fetch --gguf`, their drafters trained on
+# self-chat data, then `paradec bench` on the chat and code-chat suites. Run from the repo root there:
 #   stage    append the carried chunks (.gpu-chunks/stage.sh); installs the carried .whl/ wheels (gguf) once
 #   start    start the chain in the background (it waits for the files it needs) and return
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log
 #   collect  copy what the chain wrote (tar files, logs) to $OUT
-#   qwen     replace a running chain by its Qwen part alone (when time runs short: e.g. QWEN_TRAIN="--self-distill
-#            768 --steps 600" QWEN_METHODS=vanilla,pld,lookahead,draft,medusa,eagle); the Qwen files must be converted
-# The chain: smollm2 -> convert, train eagle + medusa (chat data), bench chat + code-chat; then the Qwen pair ->
-# convert, train eagle + medusa for the 1.5B, bench chat + code-chat with the 0.5B as draft. Each bench is timed
-# alone on the GPU (no training or conversion runs beside it). Settings travel in the environment:
+#   bench    replace a running chain by its bench part alone (when time runs short; what was trained is kept)
+# The chain: the CUDA-only tests beside the conversions; SmolLM2-135M-Instruct's EAGLE then Medusa (the second reuses
+# the first's self-chat windows); Qwen2.5-Coder-1.5B-Instruct's EAGLE, then its distilled 0.5B draft and Medusa. Then
+# the benches, each alone on the GPU (greedy: both suites, both targets, the 1.5B with the stock and the distilled
+# 0.5B draft; then eagle at temperature 1), and `scripts/profile_step.py` on both targets. Settings, in the
+# environment:
 #   CHAT_PC / CODE_PC         prompts per category of the chat / code-chat suite (default 1 / 2)
 #   SMOL_BENCH / QWEN_BENCH   extra `paradec bench` options
-#   SMOL_PEERS / QWEN_PEERS   HF peers (default hf-vanilla,hf-pld / hf-vanilla,hf-assisted)
-#   SMOL_TRAIN / QWEN_TRAIN   extra `paradec train` options for both kinds
-#   QWEN_METHODS              Qwen's methods before the trained ones (default vanilla,pld,lookahead,jacobi,layerskip,draft)
+#   SMOL_TRAIN / QWEN_TRAIN   extra `paradec train` options for every kind
+#   QWEN_METHODS              Qwen's methods before the trained heads (default vanilla,pld,lookahead,draft)
 set -uo pipefail
 # The background chain runs from a snapshot of src/: every later device call lays the working tree anew, and a chain
 # importing from it mid-copy failed once ("No module named paradec.__main__").
-SNAPSHOT=$HOME/paradec-src
+SNAPSHOT=$HOME/paradec/src
 export PYTHONUNBUFFERED=1 PYTHONPATH="$HOME/site:$SNAPSHOT"
-snapshot() { rm -rf "$SNAPSHOT" && cp -r src "$SNAPSHOT"; }
+snapshot() { rm -rf "$HOME/paradec" && mkdir -p "$HOME/paradec" && cp -r src tests scripts pyproject.toml "$HOME/paradec/"; }
 STAGE=${STAGE:-$HOME/stage}
 LOG=/tmp/paradec-real.log
 DONE=/tmp/paradec-real.done
 RES=/tmp/paradec-real
 export STAGE LOG DONE RES
 export CHAT_PC=${CHAT_PC:-1} CODE_PC=${CODE_PC:-2}
-export SMOL_PEERS=${SMOL_PEERS:-hf-vanilla,hf-pld} QWEN_PEERS=${QWEN_PEERS:-hf-vanilla,hf-assisted}
 export SMOL_BENCH=${SMOL_BENCH:-} QWEN_BENCH=${QWEN_BENCH:-} SMOL_TRAIN=${SMOL_TRAIN:-} QWEN_TRAIN=${QWEN_TRAIN:-}
-export QWEN_METHODS=${QWEN_METHODS:-vanilla,pld,lookahead,jacobi,layerskip,draft}
+export QWEN_METHODS=${QWEN_METHODS:-vanilla,pld,lookahead,draft}
 SMOL=smollm2-135m-instruct
 Q15=qwen2.5-coder-1.5b-instruct
 Q05=qwen2.5-coder-0.5b-instruct
@@ -53,54 +52,76 @@ with_heads() {  # $1: model name, $2: methods; medusa/eagle only where their tra
 }
 per_category() { if [ "$1" = chat ]; then echo "$CHAT_PC"; else echo "$CODE_PC"; fi; }
 staged() { while [ ! -f "$STAGE/$1.gguf.ok" ]; do sleep 2; done; }
-
-smol_part() {  # SmolLM2-135M-Instruct, the default model
-    set -e
-    mkdir -p $RES
-    staged $SMOL
-    echo "CONVERT $SMOL $(date +%T)"
-    pd zoo fetch $SMOL --gguf "$STAGE/$SMOL.gguf" --quiet
-    echo "TRAIN $SMOL $(date +%T)"
-    pd train eagle --model $SMOL --data chat --device cuda --quiet --intermediate-size 768 $SMOL_TRAIN \
-        > $RES/smol-eagle.log 2>&1 &
-    pd train medusa --model $SMOL --data chat --device cuda --quiet $SMOL_TRAIN > $RES/smol-medusa.log 2>&1 &
-    wait
-    tail -n 2 $RES/smol-eagle.log $RES/smol-medusa.log
-    tar cf $RES/smol-heads.tar -C "$HOME/.cache/paradec/models/$SMOL" heads || true
-    for suite in chat code-chat; do
-        echo "BENCH $SMOL $suite $(date +%T)"
-        pd bench --suite $suite --model $SMOL --methods "$(with_heads $SMOL vanilla,pld,lookahead,jacobi,layerskip)" \
-            --per-category "$(per_category $suite)" --peers $SMOL_PEERS $SMOL_BENCH --out $RES/smol-$suite --quiet \
-            || echo "bench exit $?"
-    done
+convert() { staged "$1"; pd zoo fetch "$1" --gguf "$STAGE/$1.gguf" --quiet; }
+train() {  # $1: model, $2: kind, then `paradec train` options; its log goes to $RES/<model>-<kind>.log
+    local model=$1 kind=$2
+    shift 2
+    echo "TRAIN $model $kind $(date +%T)"
+    pd train "$kind" --model "$model" --device cuda --quiet "$@" > "$RES/$model-$kind.log" 2>&1 \
+        || echo "train $model $kind exit $?"
+    tail -n 2 "$RES/$model-$kind.log"
+}
+bench() {  # $1: model, $2: suite, $3: name of the results folder, then `paradec bench` options
+    local model=$1 suite=$2 name=$3
+    shift 3
+    echo "BENCH $model $suite $name $(date +%T)"
+    pd bench --suite "$suite" --model "$model" --per-category "$(per_category "$suite")" --peers none \
+        --out "$RES/$name" --quiet "$@" || echo "bench exit $?"
 }
 
-qwen_part() {  # Qwen2.5-Coder-1.5B-Instruct with the 0.5B as draft
-    set -e
-    mkdir -p $RES
-    staged $Q05
-    staged $Q15
-    echo "CONVERT qwen $(date +%T)"
-    pd zoo fetch $Q05 --gguf "$STAGE/$Q05.gguf" --quiet &
-    pd zoo fetch $Q15 --gguf "$STAGE/$Q15.gguf" --quiet &
-    wait
-    echo "TRAIN $Q15 $(date +%T) $QWEN_TRAIN"
-    pd train eagle --model $Q15 --data chat --device cuda --quiet $QWEN_TRAIN > $RES/q15-eagle.log 2>&1 &
-    pd train medusa --model $Q15 --data chat --device cuda --quiet $QWEN_TRAIN > $RES/q15-medusa.log 2>&1 &
-    wait
-    tail -n 2 $RES/q15-eagle.log $RES/q15-medusa.log
-    for suite in chat code-chat; do
-        echo "BENCH $Q15 $suite $(date +%T)"
-        pd bench --suite $suite --model $Q15 --draft $Q05 --methods "$(with_heads $Q15 "$QWEN_METHODS")" \
-            --per-category "$(per_category $suite)" --peers $QWEN_PEERS $QWEN_BENCH --out $RES/q15-$suite --quiet \
-            || echo "bench exit $?"
-    done
+tests() {  # the CUDA-only tests (skipped on CPU); beside the conversions, before anything is timed
+    set +e
+    echo "TESTS $(date +%T)"
+    (cd "$SNAPSHOT/.." && python3 -m pytest -q -p no:cacheprovider tests/test_eagle_cuda.py tests/test_draft_chain.py \
+        > $RES/cuda-tests.log 2>&1)
+    echo "TESTS exit $? $(date +%T): $(tail -n 1 $RES/cuda-tests.log)"
 }
 
-chain() { smol_part && qwen_part && echo "DONE $(date +%T)"; }
+train_part() {  # both targets' drafters on self-chat data; the second kind of a target reuses the first's windows
+    set -e
+    mkdir -p $RES
+    convert $SMOL
+    (train $SMOL eagle --intermediate-size 768 $SMOL_TRAIN; train $SMOL medusa $SMOL_TRAIN) &
+    local small large
+    convert $Q05 & small=$!
+    convert $Q15 & large=$!
+    wait $small
+    wait $large
+    train $Q15 eagle $QWEN_TRAIN
+    train $Q15 draft $QWEN_TRAIN &
+    train $Q15 medusa $QWEN_TRAIN &
+    wait
+    tar cf $RES/heads.tar --exclude=data-cache --exclude=draft -C "$HOME/.cache/paradec/models" $SMOL/heads $Q15/heads \
+        || true
+}
+
+bench_part() {  # every bench alone on the GPU, the greedy tables first
+    set -e
+    local suite smol_methods qwen_methods distilled=$HOME/.cache/paradec/models/$Q15/heads/draft
+    smol_methods=$(with_heads $SMOL vanilla,pld,lookahead)
+    qwen_methods=$(with_heads $Q15 "$QWEN_METHODS")
+    for suite in chat code-chat; do
+        bench $SMOL $suite smol-$suite --methods "$smol_methods" $SMOL_BENCH
+        bench $Q15 $suite q15-$suite --draft $Q05 --methods "$qwen_methods" $QWEN_BENCH
+        [ -f $distilled/config.json ] && bench $Q15 $suite q15-$suite-distilled --draft $distilled \
+            --methods vanilla,draft $QWEN_BENCH
+    done
+    for suite in chat code-chat; do
+        bench $SMOL $suite smol-$suite-sample --mode sample --temperature 1 --methods vanilla,eagle $SMOL_BENCH
+        bench $Q15 $suite q15-$suite-sample --mode sample --temperature 1 --draft $Q05 --methods vanilla,eagle \
+            $QWEN_BENCH
+    done
+    echo "PROFILE $(date +%T)"
+    python3 "$SNAPSHOT/../scripts/profile_step.py" --model $SMOL --out $RES/profile-smol --config vanilla --config eagle \
+        --config eagle:depth=4,nodes=24 --config eagle:depth=5,nodes=32,topk=6 > $RES/profile-smol.log 2>&1 || true
+    python3 "$SNAPSHOT/../scripts/profile_step.py" --model $Q15 --draft $Q05 --out $RES/profile-q15 --config vanilla \
+        --config eagle --config draft:k=5 --config draft:k=5,one_graph=false > $RES/profile-q15.log 2>&1 || true
+}
+
+chain() { (tests &) ; train_part && bench_part && echo "DONE $(date +%T)"; }
 
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
-    export -f pd with_heads per_category staged smol_part qwen_part chain
+    export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain
     snapshot
     rm -f $DONE
     # its own bash, so that `set -e` ends the part alone
@@ -130,14 +151,14 @@ collect)
     cp $RES/*.tar "$OUT"/ 2>/dev/null
     ls -la "$OUT"
     ;;
-qwen)
+bench)
     pkill -f "bash -c chain"; pkill -f "paradec train"; sleep 2
-    launch qwen_part
+    launch bench_part
     sleep 5
     tail -n 3 $LOG
     ;;
 *)
-    echo "usage: $0 stage|start|wait|collect|qwen" >&2
+    echo "usage: $0 stage|start|wait|collect|bench" >&2
     exit 2
     ;;
 esac

@@ -1,4 +1,5 @@
-"""Where a speculative step's time goes, on one GPU, with random weights of the zoo bench target's shape (not a test).
+"""Where a speculative step's time goes, on one GPU, with random weights of the zoo bench target's shape, or a real
+target with `--model` (not a test).
 
 Random weights decide nothing here: every step of a method does the same work whatever is accepted (a full-size
 tree is drafted and scored each step), so the cost of a step does not depend on what the weights say. What this
@@ -195,17 +196,31 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--trace", help="config whose kernels are tabled and whose steps are traced into --out")
+    parser.add_argument(
+        "--model", help="a real target (zoo name or directory; its trained heads) instead of the random bench shape"
+    )
+    parser.add_argument("--draft", help="with --model: the draft model (default: the zoo's registered draft)")
     args = parser.parse_args()
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = bench_shaped_model(Path(tmp), seed=0)
+        if args.model:
+            from paradec import zoo
+            from paradec.loading import resolve_model_dir
+
+            model_dir = resolve_model_dir(args.model, "model")
+            draft_name = args.draft or zoo.registered_draft(zoo.zoo_name(model_dir))
+            draft_dir = resolve_model_dir(draft_name, "draft") if draft_name else None
+        else:
+            model_dir = bench_shaped_model(Path(tmp), seed=0)
+            draft_dir = model_dir.parent / "draft"
         target = load_runner(model_dir, "native", torch.device("cuda"), torch.bfloat16)
-        draft = load_runner(model_dir.parent / "draft", "native", torch.device("cuda"), torch.bfloat16)
+        draft = load_runner(draft_dir, "native", torch.device("cuda"), torch.bfloat16) if draft_dir else None
         config = EngineConfig(model=str(model_dir), draft=None, heads=str(model_dir / "heads"), device="cuda",
                               dtype="bfloat16", runner="NativeRunner")  # fmt: skip
         engine = Engine(target, None, config, draft=draft, heads_dir=model_dir / "heads", eos_token_ids=set())
-        prompt = torch.randint(0, BENCH.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
+        vocab = target.vocab_size
+        prompt = torch.randint(0, vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
         rows = []
         for text in args.config:
             method, options = parse_config(text)
@@ -218,7 +233,7 @@ def main() -> None:
         with torch.inference_mode():
             sizes = {n: round(score_ms(target, 1, n), 3) for n in (1, 8, 16, 24, 32, 33, 48, 49, 64, 65)}
         print("score ms by inputs:", json.dumps(sizes))
-        print("topk us:", json.dumps(topk_variants()))
+        print("topk us:", json.dumps(topk_variants(width=vocab)))
     vanilla = next((r["step_ms"] for r in rows if r["config"] == "vanilla"), None)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
     print("| config | step ms | x vanilla | draft ms | ms/draft token | score ms | host+verify ms | kernels | tau |")

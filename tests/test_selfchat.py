@@ -18,7 +18,7 @@ from paradec.chat import chat_text
 from paradec.cli import main
 from paradec.errors import ParadecError
 from paradec.loading import load_tokenizer
-from paradec.train import overlap
+from paradec.train import overlap, pipeline
 from paradec.train.data import PYTHON_SOURCE_DATA, SELF_CHAT_DATA, build_data, data_source, read_texts
 from paradec.train.pipeline import DataSettings
 from paradec.train.selfchat import (
@@ -249,7 +249,7 @@ def ending_model_dir(chat_llama_dir, tmp_path_factory) -> Path:
     return out
 
 
-def test_train_eagle_on_self_chat_writes_heads_and_a_card(ending_model_dir, tmp_path):
+def test_train_eagle_on_self_chat_writes_heads_and_a_card(ending_model_dir, tmp_path, monkeypatch):
     args = ["train", "eagle", "--model", str(ending_model_dir), "--data", "self-chat", "--out", str(tmp_path)]
     args += ["--self-chat-requests", "24", "--request-max-tokens", "12", "--request-min-tokens", "1"]
     args += ["--request-temperature", "0.9", "--gen-batch-size", "8", "--self-distill", "8", "--prompt-len", "40"]
@@ -271,7 +271,34 @@ def test_train_eagle_on_self_chat_writes_heads_and_a_card(ending_model_dir, tmp_
     assert stats["generate_seconds"] >= 0 and stats["train_chats"] + stats["validation_chats"] == stats["requests_kept"]
     assert data["answers"] == {"sampled_share": 0.25, "temperature": 1.0}
     assert data["train"]["chat_windows"] == 8 and data["train"]["sampled_windows"] == 2
-    assert card["fit"]["steps"] == 3
+    assert card["fit"]["steps"] == 3 and data["reused"] is None
+    (cached,) = (tmp_path / "data-cache").glob("*.pt")
+
+    # a second kind on the same data reuses the windows: no request is written, the same tokens train it
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the cached windows should have been reused")
+
+    medusa = [
+        "medusa" if a == "eagle" else a for a in args[: args.index("--passes")] + args[args.index("--passes") + 2 :]
+    ]
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "self_chat_texts", no_generation)
+        patch.setattr(pipeline, "target_windows", no_generation)
+        assert main(medusa) == 0
+    reused = json.loads((tmp_path / "medusa" / "card.json").read_text())["data"]
+    assert reused["reused"] == str(cached) and reused["self_chat"] == stats
+    assert reused["train"]["tokens"] == data["train"]["tokens"] and reused["train"]["feature_layers"] is None
+    # other data settings, or --fresh-data, generate anew
+    assert main([*medusa, "--seed", "1"]) == 0
+    assert len(list((tmp_path / "data-cache").glob("*.pt"))) == 2
+
+    def reused_by(extra: list[str]):
+        assert main([*medusa, *extra]) == 0
+        return json.loads((tmp_path / "medusa" / "card.json").read_text())["data"]["reused"]
+
+    cached.write_bytes(b"damaged")  # a damaged entry is regenerated and rewritten
+    assert reused_by([]) is None and reused_by([]) == str(cached)
+    assert reused_by(["--fresh-data"]) is None
 
 
 def test_self_chat_errors_exit_2(model_dirs, chat_llama_dir, capsys):

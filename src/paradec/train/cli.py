@@ -139,6 +139,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     opt.add_argument(
         "--seed", type=int, default=0, help="seeds the data (requests, windows, sampled answers) and the training"
     )
+    parser.add_argument(
+        "--fresh-data",
+        action="store_true",
+        help="generate the data anew, not reusing the windows an earlier run made with the same target, data "
+        "settings and seed (cached under OUT/data-cache/)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -241,6 +247,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         sampled_share=args.sampled_share,
         self_chat=self_chat,
         batch_size=args.gen_batch_size,
+        reuse=not args.fresh_data,
     )
     train = TrainSettings(
         steps=args.steps if args.steps is not None else DEFAULT_STEPS[args.kind],

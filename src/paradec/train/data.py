@@ -498,7 +498,7 @@ def target_features(
     return torch.cat(chunks), (torch.cat(layer_chunks) if layers is not None else None)
 
 
-def build_data(
+def target_windows(
     model,
     tokenizer,
     texts: list[str],
@@ -513,17 +513,14 @@ def build_data(
     sampled_share: float | None = None,
     seed: int = 0,
     batch_size: int = 64,
-    feature_layers: tuple[int, ...] | None = None,
     progress: bool = True,
-) -> DistillData:
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """`sequences` windows from `texts`, rendered `chats` and `answered` (chat, given answer) pairs, each kind
-    taking a share proportional to its number of items, mixed in a seeded order, with the target's hidden states.
-    Text and chat windows (`make_prompts`, `prompt_len` tokens) are continued by the target for `new_tokens` tokens
+    taking a share proportional to its number of items, mixed in a seeded order. Text and chat windows (`make_prompts`, `prompt_len` tokens) are continued by the target for `new_tokens` tokens
     (none: the windows alone): greedily, except a `sampled_share` of them sampled at `temperature` (None: all of
-    them when `temperature` > 0). Answered windows hold the given answer instead (`make_answered_windows`). With
-    `feature_layers`, the data also hold those layers' outputs (`target_features`)."""
+    them when `temperature` > 0). Answered windows hold the given answer instead (`make_answered_windows`). Returns
+    tokens [N, T] and valid [N, T] on the CPU, with their stats."""
     started = time.perf_counter()
-    device = next(model.parameters()).device
     share = (1.0 if temperature > 0 else 0.0) if sampled_share is None else sampled_share
     if share > 0 and not temperature > 0:
         raise ParadecError(f"a sampled share of {share} needs a temperature > 0, got {temperature!r}")
@@ -569,10 +566,6 @@ def build_data(
     if answered_count and answered_count < sequences:  # mix the answered windows in
         order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))
         tokens, valid = tokens[order], valid[order]
-    generated = time.perf_counter()
-    features, layer_features = target_features(
-        model, tokens, layers=feature_layers, batch_size=batch_size, progress=progress
-    )
     stats = {
         "sequences": int(tokens.shape[0]),
         "prompt_tokens": prompt_len,
@@ -581,10 +574,44 @@ def build_data(
         "temperature": temperature if sampled else None,
         "tokens": int(valid.sum()),
         **stats,
-        "generate_seconds": round(generated - started, 1),
-        "feature_seconds": round(time.perf_counter() - generated, 1),
+        "generate_seconds": round(time.perf_counter() - started, 1),
+    }
+    return tokens, valid, stats
+
+
+def with_features(
+    model,
+    tokens: torch.Tensor,
+    valid: torch.Tensor,
+    stats: dict,
+    *,
+    feature_layers: tuple[int, ...] | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> DistillData:
+    """The windows of `target_windows` with the target's hidden states over them (and with `feature_layers`, those
+    layers' outputs), all on the target's device."""
+    started = time.perf_counter()
+    features, layer_features = target_features(
+        model, tokens, layers=feature_layers, batch_size=batch_size, progress=progress
+    )
+    stats = {
+        **stats,
+        "feature_seconds": round(time.perf_counter() - started, 1),
         "feature_layers": None if feature_layers is None else list(feature_layers),
         # hidden states held for training, in the target's dtype: [N, T, H] (+ [N, T, k * H] of the fused layers)
         "feature_bytes": features.nbytes + (0 if layer_features is None else layer_features.nbytes),
     }
+    device = next(model.parameters()).device
     return DistillData(tokens.to(device), valid.to(device), features, stats, layer_features)
+
+
+def build_data(
+    model, tokenizer, texts: list[str], *, feature_layers: tuple[int, ...] | None = None, **kwargs
+) -> DistillData:
+    """`target_windows` with the target's hidden states (`with_features`): the training data of one drafter."""
+    tokens, valid, stats = target_windows(model, tokenizer, texts, **kwargs)
+    batch_size, progress = kwargs.get("batch_size", 64), kwargs.get("progress", True)
+    return with_features(
+        model, tokens, valid, stats, feature_layers=feature_layers, batch_size=batch_size, progress=progress
+    )

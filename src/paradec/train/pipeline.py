@@ -15,7 +15,9 @@ held-out prompts).
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -37,9 +39,10 @@ from paradec.train.data import (
     PYTHON_SOURCE_DATA,
     SELF_CHAT_DATA,
     DistillData,
-    build_data,
     data_source,
     read_texts,
+    target_windows,
+    with_features,
 )
 from paradec.train.draft import draft_accuracy, draft_loss
 from paradec.train.eagle import (
@@ -77,6 +80,9 @@ class DataSettings:
     self_chat: SelfChatSettings = field(default_factory=SelfChatSettings)
     max_corpus_chars: int = 40_000_000
     batch_size: int = 256  # windows per generate / feature batch
+    # reuse the windows an earlier run made with the same target, data settings and seed (`DATA_CACHE` next to the
+    # kind's output): training a second kind on the same data skips the generation
+    reuse: bool = True
 
     def __post_init__(self) -> None:
         flags = {"sequences": "self-distill", "val_sequences": "val-sequences", "prompt_len": "prompt-len"}
@@ -302,6 +308,93 @@ def run(
 
     source = data_source(data.data, target.tokenizer, data.chat)
     sampled_share, temperature = data.answer_sampling(source)
+    text_config = target.model.config.get_text_config(decoder=True)
+    num_layers = int(getattr(text_config, "num_hidden_layers", 0) or getattr(text_config, "n_layer", 0))
+    feature_layers = heads.feature_layers_for(num_layers) if kind == "eagle" else None
+    windows = _windows(target, source, data, train.seed, sampled_share, temperature, out_dir.parent, progress)
+    train_data, val_data = (
+        with_features(
+            target.model,
+            *windows[part],
+            feature_layers=feature_layers,
+            batch_size=data.batch_size,
+            progress=progress,
+        )
+        for part in ("train", "validation")
+    )
+    _log(f"training data: {train_data.stats}")
+    if feature_layers is not None:
+        _log(f"eagle: fusing the outputs of target layers {list(feature_layers)} (EAGLE-3)")
+    prompts = _windows_as_prompts(val_data, data.prompt_len, val_prompts)
+
+    job = Job(target, train_data, val_data, train, heads, dev, out_dir, draft_path, prompts, val_new_tokens, progress)
+    report = {"medusa": _train_medusa, "eagle": _train_eagle, "draft": _train_draft}[kind](job)
+    _log(f"{kind}: validation acceptance {report['validation_acceptance']}")
+    card = {
+        "kind": kind,
+        "target": str(target.path),
+        "data": {
+            "name": str(source),  # self-chat, chat, python-source or the data file
+            "source": windows["description"],
+            "chat": data.chat,
+            "keep_responses": data.keep_responses,
+            "answers": {"sampled_share": sampled_share, "temperature": temperature if sampled_share else None},
+            **({"self_chat": windows["self_chat"]} if str(source) == SELF_CHAT_DATA else {}),
+            "reused": windows["reused"],  # the windows came from the data cache (an earlier run's generation)
+            "train": train_data.stats,
+            "validation": val_data.stats,
+            "max_corpus_chars": data.max_corpus_chars if str(source) == PYTHON_SOURCE_DATA else None,
+        },
+        "train": asdict(train),
+        **report,
+        "seconds": round(time.perf_counter() - started, 1),
+        "device": device_name(dev),
+        "dtype": str(target.model.dtype).removeprefix("torch."),
+        "date": datetime.date.today().isoformat(),
+        "command": command,
+        "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
+    }
+    (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
+    _log(f"wrote {out_dir}")
+    return out_dir
+
+
+DATA_CACHE = "data-cache"  # under a run's output root (`<model dir>/heads` by default): <key>.pt per data setting
+
+
+def _windows(
+    target: Target,
+    source: str | Path,
+    data: DataSettings,
+    seed: int,
+    sampled_share: float,
+    temperature: float,
+    root: Path,
+    progress: bool,
+) -> dict:
+    """The training and validation windows (tokens, valid, stats) the target makes from `source`, with the data's
+    description (and self-chat stats): from the data cache under `root` when an earlier run made them with the same
+    target, source, settings and seed (`data.reuse`), else generated and cached. The cache holds token ids alone
+    (hidden states are recomputed per kind, which is cheap next to generating)."""
+    text = source.read_bytes() if isinstance(source, Path) and source.is_file() else b""
+    key_fields = {
+        "target": str(target.path.resolve()),
+        "source": str(source),
+        "source_sha256": hashlib.sha256(text).hexdigest() if text else None,
+        "data": {k: v for k, v in asdict(data).items() if k != "reuse"},
+        "seed": seed,
+        "version": 1,
+    }
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = root / DATA_CACHE / f"{key}.pt"
+    if data.reuse and path.is_file():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a damaged cache file is regenerated, not trusted
+            _log(f"data cache {path} unreadable ({type(exc).__name__}): generating anew")
+        else:
+            _log(f"data: reusing {path} ({cached['description']})")
+            return {**cached, "reused": str(path)}
     if str(source) == SELF_CHAT_DATA:
         if data.chat == "off" or data.keep_responses:
             flag = "--chat off" if data.chat == "off" else "--keep-responses"
@@ -311,7 +404,7 @@ def run(
             target.tokenizer,
             data.self_chat,
             eos_token_ids=target.eos_token_ids,
-            seed=train.seed,
+            seed=seed,
             batch_size=data.batch_size,
             progress=progress,
         )
@@ -330,11 +423,7 @@ def run(
         f"train / {len(texts.val)} + {len(texts.val_chats)} + {len(texts.val_answered)} validation texts + chats + "
         "given answers"
     )
-    text_config = target.model.config.get_text_config(decoder=True)
-    num_layers = int(getattr(text_config, "num_hidden_layers", 0) or getattr(text_config, "n_layer", 0))
-    feature_layers = heads.feature_layers_for(num_layers) if kind == "eagle" else None
     common = dict(
-        feature_layers=feature_layers,
         prompt_len=data.prompt_len,
         new_tokens=data.new_tokens,
         eos_token_ids=target.eos_token_ids,
@@ -343,60 +432,27 @@ def run(
         batch_size=data.batch_size,
         progress=progress,
     )
-    train_data = build_data(
-        target.model,
-        target.tokenizer,
-        texts.train,
-        chats=texts.train_chats,
-        answered=texts.train_answered,
-        sequences=data.sequences,
-        seed=train.seed,
-        **common,
-    )
-    val_data = build_data(
-        target.model,
-        target.tokenizer,
-        texts.val,
-        chats=texts.val_chats,
-        answered=texts.val_answered,
-        sequences=data.val_sequences,
-        seed=train.seed + 1,
-        **common,
-    )
-    _log(f"training data: {train_data.stats}")
-    if feature_layers is not None:
-        _log(f"eagle: fusing the outputs of target layers {list(feature_layers)} (EAGLE-3)")
-    prompts = _windows_as_prompts(val_data, data.prompt_len, val_prompts)
-
-    job = Job(target, train_data, val_data, train, heads, dev, out_dir, draft_path, prompts, val_new_tokens, progress)
-    report = {"medusa": _train_medusa, "eagle": _train_eagle, "draft": _train_draft}[kind](job)
-    _log(f"{kind}: validation acceptance {report['validation_acceptance']}")
-    card = {
-        "kind": kind,
-        "target": str(target.path),
-        "data": {
-            "name": str(source),  # self-chat, chat, python-source or the data file
-            "source": texts.description,
-            "chat": data.chat,
-            "keep_responses": data.keep_responses,
-            "answers": {"sampled_share": sampled_share, "temperature": temperature if sampled_share else None},
-            **({"self_chat": texts.stats} if str(source) == SELF_CHAT_DATA else {}),
-            "train": train_data.stats,
-            "validation": val_data.stats,
-            "max_corpus_chars": data.max_corpus_chars if str(source) == PYTHON_SOURCE_DATA else None,
-        },
-        "train": asdict(train),
-        **report,
-        "seconds": round(time.perf_counter() - started, 1),
-        "device": device_name(dev),
-        "dtype": str(target.model.dtype).removeprefix("torch."),
-        "date": datetime.date.today().isoformat(),
-        "command": command,
-        "versions": {"torch": torch.__version__, "transformers": _transformers_version()},
-    }
-    (out_dir / "card.json").write_text(json.dumps(card, indent=2) + "\n")
-    _log(f"wrote {out_dir}")
-    return out_dir
+    stats = getattr(texts, "stats", None)  # plain JSON values, so that the cache loads with weights_only
+    windows = {"description": texts.description, "self_chat": None if stats is None else json.loads(json.dumps(stats))}
+    for part, (plain, chats, answered, count, part_seed) in {
+        "train": (texts.train, texts.train_chats, texts.train_answered, data.sequences, seed),
+        "validation": (texts.val, texts.val_chats, texts.val_answered, data.val_sequences, seed + 1),
+    }.items():
+        windows[part] = target_windows(
+            target.model,
+            target.tokenizer,
+            plain,
+            chats=chats,
+            answered=answered,
+            sequences=count,
+            seed=part_seed,
+            **common,
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    torch.save(windows, partial)
+    partial.replace(path)  # whole or absent: a run stopped mid-write leaves no cache entry
+    return {**windows, "reused": None}
 
 
 def _transformers_version() -> str:
