@@ -28,8 +28,9 @@ from paradec.drafters.base import DecodeState, Drafter
 from paradec.metrics import GenerationStats
 from paradec.runners.base import Runner, prefill
 from paradec.sampling import make_generator
-from paradec.types import Verdict
-from paradec.verify import verify
+from paradec.step import SeqInputs, Step
+from paradec.types import Proposal, Verdict
+from paradec.verify import Deferred, verify
 
 
 @dataclass
@@ -38,6 +39,146 @@ class Result:
     token_ids: list[int]  # new tokens only (an EOS or the token completing a stop string included)
     finish_reason: str  # "stop" (EOS or stop string) or "length" (max_new_tokens)
     stats: GenerationStats
+
+
+class Decoding:
+    """One sequence being decoded: its state, drafter, stop conditions, detokenizer and stats. The step loops own
+    the target and the forward; per sequence and step they call `inputs` (propose), then `verdict` (verify, on the
+    sequence's rows of the forward's logits), then `advance` (emit, stop, update the drafter). `Generation` steps
+    one of them; `paradec.batch.BatchDecoder` steps many in one forward."""
+
+    def __init__(
+        self,
+        drafter: Drafter,
+        tokenizer,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        max_new_tokens: int,
+        eos_token_ids: set[int],
+        stop: list[str],
+        method: str,
+        *,
+        device: torch.device,
+        vocab_size: int,
+        max_length: int,
+        verifier: Callable[..., Verdict | Deferred] = verify,
+    ) -> None:
+        self.drafter = drafter
+        self.tokenizer = tokenizer
+        self.prompt_ids = prompt_ids
+        self.sampling = sampling
+        self.max_new_tokens = max_new_tokens
+        self.eos_token_ids = eos_token_ids
+        self.stops = StopStrings(stop)
+        self.stats = GenerationStats(method=method, prompt_tokens=len(prompt_ids))
+        self.verifier = verifier
+        self.state = DecodeState(
+            tokens=list(prompt_ids),
+            prompt_len=len(prompt_ids),
+            sampling=sampling,
+            generator=make_generator(sampling, device),
+            device=device,
+            vocab_size=vocab_size,
+            max_length=max_length,
+        )
+        self.new_ids: list[int] = []
+        self.finish = ""  # "stop" or "length" once finished
+        self.started = 0.0
+        self.pending: torch.Tensor | None = None  # [1] the last token, not yet in the target cache
+        self._detok: IncrementalDetokenizer | None = None
+        self._streamed = 0  # characters of the text already handed out
+        self._cut = -1  # where a stop string starts in the text
+        self._proposal: Proposal | None = None
+
+    def start(self, target: Runner) -> None:
+        """Prefill the prompt but its last token on `target` (the sequence's own runner: the target, or one slot of
+        a batched runner) and begin the drafter."""
+        self.started = time.perf_counter()
+        state, drafter = self.state, self.drafter
+        target.reset()
+        if len(state.tokens) > 1:
+            out = prefill(target, torch.tensor(state.tokens[:-1], device=state.device), hidden=drafter.needs_hidden)
+            state.target_hidden = out.hidden
+        drafter.begin(state)
+        self.stats.prefill_seconds = time.perf_counter() - self.started
+        if self.tokenizer is not None:
+            self._detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids)
+        self.pending = torch.tensor([state.tokens[-1]], device=state.device)
+
+    def inputs(self, slot: int = 0, max_tokens: int | None = None) -> SeqInputs:
+        """This step's inputs: the pending token and the drafter's proposal (at most `max_tokens` draft tokens when
+        given: a batch's speculation policy may shrink or skip it; the drafter's update sees what was proposed)."""
+        remaining = self.max_new_tokens - len(self.new_ids) - 1
+        proposal = self.drafter.propose(
+            self.state, max_tokens=remaining if max_tokens is None else min(remaining, max_tokens)
+        )
+        inputs = SeqInputs.of(slot, self.pending, proposal, self.state.device)
+        if inputs.size - 1 > self.state.room:
+            raise RuntimeError(
+                f"drafter {self.drafter.name!r} proposed {inputs.size - 1} inputs, room for {self.state.room}"
+            )
+        self._proposal = proposal
+        return inputs
+
+    def verdict(self, step: Step, b: int, logits: torch.Tensor) -> Verdict | Deferred:
+        """Verify this sequence's proposal on its rows of the step's `logits`; `state.target_logits` becomes its
+        rows (aux inputs included)."""
+        rows = logits[step.rows(b)] if len(step) > 1 else logits
+        self.state.target_logits = rows
+        proposal = step.proposal(b)
+        return self.verifier(proposal, rows[: proposal.size + 1], self.sampling, self.state.generator, step.tree(b))
+
+    def advance(self, step: Step, b: int, verdict: Verdict, hidden: torch.Tensor | None) -> str:
+        """Emit the verdict's tokens (up to a stop), update the drafter, and return the text now safe to show."""
+        state, stats = self.state, self.stats
+        if hidden is not None:  # (indexing with a list would upload it with a blocking copy)
+            rows = torch.tensor(step.kept_rows(b, verdict)).to(state.device, non_blocking=True)
+            state.target_hidden = hidden.index_select(0, rows)
+        stats.record_step(verdict.depth, step.proposal(b).size, verdict.accepted)
+        pending = verdict.final_device
+        if pending is None:  # a verifier that returned host values only
+            pending = torch.tensor(verdict.tokens[-1:], device=state.device)
+        self.pending = pending
+        detok = self._detok
+        for token in verdict.tokens:
+            self.new_ids.append(token)
+            state.tokens.append(token)
+            if detok is not None:
+                before = len(detok.text)
+                if detok.push(token) and self.stops.stops:
+                    self._cut = self.stops.find(detok.text, before)
+            if token in self.eos_token_ids or self._cut >= 0:
+                self.finish = "stop"
+            elif len(self.new_ids) >= self.max_new_tokens:
+                self.finish = "length"
+            if self.finish:
+                break
+        if not stats.first_token_seconds:
+            stats.first_token_seconds = time.perf_counter() - self.started
+        if not self.finish:
+            self.drafter.update(state, verdict)
+        if detok is None:
+            return ""
+        if self.finish:
+            detok.flush()
+        text = self.text
+        visible = len(text) if self.finish else self.stops.safe_length(text)
+        piece = text[self._streamed : visible] if visible > self._streamed else ""
+        self._streamed = max(self._streamed, visible)
+        return piece
+
+    @property
+    def text(self) -> str:
+        if self._detok is None:
+            return ""
+        return self._detok.text[: self._cut] if self._cut >= 0 else self._detok.text
+
+    def result(self) -> Result:
+        stats = self.stats
+        stats.new_tokens = len(self.new_ids)
+        stats.finish_reason = self.finish
+        stats.wall_seconds = time.perf_counter() - self.started
+        return Result(text=self.text, token_ids=self.new_ids, finish_reason=self.finish, stats=stats)
 
 
 class Generation:
@@ -59,16 +200,23 @@ class Generation:
     ) -> None:
         self.target = target
         self.drafter = drafter
-        self.tokenizer = tokenizer
-        self.prompt_ids = prompt_ids
-        self.sampling = sampling
-        self.max_new_tokens = max_new_tokens
-        self.eos_token_ids = eos_token_ids
-        self.stops = StopStrings(stop)
-        self.stats = GenerationStats(method=method, prompt_tokens=len(prompt_ids))
+        self.decoding = Decoding(
+            drafter,
+            tokenizer,
+            prompt_ids,
+            sampling,
+            max_new_tokens,
+            eos_token_ids,
+            stop,
+            method,
+            device=target.device,
+            vocab_size=target.vocab_size,
+            max_length=target.max_length,
+            verifier=verifier,  # paradec.verify.verify; replaceable only so tests can prove they catch a wrong one
+        )
+        self.stats = self.decoding.stats
         self.result: Result | None = None
         self._lock = lock  # held while running: the target runner serves one sequence at a time
-        self.verifier = verifier  # paradec.verify.verify; replaceable only so tests can prove they catch a wrong one
 
     def __iter__(self) -> Iterator[str]:
         if self._lock is None:
@@ -89,86 +237,16 @@ class Generation:
 
     @torch.inference_mode()
     def _run(self) -> Iterator[str]:
-        started = time.perf_counter()
-        target, drafter, stats = self.target, self.drafter, self.stats
-        device = target.device
-        state = DecodeState(
-            tokens=list(self.prompt_ids),
-            prompt_len=len(self.prompt_ids),
-            sampling=self.sampling,
-            generator=make_generator(self.sampling, device),
-            device=device,
-            vocab_size=target.vocab_size,
-            max_length=target.max_length,
-        )
-        target.reset()
-        if len(state.tokens) > 1:
-            out = prefill(target, torch.tensor(state.tokens[:-1], device=device), hidden=drafter.needs_hidden)
-            state.target_hidden = out.hidden
-        drafter.begin(state)
-        stats.prefill_seconds = time.perf_counter() - started
-
-        detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids) if self.tokenizer is not None else None
-        new_ids: list[int] = []
-        streamed = 0  # characters of detok.text already yielded
-        finish = ""
-        cut = -1  # where a stop string starts in the text
-        pending = torch.tensor([state.tokens[-1]], device=device)  # [1] the last token, not yet in the target cache
-        while not finish:
-            remaining = self.max_new_tokens - len(new_ids)
-            proposal = drafter.propose(state, max_tokens=remaining - 1)
-            tree = proposal.tree(device)
-            pieces = [pending, proposal.tokens]
-            layout = tree
-            if proposal.aux is not None:
-                pieces.append(proposal.aux.tokens)
-                layout = tree.with_aux(proposal.aux.depth, proposal.aux.mask)
-            inputs = torch.cat(pieces)  # [1 + n (+ m)] pending token, proposal nodes, auxiliary inputs
-            if inputs.shape[0] - 1 > state.room:
-                raise RuntimeError(
-                    f"drafter {drafter.name!r} proposed {inputs.shape[0] - 1} inputs, room for {state.room}"
-                )
-            out = target.forward(inputs, layout, logits="all", hidden=drafter.needs_hidden)
-            state.target_logits = out.logits
-            verdict = self.verifier(proposal, out.logits[: proposal.size + 1], self.sampling, state.generator, tree)
-            keep = [0] + [i + 1 for i in verdict.path]
-            target.commit(keep)
-            if out.hidden is not None:  # (indexing with a list would upload it with a blocking copy)
-                rows = torch.tensor(keep).to(device, non_blocking=True)
-                state.target_hidden = out.hidden.index_select(0, rows)
-            stats.record_step(verdict.depth, proposal.size, verdict.accepted)
-            pending = verdict.final_device
-            if pending is None:  # a verifier that returned host values only
-                pending = torch.tensor(verdict.tokens[-1:], device=device)
-
-            for token in verdict.tokens:
-                new_ids.append(token)
-                state.tokens.append(token)
-                if detok is not None:
-                    before = len(detok.text)
-                    if detok.push(token) and self.stops.stops:
-                        cut = self.stops.find(detok.text, before)
-                if token in self.eos_token_ids or cut >= 0:
-                    finish = "stop"
-                elif len(new_ids) >= self.max_new_tokens:
-                    finish = "length"
-                if finish:
-                    break
-            if not stats.first_token_seconds:
-                stats.first_token_seconds = time.perf_counter() - started
-            if not finish:
-                drafter.update(state, verdict)
-            if detok is not None:
-                if finish:
-                    detok.flush()
-                text = detok.text[:cut] if cut >= 0 else detok.text
-                visible = len(text) if finish else self.stops.safe_length(text)
-                if visible > streamed:
-                    yield text[streamed:visible]
-                    streamed = visible
-
-        stats.new_tokens = len(new_ids)
-        stats.finish_reason = finish
-        stats.wall_seconds = time.perf_counter() - started
-        text = "" if detok is None else (detok.text[:cut] if cut >= 0 else detok.text)
-        self.result = Result(text=text, token_ids=new_ids, finish_reason=finish, stats=stats)
+        target, seq = self.target, self.decoding
+        seq.start(target)
+        while not seq.finish:
+            step = Step([seq.inputs()])
+            out = target.forward(step.tokens, step.tree(0), logits="all", hidden=self.drafter.needs_hidden)
+            verdict = seq.verdict(step, 0, out.logits)
+            if isinstance(verdict, Deferred):
+                verdict = verdict.finish(verdict.host.tolist())  # the step's one sync
+            target.commit(Step.keep(verdict))
+            piece = seq.advance(step, 0, verdict, out.hidden)
+            if piece:
+                yield piece
+        self.result = seq.result()

@@ -30,12 +30,13 @@ of Jeon et al. 2024, "Recursive Speculative Decoding"):
     sibling's q is taken out of the residual, which keeps the emitted token distributed as the original p.
 
 Host syncs: one per step for greedy, point-mass and chain verification (the accepted count, the final token and
-the draft tokens travel together); tree rejection sampling is sequential by nature and syncs once per sibling tried.
+the draft tokens travel together; `verify_deferred` leaves that copy to the caller, so that `verify_all` copies a
+whole batch's values at once); tree rejection sampling is sequential by nature and syncs once per sibling tried.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -43,6 +44,17 @@ from paradec.config import SamplingParams
 from paradec.sampling import sample, warp
 from paradec.tree import TreeBuffers
 from paradec.types import Proposal, Verdict
+
+
+class Deferred:
+    """A verdict whose device work is queued: `host` [k] int64 holds every value the host needs, and `finish` turns
+    those values (a list, once copied) into the `Verdict`. A batch of them needs one copy for all (`verify_all`)."""
+
+    __slots__ = ("finish", "host")
+
+    def __init__(self, host: torch.Tensor, finish: Callable[[list[int]], Verdict]) -> None:
+        self.host = host
+        self.finish = finish
 
 
 def verify(
@@ -53,6 +65,36 @@ def verify(
     tree: TreeBuffers | None = None,
 ) -> Verdict:
     """Accept a prefix/path of `proposal` against the target's `logits` (see the module docstring)."""
+    pending = verify_deferred(proposal, logits, sp, generator, tree)
+    return pending if isinstance(pending, Verdict) else pending.finish(pending.host.tolist())  # the step's one sync
+
+
+def verify_all(pending: Sequence[Verdict | Deferred]) -> list[Verdict]:
+    """The verdicts of a batch's sequences (each from `verify_deferred`), their host values copied in one sync."""
+    waiting = [p for p in pending if isinstance(p, Deferred)]
+    if not waiting:
+        return list(pending)
+    host = (waiting[0].host if len(waiting) == 1 else torch.cat([p.host for p in waiting])).tolist()  # one sync
+    verdicts, start = [], 0
+    for p in pending:
+        if isinstance(p, Verdict):
+            verdicts.append(p)
+            continue
+        count = p.host.shape[0]
+        verdicts.append(p.finish(host[start : start + count]))
+        start += count
+    return verdicts
+
+
+def verify_deferred(
+    proposal: Proposal,
+    logits: torch.Tensor,  # [n+1, V] float32 target logits for [pending, *proposal]
+    sp: SamplingParams,
+    generator: torch.Generator | None = None,
+    tree: TreeBuffers | None = None,
+) -> Verdict | Deferred:
+    """`verify` with its host copy left to the caller (a `Deferred`), except for tree rejection sampling, which
+    syncs per sibling and returns its `Verdict`."""
     if tree is None:
         tree = proposal.tree(logits.device)
     if sp.greedy:
@@ -65,11 +107,15 @@ def verify(
     return _rejection_tree(proposal, probs, generator, tree)
 
 
-def _walk(proposal: Proposal, picks: torch.Tensor, tree: TreeBuffers) -> Verdict:
+def _walk(proposal: Proposal, picks: torch.Tensor, tree: TreeBuffers) -> Deferred:
     """Greedy / point-mass walk. `picks[j]` is the target's token after input j ([n+1])."""
     n = proposal.size
     if n == 0:
-        return Verdict(path=[], tokens=[int(picks[0])], proposed=0, depth=0, final_device=picks[:1])
+        final_device = picks[:1]
+        return Deferred(
+            final_device,
+            lambda host: Verdict(path=[], tokens=host, proposed=0, depth=0, final_device=final_device),
+        )
     nodes = tree.parent[1 : n + 1]  # [n] input-index parents of the proposal nodes
     edge_ok = proposal.tokens == picks[nodes]  # [n] node token == the target's pick at its parent
     ok = torch.cat([edge_ok.new_ones(1), edge_ok])  # [n+1] the root is always "accepted"
@@ -79,15 +125,19 @@ def _walk(proposal: Proposal, picks: torch.Tensor, tree: TreeBuffers) -> Verdict
     pieces = [deepest.view(1), picks[deepest].view(1), proposal.tokens]
     if not tree.on_host:  # a device-built tree: its shape travels with the verdict
         pieces += [depth.max().view(1), nodes]
-    host = torch.cat(pieces).tolist()  # the step's one sync
-    best, final, draft = host[0], host[1], host[2 : 2 + n]
-    if tree.on_host:
-        parents, max_depth = tree.parents, tree.max_depth
-    else:
-        max_depth, parents = host[2 + n], [p - 1 for p in host[3 + n :]]
-    path = _path_to(parents, best)
-    tokens = [draft[i] for i in path] + [final]
-    return Verdict(path=path, tokens=tokens, proposed=n, depth=max_depth, final_device=picks[deepest].view(1))
+    final_device = picks[deepest].view(1)
+
+    def finish(host: list[int]) -> Verdict:
+        best, final, draft = host[0], host[1], host[2 : 2 + n]
+        if tree.on_host:
+            parents, max_depth = tree.parents, tree.max_depth
+        else:
+            max_depth, parents = host[2 + n], [p - 1 for p in host[3 + n :]]
+        path = _path_to(parents, best)
+        tokens = [draft[i] for i in path] + [final]
+        return Verdict(path=path, tokens=tokens, proposed=n, depth=max_depth, final_device=final_device)
+
+    return Deferred(torch.cat(pieces), finish)
 
 
 def _path_to(parents: Sequence[int], input_index: int) -> list[int]:
@@ -102,7 +152,7 @@ def _path_to(parents: Sequence[int], input_index: int) -> list[int]:
 
 def _rejection_chain(
     proposal: Proposal, probs: torch.Tensor, generator: torch.Generator | None, tree: TreeBuffers
-) -> Verdict:
+) -> Deferred:
     n = proposal.size
     q = proposal.probs.float()  # [n, V]
     draft = proposal.tokens  # [n]
@@ -117,12 +167,14 @@ def _rejection_chain(
     # mass == 0 means p <= q everywhere, i.e. p == q: a rejection then has probability 0; fall back to p
     residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), probs[:n])
     candidates = torch.cat([sample(residual, generator), sample(probs[n : n + 1], generator)])  # [n+1]
-    host = torch.cat([accepted.view(1), candidates[accepted].view(1), draft]).tolist()  # the step's one sync
-    count, final, draft_host = host[0], host[1], host[2:]
-    tokens = [*draft_host[:count], final]
-    return Verdict(
-        path=list(range(count)), tokens=tokens, proposed=n, depth=n, final_device=candidates[accepted].view(1)
-    )
+    final_device = candidates[accepted].view(1)
+
+    def finish(host: list[int]) -> Verdict:
+        count, final, draft_host = host[0], host[1], host[2:]
+        tokens = [*draft_host[:count], final]
+        return Verdict(path=list(range(count)), tokens=tokens, proposed=n, depth=n, final_device=final_device)
+
+    return Deferred(torch.cat([accepted.view(1), final_device, draft]), finish)
 
 
 def _rejection_tree(
