@@ -167,7 +167,7 @@ def test_sample_mode_skips_the_exactness_check(engine, tmp_path):
         (["--opt", "draft.nope=1"], "unknown option 'nope' for method 'draft'"),
         (["--opt", "k=5"], "--opt k=5: expected METHOD.NAME=VALUE"),
         (["--methods", "pld", "--opt", "draft.k=2"], "method 'draft' is not benchmarked"),
-        (["--batch-sizes", "1,4"], "paradec decodes one sequence at a time"),
+        (["--batch-sizes", "1,0"], "--batch-sizes: batch size must be >= 1, got 0"),
         (["--batch-sizes", "1,x", "--peers", "hf"], "--batch-sizes: 'x' is not an integer"),
         (["--peers", "vllm"], "unknown peer 'vllm'"),
         (["--temperature", "0.5"], "--temperature applies to --mode sample"),
@@ -257,3 +257,30 @@ def test_a_referee_that_cannot_load_leaves_the_failure_standing(engine, tmp_path
     assert code == 1 and "referee could not run: OSError: no such checkpoint" in err and "EXACTNESS FAILURE" in err
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["exactness"]["near_ties"] == [] and all(r["ruling"] is None for r in data["records"])
+
+
+def test_batched_rows_on_the_native_runner(tmp_path, capsys):
+    """--batch-sizes 1,2 on the native runner: each method also decodes in batches of 2, its outputs are compared
+    with vanilla's alone, its speedup with vanilla's at batch size 2; a method that cannot batch is skipped there."""
+    from paradec.zoo import code_draft_dir, code_model_dir
+
+    engine = paradec.load(code_model_dir(), code_draft_dir(), runner="native", dtype="float32")
+    prompts = [
+        BenchPrompt("fib", "code", "def fibonacci(n):\n"),
+        BenchPrompt("stack", "code", "class Stack:\n    def __init__(self):\n"),
+        BenchPrompt("read", "code", "def read_lines(path):\n"),
+    ]
+    bench_plan = plan(("vanilla", "pld", "draft", "eagle"), explicit=False, batch_sizes=(1, 2), max_new_tokens=16)
+    assert run_bench(engine, prompts, bench_plan, meta(engine, bench_plan), tmp_path, quiet=True) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    rows = {(r["method"], r["batch_size"]): r for r in data["rows"]}
+    assert rows[("eagle", 1)]["status"] == "ok" and rows[("eagle", 2)]["status"] == "skipped"
+    assert "does not run in a batch" in rows[("eagle", 2)]["reason"]
+    batched = [r for r in data["records"] if r["batch_size"] == 2]
+    assert {tuple(r["prompt_ids"]) for r in batched} == {("fib", "stack"), ("read",)}
+    assert all(r["equals_vanilla"] for r in batched if r["method"] != "vanilla")  # vanilla@bs2 too: vs alone
+    assert all(r["equals_vanilla"] for r in batched if r["method"] == "vanilla")
+    overall = data["summary"]["all prompts"]
+    assert overall["vanilla@bs2"]["speedup"] == pytest.approx(1.0)  # against itself: vanilla at the same size
+    assert overall["pld@bs2"]["tau"] > 1.0 and overall["pld@bs2"]["matches"] == overall["pld@bs2"]["compared"] == 2
+    assert data["exactness"]["ok"]

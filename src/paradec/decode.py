@@ -90,28 +90,47 @@ class Decoding:
         self._cut = -1  # where a stop string starts in the text
         self._proposal: Proposal | None = None
 
-    def start(self, target: Runner) -> None:
+    def start(self, target: Runner, chunk: int | None = None) -> bool:
         """Prefill the prompt but its last token on `target` (the sequence's own runner: the target, or one slot of
-        a batched runner) and begin the drafter."""
-        self.started = time.perf_counter()
+        a batched runner) and begin the drafter; True once done. With `chunk`, each call feeds at most that many
+        prompt tokens (a batch interleaves them with its running sequences' steps): call it until it says True."""
         state, drafter = self.state, self.drafter
-        target.reset()
-        if len(state.tokens) > 1:
-            out = prefill(target, torch.tensor(state.tokens[:-1], device=state.device), hidden=drafter.needs_hidden)
-            state.target_hidden = out.hidden
+        if not self.started:
+            self.started = time.perf_counter()
+            target.reset()
+            self._fed = 0
+            self._hidden: list[torch.Tensor] = []
+        todo = len(state.tokens) - 1 - self._fed  # the prompt's last token is the first pending one
+        count = todo if chunk is None else min(chunk, todo)
+        if count > 0:
+            ids = torch.tensor(state.tokens[self._fed : self._fed + count], device=state.device)
+            out = prefill(target, ids, hidden=drafter.needs_hidden)
+            if out.hidden is not None:
+                self._hidden.append(out.hidden)
+            self._fed += count
+        if self._fed < len(state.tokens) - 1:
+            return False
+        if self._hidden:
+            state.target_hidden = self._hidden[0] if len(self._hidden) == 1 else torch.cat(self._hidden)
+        self._hidden = []
         drafter.begin(state)
         self.stats.prefill_seconds = time.perf_counter() - self.started
         if self.tokenizer is not None:
             self._detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids)
         self.pending = torch.tensor([state.tokens[-1]], device=state.device)
+        return True
 
-    def inputs(self, slot: int = 0, max_tokens: int | None = None) -> SeqInputs:
-        """This step's inputs: the pending token and the drafter's proposal (at most `max_tokens` draft tokens when
-        given: a batch's speculation policy may shrink or skip it; the drafter's update sees what was proposed)."""
+    def max_tokens(self, cap: int | None = None) -> int:
+        """Draft tokens this step can use: those still allowed after the pending token, at most `cap` (a batch's
+        speculation policy may shrink or skip a proposal; the drafter's update then sees what was proposed)."""
         remaining = self.max_new_tokens - len(self.new_ids) - 1
-        proposal = self.drafter.propose(
-            self.state, max_tokens=remaining if max_tokens is None else min(remaining, max_tokens)
-        )
+        return remaining if cap is None else min(remaining, cap)
+
+    def inputs(self, slot: int = 0, max_tokens: int | None = None, proposal: Proposal | None = None) -> SeqInputs:
+        """This step's inputs: the pending token and the drafter's proposal (`proposal` when the caller had the
+        drafters of a batch propose together, `Drafter.propose_all`)."""
+        if proposal is None:
+            proposal = self.drafter.propose(self.state, max_tokens=self.max_tokens(max_tokens))
         inputs = SeqInputs.of(slot, self.pending, proposal, self.state.device)
         if inputs.size - 1 > self.state.room:
             raise RuntimeError(

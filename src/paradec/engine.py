@@ -56,6 +56,8 @@ class Engine:
         self._busy = threading.Lock()
         self._methods: dict[str, Method] = {}  # one per method name, made on first use
         self._methods_lock = threading.Lock()  # requests may be built on several threads
+        self._batched = None  # the batched runner over the target's weights (`batch_decoder`), made on first use
+        self._batched_draft = None  # ... and over the draft model's
 
     # --- resources lent to drafters -------------------------------------------------------------------------
     def draft_runner(self) -> Runner:
@@ -226,6 +228,84 @@ class Engine:
             request.method,
             lock=self._busy,
         )
+
+    # --- batches ------------------------------------------------------------------------------------------------
+    def batch_decoder(self, max_running: int = 16, *, speculate: str = "auto", prefill_chunk: int | None = None):
+        """A `paradec.batch.BatchDecoder` over this engine's batched runner (made on first use with `max_running`
+        cache slots, sharing the target's weights; a later call may ask for at most as many). Needs the native
+        runner; the generic HF runner decodes one sequence at a time."""
+        from paradec.batch import DEFAULT_PREFILL_CHUNK, BatchDecoder
+        from paradec.runners.native import BatchedNativeRunner, NativeRunner
+
+        if not isinstance(self.target, NativeRunner):
+            raise ParadecError(
+                f"batched decoding needs the native runner; this engine runs {type(self.target).__name__} "
+                "(load with runner='native', or decode one request at a time)",
+                param="runner",
+            )
+        if not isinstance(max_running, int) or isinstance(max_running, bool) or max_running < 1:
+            raise ParadecError(f"max_running must be an integer >= 1, got {max_running!r}", param="max_running")
+        with self._methods_lock:
+            runner = self._batched
+            if runner is None or runner.slots < max_running:
+                runner = BatchedNativeRunner.sharing(self.target, max_running)
+                self._batched = runner
+                self._batched_draft = None
+
+        def draft_runner():
+            if self._batched_draft is None:
+                draft = self.draft_runner()
+                if not isinstance(draft, NativeRunner):
+                    raise ParadecError("batched decoding with method 'draft' needs a native-runner draft model")
+                self._batched_draft = BatchedNativeRunner.sharing(draft, runner.slots)
+            return self._batched_draft
+
+        return BatchDecoder(
+            self,
+            runner,
+            max_running=max_running,
+            prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK,
+            speculate=speculate,
+            draft_runner=draft_runner,
+        )
+
+    def generate_batch(
+        self,
+        prompts: list[Request | Prompt],
+        *,
+        method: str = "vanilla",
+        sampling: SamplingParams | dict | None = None,
+        max_new_tokens: int = 128,
+        stop: str | list[str] | None = None,
+        options: dict | Options | None = None,
+        max_batch: int | None = None,
+        speculate: str = "auto",
+    ) -> list[Result]:
+        """Decode `prompts` (Requests, or prompts with the keywords as for `request`) together, at most `max_batch`
+        at a time (default: all), with continuous batching; results in the order given. Each result is what
+        `generate` returns for it alone. On the generic HF runner they run one after another."""
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ParadecError("prompts must be a non-empty list", param="prompts")
+        requests = [
+            p
+            if isinstance(p, Request)
+            else self.request(
+                p, method=method, options=options, sampling=sampling, max_new_tokens=max_new_tokens, stop=stop
+            )
+            for p in prompts
+        ]
+        from paradec.runners.native import NativeRunner
+
+        if not isinstance(self.target, NativeRunner):
+            return [self.generate(r) for r in requests]
+        decoder = self.batch_decoder(max_batch or len(requests), speculate=speculate)
+        items = [decoder.submit(r) for r in requests]
+        for _ in decoder.run(items):
+            pass
+        for item in items:
+            if item.error is not None:
+                raise item.error
+        return [item.result for item in items]
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Prompt -> token ids, validated (non-empty, ids inside the vocabulary); errors have param="prompt"."""

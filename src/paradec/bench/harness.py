@@ -30,6 +30,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -102,6 +103,11 @@ def parse_method_options(texts: list[str], selected: tuple[str, ...]) -> dict[st
 def turn_id(prompt_id: str, turn: int) -> str:
     """The id a measured turn (0-based) is recorded under: the prompt's id for the first turn."""
     return prompt_id if turn == 0 else f"{prompt_id}/turn-{turn + 1}"
+
+
+def _summed(counts: list[list[int]], depth: int) -> list[int]:
+    """Element-wise sums of per-position step counts of different lengths."""
+    return [sum(c[i] for c in counts if i < len(c)) for i in range(depth)]
 
 
 def _options_dict(options: Any) -> dict:
@@ -190,12 +196,14 @@ class Bench:
         """Timed `generate` calls per repeat at batch size `size`: one per turn of each batch's longest prompt."""
         return sum(max(self.turn_counts[index] for index in group) for group in self._batches(size))
 
-    def _method_ticks(self) -> int:
-        return 1 + sum(self.turn_counts) * (self.plan.warmup + self.plan.repeats)
+    def _method_ticks(self, size: int = 1) -> int:
+        if size == 1:
+            return 1 + sum(self.turn_counts) * (self.plan.warmup + self.plan.repeats)
+        return 1 + self._peer_generations(size) * (self.plan.warmup + self.plan.repeats)
 
     def _total(self) -> int:
         plan = self.plan
-        total = len(plan.methods) * self._method_ticks()
+        total = len(plan.methods) * sum(self._method_ticks(size) for size in plan.batch_sizes)
         for peer in plan.peers:
             for size in self._peer_batch_sizes(peer):
                 total += plan.warmup + self._peer_generations(size) * plan.repeats
@@ -226,9 +234,11 @@ class Bench:
             total=self._total(), unit="gen", disable=not self._progress, file=sys.stderr, mininterval=interval
         ) as bar:
             self._bar = bar
-            for method in self.plan.methods:
-                bar.set_description(method)
-                self._guarded(self._outcome(method, "paradec", 1), self._run_method)
+            for size in self.plan.batch_sizes:
+                for method in self.plan.methods:
+                    bar.set_description(method if size == 1 else f"{method}@bs{size}")
+                    run = self._run_method if size == 1 else self._run_batched
+                    self._guarded(self._outcome(method, "paradec", size), run)
             peers = self._make_peers() if self.plan.peers else None
             for peer in self.plan.peers:
                 for size in self._peer_batch_sizes(peer):
@@ -296,26 +306,100 @@ class Bench:
         if self.checkpoint is not None:
             self.checkpoint(self)
 
-    def _run_method(self, outcome: Outcome) -> None:
-        method, plan, engine = outcome.method, self.plan, self.engine
+    def _request(self, method: str, index: int, prompt_ids: list[int], max_new_tokens: int):
+        """The checked request (built outside the timed call); its options are the engine's defaults."""
+        return self.engine.request(
+            prompt_ids, method=method, sampling=self._sampling(index), max_new_tokens=max_new_tokens
+        )
 
-        def request(index: int, prompt_ids: list[int], max_new_tokens: int):
-            """The checked request (built outside the timed call); its options are the engine's defaults."""
-            return engine.request(
-                prompt_ids, method=method, sampling=self._sampling(index), max_new_tokens=max_new_tokens
-            )
-
-        try:  # probe: does this method run with this engine (draft model, heads, runner kind)?
+    def _probe(self, outcome: Outcome) -> bool:
+        """Does the row's method run with this engine (draft model, heads, runner kind; at a batch size above 1, in
+        a batch)? A 1-token generation says; a method that cannot is skipped (an error when the user named it)."""
+        method, plan, engine, size = outcome.method, self.plan, self.engine, outcome.batch_size
+        try:
             # the --opt METHOD.NAME=VALUE options become the engine's for the method, its settings included
             engine.set_default_options(method, plan.options.get(method))
-            engine.generate(request(0, self.prompt_tokens[0], 1))
+            probe = self._request(method, 0, self.prompt_tokens[0], 1)
+            if size == 1:
+                engine.generate(probe)
+            else:
+                engine.batch_decoder(size)  # refuses an engine that cannot batch (the generic HF runner)
+                engine.generate_batch([probe], max_batch=size)  # ... and a method that cannot
         except ParadecError as exc:
-            if plan.explicit:
+            if plan.explicit and size == 1:
                 raise
             self._skip(outcome, str(exc))
-            self._tick(self._method_ticks())
-            return
+            self._tick(self._method_ticks(size))
+            return False
         self._tick()
+        return True
+
+    def _run_batched(self, outcome: Outcome) -> None:
+        """One method at batch size > 1: each batch of prompts (`_batches`) decoded together by
+        `Engine.generate_batch` (continuous batching, at most `size` sequences per step), one record per batch.
+        Its outputs are compared with vanilla's alone: a batch must not change what a sequence emits."""
+        method, size, plan, engine = outcome.method, outcome.batch_size, self.plan, self.engine
+        if not self._probe(outcome):
+            return
+
+        def ask(timed: bool):
+            def run(turn: int, asked: list[int], contexts: list[list[int]]) -> list[list[int]]:
+                requests = [
+                    self._request(method, index, ids, plan.max_new_tokens) for index, ids in zip(asked, contexts)
+                ]
+                runs, walls = [], []
+                for _ in range(plan.repeats if timed else 1):
+                    results, wall = self._timed(lambda: engine.generate_batch(requests, max_batch=size))
+                    runs.append(results)
+                    walls.append(wall)
+                    self._tick()
+                first = runs[0]
+                if not timed:
+                    return [r.token_ids for r in first]
+                depth = max(len(r.stats.proposed_at) for r in first)
+                record = RunRecord(
+                    method=method,
+                    category=self.prompts[asked[0]].category,
+                    prompt_ids=[turn_id(self.prompts[i].id, turn) for i in asked],
+                    new_tokens=sum(r.stats.new_tokens for r in first),
+                    wall_seconds=statistics.median(walls),
+                    batch_size=size,
+                    steps=sum(r.stats.steps for r in first),  # sequence steps: tau is per sequence
+                    proposed_tokens=sum(r.stats.proposed_tokens for r in first),
+                    accepted_tokens=sum(r.stats.accepted_tokens for r in first),
+                    accepted_at=_summed([r.stats.accepted_at for r in first], depth),
+                    proposed_at=_summed([r.stats.proposed_at for r in first], depth),
+                    prefill_seconds=None,
+                    finish_reason="stop" if all(r.finish_reason == "stop" for r in first) else "length",
+                )
+                self._remember_vanilla(record, contexts, [r.token_ids for r in first])
+                self._compare(record, contexts, [r.token_ids for r in first])
+                self.records.append(record)
+                return [r.token_ids for r in first]
+
+            return run
+
+        for _ in range(plan.warmup):
+            for group in self._batches(size):
+                self._converse(group, ask(timed=False))
+        for group in self._batches(size):
+            self._converse(group, ask(timed=True))
+
+    def _remember_vanilla(self, record: RunRecord, contexts: list[list[int]], outputs: list[list[int]]) -> None:
+        """Vanilla's outputs are the reference of every comparison: alone (batch size 1) when it ran so, else from
+        its first batched row."""
+        if record.method != "vanilla":
+            return
+        for pid, ids, out in zip(record.prompt_ids, contexts, outputs):
+            if record.batch_size == 1 or pid not in self.vanilla_tokens:
+                self.vanilla_tokens[pid] = out
+                self.vanilla_prompts[pid] = ids
+
+    def _run_method(self, outcome: Outcome) -> None:
+        method, plan, engine = outcome.method, self.plan, self.engine
+        request = partial(self._request, method)
+        if not self._probe(outcome):
+            return
 
         def untimed(turn: int, asked: list[int], contexts: list[list[int]]) -> list[list[int]]:
             (index,), (prompt_ids,) = asked, contexts
@@ -349,8 +433,7 @@ class Bench:
                 token_ids=list(results[0].token_ids),
             )
             if method == "vanilla":
-                self.vanilla_tokens[record.prompt_ids[0]] = record.token_ids
-                self.vanilla_prompts[record.prompt_ids[0]] = prompt_ids
+                self._remember_vanilla(record, contexts, [record.token_ids])
             else:
                 self._compare(record, contexts, [r.token_ids for r in results])
             self.records.append(record)
@@ -363,8 +446,10 @@ class Bench:
             self._converse([index], timed)
 
     def _compare(self, record: RunRecord, contexts: list[list[int]], outputs: list[list[int]]) -> None:
-        """Greedy mode: does every output (every repeat, every row of a batch) equal vanilla's? `contexts` are the
+        """Greedy mode (vanilla alone excepted, the reference itself): does every output (every repeat, every row of a batch) equal vanilla's? `contexts` are the
         record's prompt ids per prompt: a later turn whose context differs from vanilla's is not compared."""
+        if record.method == "vanilla" and record.batch_size == 1:
+            return
         if not self.plan.sampling.greedy or not set(record.prompt_ids) <= set(self.vanilla_tokens):
             return
         differing = [pid for pid, ids in zip(record.prompt_ids, contexts) if ids != self.vanilla_prompts[pid]]

@@ -82,14 +82,33 @@ def acceptance_by_position(records: list[RunRecord]) -> list[float]:
     return [t / steps for t in totals]
 
 
-def summarize(records: list[RunRecord], vanilla: dict[str, RunRecord] | None) -> Summary:
-    """Aggregate the records of one method (one batch size); `vanilla` maps prompt id -> our vanilla's record."""
+def vanilla_key(record: RunRecord) -> str | tuple[str, ...]:
+    """What a record is compared with vanilla's under: its prompt id alone, or a batch's prompt ids together."""
+    return record.prompt_ids[0] if record.batch_size == 1 else tuple(record.prompt_ids)
+
+
+def _baseline(record: RunRecord, vanilla: dict) -> list[RunRecord] | None:
+    """Our vanilla's records covering `record`: at its batch size (the same prompts batched the same way) when
+    vanilla ran so, else alone, prompt by prompt (None: not every prompt has one)."""
+    key = vanilla_key(record)
+    if key in vanilla:
+        return [vanilla[key]]
+    if record.batch_size > 1 and all(pid in vanilla for pid in record.prompt_ids):
+        return [vanilla[pid] for pid in record.prompt_ids]
+    return None
+
+
+def summarize(records: list[RunRecord], vanilla: dict | None) -> Summary:
+    """Aggregate the records of one method (one batch size). `vanilla` maps `vanilla_key` -> our vanilla's record:
+    prompt ids to its records alone, and batches (tuples of prompt ids) to its batched records; a batched row is
+    compared with vanilla at its own batch size where that ran, else with vanilla alone."""
     if not records:
         raise ValueError("summarize() needs at least one record")
     speedup = speedup_mean = None
     if vanilla:
-        covered = [vanilla[pid] for r in records for pid in r.prompt_ids if pid in vanilla]
-        if len(covered) == sum(len(r.prompt_ids) for r in records):
+        baselines = [_baseline(r, vanilla) for r in records]
+        if all(b is not None for b in baselines):
+            covered = [v for b in baselines for v in b]
             speedup = _ratio(seconds_per_token(covered), seconds_per_token(records))
             if all(r.batch_size == 1 for r in records):
                 ratios = [

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from paradec.bench.harness import Bench, BenchPlan
-from paradec.bench.metrics import RunRecord, Summary, summarize
+from paradec.bench.metrics import RunRecord, Summary, summarize, vanilla_key
 from paradec.bench.prompts import categories
 from paradec.bench.referee import TIE_ULPS
 
@@ -137,7 +137,10 @@ def metadata(engine, plan: BenchPlan, *, command: str, argv: str, suite: str | N
 
 def summaries(bench: Bench) -> dict[str, dict[str, Summary]]:
     """{OVERALL or category: {row label: Summary}} over the rows that ran, in run order."""
-    vanilla = {r.prompt_ids[0]: r for r in bench.records if r.method == "vanilla"}
+    vanilla: dict[int, dict] = {}  # batch size -> vanilla_key -> our vanilla's record at that size
+    for r in bench.records:
+        if r.method == "vanilla":
+            vanilla.setdefault(r.batch_size, {})[vanilla_key(r)] = r
     by_row: dict[str, list[RunRecord]] = {}
     for r in bench.records:
         by_row.setdefault(label(r.method, r.batch_size), []).append(r)
@@ -148,7 +151,9 @@ def summaries(bench: Bench) -> dict[str, dict[str, Summary]]:
         for name, records in by_row.items():
             chosen = [r for r in records if category is None or r.category == category]
             if chosen:
-                rows[name] = summarize(chosen, vanilla)
+                size = chosen[0].batch_size
+                baseline = {**vanilla.get(1, {}), **(vanilla.get(size, {}) if size > 1 else {})}
+                rows[name] = summarize(chosen, baseline)
         out[group] = rows
     return out
 

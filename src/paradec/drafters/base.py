@@ -153,6 +153,11 @@ class Method:
         """The drafter of one generation (`options` checked by `request_options`)."""
         return self.drafter_class(self.resources, options)
 
+    def open_for(self, resources: Resources, options: Options) -> Drafter:
+        """The drafter of one sequence of a batch (`paradec.batch`): lent `resources` of its own (its slot of the
+        target, a slot of the batched draft runner) instead of the engine's."""
+        return self.drafter_class(resources, options)
+
 
 class Drafter(ABC):
     name: ClassVar[str]
@@ -162,6 +167,9 @@ class Drafter(ABC):
     # last one (True) or those decoder layers' outputs (a tuple; an instance may set it from its head)
     needs_hidden: bool | tuple[int, ...] = False
     lossy: ClassVar[bool] = False
+    # runs inside a batch (`paradec.batch`): False for drafters whose method keeps engine-wide state that serves one
+    # sequence at a time (EAGLE's workspace, layerskip's views)
+    batchable: ClassVar[bool] = True
 
     def __init__(self, resources: Resources, options: Any) -> None:
         self.resources = resources
@@ -174,6 +182,13 @@ class Drafter(ABC):
     def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
         """Draft tokens for the next step. `max_tokens` is how many draft tokens the step can still use; deeper
         paths are allowed (a fixed-shape drafter replays one graph) and the decode loop drops the excess."""
+
+    @classmethod
+    def propose_all(cls, drafters: list[Drafter], states: list[DecodeState], max_tokens: list[int]) -> list[Proposal]:
+        """The proposals of several sequences' drafters of this class in one batch step (`paradec.batch`). By
+        default one after another; a drafter that runs a model overrides it to run the model once per level for
+        all of them. Each proposal must be what `propose` would return for that sequence."""
+        return [d.propose(s, m) for d, s, m in zip(drafters, states, max_tokens, strict=True)]
 
     def update(self, state: DecodeState, verdict: Verdict) -> None:  # noqa: B027 - optional hook
         """Called after verification; `state.tokens` already holds the emitted tokens."""

@@ -24,7 +24,7 @@ from paradec.drafters.adaptive import AdaptiveLength
 from paradec.drafters.base import DecodeState, Drafter, Method, Resources
 from paradec.drafters.options import Options, bound
 from paradec.errors import ParadecError
-from paradec.runners.base import ChainDrafting, Runner, prefill
+from paradec.runners.base import ChainDrafting, Runner, SlotView, prefill
 from paradec.sampling import align_vocab, sample, warp
 from paradec.types import Proposal, Verdict
 
@@ -58,10 +58,15 @@ class DraftChain:
         if len(state.tokens) > 1:
             prefill(self.runner, torch.tensor(state.tokens[:-1], device=self.runner.device))
 
-    def propose(self, state: DecodeState, k: int) -> Proposal:
-        """A chain of up to k tokens: argmax (greedy) or sampled from the warped draft distribution q (sent along)."""
+    def _start(self, state: DecodeState, k: int) -> int:
+        """The chain length this step drafts (k cut to the context), noted for `update`."""
         k = min(k, self.runner.max_length - len(state.tokens))
         self._base, self._drafted = len(state.tokens), max(k, 0)
+        return k
+
+    def propose(self, state: DecodeState, k: int) -> Proposal:
+        """A chain of up to k tokens: argmax (greedy) or sampled from the warped draft distribution q (sent along)."""
+        k = self._start(state, k)
         if k <= 0:
             return Proposal.empty(state.device)
         fresh = torch.tensor(state.tokens[self.runner.length :], device=self.runner.device)
@@ -85,6 +90,62 @@ class DraftChain:
             tokens=torch.stack(tokens).to(state.device),
             probs=torch.stack(probs).to(state.device) if probs else None,
         )
+
+    @staticmethod
+    def propose_together(chains: list[DraftChain], states: list[DecodeState], ks: list[int]) -> list[Proposal]:
+        """Chains of several sequences at once, when their runners are slots of one batched runner (`SlotView`):
+        one forward per level for all of them (the first one feeds each its fresh tokens). Each sequence draws
+        exactly what `propose` draws for it with `one_graph` off: the same tokens, q and generator calls, in order."""
+        from paradec.step import SeqInputs, Step
+        from paradec.tree import build_tree, chain_parents
+
+        views = [c.runner for c in chains]
+        batched = getattr(views[0], "batched", None)
+        if not all(isinstance(v, SlotView) and v.batched is batched for v in views):
+            return [c.propose(s, k) for c, s, k in zip(chains, states, ks, strict=True)]
+        ks = [c._start(s, k) for c, s, k in zip(chains, states, ks, strict=True)]
+        active = [b for b, k in enumerate(ks) if k > 0]
+        drafted: dict[int, list[torch.Tensor]] = {b: [] for b in active}
+        probs: dict[int, list[torch.Tensor]] = {b: [] for b in active}
+        feed = {b: torch.tensor(states[b].tokens[views[b].length :], device=views[b].device) for b in active}
+        level = 0
+        while feed:
+            order = list(feed)
+            step = Step(
+                [
+                    SeqInputs(views[b].slot, feed[b], build_tree(chain_parents(feed[b].shape[0] - 1), feed[b].device),
+                              Proposal.empty(feed[b].device))
+                    for b in order
+                ]
+            )  # fmt: skip
+            out = batched.forward(step, logits="all")
+            batched.commit([s.size for s in step.seqs])
+            feed = {}
+            for i, b in enumerate(order):
+                state = states[b]
+                logits = align_vocab(out.logits[step.offsets[i + 1] - 1], state.vocab_size)  # [V]
+                if state.sampling.greedy:
+                    token = logits.argmax(-1)
+                else:
+                    q = warp(logits, state.sampling)
+                    token = sample(q, state.generator)
+                    probs[b].append(q)
+                drafted[b].append(token)
+                if level < ks[b] - 1:
+                    feed[b] = token.view(1)
+            level += 1
+        proposals = []
+        for b, state in enumerate(states):
+            if ks[b] <= 0:
+                proposals.append(Proposal.empty(state.device))
+                continue
+            proposals.append(
+                Proposal(
+                    tokens=torch.stack(drafted[b]).to(state.device),
+                    probs=torch.stack(probs[b]).to(state.device) if probs[b] else None,
+                )
+            )
+        return proposals
 
     def update(self, verdict: Verdict) -> None:
         # cached now: the sequence up to the pending token, then drafts 1..k-1; keep what was accepted
@@ -121,8 +182,20 @@ class DraftModel(Drafter):
             self.policy.start()
 
     def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
+        return self.chain.propose(state, self._k(max_tokens))
+
+    def _k(self, max_tokens: int) -> int:
         k = self.options.k if self.policy is None else self.policy.next_k()
-        return self.chain.propose(state, min(k, max_tokens))
+        return min(k, max_tokens)
+
+    @classmethod
+    def propose_all(cls, drafters: list[Drafter], states: list[DecodeState], max_tokens: list[int]) -> list[Proposal]:
+        """Inside a batch: every sequence's draft chain together, one draft-model forward per level
+        (`DraftChain.propose_together`), unless a drafter drafts in one graph of its own."""
+        if len(drafters) == 1 or any(d.chain.one_graph for d in drafters):
+            return super().propose_all(drafters, states, max_tokens)
+        ks = [d._k(m) for d, m in zip(drafters, max_tokens, strict=True)]
+        return DraftChain.propose_together([d.chain for d in drafters], states, ks)
 
     def update(self, state: DecodeState, verdict: Verdict) -> None:
         self.chain.update(verdict)

@@ -278,6 +278,7 @@ class EagleMethod(Method):
 
 @register
 class Eagle(Drafter):
+    batchable = False  # one engine-wide workspace per option set serves one sequence (see paradec.batch)
     name = "eagle"
     options_class = EagleOptions
     method_class = EagleMethod

@@ -190,6 +190,7 @@ class LayerSkipMethod(Method):
 
 @register
 class LayerSkip(Drafter):
+    batchable = False  # one engine-wide workspace per option set serves one sequence (see paradec.batch)
     name = "layerskip"
     options_class = LayerSkipOptions
     method_class = LayerSkipMethod

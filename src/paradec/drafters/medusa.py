@@ -57,6 +57,9 @@ class MedusaMethod(Method):
     def open(self, options: MedusaOptions) -> Medusa:
         return Medusa(self, options)
 
+    def open_for(self, resources: Resources, options: MedusaOptions) -> Medusa:
+        return Medusa(self, options)  # the heads read the target's hidden states and weights only
+
 
 @register
 class Medusa(Drafter):

@@ -105,6 +105,15 @@ class ChainDrafting(Protocol):
         ...
 
 
+@runtime_checkable
+class SlotView(Protocol):
+    """A single-sequence runner that is one slot of a batched runner (`BatchedNativeRunner.view`): drafters of
+    several sequences whose runners are slots of the same batched runner can run them in one forward per level."""
+
+    batched: object  # the batched runner: forward(step), commit(keeps), length(slot), rollback(slot, length)
+    slot: int
+
+
 def layer_taps(hidden: HiddenWanted, num_layers: int, where: str) -> tuple[int, ...]:
     """The decoder layers a `hidden` request names (() for False or True), checked against [0, num_layers - 1)."""
     if not isinstance(hidden, tuple):

@@ -4,7 +4,8 @@
 exactly; `NativeRunner.from_pretrained(path, device=..., dtype=...)` loads one.
 """
 
+from paradec.runners.native.batch import BatchedNativeRunner
 from paradec.runners.native.model import supports, unsupported_reason
 from paradec.runners.native.runner import NativeRunner
 
-__all__ = ["NativeRunner", "supports", "unsupported_reason"]
+__all__ = ["BatchedNativeRunner", "NativeRunner", "supports", "unsupported_reason"]

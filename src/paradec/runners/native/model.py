@@ -376,3 +376,144 @@ class Transformer(nn.Module):
         """(T, C) -> (T, V) in the model dtype."""
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight)
+
+
+# --- Ragged forwards over B sequences (`paradec.runners.native.batch`) ------------------------------------------
+#
+# The same weights and the same ops as `Transformer.forward`, over the flat inputs of B sequences back to back
+# (`paradec.step.Step`): every row-wise op (embedding, q/k/v, norms, rope, MLP, LM head) runs on the flat [N] rows
+# unpadded; only attention runs per sequence, in a padded-query layout over a cache of B slots (see
+# `ragged_attention`). Nothing above this line calls these functions.
+
+
+@dataclass(frozen=True)
+class RaggedLayout:
+    """Where the N flat inputs of a ragged forward over B sequences go (tensors on the device, built by the caller).
+
+    Flat input i is input j of sequence b: `rows[i] = b * n_max + j` is its row in the padded-query layout, and
+    (`slots[i]`, `columns[i]`) = (the sequence's cache slot, its committed length + j) is the cache entry its keys
+    and values go to. `bias` is `ragged_attention_bias`'s; keys and values are read from columns [0, kv_len) of the
+    slots `seq_slots` (`slot_range`: those slots when they are consecutive, read as a view instead of a gather).
+    """
+
+    rows: torch.Tensor  # [N] int64
+    slots: torch.Tensor  # [N] int64
+    columns: torch.Tensor  # [N] int64
+    seq_slots: torch.Tensor  # [B] int64
+    bias: torch.Tensor  # [B, 1, group * n_max, kv_len] additive
+    n_max: int
+    kv_len: int
+    slot_range: tuple[int, int] | None = None  # (first, end) when seq_slots is range(first, end)
+
+
+def rope_tables(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary cos/sin (N, 1, hs) of inputs at `positions` [N] int64: `step_inputs`' ops, per-input start."""
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (N, hs/2) float32
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (N, 1, hs)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def ragged_attention_bias(
+    starts: torch.Tensor,  # [B] int64: committed length of each sequence's slot
+    sizes: torch.Tensor,  # [B] int64: inputs of each sequence
+    masks: torch.Tensor,  # [B, n_max, n_max] bool: each sequence's tree mask, padded
+    kv_len: int,
+    group: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The additive bias (B, 1, g*n_max, kv) of a ragged forward, `step_inputs`' rule per sequence.
+
+    Row j of sequence b (j < sizes[b]) sees the slot's committed columns [0, starts[b]), itself, and the provisional
+    inputs k <= j that masks[b, j, k] allows (column starts[b] + k). A padded row (j >= sizes[b]) sees column 0
+    only, so that no softmax row is all -inf; its output is dropped.
+    """
+    B, n_max = masks.shape[0], masks.shape[1]
+    device = masks.device
+    row = torch.arange(n_max, device=device)[None, :, None]  # (1, n, 1)
+    column = torch.arange(kv_len, device=device)
+    rel = column[None, :] - starts[:, None]  # (B, kv): provisional input index of each column
+    in_tree = masks.gather(2, rel.clamp(0, n_max - 1)[:, None, :].expand(B, n_max, kv_len))  # (B, n, kv)
+    rel = rel[:, None, :]  # (B, 1, kv)
+    own = (rel >= 0) & (rel <= row)
+    allowed = (rel < 0) | (own & (in_tree | (rel == row)))
+    real = row < sizes[:, None, None]  # (B, n, 1)
+    allowed = torch.where(real, allowed, (column == 0)[None, None, :])
+    bias = torch.zeros(B, n_max, kv_len, dtype=dtype, device=device).masked_fill(~allowed, float("-inf"))
+    return bias.repeat(1, group, 1)[:, None]  # row g * n_max + j, as the batch-1 layout's g * T + t
+
+
+def ragged_attention(
+    attn: Attention,
+    x: torch.Tensor,  # (N, C) flat inputs of B sequences
+    cos: torch.Tensor,  # (N, 1, hs)
+    sin: torch.Tensor,  # (N, 1, hs)
+    layout: RaggedLayout,
+    cache: torch.Tensor,  # (2, slots, nkv, S, hs) this layer's keys and values
+) -> torch.Tensor:
+    """`Attention.forward` over B sequences: projections, norms and rope on the flat rows (the same ops), keys and
+    values written to (slot, column) pairs, then one SDPA over [B, nkv, g*n_max, hs] padded queries against each
+    sequence's own slot, and the real rows gathered back to flat order."""
+    N = x.shape[0]
+    n_kv_heads, head_dim = cache.shape[2], cache.shape[4]
+    n_heads = (attn.wqkv.out_features - 2 * n_kv_heads * head_dim) // head_dim
+    group = n_heads // n_kv_heads
+    B, n_max, kv_len = layout.seq_slots.shape[0], layout.n_max, layout.kv_len
+    qk, v = attn.wqkv(x).split([(n_heads + n_kv_heads) * head_dim, n_kv_heads * head_dim], dim=-1)
+    qk = qk.view(N, n_heads + n_kv_heads, head_dim)
+    v = v.view(N, n_kv_heads, head_dim)
+    if attn.q_norm is not None:
+        qk = torch.cat((attn.q_norm(qk[:, :n_heads]), attn.k_norm(qk[:, n_heads:])), dim=1)
+    qk = apply_rope(qk, cos, sin)
+    q, k = qk[:, :n_heads], qk[:, n_heads:]  # (N, nh, hs), (N, nkv, hs)
+    # one scatter into the layer's cache: (slots, S, 2, nkv, hs) is a view of it, indexed by (slot, column) pairs
+    cache.permute(1, 3, 0, 2, 4).index_put_((layout.slots, layout.columns), torch.stack((k, v), dim=1))
+    if layout.slot_range is not None:
+        first, end = layout.slot_range
+        kv = cache[:, first:end, :, :kv_len]  # (2, B, nkv, kv, hs), a view
+    else:
+        kv = cache[:, :, :, :kv_len].index_select(1, layout.seq_slots)  # (2, B, nkv, kv, hs), a gather
+    # GQA as in the batch-1 layout: the `group` query heads of a KV head are extra query rows, row g*n_max + j
+    padded = q.new_zeros(B * n_max, n_kv_heads, group, head_dim)
+    padded.index_copy_(0, layout.rows, q.reshape(N, n_kv_heads, group, head_dim))
+    q = padded.view(B, n_max, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    q = q.reshape(B, n_kv_heads, group * n_max, head_dim)
+    if attn.sdpa_backends is None:
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=layout.bias)  # (B, nkv, g*n_max, hs)
+    else:
+        with sdpa_kernel(list(attn.sdpa_backends)):
+            y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=layout.bias)
+    y = y.view(B, n_kv_heads, group, n_max, head_dim).permute(0, 3, 1, 2, 4).reshape(B * n_max, n_heads * head_dim)
+    return attn.wo(y.index_select(0, layout.rows))
+
+
+def ragged_block(block: Block, x, residual, cos, sin, layout: RaggedLayout, cache: torch.Tensor):
+    """`Block.forward` with `ragged_attention`."""
+    h, residual = add_norm(block.attention_norm, x, residual)
+    h, residual = add_norm(block.mlp_norm, ragged_attention(block.attention, h, cos, sin, layout, cache), residual)
+    return block.mlp(h), residual
+
+
+def ragged_forward(
+    model: Transformer,
+    tokens: torch.Tensor,  # (N,) int64: B sequences' inputs back to back
+    positions: torch.Tensor,  # (N,) int64: committed length of the input's slot + its depth
+    layout: RaggedLayout,
+    cache: torch.Tensor,  # (L, 2, slots, nkv, S, hs), every layer of the model
+    taps: tuple[int, ...] = (),
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`Transformer.forward` over B sequences (eagerly, every layer): the last hidden state after the final norm,
+    (N, C), and with `taps` also those layers' outputs, (N, len(taps) * C), rows in flat order."""
+    cos, sin = rope_tables(model.inv_freq, positions, model.embed.weight.dtype)
+    x = model.embed(tokens)  # (N, C)
+    residual = torch.zeros_like(x)
+    outputs: dict[int, torch.Tensor] = {}
+    for layer_id, block in enumerate(model.layers):
+        x, residual = ragged_block(block, x, residual, cos, sin, layout, cache[layer_id])
+        if layer_id in taps:
+            outputs[layer_id] = residual + x
+    hidden = add_norm(model.norm, x, residual)[0]
+    if not taps:
+        return hidden
+    return hidden, torch.cat([outputs[i] for i in taps], -1)

@@ -1,0 +1,337 @@
+"""Batched speculative decoding with continuous batching: many sequences per target forward.
+
+`BatchDecoder` steps every running sequence in one ragged forward of a batched runner
+(`paradec.runners.native.BatchedNativeRunner`: one cache slot per sequence):
+
+    admit     waiting requests take a free slot (at most `max_running` run) and open their drafters
+    prefill   a joining prompt is fed in chunks of `prefill_chunk` tokens, one chunk per step, so the running
+              sequences wait at most one chunk's forward for it
+    propose   each running sequence's drafter proposes (the speculation policy may shrink or skip proposals)
+    score     one forward over every sequence's [pending, proposal, aux] inputs, flattened (`paradec.step.Step`)
+    verify    each sequence on its own rows, with its own sampling parameters and generator; the host values of
+              the whole batch are copied in one sync (`paradec.verify.verify_all`)
+    commit    each slot keeps its accepted path; then each sequence emits, checks its stops and updates its drafter
+
+Sequences join and leave between steps; `cancel` drops one at the next step boundary and frees its slot. Each
+sequence's output is what it decodes alone: its rows never see another slot (the runner's contract), its drafter
+and generator are its own, and the verifier is the same function.
+
+Drafters run per sequence, behind the same seam as alone. A drafter that runs a model gets a slot of a batched
+runner of that model (the draft model: one slot of the engine's batched draft runner), and the drafters of one
+class propose together (`Drafter.propose_all`): the draft model runs one forward per draft level for every
+`draft` sequence of the step. EAGLE and layerskip keep
+engine-wide workspaces (the head's KV cache, the target's layer views) that serve one sequence, so they are not
+batched yet (`Drafter.batchable`): a batch refuses them with a clear error.
+
+Speculation policy (`SpeculationPolicy`): from the measured step times it fits t(N) = a + b·N (N: the forward's
+inputs) and keeps each sequence's tokens per speculative step; each step it compares the expected tokens per second
+of speculating (Σ τ_b / t(N_spec)) with that of plain decoding (B / t(B)) and turns proposals off for the step when
+plain decoding wins (a large batch on a compute-bound forward), probing speculation again now and then.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from paradec.decode import Decoding, Result
+from paradec.drafters.base import Drafter
+from paradec.errors import ParadecError
+from paradec.request import Request
+from paradec.step import Step
+from paradec.verify import verify_all, verify_deferred
+
+DEFAULT_PREFILL_CHUNK = 512  # prompt tokens a joining sequence feeds per step
+SPECULATE = ("auto", "always", "never")
+
+
+@dataclass
+class BatchItem:
+    """One request in a batch: its pieces of text as they become visible, then its result (or error)."""
+
+    request: Request
+    decoding: Decoding | None = None
+    slot: int | None = None
+    pieces: deque[str] = field(default_factory=deque)
+    result: Result | None = None
+    error: BaseException | None = None
+    cancelled: str = ""  # why it was cancelled ("" while not)
+    submitted: float = field(default_factory=time.perf_counter)
+    prefilled: bool = False
+    draft_slot: int | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
+
+
+def _propose(items: list[BatchItem], cap: int | None) -> list:
+    """Every item's proposal; the drafters of one class propose together (`Drafter.propose_all`: the draft model
+    runs once per level for all its sequences)."""
+    by_class: dict[type, list[int]] = {}
+    for i, it in enumerate(items):
+        by_class.setdefault(type(it.decoding.drafter), []).append(i)
+    proposals: list = [None] * len(items)
+    for cls, indices in by_class.items():
+        decodings = [items[i].decoding for i in indices]
+        made = cls.propose_all(
+            [d.drafter for d in decodings], [d.state for d in decodings], [d.max_tokens(cap) for d in decodings]
+        )
+        for i, proposal in zip(indices, made, strict=True):
+            proposals[i] = proposal
+    return proposals
+
+
+class SpeculationPolicy:
+    """Per step: speculate or not, from measured step costs (see the module docstring)."""
+
+    window = 64  # step timings kept for the fit
+    min_samples = 8  # speculate always until this many steps were timed
+    probe_every = 16  # while off, speculate one step in this many to refresh the estimates
+
+    def __init__(self, mode: str = "auto") -> None:
+        if mode not in SPECULATE:
+            raise ParadecError(f"speculate must be one of {', '.join(SPECULATE)}, got {mode!r}", param="speculate")
+        self.mode = mode
+        self.samples: deque[tuple[int, float]] = deque(maxlen=self.window)  # (inputs, seconds)
+        self.off_steps = 0
+
+    def cost(self, inputs: int) -> float | None:
+        """The fitted seconds of a step of `inputs` inputs (None until enough steps were timed)."""
+        if len(self.samples) < self.min_samples:
+            return None
+        xs = [float(n) for n, _ in self.samples]
+        ys = [t for _, t in self.samples]
+        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+        var = sum((x - mean_x) ** 2 for x in xs)
+        slope = 0.0 if var == 0 else sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var
+        slope = max(slope, 0.0)
+        intercept = max(mean_y - slope * mean_x, 1e-9)
+        return intercept + slope * inputs
+
+    def speculate(self, taus: list[float], proposed: list[float]) -> bool:
+        """Whether this step speculates, for sequences expected to emit `taus` tokens per speculative step with
+        `proposed` draft inputs each."""
+        if self.mode != "auto":
+            return self.mode == "always"
+        batch = len(taus)
+        spec, plain = self.cost(batch + round(sum(proposed))), self.cost(batch)
+        if spec is None or plain is None:
+            return True
+        if sum(taus) / spec >= batch / plain:
+            self.off_steps = 0
+            return True
+        self.off_steps += 1
+        return self.off_steps % self.probe_every == 0
+
+    def observe(self, inputs: int, seconds: float) -> None:
+        self.samples.append((inputs, seconds))
+
+
+class _SeqResources:
+    """What one sequence's drafter is lent inside a batch: its slot of the target (for reading shapes and weights;
+    drafters never run the target) and, on first use, a slot of the batched draft runner."""
+
+    def __init__(self, decoder: BatchDecoder, item: BatchItem) -> None:
+        self._decoder = decoder
+        self._item = item
+        self.target = decoder.runner.view(item.slot)
+
+    def draft_runner(self):
+        item, draft = self._item, self._decoder.draft_runner()
+        if item.draft_slot is None:
+            item.draft_slot = draft.allocate()
+        return draft.view(item.draft_slot)
+
+    def heads(self, kind: str) -> torch.nn.Module:
+        return self._decoder.engine.heads(kind)
+
+
+class BatchDecoder:
+    """Continuous batching over one engine's batched runner (see the module docstring). Not thread-safe: one thread
+    submits and steps (the server's worker does both)."""
+
+    def __init__(
+        self,
+        engine,
+        runner,
+        *,
+        max_running: int,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        speculate: str = "auto",
+        draft_runner=None,
+    ) -> None:
+        if not isinstance(max_running, int) or not 1 <= max_running <= runner.slots:
+            raise ParadecError(
+                f"max_running must be an integer in [1, {runner.slots}] (the runner's slots), got {max_running!r}",
+                param="max_running",
+            )
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise ParadecError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}", param="prefill_chunk")
+        self.engine = engine
+        self.runner = runner
+        self.max_running = max_running
+        self.prefill_chunk = prefill_chunk
+        self.policy = SpeculationPolicy(speculate)
+        self._draft_runner = draft_runner  # a batched runner of the draft model, or a callable making one
+        self.waiting: deque[BatchItem] = deque()
+        self.running: list[BatchItem] = []
+        self.steps = 0
+        self.batch_sizes: list[int] = []  # sequences per decode step, for metrics
+        self.step_inputs: list[int] = []  # inputs per decode step
+
+    # --- membership ---------------------------------------------------------------------------------------------
+    def submit(self, request: Request) -> BatchItem:
+        """Queue `request`; it joins the batch at a step boundary, when a slot is free."""
+        if not request.drafter.batchable:
+            raise ParadecError(
+                f"method {request.method!r} does not run in a batch yet (its drafter keeps engine-wide state for one "
+                "sequence); decode it alone with Engine.generate",
+                param="method",
+            )
+        item = BatchItem(request)
+        self.waiting.append(item)
+        return item
+
+    def cancel(self, item: BatchItem, reason: str = "cancelled") -> None:
+        """Stop `item` at the next step boundary (or now, when it waits); the others are not affected."""
+        if item.done:
+            return
+        item.cancelled = reason
+        if item in self.waiting:
+            self.waiting.remove(item)
+            item.error = ParadecError(f"request cancelled: {reason}")
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def draft_runner(self):
+        if self._draft_runner is None:
+            raise ParadecError("method 'draft' needs a draft model: pass draft=... to paradec.load() or --draft DIR")
+        if callable(self._draft_runner) and not hasattr(self._draft_runner, "allocate"):
+            self._draft_runner = self._draft_runner()
+        return self._draft_runner
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_running and self.runner.free:
+            item = self.waiting.popleft()
+            request = item.request
+            try:
+                item.slot = self.runner.allocate()
+                resources = _SeqResources(self, item)
+                method = self.engine.method(request.method)
+                drafter: Drafter = method.open_for(resources, request.options)
+                item.decoding = Decoding(
+                    drafter,
+                    self.engine.tokenizer,
+                    list(request.prompt_ids),
+                    request.sampling,
+                    request.max_new_tokens,
+                    self.engine.eos_token_ids,
+                    list(request.stops),
+                    request.method,
+                    device=self.runner.device,
+                    vocab_size=self.runner.vocab_size,
+                    max_length=self.runner.max_length,
+                    verifier=verify_deferred,
+                )
+            except Exception as exc:
+                item.error = exc
+                self._release(item)
+                continue
+            self.running.append(item)
+
+    def _release(self, item: BatchItem) -> None:
+        if item.slot is not None:
+            self.runner.release(item.slot)
+            item.slot = None
+        if item.draft_slot is not None:
+            self.draft_runner().release(item.draft_slot)
+            item.draft_slot = None
+
+    def _finish(self, item: BatchItem, error: BaseException | None = None) -> None:
+        if error is not None:
+            item.error = error
+        elif item.cancelled:
+            item.error = ParadecError(f"request cancelled: {item.cancelled}")
+        else:
+            item.result = item.decoding.result()
+        self._release(item)
+
+    # --- stepping -----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[BatchItem]:
+        """Admit, prefill one chunk per joining sequence, then one decode step for every prefilled one. Returns
+        the items that got text or finished in this call."""
+        touched: list[BatchItem] = []
+        for item in [i for i in self.running if i.cancelled]:
+            self.running.remove(item)
+            self._finish(item)
+            touched.append(item)
+        self._admit()
+        decoding = []
+        for item in list(self.running):
+            if item.prefilled:
+                decoding.append(item)
+                continue
+            try:
+                item.prefilled = item.decoding.start(self.runner.view(item.slot), chunk=self.prefill_chunk)
+            except Exception as exc:
+                self.running.remove(item)
+                self._finish(item, exc)
+                touched.append(item)
+        if decoding:
+            touched += self._decode(decoding)
+        return touched
+
+    def _decode(self, items: list[BatchItem]) -> list[BatchItem]:
+        started = time.perf_counter()
+        taus = [it.decoding.stats.tau or 1.0 for it in items]
+        proposed = [
+            it.decoding.stats.proposed_tokens / it.decoding.stats.steps if it.decoding.stats.steps else 1.0
+            for it in items
+        ]
+        cap = None if self.policy.speculate(taus, proposed) else 0
+        # one forward per kind of hidden state the drafters need (they agree unless methods mix)
+        groups: dict[object, list[BatchItem]] = {}
+        for it in items:
+            groups.setdefault(it.decoding.drafter.needs_hidden, []).append(it)
+        touched, inputs = [], 0
+        for needs, group in groups.items():
+            try:
+                proposals = _propose(group, cap)
+                step = Step([it.decoding.inputs(it.slot, proposal=p) for it, p in zip(group, proposals, strict=True)])
+                out = self.runner.forward(step, logits="all", hidden=needs)
+                verdicts = verify_all([it.decoding.verdict(step, b, out.logits) for b, it in enumerate(group)])
+                self.runner.commit([Step.keep(v) for v in verdicts])
+            except Exception as exc:  # a failed forward fails the sequences in it; the others go on
+                for it in group:
+                    self.running.remove(it)
+                    self._finish(it, exc)
+                touched += group
+                continue
+            inputs += step.size
+            for b, it in enumerate(group):
+                piece = it.decoding.advance(step, b, verdicts[b], out.hidden)
+                if piece:
+                    it.pieces.append(piece)
+                if it.decoding.finish:
+                    self.running.remove(it)
+                    self._finish(it)
+                touched.append(it)
+        self.steps += 1
+        self.batch_sizes.append(len(items))
+        self.step_inputs.append(inputs)
+        self.policy.observe(inputs, time.perf_counter() - started)
+        return touched
+
+    def run(self, items: Iterable[BatchItem] | None = None) -> Iterator[BatchItem]:
+        """Step until every submitted item (or those of `items`) is done; yields items as they get text or finish."""
+        wanted = None if items is None else list(items)
+        while not (self.idle if wanted is None else all(i.done for i in wanted)):
+            yield from self.step()

@@ -1,0 +1,257 @@
+"""Batched decoding (`paradec.batch`): every sequence of a batch emits exactly what it emits alone.
+
+Greedy in fp32 on CPU, for every batchable method, with ragged acceptance (some sequences accept drafts in a step
+while others reject them), mixed methods in one batch, sequences joining and leaving (continuous batching), a
+cancelled sequence, and speculation turned off on some steps. Sampling: each sequence keeps its own generator, so
+a sampled sequence of a batch equals the same request decoded alone; and the chi-square check of the sampled tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import pytest
+import torch
+
+import paradec
+from conftest import hf_greedy
+from paradec.batch import BatchDecoder, SpeculationPolicy
+from paradec.config import SamplingParams
+from paradec.errors import ParadecError
+from paradec.zoo import code_draft_dir, code_model_dir
+
+PROMPTS = [
+    "def fibonacci(n):\n",
+    "import os\n\nfor name in os.listdir('.'):\n    print(",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
+    "x",
+    "def read_lines(path):\n    with open(path) as f:\n        return",
+]
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def code_engine():
+    return paradec.load(code_model_dir(), code_draft_dir(), runner="native", dtype="float32")
+
+
+def alone(engine, prompt, method, **kw):
+    return engine.generate(prompt, method=method, max_new_tokens=kw.pop("max_new_tokens", NEW), **kw)
+
+
+@pytest.mark.parametrize("method", ["vanilla", "pld", "lookahead", "jacobi", "draft", "medusa"])
+def test_greedy_batch_equals_each_sequence_alone(code_engine, method):
+    results = code_engine.generate_batch(PROMPTS, method=method, max_new_tokens=NEW)
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        single = alone(code_engine, prompt, method)
+        assert result.token_ids == single.token_ids, (method, prompt)
+        assert result.text == single.text and result.finish_reason == single.finish_reason
+        assert result.stats.method == method
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_batch_equals_transformers(engines, hf_models, arch):
+    engine = engines(f"loop-{arch}", arch, runner="native")
+    prompts = [[5, 9, 2, 7, 5, 9], [11, 3], [7] * 9, [40, 41, 42, 43, 44, 45, 46]]
+    for method in ("vanilla", "pld", "draft"):
+        results = engine.generate_batch(prompts, method=method, max_new_tokens=16)
+        for prompt, result in zip(prompts, results, strict=True):
+            assert result.token_ids == hf_greedy(hf_models(f"loop-{arch}"), prompt, 16), (method, prompt)
+
+
+def test_acceptance_is_ragged_inside_one_step(code_engine):
+    """Some step must accept drafts for one sequence and none for another: the case padded batches get wrong."""
+    decoder = code_engine.batch_decoder(len(PROMPTS))
+    items = [decoder.submit(code_engine.request(p, method="pld", max_new_tokens=NEW)) for p in PROMPTS]
+    ragged = 0
+    while not all(item.done for item in items):
+        before = {id(i): i.decoding.stats.accepted_tokens for i in items if i.decoding is not None}
+        running = [i for i in decoder.running if i.prefilled]
+        decoder.step()
+        gained = {i.decoding.stats.accepted_tokens - before.get(id(i), 0) for i in running}
+        ragged += len(gained) > 1 and 0 in gained
+    assert ragged > 0
+    for prompt, item in zip(PROMPTS, items, strict=True):
+        assert item.result.token_ids == alone(code_engine, prompt, "pld").token_ids
+
+
+def test_mixed_methods_share_a_step(code_engine):
+    methods = ["vanilla", "pld", "draft", "medusa", "lookahead"]
+    decoder = code_engine.batch_decoder(len(methods))
+    items = [
+        decoder.submit(code_engine.request(p, method=m, max_new_tokens=NEW))
+        for p, m in zip(PROMPTS, methods, strict=True)
+    ]
+    for _ in decoder.run(items):
+        pass
+    assert max(decoder.batch_sizes) == len(methods)
+    for prompt, method, item in zip(PROMPTS, methods, items, strict=True):
+        assert item.result.token_ids == alone(code_engine, prompt, method).token_ids, method
+
+
+def test_sequences_join_and_leave(code_engine):
+    """Continuous batching: 2 slots for 5 requests of different lengths; a request submitted while others run."""
+    decoder = code_engine.batch_decoder(2, prefill_chunk=3)
+    lengths = [5, 30, 12, 8, 20]
+    items = [
+        decoder.submit(code_engine.request(p, method="pld", max_new_tokens=n))
+        for p, n in zip(PROMPTS[:4], lengths, strict=False)
+    ]
+    for _ in range(4):
+        decoder.step()
+    late = decoder.submit(code_engine.request(PROMPTS[4], method="draft", max_new_tokens=lengths[4]))
+    for _ in decoder.run():
+        assert len(decoder.running) <= 2
+    for prompt, n, item in zip(PROMPTS[:4], lengths, items, strict=False):
+        assert item.result.token_ids == alone(code_engine, prompt, "pld", max_new_tokens=n).token_ids
+    assert late.result.token_ids == alone(code_engine, PROMPTS[4], "draft", max_new_tokens=20).token_ids
+    assert decoder.runner.free == decoder.runner.slots  # every slot came back
+
+
+def test_cancelling_one_sequence_leaves_the_others_unchanged(code_engine):
+    decoder = code_engine.batch_decoder(3)
+    prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[4]]
+    items = [decoder.submit(code_engine.request(p, method="draft", max_new_tokens=64)) for p in prompts]
+    for _ in range(2):
+        decoder.step()
+    assert not items[1].done and items[1].decoding.stats.steps >= 1  # cancelled mid-generation
+    decoder.cancel(items[1], "disconnect")
+    for _ in decoder.run(items):
+        pass
+    assert isinstance(items[1].error, ParadecError) and "disconnect" in str(items[1].error)
+    for i in (0, 2):
+        assert items[i].result.token_ids == alone(code_engine, prompts[i], "draft", max_new_tokens=64).token_ids
+    assert decoder.runner.free == decoder.runner.slots
+
+
+class Alternating(SpeculationPolicy):
+    """Speculation off on every other step: the drafters must pick up again after a step without a proposal."""
+
+    def __init__(self) -> None:
+        super().__init__("auto")
+        self.calls = 0
+
+    def speculate(self, taus, proposed) -> bool:
+        self.calls += 1
+        return self.calls % 2 == 0
+
+
+@pytest.mark.parametrize("method", ["pld", "draft", "medusa", "lookahead", "jacobi"])
+def test_steps_without_speculation_keep_the_output(code_engine, method):
+    decoder = code_engine.batch_decoder(3)
+    decoder.policy = Alternating()
+    items = [decoder.submit(code_engine.request(p, method=method, max_new_tokens=NEW)) for p in PROMPTS[:3]]
+    for _ in decoder.run(items):
+        pass
+    for prompt, item in zip(PROMPTS, items, strict=False):
+        assert item.result.token_ids == alone(code_engine, prompt, method).token_ids
+
+
+def test_policy_turns_speculation_off_when_verification_costs_more():
+    policy = SpeculationPolicy("auto")
+    assert policy.speculate([3.0] * 4, [5.0] * 4)  # no timings yet: speculate
+    for inputs in range(4, 60, 4):  # a compute-bound forward: time grows with every input
+        policy.observe(inputs, 0.001 * inputs)
+    assert not policy.speculate([1.2] * 8, [6.0] * 8)  # τ 1.2 for 7x the inputs: plain decoding wins
+    assert policy.speculate([5.0] * 2, [2.0] * 2)  # τ 5 for 3x the inputs: speculation wins
+    off = [policy.speculate([1.2] * 8, [6.0] * 8) for _ in range(2 * policy.probe_every)]
+    assert 0 < sum(off) < len(off)  # off, but probing now and then
+    cheap = SpeculationPolicy("auto")
+    for inputs in range(4, 60, 4):  # a launch-bound forward: the inputs cost nothing
+        cheap.observe(inputs, 0.002)
+    assert cheap.speculate([1.2] * 8, [6.0] * 8)
+    assert SpeculationPolicy("never").speculate([5.0], [1.0]) is False
+    with pytest.raises(ParadecError, match="speculate must be one of"):
+        SpeculationPolicy("sometimes")
+
+
+def test_sampled_sequences_of_a_batch_equal_their_solo_runs(code_engine):
+    """Each sequence owns its generator: the draws a batch makes for it are the ones it makes alone."""
+    # the draft model's one-graph chain draws its tokens by an exponential race, the per-token loop by sampling:
+    # both exact, but they spend the generator differently, and a batch's draft slots run the loop. Speculation
+    # stays on: a step the policy runs without a proposal would draw fewer numbers than the solo run
+    for method, options in (("vanilla", None), ("pld", None), ("draft", {"one_graph": False})):
+        requests = [
+            code_engine.request(
+                p, method=method, options=options, max_new_tokens=NEW, sampling={"temperature": 0.9, "seed": 7 + i}
+            )
+            for i, p in enumerate(PROMPTS)
+        ]
+        results = code_engine.generate_batch(requests, speculate="always")
+        for request, result in zip(requests, results, strict=True):
+            assert result.token_ids == code_engine.generate(request).token_ids, method
+
+
+def test_sampling_in_a_batch_follows_plain_sampling(engines):
+    """Chi-square: the first two tokens sampled by pld and draft inside batches follow plain sampling's."""
+    from scipy.stats import chisquare
+
+    engine = engines("loop-llama", "llama", runner="native")
+    prompt = [5, 9, 2, 7, 5, 9, 2]
+    samples = 600
+    sp = SamplingParams(temperature=1.0)
+    with torch.no_grad():
+        runner = engine.target
+        runner.reset()
+        out = runner.forward(torch.tensor(prompt), logits="all")
+        runner.commit(0)
+        first = torch.softmax(out.logits[-1].double(), -1)
+    for method in ("pld", "draft"):
+        requests = [
+            engine.request(prompt, method=method, max_new_tokens=1, sampling=dataclasses.replace(sp, seed=s))
+            for s in range(samples)
+        ]
+        counts = Counter(r.token_ids[0] for r in engine.generate_batch(requests, max_batch=32))
+        cells = [t for t in range(first.shape[0]) if first[t] * samples >= 5]
+        observed = [counts.get(t, 0) for t in cells] + [samples - sum(counts.get(t, 0) for t in cells)]
+        expected = [float(first[t]) * samples for t in cells]
+        expected.append(samples - sum(expected))
+        assert chisquare(observed, expected).pvalue > 1e-3, method
+
+
+def test_batch_errors(code_engine, engines):
+    with pytest.raises(ParadecError, match="method 'eagle' does not run in a batch") as info:
+        code_engine.batch_decoder(2).submit(code_engine.request("x", method="eagle"))
+    assert info.value.param == "method"
+    with pytest.raises(ParadecError, match="max_running must be an integer >= 1, got 0"):
+        code_engine.batch_decoder(0)
+    with pytest.raises(ParadecError, match="prompts must be a non-empty list"):
+        code_engine.generate_batch([])
+    with pytest.raises(ParadecError, match="max_running must be an integer in"):
+        BatchDecoder(code_engine, code_engine.batch_decoder(2).runner, max_running=10**6)
+    hf = engines("llama")  # the generic runner: one after another, same results
+    prompts = [[5, 9, 2], [11, 3, 4, 5]]
+    assert [r.token_ids for r in hf.generate_batch(prompts, method="pld", max_new_tokens=8)] == [
+        hf.generate(p, method="pld", max_new_tokens=8).token_ids for p in prompts
+    ]
+    with pytest.raises(ParadecError, match="batched decoding needs the native runner"):
+        hf.batch_decoder(2)
+
+
+def test_the_draft_model_runs_once_per_level_for_the_whole_batch(code_engine):
+    decoder = code_engine.batch_decoder(3, speculate="always")
+    items = [
+        decoder.submit(code_engine.request(p, method="draft", options={"k": 4}, max_new_tokens=NEW))
+        for p in PROMPTS[:3]
+    ]
+    while not all(i.prefilled for i in items):
+        decoder.step()
+    draft = decoder.draft_runner()
+    forwards = []
+    real = draft.forward
+
+    def counted(step, **kw):
+        forwards.append(len(step))
+        return real(step, **kw)
+
+    draft.forward = counted
+    try:
+        decoder.step()
+    finally:
+        del draft.forward
+    assert forwards == [3, 3, 3, 3]  # k = 4 levels, each one forward over the 3 sequences
+    for _ in decoder.run(items):
+        pass
+    for prompt, item in zip(PROMPTS, items, strict=False):
+        assert item.result.token_ids == alone(code_engine, prompt, "draft", options={"k": 4}).token_ids

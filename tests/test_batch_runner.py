@@ -1,0 +1,366 @@
+"""The batched native runner: one ragged forward over many cache slots computes, row for row, what a NativeRunner
+scoring each sequence alone computes; slots never see each other; per-sequence commits leave each slot's cache as
+a fresh prefill of the accepted tokens would; and one slot's view is a single-sequence Runner.
+
+Tiny random-weight checkpoints (conftest's `make_config`, 3 layers so that two decoder layers' outputs can be
+asked for) of Llama, Qwen2 (q/k/v bias) and Qwen3 (q/k norm, head_dim != hidden / heads), fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_config, save_model
+from paradec.errors import ParadecError
+from paradec.runners.base import Runner, prefill
+from paradec.runners.native import BatchedNativeRunner, NativeRunner
+from paradec.runners.native import batch as batch_module
+from paradec.step import SeqInputs, Step
+from paradec.tree import build_tree, chain_parents, device_tree
+from paradec.types import Proposal
+
+ARCHS = ("llama", "qwen2", "qwen3")
+ATOL = RTOL = 1e-5  # fp32: the batched and single forwards differ only in reduction shapes
+ULPS = 2e-6  # ... relative to a tensor's largest entry (see `close`)
+
+TREE = (-1, -1, 0, 0, 1)  # 5 nodes (6 inputs with the root): branching at the root and below node 0
+# input index parents: 1 <- 0, 2 <- 0, 3 <- 1, 4 <- 1, 5 <- 2; root paths [0,1,3], [0,1,4], [0,2,5]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tokenizer_dir, vocab_size):
+    """arch -> a checkpoint directory."""
+    root = tmp_path_factory.mktemp("batch-models")
+    return {
+        arch: save_model(make_config(arch, vocab_size, layers=3), root / arch, tokenizer_dir, seed=400 + seed)
+        for seed, arch in enumerate(ARCHS)
+    }
+
+
+@pytest.fixture(scope="module")
+def models(checkpoints):
+    """arch -> the loaded native Transformer (weights shared by every runner of a test)."""
+    return {arch: NativeRunner.from_pretrained(path).model for arch, path in checkpoints.items()}
+
+
+def tokens(seed: int, n: int, vocab: int = 300) -> torch.Tensor:
+    return torch.randint(1, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def seq(slot: int, ids: torch.Tensor, parents: tuple[int, ...] | None = None) -> SeqInputs:
+    """A sequence of a step: `ids` as a chain (parents None) or as the tree of `parents` (ids[0] the root)."""
+    tree = build_tree(chain_parents(len(ids) - 1) if parents is None else parents)
+    return SeqInputs(slot, ids, tree, Proposal.empty("cpu"))
+
+
+def native(model, prefix: torch.Tensor) -> NativeRunner:
+    runner = NativeRunner(model)
+    prefill(runner, prefix)
+    return runner
+
+
+def batched_with(model, prefixes: list[torch.Tensor], slots: int = 4) -> tuple[BatchedNativeRunner, list[int]]:
+    """A batched runner whose first len(prefixes) slots are prefilled through their views."""
+    runner = BatchedNativeRunner(model, slots=slots)
+    ids = [runner.allocate() for _ in prefixes]
+    for slot, prefix in zip(ids, prefixes):
+        prefill(runner.view(slot), prefix)
+    return runner, ids
+
+
+def close(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """fp32-tight: 1e-5, or a few ulps of the tensor's largest entry for the un-normalised residual stream and cache
+    (entries up to ~30, where one ulp is ~2e-6)."""
+    torch.testing.assert_close(got, ref, atol=max(ATOL, ULPS * float(ref.abs().max())), rtol=RTOL)
+
+
+PREFIXES = (5, 9, 13)
+STEP = (None, (-1, 0, 1), TREE)  # a chain of 1 input, a chain of 4, a tree of 6
+
+
+def ragged_step(slots: list[int], inputs: list[torch.Tensor], order=(2, 0, 1)) -> Step:
+    """Sequences in `order` (not slot order), so rows and slots are not trivially aligned."""
+    return Step([seq(slots[b], inputs[b], STEP[b]) for b in order])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_ragged_step_matches_each_sequence_alone(models, arch):
+    model = models[arch]
+    prefixes = [tokens(10 + i, n) for i, n in enumerate(PREFIXES)]
+    inputs = [tokens(20, 1), tokens(21, 4), tokens(22, 6)]
+    runner, slots = batched_with(model, prefixes)
+    step = ragged_step(slots, inputs)
+    assert step.sizes == (6, 1, 4)
+    out = runner.forward(step, hidden=True)
+    runner.commit([0, 0, 0])
+    layers = runner.forward(step, logits="none", hidden=(1, 0))
+    runner.commit([0, 0, 0])
+    assert [runner.length(s) for s in slots] == list(PREFIXES)
+    assert out.logits.shape == (11, runner.vocab_size) and out.logits.dtype == torch.float32
+    assert out.hidden.shape == (11, runner.hidden_size)
+    assert layers.logits is None and layers.hidden.shape == (11, 2 * runner.hidden_size)
+    for b, original in enumerate((2, 0, 1)):
+        alone = native(model, prefixes[original])
+        tree = None if STEP[original] is None else build_tree(STEP[original])
+        ref = alone.forward(inputs[original], tree, hidden=True)
+        alone.commit(0)
+        ref_layers = alone.forward(inputs[original], tree, logits="none", hidden=(1, 0))
+        alone.commit(0)
+        rows = step.rows(b)
+        close(out.logits[rows], ref.logits)
+        close(out.hidden[rows], ref.hidden)
+        close(layers.hidden[rows], ref_layers.hidden)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_no_cross_talk_between_slots(models, arch):
+    model = models[arch]
+    prefixes = [tokens(30 + i, n) for i, n in enumerate(PREFIXES)]
+    inputs = [tokens(40, 1), tokens(41, 4), tokens(42, 6)]
+    base, slots = batched_with(model, prefixes)
+    a = base.forward(ragged_step(slots, inputs), hidden=True)
+
+    # every token of sequence 1 changed, its committed prefix included (same lengths, so the same shapes)
+    changed_prefixes = [prefixes[0], (prefixes[1] + 7) % 300 + 1, prefixes[2]]
+    changed_inputs = [inputs[0], (inputs[1] + 11) % 300 + 1, inputs[2]]
+    other, _ = batched_with(model, changed_prefixes)
+    step = ragged_step(slots, changed_inputs)
+    b = other.forward(step, hidden=True)
+    # only its committed prefix changed: sequence 1's rows must change (it reads its own slot), the others' not
+    only_cache, _ = batched_with(model, changed_prefixes)
+    c = only_cache.forward(ragged_step(slots, inputs), hidden=True)
+    for row_block, original in enumerate((2, 0, 1)):
+        rows = step.rows(row_block)
+        if original == 1:
+            assert not torch.allclose(a.logits[rows], b.logits[rows], atol=1e-3)
+            assert not torch.allclose(a.logits[rows], c.logits[rows], atol=1e-3)
+        else:
+            assert torch.equal(a.logits[rows], b.logits[rows]) and torch.equal(a.hidden[rows], b.hidden[rows])
+            assert torch.equal(a.logits[rows], c.logits[rows])
+    # a dirty slot outside the step (allocated, prefilled with something else) is never read either
+    base.commit([0, 0, 0])
+    extra = base.allocate()
+    prefill(base.view(extra), tokens(43, 30))
+    again = base.forward(ragged_step(slots, inputs), hidden=True)
+    assert torch.equal(again.logits, a.logits)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_commit_per_sequence_paths_equal_a_fresh_prefill(models, arch):
+    model = models[arch]
+    prefixes = [tokens(50 + i, n) for i, n in enumerate((5, 9, 13, 7))]
+    inputs = [tokens(60, 6), tokens(61, 4), tokens(62, 6), tokens(63, 6)]
+    runner, slots = batched_with(model, prefixes)
+    shapes = (TREE, None, TREE, TREE)
+    keeps = ([0, 2, 5], 3, [0], [0, 1, 4])  # compaction (2->1, 5->2); a chain prefix; the root only; 4->2
+    step = Step([seq(slots[b], inputs[b], shapes[b]) for b in (3, 1, 0, 2)])
+    runner.forward(step)
+    runner.commit([keeps[b] for b in (3, 1, 0, 2)])
+    accepted = [
+        torch.cat([prefixes[b], inputs[b][keep if isinstance(keep, list) else list(range(keep))]])
+        for b, keep in enumerate(keeps)
+    ]
+    assert [runner.length(s) for s in slots] == [len(x) for x in accepted] == [8, 12, 14, 10]
+    follow = [tokens(70 + b, 3) for b in range(4)]
+    out = runner.forward(Step([seq(slots[b], follow[b]) for b in range(4)]))
+    runner.commit([3, 3, 3, 3])
+    for b in range(4):
+        fresh = native(model, accepted[b])
+        n = len(accepted[b])
+        # the committed cache itself equals one built from scratch (a misplaced column would be O(1) off)
+        close(runner.cache.data[:, :, slots[b], :, :n], fresh.cache.data[..., :n, :])
+        close(out.logits[b * 3 : b * 3 + 3], fresh.forward(follow[b]).logits)
+        fresh.commit(3)
+
+
+def test_rollback_touches_one_slot_and_released_slots_are_reused_clean(models):
+    model = models["qwen2"]
+    prefixes = [tokens(80 + i, n) for i, n in enumerate(PREFIXES)]
+    inputs = [tokens(90, 1), tokens(91, 4), tokens(92, 6)]
+    runner, slots = batched_with(model, prefixes)
+    runner.rollback(slots[1], 4)
+    assert [runner.length(s) for s in slots] == [5, 4, 13]
+    step = ragged_step(slots, inputs)
+    out = runner.forward(step)
+    runner.commit([0, 0, 0])
+    for b, original in enumerate((2, 0, 1)):
+        kept = prefixes[original][:4] if original == 1 else prefixes[original]
+        tree = None if STEP[original] is None else build_tree(STEP[original])
+        close(out.logits[step.rows(b)], native(model, kept).forward(inputs[original], tree).logits)
+
+    # release slot 1 (its 4 entries and 13 provisional columns of junk stay behind), allocate: the same slot
+    assert runner.free == 1
+    runner.release(slots[1])
+    assert runner.free == 2 and runner.length(slots[1]) == 0
+    reused = runner.allocate()
+    assert reused == slots[1] and runner.length(reused) == 0
+    newcomer = tokens(93, 2)  # shorter than what the slot held before
+    prefill(runner.view(reused), newcomer)
+    after = runner.forward(step)
+    runner.commit([0, 0, 0])
+    # bitwise what a runner that never saw the old sequence computes on the same layout
+    clean, clean_slots = batched_with(model, [prefixes[0], newcomer, prefixes[2]])
+    assert clean_slots == slots
+    assert torch.equal(after.logits, clean.forward(step).logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_view_behaves_like_native_runner(models, arch, monkeypatch):
+    model = models[arch]
+    monkeypatch.setattr(batch_module, "PREFILL_CHUNK", 8)  # so a 20-token prompt runs in 3 chunks
+    batched = BatchedNativeRunner(model, slots=3)
+    batched.allocate()
+    view = batched.view(batched.allocate())  # slot 1: not the first
+    ref = NativeRunner(model)
+    assert isinstance(view, Runner)
+    assert (view.vocab_size, view.hidden_size, view.num_layers, view.max_length) == (
+        ref.vocab_size,
+        ref.hidden_size,
+        ref.num_layers,
+        ref.max_length,
+    )
+    assert torch.equal(view.embed_weight(), ref.embed_weight())
+    assert torch.equal(view.lm_head_weight(), ref.lm_head_weight())
+    tree = build_tree(TREE)
+    script = [  # (tokens, tree, logits, hidden, keep or ("rollback", length))
+        (tokens(100, 20), None, "all", True, 20),  # a chunked prompt
+        (tokens(101, 4), None, "last", False, 2),
+        (tokens(102, 6), tree, "all", (0, 1), [0, 2, 5]),
+        (tokens(103, 3), None, "none", True, 3),
+        ("rollback", 15),
+        (tokens(104, 6), tree, "all", True, [0, 1, 3]),
+        (tokens(105, 12), None, "last", (1,), 5),  # chunked again, a partial commit
+        ("reset",),
+        (tokens(106, 9), None, "all", False, 9),
+    ]
+    for entry in script:
+        if entry[0] == "rollback":
+            view.rollback(entry[1])
+            ref.rollback(entry[1])
+        elif entry[0] == "reset":
+            view.reset()
+            ref.reset()
+        else:
+            ids, shape, logits, hidden, keep = entry
+            got, want = (
+                view.forward(ids, shape, logits=logits, hidden=hidden),
+                ref.forward(ids, shape, logits=logits, hidden=hidden),
+            )
+            view.commit(keep)
+            ref.commit(keep)
+            if logits == "none":
+                assert got.logits is None
+            else:
+                close(got.logits, want.logits)
+            if hidden is False:
+                assert got.hidden is None
+            else:
+                close(got.hidden, want.hidden)
+        assert view.length == ref.length
+    assert batched.length(0) == 0  # the other slot never moved
+    # a one-sequence Step of a long chain runs in chunks through `forward` too
+    ids = tokens(107, 20)
+    got = batched.forward(Step([seq(0, ids)]), hidden=(0,))
+    batched.commit([17])
+    alone = NativeRunner(model)
+    want = alone.forward(ids, hidden=(0,))
+    alone.commit(17)
+    close(got.logits, want.logits)
+    close(got.hidden, want.hidden)
+    assert batched.length(0) == 17 and view.length == ref.length
+
+
+def test_a_tree_built_on_the_device_scores_and_commits_like_a_host_tree(models):
+    model = models["llama"]
+    prefixes = [tokens(120, 6), tokens(121, 3)]
+    inputs = [tokens(122, 6), tokens(123, 2)]
+    host, slots = batched_with(model, prefixes)
+    device, _ = batched_with(model, prefixes)
+    layout = device_tree(torch.tensor(TREE), len(TREE))
+    on_device = SeqInputs(slots[0], inputs[0], layout, Proposal(inputs[0][1:], layout=layout))
+    a = host.forward(Step([seq(slots[0], inputs[0], TREE), seq(slots[1], inputs[1])]))
+    b = device.forward(Step([on_device, seq(slots[1], inputs[1])]))
+    assert torch.equal(a.logits, b.logits)
+    with pytest.raises(ValueError, match="not a root path"):
+        device.commit([[0, 2, 1], 2])  # a device tree's path must start at the root and descend
+    host.commit([[0, 2, 5], 2])
+    device.commit([[0, 2, 5], 2])
+    follow = Step([seq(slots[0], tokens(124, 2)), seq(slots[1], tokens(125, 1))])
+    assert torch.equal(host.forward(follow).logits, device.forward(follow).logits)
+
+
+def test_loading_and_sharing(checkpoints, models):
+    path = checkpoints["qwen3"]
+    loaded = BatchedNativeRunner.from_pretrained(path, slots=2, max_cache_len=64)
+    native_runner = NativeRunner.from_pretrained(path, max_cache_len=96)
+    shared = BatchedNativeRunner.sharing(native_runner, slots=3)
+    assert shared.model is native_runner.model and shared.cache.data.data_ptr() != native_runner.cache.data.data_ptr()
+    assert (shared.slots, shared.max_length, shared.free, loaded.max_length) == (3, 96, 3, 64)
+    assert (loaded.device, loaded.dtype, loaded.args) == (torch.device("cpu"), torch.float32, native_runner.args)
+    assert torch.equal(loaded.embed_weight(), shared.embed_weight())
+    assert torch.equal(loaded.lm_head_weight(), shared.lm_head_weight())
+    ids = tokens(110, 7)
+    outs = []
+    for runner in (loaded, shared):
+        slot = runner.allocate()
+        outs.append(runner.forward(Step([seq(slot, ids)])).logits)
+        runner.commit([7])
+    assert torch.equal(outs[0], outs[1])
+    close(outs[0], native_runner.forward(ids).logits)
+    with pytest.raises(ParadecError, match=r"runs layers \[0, 2\] only"):
+        BatchedNativeRunner.sharing(native_runner.view([0, 2]), slots=2)
+
+
+def test_clear_errors(models):
+    model = models["llama"]
+    with pytest.raises(ParadecError, match="slots must be a positive int, got 0"):
+        BatchedNativeRunner(model, slots=0)
+    runner = BatchedNativeRunner(model, slots=2, max_cache_len=32)
+    assert runner.max_length == 32 and runner.slots == 2 and runner.free == 2
+    a, b = runner.allocate(), runner.allocate()
+    with pytest.raises(ParadecError, match="all 2 cache slots"):
+        runner.allocate()
+    runner.release(b)
+    with pytest.raises(ParadecError, match="release of cache slot 1, which is free"):
+        runner.release(b)
+    for bad in (2, -1):
+        with pytest.raises(ParadecError, match=rf"cache slot {bad} outside \[0, 2\)"):
+            runner.release(bad)
+    with pytest.raises(ParadecError, match="names cache slot 1, which is free"):
+        runner.forward(Step([seq(a, tokens(1, 2)), seq(b, tokens(2, 2))]))
+    with pytest.raises(ParadecError, match=r"sequence 0 \(slot 0\) of 0 committed \+ 33 new = 33 tokens exceeds .* 32"):
+        runner.forward(Step([seq(a, tokens(3, 33))]))
+    with pytest.raises(ParadecError, match=r"layers \[2\]"):
+        runner.forward(Step([seq(a, tokens(3, 3))]), hidden=(2,))
+    with pytest.raises(ValueError, match="'last'"):
+        runner.forward(Step([seq(a, tokens(3, 3))]), logits="last")
+    with pytest.raises(RuntimeError, match="without a forward"):
+        runner.commit([0])
+    b = runner.allocate()
+    runner.forward(Step([seq(a, tokens(4, 3)), seq(b, tokens(5, 6), TREE)]))
+    with pytest.raises(RuntimeError, match="before commit"):
+        runner.forward(Step([seq(a, tokens(6, 1))]))
+    with pytest.raises(RuntimeError, match=r"rollback of cache slot 1 while the last forward over slots \[0, 1\]"):
+        runner.rollback(b, 0)
+    with pytest.raises(ValueError, match="commit got 1 keeps for the 2 sequences"):
+        runner.commit([0])
+    with pytest.raises(ValueError, match=r"keep \[0, 1, 2\] of sequence 1 \(slot 1\) is not a root path"):
+        runner.commit([3, [0, 1, 2]])  # inputs 1 and 2 are siblings
+    with pytest.raises(ValueError, match=r"keep 4 of sequence 0 \(slot 0\) outside \[0, 3\]"):
+        runner.commit([4, [0]])
+    runner.commit([3, [0, 2, 5]])  # failed commits left the forward pending; nothing was applied
+    assert (runner.length(a), runner.length(b)) == (3, 3)
+    with pytest.raises(ValueError, match=r"rollback of slot 0 to 4 outside its committed length \[0, 3\]"):
+        runner.rollback(a, 4)
+    runner.release(b)
+    with pytest.raises(ParadecError, match="view of cache slot 1, which is free"):
+        runner.view(b)
+    view = runner.view(a)
+    with pytest.raises(ParadecError, match="exceeds the batched native runner's max_length 32"):
+        view.forward(tokens(7, 30))
+    view.forward(tokens(8, 2))
+    view.rollback(1)  # a forward of this slot alone is cancelled by its rollback, as NativeRunner's is
+    with pytest.raises(RuntimeError, match="without a forward"):
+        view.commit(2)
+    assert view.length == 1
