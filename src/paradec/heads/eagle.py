@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from paradec.errors import ParadecError
-from paradec.runners.native.model import RMSNorm
+from paradec.layers import RMSNorm, apply_rope, inv_frequencies
 
 
 @dataclass(frozen=True)
@@ -133,11 +133,6 @@ def check_draft_map(d2t: torch.Tensor, config: EagleConfig, where: str) -> None:
         raise ParadecError(f"{where}: the draft -> target id map must hold {n} distinct target ids in [0, {vocab})")
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat([-b, a], dim=-1)
-
-
 class EagleHead(nn.Module):
     kind = "eagle"
     config_class = EagleConfig
@@ -198,7 +193,7 @@ class EagleHead(nn.Module):
         """positions [T] -> cos, sin [T, hd]. Angles in float32 whatever the weights' dtype (not a buffer, which
         `.to(dtype)` would round)."""
         hd = self.config.head_dim
-        inv_freq = self.config.rope_theta ** (-torch.arange(0, hd, 2, device=positions.device).float() / hd)
+        inv_freq = inv_frequencies(hd, self.config.rope_theta, positions.device)
         angles = positions.float()[:, None] * inv_freq  # (T, hd/2)
         angles = torch.cat([angles, angles], -1)  # (T, hd)
         return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -209,7 +204,7 @@ class EagleHead(nn.Module):
         nh, hd = self.config.num_heads, self.config.head_dim
         q, k, v = self.qkv(self.attn_norm(x)).view(B, T, 3, nh, hd).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
         cos, sin = self.rope(positions, q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(
         self,

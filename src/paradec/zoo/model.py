@@ -24,7 +24,7 @@ from paradec.zoo.tokenizer import EOT_ID
 if TYPE_CHECKING:
     from transformers import LlamaConfig
 
-from paradec.runners.native.model import RMSNorm
+from paradec.layers import RMSNorm, inv_frequencies, rotate_half
 
 RMS_EPS = 1e-5
 INIT_STD = 0.02
@@ -32,21 +32,16 @@ INIT_STD = 0.02
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (length, head_dim): frequencies repeated for both halves, as Llama's rotate-half wants."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (hs/2,)
+    inv_freq = inv_frequencies(head_dim, theta)  # (hs/2,)
     freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)  # (T, hs/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs)
     return emb.cos(), emb.sin()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, nh, T, hs); cos/sin (T, hs)."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
+    return x * cos + rotate_half(x) * sin
 
 
 class Attention(nn.Module):

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from paradec.errors import ParadecError
+from paradec.layers import RMSNorm, apply_rope, inv_frequencies
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -158,9 +159,7 @@ def supports(config: dict) -> bool:
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """Rotary inverse frequencies [head_dim/2] float32, with the 'linear' or 'llama3' rescaling applied."""
     rope = args.rope_parameters
-    base = float(rope.get("rope_theta", 10000.0))
-    dim = args.head_dim
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = inv_frequencies(args.head_dim, float(rope.get("rope_theta", 10000.0)))
     rope_type = rope.get("rope_type", "default")
     if rope_type == "linear":
         inv_freq = inv_freq / float(rope["factor"])
@@ -178,19 +177,6 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     return inv_freq
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in float32, round back to the model dtype, then scale (the reference order of roundings)
-        y = x.float()
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * y.to(x.dtype)
-
-
 def add_norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual stream's pending add, then the norm: (norm(residual + x), residual + x).
 
@@ -199,12 +185,6 @@ def add_norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor) -> tuple[to
     """
     residual = residual + x
     return norm(residual), residual
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (T, h, hs) by per-input angles; cos/sin (T, 1, hs). Half-split layout, as in the HF checkpoints."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class Attention(nn.Module):
