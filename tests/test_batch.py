@@ -40,7 +40,7 @@ def alone(engine, prompt, method, **kw):
     return engine.generate(prompt, method=method, max_new_tokens=kw.pop("max_new_tokens", NEW), **kw)
 
 
-@pytest.mark.parametrize("method", ["vanilla", "pld", "lookahead", "jacobi", "draft", "medusa"])
+@pytest.mark.parametrize("method", ["vanilla", "pld", "lookahead", "jacobi", "draft", "medusa", "eagle"])
 def test_greedy_batch_equals_each_sequence_alone(code_engine, method):
     results = code_engine.generate_batch(PROMPTS, method=method, max_new_tokens=NEW)
     for prompt, result in zip(PROMPTS, results, strict=True):
@@ -77,7 +77,7 @@ def test_acceptance_is_ragged_inside_one_step(code_engine):
 
 
 def test_mixed_methods_share_a_step(code_engine):
-    methods = ["vanilla", "pld", "draft", "medusa", "lookahead"]
+    methods = ["vanilla", "pld", "draft", "medusa", "eagle"]
     decoder = code_engine.batch_decoder(len(methods))
     items = [
         decoder.submit(code_engine.request(p, method=m, max_new_tokens=NEW))
@@ -109,6 +109,20 @@ def test_sequences_join_and_leave(code_engine):
     assert decoder.runner.free == decoder.runner.slots  # every slot came back
 
 
+def test_eagle_sequences_hold_their_own_workspaces(code_engine):
+    decoder = code_engine.batch_decoder(3)
+    items = [decoder.submit(code_engine.request(p, method="eagle", max_new_tokens=NEW)) for p in PROMPTS[:3]]
+    while not all(i.prefilled for i in items):
+        decoder.step()
+    spaces = {id(i.decoding.drafter.ws) for i in items}
+    assert len(spaces) == 3 and id(code_engine.method("eagle").workspace) not in spaces
+    for _ in decoder.run(items):
+        pass
+    assert len(code_engine.method("eagle").pool) >= 3  # given back for the next sequences
+    for prompt, item in zip(PROMPTS, items, strict=False):
+        assert item.result.token_ids == alone(code_engine, prompt, "eagle").token_ids
+
+
 def test_cancelling_one_sequence_leaves_the_others_unchanged(code_engine):
     decoder = code_engine.batch_decoder(3)
     prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[4]]
@@ -137,7 +151,7 @@ class Alternating(SpeculationPolicy):
         return self.calls % 2 == 0
 
 
-@pytest.mark.parametrize("method", ["pld", "draft", "medusa", "lookahead", "jacobi"])
+@pytest.mark.parametrize("method", ["pld", "draft", "medusa", "lookahead", "jacobi", "eagle"])
 def test_steps_without_speculation_keep_the_output(code_engine, method):
     decoder = code_engine.batch_decoder(3)
     decoder.policy = Alternating()
@@ -211,8 +225,8 @@ def test_sampling_in_a_batch_follows_plain_sampling(engines):
 
 
 def test_batch_errors(code_engine, engines):
-    with pytest.raises(ParadecError, match="method 'eagle' does not run in a batch") as info:
-        code_engine.batch_decoder(2).submit(code_engine.request("x", method="eagle"))
+    with pytest.raises(ParadecError, match="method 'layerskip' does not run in a batch") as info:
+        code_engine.batch_decoder(2).submit(code_engine.request("x", method="layerskip"))
     assert info.value.param == "method"
     with pytest.raises(ParadecError, match="max_running must be an integer >= 1, got 0"):
         code_engine.batch_decoder(0)

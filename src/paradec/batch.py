@@ -19,9 +19,9 @@ and generator are its own, and the verifier is the same function.
 Drafters run per sequence, behind the same seam as alone. A drafter that runs a model gets a slot of a batched
 runner of that model (the draft model: one slot of the engine's batched draft runner), and the drafters of one
 class propose together (`Drafter.propose_all`): the draft model runs one forward per draft level for every
-`draft` sequence of the step. EAGLE and layerskip keep
-engine-wide workspaces (the head's KV cache, the target's layer views) that serve one sequence, so they are not
-batched yet (`Drafter.batchable`): a batch refuses them with a clear error.
+`draft` sequence of the step. EAGLE gives each sequence a workspace of its own (the head's KV cache and graphs,
+pooled by the engine) and drafts its tree per sequence. Layerskip runs the target's own layers through views that
+serve one sequence, so it is not batched yet (`Drafter.batchable`): a batch refuses it with a clear error.
 
 Speculation policy (`SpeculationPolicy`): from the measured step times it fits t(N) = a + b·N (N: the forward's
 inputs) and keeps each sequence's tokens per speculative step; each step it compares the expected tokens per second
@@ -247,6 +247,8 @@ class BatchDecoder:
             self.running.append(item)
 
     def _release(self, item: BatchItem) -> None:
+        if item.decoding is not None:
+            item.decoding.drafter.close()
         if item.slot is not None:
             self.runner.release(item.slot)
             item.slot = None
@@ -297,10 +299,13 @@ class BatchDecoder:
             for it in items
         ]
         cap = None if self.policy.speculate(taus, proposed) else 0
-        # one forward per kind of hidden state the drafters need (they agree unless methods mix)
+        # one forward per kind of hidden state the drafters need: those that need none join any group
         groups: dict[object, list[BatchItem]] = {}
         for it in items:
             groups.setdefault(it.decoding.drafter.needs_hidden, []).append(it)
+        if False in groups and len(groups) > 1:
+            plain = groups.pop(False)
+            groups[next(iter(groups))] += plain
         touched, inputs = [], 0
         for needs, group in groups.items():
             try:

@@ -45,6 +45,9 @@ from paradec.drafters import get_drafter, methods, parse_options
 from paradec.errors import ParadecError
 
 
+MIXED = "(mixed)"  # the category of a batch whose prompts come from several categories (in the overall summary only)
+
+
 @dataclass(frozen=True)
 class BenchPlan:
     methods: tuple[str, ...]  # paradec methods, vanilla first
@@ -182,12 +185,16 @@ class Bench:
         sp = self.plan.sampling
         return sp if sp.greedy or sp.seed is None else replace(sp, seed=sp.seed + index)
 
-    def _batches(self, size: int) -> list[list[int]]:
-        """Prompt indices in groups of `size`, each group inside one category, in file order."""
-        by_category: dict[str, list[int]] = {}
+    def _batches(self, size: int, *, by_category: bool = True) -> list[list[int]]:
+        """Prompt indices in groups of `size`, in file order: each group inside one category (the padded batches of
+        the HF peers, whose rows should have alike lengths), or across categories (paradec's continuous batches,
+        where a finished sequence's slot goes to the next prompt)."""
+        if not by_category:
+            return [list(range(s, min(s + size, len(self.prompts)))) for s in range(0, len(self.prompts), size)]
+        groups: dict[str, list[int]] = {}
         for i, prompt in enumerate(self.prompts):
-            by_category.setdefault(prompt.category, []).append(i)
-        return [idx[s : s + size] for idx in by_category.values() for s in range(0, len(idx), size)]
+            groups.setdefault(prompt.category, []).append(i)
+        return [idx[s : s + size] for idx in groups.values() for s in range(0, len(idx), size)]
 
     def _peer_batch_sizes(self, peer: str) -> tuple[int, ...]:
         return self.plan.batch_sizes if peer in BATCHED_PEERS else (1,)
@@ -199,7 +206,9 @@ class Bench:
     def _method_ticks(self, size: int = 1) -> int:
         if size == 1:
             return 1 + sum(self.turn_counts) * (self.plan.warmup + self.plan.repeats)
-        return 1 + self._peer_generations(size) * (self.plan.warmup + self.plan.repeats)
+        batches = self._batches(size, by_category=False)
+        turns = sum(max(self.turn_counts[index] for index in group) for group in batches)
+        return 1 + turns * (self.plan.warmup + self.plan.repeats)
 
     def _total(self) -> int:
         plan = self.plan
@@ -357,9 +366,10 @@ class Bench:
                 if not timed:
                     return [r.token_ids for r in first]
                 depth = max(len(r.stats.proposed_at) for r in first)
+                categories = {self.prompts[i].category for i in asked}
                 record = RunRecord(
                     method=method,
-                    category=self.prompts[asked[0]].category,
+                    category=categories.pop() if len(categories) == 1 else MIXED,
                     prompt_ids=[turn_id(self.prompts[i].id, turn) for i in asked],
                     new_tokens=sum(r.stats.new_tokens for r in first),
                     wall_seconds=statistics.median(walls),
@@ -380,9 +390,9 @@ class Bench:
             return run
 
         for _ in range(plan.warmup):
-            for group in self._batches(size):
+            for group in self._batches(size, by_category=False):
                 self._converse(group, ask(timed=False))
-        for group in self._batches(size):
+        for group in self._batches(size, by_category=False):
             self._converse(group, ask(timed=True))
 
     def _remember_vanilla(self, record: RunRecord, contexts: list[list[int]], outputs: list[list[int]]) -> None:

@@ -168,7 +168,7 @@ class Drafter(ABC):
     needs_hidden: bool | tuple[int, ...] = False
     lossy: ClassVar[bool] = False
     # runs inside a batch (`paradec.batch`): False for drafters whose method keeps engine-wide state that serves one
-    # sequence at a time (EAGLE's workspace, layerskip's views)
+    # sequence at a time (layerskip's views of the target)
     batchable: ClassVar[bool] = True
 
     def __init__(self, resources: Resources, options: Any) -> None:
@@ -192,6 +192,9 @@ class Drafter(ABC):
 
     def update(self, state: DecodeState, verdict: Verdict) -> None:  # noqa: B027 - optional hook
         """Called after verification; `state.tokens` already holds the emitted tokens."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Called once the sequence ends inside a batch (finished, cancelled or failed): give back what it held."""
 
 
 def parse_options(

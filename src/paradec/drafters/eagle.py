@@ -63,6 +63,7 @@ from paradec.tree import TreeBuffers, device_tree_tensors
 from paradec.types import Proposal, Verdict
 
 log = logging.getLogger(__name__)
+POOL_KEPT = 64  # free workspaces an engine keeps for batched sequences (each one head-sized KV cache and its graphs)
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,7 @@ class EagleMethod(Method):
         if layers is not None and hasattr(target, "num_layers"):  # an EAGLE-3 head: the target must lend its layers
             layer_taps(layers, target.num_layers, f"the target of this EAGLE head (feature_layers {list(layers)})")
         self.workspace: Workspace | None = None
+        self.pool: list[Workspace] = []  # free workspaces of batched sequences (`acquire` / `give_back`)
         self.compile_failed = False
 
     def limits(self) -> dict[str, int]:
@@ -275,18 +277,35 @@ class EagleMethod(Method):
     def open(self, options: EagleOptions) -> Eagle:
         return Eagle(self, options)
 
+    def open_for(self, resources: Resources, options: EagleOptions) -> Eagle:
+        """A batched sequence's drafter: a workspace of its own from the pool (the head reads the target's hidden
+        states and weights only)."""
+        return Eagle(self, options, pooled=True)
+
+    def acquire(self, options: EagleOptions, length: int) -> Workspace:
+        """A free workspace that suits `options` and `length` (its graphs kept from earlier sequences), else a new
+        one; each batched sequence holds its own until `give_back`."""
+        for i, ws in enumerate(self.pool):
+            if ws.fits(options, length):
+                return self.pool.pop(i)
+        return Workspace(self.head, options, capacity=max(1024, 2 * (length + options.depth + 1)))
+
+    def give_back(self, ws: Workspace) -> None:
+        self.pool.append(ws)
+        del self.pool[:-POOL_KEPT]  # the oldest go first
+
 
 @register
 class Eagle(Drafter):
-    batchable = False  # one engine-wide workspace per option set serves one sequence (see paradec.batch)
     name = "eagle"
     options_class = EagleOptions
     method_class = EagleMethod
     needs_hidden = True
 
-    def __init__(self, method: EagleMethod, options: EagleOptions) -> None:
+    def __init__(self, method: EagleMethod, options: EagleOptions, *, pooled: bool = False) -> None:
         super().__init__(method.resources, options)
         self.method = method
+        self.pooled = pooled  # a batched sequence: its own workspace from the method's pool, returned by `close`
         self.head = method.head
         self.needs_hidden = self.head.config.feature_layers or True  # the fused layers, or the last hidden state
         self.target = method.resources.target
@@ -300,7 +319,7 @@ class Eagle(Drafter):
     # --- the drafter seam ------------------------------------------------------------------------------------
     def begin(self, state: DecodeState) -> None:
         self.committed, self.staged = 0, False
-        self.ws = self.method.workspace_for(self.options, len(state.tokens))
+        self.ws = self._workspace(len(state.tokens))
         features = state.target_hidden
         if features is not None and features.shape[0] > 0:
             self._prefill(state.tokens, features)
@@ -315,9 +334,11 @@ class Eagle(Drafter):
         if self.staged:  # the last step proposed nothing: add its entries before staging new ones
             self._step(0)
         if not self.ws.fits(self.options, end):  # a larger workspace: carry the committed entries over
-            old, self.ws = self.ws, self.method.workspace_for(self.options, end)
+            old, self.ws = self.ws, self._workspace(end)
             self.ws.keys[:, :, :start] = old.keys[:, :, :start]
             self.ws.values[:, :, :start] = old.values[:, :, :start]
+            if self.pooled:
+                self.method.give_back(old)
         self._stage(state.tokens[start + 1 : end + 1], features, start)
 
     def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
@@ -332,7 +353,17 @@ class Eagle(Drafter):
         tokens, layout = self._step(min(budget, k + (self.options.depth - 1) * k * k))
         return Proposal(tokens=tokens, layout=layout)
 
+    def close(self) -> None:
+        if self.pooled and self.ws is not None:
+            self.method.give_back(self.ws)
+        self.ws = None
+
     # --- decoding ---------------------------------------------------------------------------------------------
+    def _workspace(self, length: int) -> Workspace:
+        if self.pooled:
+            return self.method.acquire(self.options, length)
+        return self.method.workspace_for(self.options, length)
+
     def _stage(self, tokens: list[int], features: torch.Tensor, start: int) -> None:
         """Put the entries (tokens[i], features[i]) at positions start + i into the input buffers: the next step
         adds them. non_blocking: pageable memory is staged at once, and the copy waits for nothing queued before."""
