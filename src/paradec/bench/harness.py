@@ -44,7 +44,6 @@ from paradec.config import SamplingParams
 from paradec.drafters import get_drafter, methods, parse_options
 from paradec.errors import ParadecError
 
-
 MIXED = "(mixed)"  # the category of a batch whose prompts come from several categories (in the overall summary only)
 
 
