@@ -4,6 +4,10 @@
 # self-chat data, then `paradec bench` on the chat and code-chat suites. Run from the repo root there:
 #   stage    append the carried chunks (.gpu-chunks/stage.sh); installs the carried .whl/ wheels (gguf) once
 #   start    start the chain in the background (it waits for the files it needs) and return
+#   start-batch  start the batching chain instead (the Qwen pair only: batched bench at 1..64, the server under load
+#            from 1, 16 and 32 clients, and the one-at-a-time server at 32; the .whl/ folder must carry fastapi,
+#            uvicorn, pydantic and their dependencies for the server: pip download --only-binary=:all:
+#            --python-version 3.12 --platform manylinux2014_x86_64 -d .whl fastapi uvicorn pydantic)
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log
 #   collect  copy what the chain wrote (tar files, logs) to $OUT
 #   bench    replace a running chain by its bench part alone (when time runs short; what was trained is kept)
@@ -30,6 +34,7 @@ export STAGE LOG DONE RES
 export CHAT_PC=${CHAT_PC:-1} CODE_PC=${CODE_PC:-2}
 export SMOL_BENCH=${SMOL_BENCH:-} QWEN_BENCH=${QWEN_BENCH:-} SMOL_TRAIN=${SMOL_TRAIN:-} QWEN_TRAIN=${QWEN_TRAIN:-}
 export QWEN_METHODS=${QWEN_METHODS:-vanilla,pld,lookahead,draft}
+export BATCH_METHODS=${BATCH_METHODS:-vanilla,pld,draft}
 SMOL=smollm2-135m-instruct
 Q15=qwen2.5-coder-1.5b-instruct
 Q05=qwen2.5-coder-0.5b-instruct
@@ -120,8 +125,30 @@ bench_part() {  # every bench alone on the GPU, the greedy tables first
 
 chain() { (tests &) ; train_part && bench_part && echo "DONE $(date +%T)"; }
 
+batch_part() {  # batched decoding and the batched server on the Qwen pair (needs only the Qwen files)
+    set -e
+    mkdir -p $RES
+    local small large
+    convert $Q05 & small=$!
+    convert $Q15 & large=$!
+    wait $small
+    wait $large
+    echo "BATCH TESTS $(date +%T)"
+    (cd "$SNAPSHOT/.." && python3 -m pytest -q -p no:cacheprovider tests/test_batch.py tests/test_batch_runner.py \
+        > $RES/batch-tests.log 2>&1) || echo "batch tests exit $?"
+    tail -n 1 $RES/batch-tests.log
+    CHAT_PC=2 bench $Q15 chat q15-batch-small --draft $Q05 --methods "$BATCH_METHODS" --batch-sizes 1,4,8 $QWEN_BENCH
+    CHAT_PC=8 bench $Q15 chat q15-batch-large --draft $Q05 --methods vanilla,pld,draft --batch-sizes 16,32,64 \
+        --warmup 0 $QWEN_BENCH
+    echo "LOAD $(date +%T)"
+    pd bench --suite chat --per-category 4 --model $Q15 --draft $Q05 --methods vanilla,pld --concurrency 1,16,32 \
+        --out $RES/q15-load --quiet || echo "load exit $?"
+    pd bench --suite chat --per-category 4 --model $Q15 --draft $Q05 --methods vanilla --concurrency 32 \
+        --server-batch 1 --out $RES/q15-load-serial --quiet || echo "load exit $?"
+}
+
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
-    export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain
+    export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain batch_part
     snapshot
     rm -f $DONE
     # its own bash, so that `set -e` ends the part alone
@@ -138,6 +165,12 @@ stage)
 start)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     launch chain
+    sleep 20
+    tail -n 5 $LOG
+    ;;
+start-batch)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    launch batch_part
     sleep 20
     tail -n 5 $LOG
     ;;
@@ -158,7 +191,7 @@ bench)
     tail -n 3 $LOG
     ;;
 *)
-    echo "usage: $0 stage|start|wait|collect|bench" >&2
+    echo "usage: $0 stage|start|start-batch|wait|collect|bench" >&2
     exit 2
     ;;
 esac

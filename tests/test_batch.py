@@ -269,3 +269,25 @@ def test_the_draft_model_runs_once_per_level_for_the_whole_batch(code_engine):
         pass
     for prompt, item in zip(PROMPTS, items, strict=False):
         assert item.result.token_ids == alone(code_engine, prompt, "draft", options={"k": 4}).token_ids
+
+
+def test_a_failed_step_fails_its_sequences_and_the_decoder_goes_on(code_engine, monkeypatch):
+    import paradec.batch as batch
+
+    decoder = code_engine.batch_decoder(2)
+    items = [decoder.submit(code_engine.request(p, method="pld", max_new_tokens=NEW)) for p in PROMPTS[:2]]
+    while not all(i.prefilled for i in items):
+        decoder.step()
+
+    def broken(pending):
+        raise RuntimeError("device lost")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(batch, "verify_all", broken)
+        decoder.step()
+    assert all(isinstance(i.error, RuntimeError) and "device lost" in str(i.error) for i in items)
+    assert decoder.runner.free == decoder.runner.slots  # the slots came back, the forward was dropped
+    again = decoder.submit(code_engine.request(PROMPTS[2], method="pld", max_new_tokens=NEW))
+    for _ in decoder.run([again]):
+        pass
+    assert again.result.token_ids == alone(code_engine, PROMPTS[2], "pld").token_ids

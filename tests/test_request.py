@@ -222,7 +222,8 @@ def test_methods_list_each_options_bounds(capsys):
     out = capsys.readouterr().out
     assert "pld: max_ngram=3 in [1, 32], min_ngram=1 in [1, 32], num_draft_tokens=10 in [1, 127], adaptive=False" in out
     assert "compile=None (engine setting)" in out and "depth=6 in [1, 16]" in out
-    assert "medusa: nodes=None in [1, the nodes of the saved tree]" in out
+    assert "medusa: nodes=None in [1, the nodes of the saved tree]\n" in out  # batches: no mark
+    assert "[decodes alone, not in a batch]" in next(line for line in out.splitlines() if line.startswith("layerskip"))
 
 
 # --- engine settings --------------------------------------------------------------------------------------------

@@ -315,6 +315,7 @@ class BatchDecoder:
                 verdicts = verify_all([it.decoding.verdict(step, b, out.logits) for b, it in enumerate(group)])
                 self.runner.commit([Step.keep(v) for v in verdicts])
             except Exception as exc:  # a failed forward fails the sequences in it; the others go on
+                self.runner.cancel()  # the step's provisional entries (if its forward ran), so the slots can go
                 for it in group:
                     self.running.remove(it)
                     self._finish(it, exc)

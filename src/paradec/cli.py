@@ -176,10 +176,12 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for name in methods():
         cls = get_drafter(name)
         lossy = " (LOSSY)" if cls.lossy else ""
-        print(f"{name}{lossy}: {', '.join(describe(cls.options_class)) or 'no options'}")
+        alone = "" if cls.batchable else " [decodes alone, not in a batch]"
+        print(f"{name}{lossy}: {', '.join(describe(cls.options_class)) or 'no options'}{alone}")
     print(
         f"\n{STATIC_LIMITS['proposal']} = the runner's largest step ({MAX_STEP_INPUTS} inputs) less the pending token. "
-        "An engine setting is set per engine (--opt of paradec serve / generate), not per request."
+        "An engine setting is set per engine (--opt of paradec serve / generate), not per request. Every method "
+        "without a mark also runs inside a batch (Engine.generate_batch, paradec serve --max-batch)."
     )
     return 0
 

@@ -257,15 +257,18 @@ class Generation:
     @torch.inference_mode()
     def _run(self) -> Iterator[str]:
         target, seq = self.target, self.decoding
-        seq.start(target)
-        while not seq.finish:
-            step = Step([seq.inputs()])
-            out = target.forward(step.tokens, step.tree(0), logits="all", hidden=self.drafter.needs_hidden)
-            verdict = seq.verdict(step, 0, out.logits)
-            if isinstance(verdict, Deferred):
-                verdict = verdict.finish(verdict.host.tolist())  # the step's one sync
-            target.commit(Step.keep(verdict))
-            piece = seq.advance(step, 0, verdict, out.hidden)
-            if piece:
-                yield piece
-        self.result = seq.result()
+        try:
+            seq.start(target)
+            while not seq.finish:
+                step = Step([seq.inputs()])
+                out = target.forward(step.tokens, step.tree(0), logits="all", hidden=self.drafter.needs_hidden)
+                verdict = seq.verdict(step, 0, out.logits)
+                if isinstance(verdict, Deferred):
+                    verdict = verdict.finish(verdict.host.tolist())  # the step's one sync
+                target.commit(Step.keep(verdict))
+                piece = seq.advance(step, 0, verdict, out.hidden)
+                if piece:
+                    yield piece
+            self.result = seq.result()
+        finally:
+            self.drafter.close()  # finished, stopped early or failed: the drafter gives back what it held

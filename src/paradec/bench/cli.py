@@ -87,6 +87,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(continuous batching, native runner; a method that cannot batch is skipped) and hf-vanilla runs padded "
         "batches; speedups are against our vanilla at the same size (default 1)",
     )
+    bench.add_argument(
+        "--concurrency",
+        help="comma list of client counts, e.g. 1,16,32: instead of the method table, drive the server with that "
+        "many concurrent streaming clients per round and report aggregate tok/s, p50/p95 latency and time to first "
+        "token, and whether every greedy answer equals the one-client answer (`paradec.bench.load`)",
+    )
+    bench.add_argument(
+        "--url", help="with --concurrency: a running paradec server (default: start one with this model's options)"
+    )
+    bench.add_argument(
+        "--server-batch",
+        type=int,
+        help="with --concurrency and no --url: the started server's --max-batch (default: the largest client count; "
+        "1 measures the one-at-a-time server)",
+    )
     bench.add_argument("--max-new-tokens", type=int, help="per generation (default: the suite's, else 128)")
     bench.add_argument(
         "--warmup", type=int, default=1, help="untimed passes over all prompts per method first (default 1)"
@@ -104,15 +119,17 @@ def _positive(name: str, value: int | None, minimum: int = 1) -> None:
         raise ParadecError(f"{name} must be >= {minimum}, got {value}")
 
 
-def batch_sizes(text: str) -> tuple[int, ...]:
+def batch_sizes(text: str, flag: str = "--batch-sizes") -> tuple[int, ...]:
+    """A comma list of sizes >= 1 (--batch-sizes, --concurrency)."""
+    what = "batch size" if flag == "--batch-sizes" else "client count"
     sizes = []
     for part in text.split(","):
         try:
             size = int(part)
         except ValueError:
-            raise ParadecError(f"--batch-sizes: {part.strip()!r} is not an integer") from None
+            raise ParadecError(f"{flag}: {part.strip()!r} is not an integer") from None
         if size < 1:
-            raise ParadecError(f"--batch-sizes: batch size must be >= 1, got {size}")
+            raise ParadecError(f"{flag}: {what} must be >= 1, got {size}")
         sizes.append(size)
     return tuple(dict.fromkeys(sizes))
 
@@ -204,6 +221,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     max_new_tokens = args.max_new_tokens or (suite.max_new_tokens if suite else 128)
 
     model, draft = _models(args, suite)
+    if args.concurrency is not None:
+        return _load_mode(args, prompts, selected if explicit else ("vanilla",), model, draft, max_new_tokens, source)
     engine = paradec.load(model, draft, heads=args.heads, device=args.device, dtype=args.dtype, runner=args.runner)
     plan = BenchPlan(
         methods=selected,
@@ -227,6 +246,56 @@ def cmd_bench(args: argparse.Namespace) -> int:
         prompts_source=source + ("" if per_category is None else f" (first {per_category} per category)"),
     )
     return run_bench(engine, prompts, plan, meta, args.out, quiet=args.quiet)
+
+
+def _load_mode(args, prompts, methods, model, draft, max_new_tokens: int, source: str) -> int:
+    """`--concurrency`: the server under load (`paradec.bench.load`); exit 1 on an error or an answer that differs
+    from its one-client answer."""
+    from paradec.bench import load
+
+    concurrency = sorted(set(batch_sizes(args.concurrency, flag="--concurrency")))  # integers >= 1
+    if args.mode != "greedy":
+        raise ParadecError("--concurrency measures greedy decoding (its answers are compared): drop --mode sample")
+    server = None
+    url = args.url
+    if url is None:
+        serve = [] if model is None else ["--model", str(model)]
+        serve += [] if draft is None else ["--draft", str(draft)]
+        serve += [] if args.heads is None else ["--heads", str(args.heads)]
+        serve += ["--device", args.device, "--dtype", args.dtype, "--runner", args.runner]
+        requests = max(len(prompts), 2 * max(concurrency))
+        batch = max(concurrency) if args.server_batch is None else args.server_batch
+        _positive("--server-batch", batch)
+        serve += ["--max-batch", str(batch), "--max-queue", str(requests + 1), "--timeout", "3600"]
+        args.out.mkdir(parents=True, exist_ok=True)
+        server = load.Server(serve, args.out / "server.log")
+        url = server.url
+    try:
+        rounds = load.load_bench(url, prompts, methods, concurrency, max_new_tokens)
+    finally:
+        if server is not None:
+            server.stop()
+    import torch
+
+    meta = {
+        "command": command_line(args),
+        "url": url,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "prompts": f"{len(prompts)} prompts of {source}",
+        "max_new_tokens": max_new_tokens,
+    }
+    load.write(args.out, rounds, meta)
+    if not args.quiet:
+        print(load.markdown(rounds, meta))
+    print(f"paradec bench: results in {args.out}/ (load.json, load.md)", file=sys.stderr)
+    bad = [r for r in rounds if r.errors or (r.compared is not None and r.equal != r.compared)]
+    for r in bad:
+        print(
+            f"paradec bench: {r.method} x{r.clients}: {r.errors} errors, {r.equal}/{r.compared} answers equal to the "
+            "one-client answer",
+            file=sys.stderr,
+        )
+    return 1 if bad else 0
 
 
 def run_bench(engine, prompts: list, plan, meta: dict, out: Path, *, quiet: bool = False) -> int:

@@ -10,6 +10,18 @@ the prefix, and drops the rest. `rollback` shortens the committed prefix (a leng
     [t0 t1 ... t(L-1)] | [x0 x1 x2 x3 ...]
     commit([0, 2]) ->  [t0 ... t(L-1) x0 x2]    length = L + 2
 
+The state machine, the same for every runner (each keeps one `paradec.runners.ledger.Ledger` per sequence, which
+owns it): idle --forward--> pending --commit--> idle.
+- `forward` while a forward is pending: RuntimeError; past `max_length` (committed + new inputs): ParadecError.
+- `commit` with no forward pending: RuntimeError. `keep` is an int (a prefix of the n inputs, in [0, n]) or a list
+  of input indices forming a root path of the forward (a chain's prefix; for a tree built on the device, whose shape
+  the host does not know: starting at 0 and strictly ascending within [0, n)); anything else: ValueError naming
+  the keep and n, and the forward stays pending.
+- `rollback(length)` outside [0, runner.length]: ValueError naming both.
+- `rollback` and `reset` while a forward is pending cancel it: its provisional entries are dropped (they sit after
+  the committed prefix, past any length it can be rolled back to). The next forward then starts from the new length.
+  (`BatchedNativeRunner`: a forward over several of its slots is one unit, settled by its commit or `cancel()`.)
+
 Drafters never touch the target's runner; a drafter that runs a model (a draft LM) owns a runner of its own.
 
 Hidden states (`forward(..., hidden=...)`): `True` returns the last hidden state after the final norm (what the LM
@@ -60,7 +72,7 @@ class Runner(Protocol):
         ...
 
     def reset(self) -> None:
-        """Forget the sequence (empty cache)."""
+        """Forget the sequence (empty cache); cancels a pending forward."""
         ...
 
     def forward(
@@ -76,11 +88,11 @@ class Runner(Protocol):
 
     def commit(self, keep: list[int] | int) -> None:
         """Keep the provisional entries at input indices `keep` (ascending, along one tree path) or the first
-        `keep` inputs when an int; drop the others. Must be called after every `forward`."""
+        `keep` inputs when an int; drop the others. Settles every `forward` not cancelled by rollback/reset."""
         ...
 
     def rollback(self, length: int) -> None:
-        """Shorten the committed prefix to `length` tokens."""
+        """Shorten the committed prefix to `length` tokens; cancels a pending forward."""
         ...
 
 

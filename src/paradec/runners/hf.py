@@ -2,8 +2,9 @@
 
 Chains use the model's own causal masking. Token trees pass a 4D additive attention mask (committed prefix fully
 visible, the provisional part from `TreeBuffers.mask`) with per-node position ids; `transformers` hands a 4D mask
-to the attention unchanged. Commit keeps the accepted provisional entries by slicing (chain) or gathering (tree)
-each layer's key/value tensors.
+to the attention unchanged. The bookkeeping (committed length, pending forward, the rules) is a `Ledger`'s
+(`paradec.runners.ledger`); a commit keeps the accepted provisional entries by slicing each layer's key/value tensors
+after moving (gathering) the kept ones of a tree into place. A rollback or reset cancels a pending forward.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import inspect
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from paradec.errors import ParadecError
 from paradec.runners.base import HiddenWanted, LogitsWanted, RunnerOutput, layer_taps
+from paradec.runners.ledger import Ledger, tree_parents
 from paradec.tree import TreeBuffers
 
 
@@ -39,12 +40,11 @@ class HFRunner:
         # transformers renamed `past_key_values` to `cache` (5.2x); support both spellings
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._cache = DynamicCache()
-        self._length = 0
-        self._provisional = 0
+        self._ledger = Ledger(self.max_length, name="HFRunner", what="the hf runner", hint=" (the model's context)")
 
     @property
     def length(self) -> int:
-        return self._length
+        return self._ledger.length
 
     def embed_weight(self) -> torch.Tensor:
         """The input token embedding table [V, H] (read by trained heads that embed draft tokens)."""
@@ -55,9 +55,8 @@ class HFRunner:
         return self.model.get_output_embeddings().weight
 
     def reset(self) -> None:
+        self._ledger.reset()
         self._cache = DynamicCache()
-        self._length = 0
-        self._provisional = 0
 
     @torch.inference_mode()
     def forward(
@@ -68,15 +67,17 @@ class HFRunner:
         logits: LogitsWanted = "all",
         hidden: HiddenWanted = False,
     ) -> RunnerOutput:
-        if self._provisional:
-            raise RuntimeError("forward() called twice without commit()")
+        self._ledger.check_idle()
+        if logits not in ("all", "last", "none"):
+            raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+        if token_ids.dim() != 1 or token_ids.shape[0] == 0:
+            raise ValueError(f"token_ids must be a non-empty 1-D tensor, got shape {tuple(token_ids.shape)}")
         taps = layer_taps(hidden, self.num_layers, "the hf runner")
         n = int(token_ids.shape[0])
-        if self._length + n > self.max_length:
-            raise ParadecError(
-                f"sequence of {self._length + n} tokens exceeds the model's context of {self.max_length}"
-            )
-        start = self._length
+        if tree is not None and tree.size != n:
+            raise ValueError(f"tree has {tree.size} inputs but {n} token ids were given")
+        self._ledger.check_forward(n)
+        start = self._ledger.length
         kwargs: dict = {}
         if tree is None or tree.is_chain:
             positions = torch.arange(start, start + n, device=self.device)
@@ -89,15 +90,19 @@ class HFRunner:
             kwargs["attention_mask"] = mask.masked_fill(~visible, torch.finfo(self.dtype).min)
         if self._keep_kw and logits != "all":
             kwargs["logits_to_keep"] = 1
-        out = self.model(
-            input_ids=token_ids.view(1, n).to(self.device),
-            position_ids=positions.view(1, n),
-            use_cache=True,
-            output_hidden_states=bool(hidden),
-            **{self._cache_kw: self._cache},
-            **kwargs,
-        )
-        self._provisional = n
+        try:
+            out = self.model(
+                input_ids=token_ids.view(1, n).to(self.device),
+                position_ids=positions.view(1, n),
+                use_cache=True,
+                output_hidden_states=bool(hidden),
+                **{self._cache_kw: self._cache},
+                **kwargs,
+            )
+        except BaseException:
+            self._truncate(start)  # layers the failed forward appended to: back to the committed prefix
+            raise
+        self._ledger.begin(n, tree_parents(tree))
         result_logits = None
         if logits == "all":
             result_logits = out.logits[0].float()  # [n, V]
@@ -111,34 +116,18 @@ class HFRunner:
         return RunnerOutput(logits=result_logits, hidden=torch.cat([out.hidden_states[i + 1][0] for i in taps], -1))
 
     def commit(self, keep: list[int] | int) -> None:
-        n = self._provisional
-        if isinstance(keep, int):
-            if not 0 <= keep <= n:
-                raise ValueError(f"commit({keep}) with {n} provisional entries")
-            self._truncate(self._length + keep)
-            self._length += keep
-        elif list(keep) == list(range(len(keep))):
-            self.commit(len(keep))
-            return
-        else:
-            index = torch.tensor([self._length + k for k in keep], device=self.device)
+        commit = self._ledger.commit(keep)
+        if commit.moves:  # a tree path: its kept entries onto the positions after the prefix, every layer
+            source, destination = (torch.tensor(column, device=self.device) for column in zip(*commit.moves))
             for layer in self._cache.layers:
-                if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
-                    continue
-                layer.keys = torch.cat([layer.keys[..., : self._length, :], layer.keys.index_select(-2, index)], -2)
-                layer.values = torch.cat(
-                    [layer.values[..., : self._length, :], layer.values.index_select(-2, index)], -2
-                )
-            self._length += len(keep)
-        self._provisional = 0
+                if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                    layer.keys = layer.keys.index_copy(-2, destination, layer.keys.index_select(-2, source))
+                    layer.values = layer.values.index_copy(-2, destination, layer.values.index_select(-2, source))
+        self._truncate(commit.length)
 
     def rollback(self, length: int) -> None:
-        if self._provisional:
-            raise RuntimeError("rollback() with uncommitted provisional entries")
-        if not 0 <= length <= self._length:
-            raise ValueError(f"rollback({length}) with {self._length} committed tokens")
+        self._ledger.rollback(length)  # cancels a pending forward: its entries lie past `length`, cut below
         self._truncate(length)
-        self._length = length
 
     def _truncate(self, length: int) -> None:
         for layer in self._cache.layers:

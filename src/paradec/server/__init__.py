@@ -6,6 +6,7 @@
     errors.py    APIError (OpenAI's error shape), request ids, the 500 that names only the id
     schemas.py   pydantic request/response models
     worker.py    the scheduler seam (Job -> Handle of events) and the one-at-a-time engine worker
+    batching.py  the batched scheduler: continuous batching through one `paradec.batch.BatchDecoder`
     metrics.py   the server's Prometheus registry
     runtime.py   under uvicorn: header deadline and connection cap per connection; drain on SIGTERM/SIGINT, exit 0
     cli.py       the `paradec serve` sub-command

@@ -1,4 +1,6 @@
-"""The FastAPI app: OpenAI-compatible routes in front of one scheduler (`worker.py`) that runs the engine.
+"""The FastAPI app: OpenAI-compatible routes in front of one scheduler that runs the engine: `batching.BatchWorker`
+(continuous batching, up to `ServerConfig.max_batch` sequences per step) when the engine can batch (the native
+runner), else `worker.EngineWorker` (one generation at a time); `make_scheduler` picks, and logs which.
 
 A generation request goes through, in order, cheap checks first:
 
@@ -62,7 +64,7 @@ from paradec.server.schemas import (
     ModelCard,
     ModelList,
 )
-from paradec.server.worker import EngineWorker, Failed, Handle, Job, Piece, QueueFull, Scheduler
+from paradec.server.worker import EngineWorker, Failed, Handle, Job, JobReport, Piece, QueueFull, Scheduler
 
 log = logging.getLogger("paradec.server")
 
@@ -82,14 +84,48 @@ class ServerConfig:
     body_timeout: float = 30.0  # seconds to receive a request's body, from its headers on
     shutdown_timeout: float = 30.0  # seconds running generations may take to finish once a shutdown began
     docs: bool = False  # serve /docs, /redoc and /openapi.json
+    max_batch: int = 16  # sequences decoded together (continuous batching); 1 = one request at a time
+    speculate: str = "auto"  # the batch's speculation policy (`paradec.batch.SpeculationPolicy`): auto, always, never
+
+
+def make_scheduler(
+    engine: paradec.Engine, config: ServerConfig, on_report: Callable[[JobReport], None] | None = None
+) -> Scheduler:
+    """The batched scheduler when `config.max_batch` > 1 and the engine can batch, else the one-at-a-time worker;
+    logs which (once: the app makes one)."""
+    if isinstance(config.max_batch, bool) or not isinstance(config.max_batch, int) or config.max_batch < 1:
+        raise ParadecError(f"max_batch must be an integer >= 1, got {config.max_batch!r}", param="max_batch")
+    if config.max_batch > 1:
+        from paradec.server.batching import BatchWorker
+
+        try:
+            decoder = engine.batch_decoder(config.max_batch, speculate=config.speculate)
+        except ParadecError as exc:
+            if exc.param == "speculate":
+                raise
+            log.info("serving one request at a time (max_batch %d, but %s)", config.max_batch, exc)
+        else:
+            cache = decoder.runner.cache_bytes / 2**30
+            log.info(
+                "continuous batching: up to %d sequences per decode step (KV cache %.2f GiB), speculation %s",
+                config.max_batch,
+                cache,
+                config.speculate,
+            )
+            return BatchWorker(decoder, max_queue=config.max_queue, on_report=on_report)
+    else:
+        log.info("serving one request at a time (max_batch 1)")
+    return EngineWorker(max_queue=config.max_queue, on_report=on_report)
 
 
 def create_app(engine: paradec.Engine, config: ServerConfig) -> FastAPI:
-    """The app serving `engine`; its engine worker starts and stops with the app (ASGI lifespan).
+    """The app serving `engine`; its scheduler (`make_scheduler`) starts and stops with the app (ASGI lifespan).
     `app.state.drain(hurry)` is its graceful shutdown (see the module docstring)."""
-    worker = EngineWorker(max_queue=config.max_queue)
+    worker = make_scheduler(engine, config)
     metrics = ServerMetrics(lambda: worker.queue_depth, lambda: worker.running)
     worker.on_report = metrics.observe
+    if hasattr(worker, "on_step"):
+        worker.on_step = metrics.observe_step
     api = OpenAIServer(engine, config, worker, metrics)
 
     @contextlib.asynccontextmanager
@@ -110,6 +146,7 @@ def create_app(engine: paradec.Engine, config: ServerConfig) -> FastAPI:
     app.get("/health")(api.health)
     app.get("/metrics")(api.metrics_text)
     app.state.drain = api.drain
+    app.state.scheduler = worker
     return app
 
 
@@ -236,7 +273,8 @@ class OpenAIServer:
             except ParadecError as exc:
                 raise engine_error(exc, ask) from None
             try:
-                handle = self.scheduler.submit(Job(prepared.start, ask.method, self.config.timeout, request_id))
+                job = Job(prepared.start, ask.method, self.config.timeout, request_id, request=prepared.request)
+                handle = self.scheduler.submit(job)
             except QueueFull as exc:
                 raise (shutting_down() if self.draining else self._busy(str(exc))) from None
         return await self._serve(request, handle, stream, make_format(prepared.prompt_tokens))

@@ -2,6 +2,7 @@
 
     paradec serve                                   # the default model (smollm2-135m-instruct), on 127.0.0.1:8000
     paradec serve --model DIR --draft DIR --method draft --opt k=6 --api-key KEY --port 8080
+    paradec serve --model DIR --runner native --max-batch 32     # up to 32 requests decoded together
 
 `--port 0` picks a free port. The first line on stdout says where the server listens, once it accepts connections.
 SIGTERM or SIGINT drains the server (`app.py`) and exits 0; the log (stderr) says how long the drain took.
@@ -22,6 +23,9 @@ from paradec.errors import ParadecError
 DEFAULT_MODEL_NAME = "paradec-default"  # the served name of the default model (no --model)
 
 
+DEFAULT_BATCH = {True: 16, False: 4}  # --max-batch by whether the engine runs on a GPU (KV memory per slot)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser(
         "serve",
@@ -40,6 +44,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--max-queue", type=int, default=64, help="requests waiting for the engine; more get 503 (default 64)"
+    )
+    serve.add_argument(
+        "--max-batch",
+        type=int,
+        help="requests decoded together, with continuous batching (default 16 on a GPU, 4 on the CPU; 1 = one "
+        "request at a time). Needs the native runner (else requests run one at a time); each slot holds a KV cache "
+        "of the whole context (the start log gives the total). Requests of a method that does not batch "
+        "(layerskip) run alone, between batches",
+    )
+    serve.add_argument(
+        "--speculate",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="inside a batch: auto turns proposals off for a step when the measured step costs say plain decoding "
+        "is faster at that batch size; always keeps them (a seeded sampled request then draws what it draws alone); "
+        "never decodes plainly (default auto)",
     )
     serve.add_argument(
         "--timeout", type=float, default=600.0, help="seconds per request, queue wait included (default 600)"
@@ -87,6 +107,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ParadecError(f"--port must lie in [0, 65535], got {args.port}")
     if args.max_queue < 1:
         raise ParadecError(f"--max-queue must be >= 1, got {args.max_queue}")
+    if args.max_batch is not None and args.max_batch < 1:
+        raise ParadecError(f"--max-batch must be >= 1 (1 = one request at a time), got {args.max_batch}")
     for flag in ("timeout", "shutdown_timeout", "header_timeout", "body_timeout"):
         if not getattr(args, flag) > 0:
             raise ParadecError(f"--{flag.replace('_', '-')} must be > 0 seconds, got {getattr(args, flag)}")
@@ -113,14 +135,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         body_timeout=args.body_timeout,
         shutdown_timeout=args.shutdown_timeout,
         docs=args.docs,
+        max_batch=args.max_batch if args.max_batch is not None else DEFAULT_BATCH[engine.target.device.type == "cuda"],
+        speculate=args.speculate,
     )
     _log_to_stderr(args.log_level)
     app = create_app(engine, config)
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    batch = getattr(app.state.scheduler, "max_batch", 1)
     print(
-        f"paradec serve: {config.model_name!r} (method {args.method}, runner {engine.config.runner}) listening on {url}",
+        f"paradec serve: {config.model_name!r} (method {args.method}, runner {engine.config.runner}, batch {batch}) "
+        f"listening on {url}",
         flush=True,
     )
     limits = ConnectionLimits(header_timeout=args.header_timeout, max_connections=args.max_connections)

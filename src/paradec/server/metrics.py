@@ -4,21 +4,28 @@ Per generation (from the scheduler's `JobReport`, labelled by method): outcomes,
 steps (target forwards), τ, draft tokens proposed and accepted in all and by draft position, latency from
 submission to the last token, time to the first token, queue wait. Per HTTP request: endpoint and the status it
 ended with (499 for a client that went away; a stream's error event's status when it failed after its 200).
-Live: queue depth and running generations.
+Live: queue depth and running generations. Per decode step of a batched server (`batching.StepReport`): the batch
+size (sequences decoded together), the target inputs of the step's forward, and the tokens it emitted.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from paradec.server.worker import JobReport
 
+if TYPE_CHECKING:
+    from paradec.server.batching import StepReport
+
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_BATCH = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+_STEP_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _TAU = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0)
 
 
@@ -62,6 +69,25 @@ class ServerMetrics:
         self.latency = histogram("paradec_request_latency_seconds", "Submission to the last token")
         self.first_token = histogram("paradec_time_to_first_token_seconds", "Submission to the first token")
         self.queue_wait = histogram("paradec_queue_wait_seconds", "Submission to the start of the generation")
+        self.batch_size = Histogram(
+            "paradec_batch_size",
+            "Sequences per decode step of the batched scheduler (one target forward for all of them)",
+            buckets=_BATCH,
+            registry=self.registry,
+        )
+        self.step_inputs = Histogram(
+            "paradec_batch_step_inputs",
+            "Target inputs per decode step of the batched scheduler: every sequence's pending token and draft tokens",
+            buckets=_STEP_COUNTS,
+            registry=self.registry,
+        )
+        self.step_tokens = Histogram(
+            "paradec_batch_step_tokens",
+            "Tokens emitted per decode step of the batched scheduler, all its sequences together "
+            "(divided by paradec_batch_size: tokens per sequence per step)",
+            buckets=_STEP_COUNTS,
+            registry=self.registry,
+        )
         Gauge("paradec_queue_depth", "Requests waiting for the engine", registry=self.registry).set_function(
             queue_depth
         )
@@ -91,6 +117,11 @@ class ServerMetrics:
             self.latency.labels(method).observe(report.total_seconds)
             if stats.steps:
                 self.tau.labels(method).observe(report.new_tokens / stats.steps)
+
+    def observe_step(self, step: StepReport) -> None:
+        self.batch_size.observe(step.sequences)
+        self.step_inputs.observe(step.inputs)
+        self.step_tokens.observe(step.tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect, Request
 
 from paradec.decode import Generation
 from paradec.errors import ParadecError, shown
+from paradec.request import Request as EngineRequest
 from paradec.server.errors import CLIENT_CLOSED, APIError, schema_error
 from paradec.server.schemas import ChatCompletionRequest, CompletionRequest, GenerationRequest
 
@@ -221,10 +222,12 @@ class PromptBound:
 
 @dataclass(frozen=True)
 class Prepared:
-    """An `Ask` the engine accepted: `start()` builds the generation (on the worker's thread)."""
+    """An `Ask` the engine accepted: `start()` builds the generation (on the worker's thread); `request` is its
+    checked input, which a batched scheduler decodes in its batch instead."""
 
     start: Callable[[], Generation]
     prompt_tokens: int
+    request: EngineRequest | None = None
 
 
 def prepare(engine, ask: Ask) -> Prepared:
@@ -246,7 +249,7 @@ def prepare(engine, ask: Ask) -> Prepared:
         max_new_tokens=max_new_tokens,
         stop=ask.stop,
     )
-    return Prepared(functools.partial(engine.stream, request), len(request.prompt_ids))
+    return Prepared(functools.partial(engine.stream, request), len(request.prompt_ids), request)
 
 
 def engine_error(exc: ParadecError, ask: Ask) -> APIError:

@@ -10,9 +10,10 @@ timeout: when it passes, `next()` returns a `Failed(JobTimeout)` and cancels the
 jobs, taking handles from a bounded FIFO queue (full -> `QueueFull`). It checks for cancellation after every piece
 it pushes, then closes the generation, so a client that disconnects frees the engine within one step. Shutting down
 has two halves: `close()` refuses new jobs and fails the waiting ones at once (`JobCancelled("shutdown")`) while the
-running one goes on; `stop()` cancels the running one too and ends the thread. A batched engine replaces the worker
-by another `Scheduler` that takes several handles off its queue and pushes each its own events; the app does not
-change.
+running one goes on; `stop()` cancels the running one too and ends the thread.
+
+A batched engine replaces the worker by another `Scheduler` that takes several handles off its queue and pushes each
+its own events (`paradec.server.batching.BatchWorker`, from the job's `request`); the app does not change.
 """
 
 from __future__ import annotations
@@ -30,19 +31,22 @@ from typing import Protocol
 from paradec.decode import Generation, Result
 from paradec.errors import ParadecError
 from paradec.metrics import GenerationStats
+from paradec.request import Request
 
 log = logging.getLogger("paradec.server")
 
 
 @dataclass(frozen=True)
 class Job:
-    """One validated generation request: `start()` (on the worker's thread) builds its engine generation."""
+    """One validated generation request: `start()` (on the worker's thread) builds its engine generation; a batched
+    scheduler decodes `request` (the same generation's checked input) in its batch instead, when it has one."""
 
     start: Callable[[], Generation]
     method: str  # the decoding method, for metrics
     timeout: float  # seconds from submission to the last event, queue wait included
     request_id: str = ""  # the HTTP request's id, in the server log
     submitted: float = field(default_factory=time.monotonic)
+    request: Request | None = None  # what `start` runs; None: the job can only run alone, through `start`
 
 
 # --- events, from the scheduler to the request ----------------------------------------------------------------------
@@ -234,48 +238,74 @@ class EngineWorker:
                 self._current = None
 
     def _run(self, handle: Handle) -> None:
-        job = handle.job
-        started = time.monotonic()
-        queue_seconds = started - job.submitted
-        generation = None
-        outcome = "error"
+        report = run_alone(handle, self._stopping)
+        emit_report(self.on_report, report)
+
+
+def run_alone(handle: Handle, stopping: bool = False) -> JobReport:
+    """Run `handle`'s job through `job.start()`, pushing its events; checks for cancellation after every piece and
+    closes the generation when cancelled. `stopping`: the scheduler is shutting down (the job is cancelled unstarted).
+    Every failure is pushed to the handle, never raised."""
+    job = handle.job
+    started = time.monotonic()
+    queue_seconds = started - job.submitted
+    generation = None
+    outcome = "error"
+    try:
+        if stopping:
+            handle.cancel("shutdown")
+        if handle.cancelled:
+            raise JobCancelled(handle.cancel_reason)
+        generation = job.start()
+        pieces = iter(generation)
         try:
-            if self._stopping:
-                handle.cancel("shutdown")
-            if handle.cancelled:
-                raise JobCancelled(handle.cancel_reason)
-            generation = job.start()
-            pieces = iter(generation)
-            try:
-                for piece in pieces:
-                    handle.push(Piece(piece))
-                    if handle.cancelled:
-                        raise JobCancelled(handle.cancel_reason)
-            finally:
-                pieces.close()  # frees the engine when the job is cancelled mid-generation
-            handle.push(Done(generation.result, queue_seconds))
-            outcome = generation.result.finish_reason
-        except JobCancelled as exc:
-            handle.push(Failed(exc))
-            outcome = handle.cancel_reason
-        except ParadecError as exc:
-            handle.push(Failed(exc))
-            outcome = "invalid"
-        except Exception as exc:  # a bug or a device failure: report it to this request, keep serving the others
-            log.exception("generation failed (request %s)", job.request_id)
-            handle.push(Failed(exc))
-        if self.on_report is not None:
-            try:
-                self.on_report(_report(job, outcome, generation, queue_seconds))
-            except Exception:  # metrics must never take the worker down
-                log.exception("reporting a finished job failed")
+            for piece in pieces:
+                handle.push(Piece(piece))
+                if handle.cancelled:
+                    raise JobCancelled(handle.cancel_reason)
+        finally:
+            pieces.close()  # frees the engine when the job is cancelled mid-generation
+        handle.push(Done(generation.result, queue_seconds))
+        outcome = generation.result.finish_reason
+    except JobCancelled as exc:
+        handle.push(Failed(exc))
+        outcome = handle.cancel_reason
+    except ParadecError as exc:
+        handle.push(Failed(exc))
+        outcome = "invalid"
+    except Exception as exc:  # a bug or a device failure: report it to this request, keep serving the others
+        log.exception("generation failed (request %s)", job.request_id)
+        handle.push(Failed(exc))
+    return _report(job, outcome, generation, queue_seconds)
+
+
+def emit_report(on_report: Callable[[JobReport], None] | None, report: JobReport) -> None:
+    if on_report is not None:
+        try:
+            on_report(report)
+        except Exception:  # metrics must never take the worker down
+            log.exception("reporting a finished job failed")
 
 
 def _report(job: Job, outcome: str, generation, queue_seconds: float) -> JobReport:
-    stats = None if generation is None else generation.stats
-    if generation is not None and generation.result is not None:
-        new_tokens = len(generation.result.token_ids)
-    else:  # stopped early: every step so far emitted its accepted tokens plus one
+    if generation is None:
+        return job_report(job, outcome, None, None, queue_seconds)
+    return job_report(job, outcome, generation.stats, generation.result, queue_seconds)
+
+
+def job_report(
+    job: Job,
+    outcome: str,
+    stats: GenerationStats | None,
+    result: Result | None,
+    queue_seconds: float,
+    new_tokens: int | None = None,
+) -> JobReport:
+    """The report of `job`, ended now with `outcome`: `stats` None when it never started, `result` None when it
+    stopped early (then `new_tokens`, when known, counts the tokens it had generated)."""
+    if result is not None:
+        new_tokens = len(result.token_ids)
+    elif new_tokens is None:  # stopped early: every step so far emitted its accepted tokens plus one
         new_tokens = 0 if stats is None else stats.steps + stats.accepted_tokens
     return JobReport(
         job=job,

@@ -8,6 +8,11 @@ sequence's own inputs its mask row allows; never to another slot. `commit(keeps)
 rule per sequence (a chain prefix, or a root path compacted onto the columns after the prefix), all slots' moves in
 one gather/scatter. `view(slot)` is one slot as a single-sequence `Runner` (`paradec.runners.base`).
 
+Each slot's bookkeeping is a `Ledger` (`paradec.runners.ledger`): its committed length, its part of the pending
+forward, the rules of commit and rollback. A forward pends on every slot of its step; a rollback or release of a slot
+cancels a forward of that slot alone (the single-sequence rule), while one over several slots is a unit: rolling back
+or releasing one of them first is a RuntimeError (commit it, or `cancel()` the whole forward).
+
 Layout of the arithmetic (`paradec.runners.native.model`: `ragged_forward` and friends, the same weights and ops
 as `Transformer.forward`):
 
@@ -44,6 +49,7 @@ import torch
 
 from paradec.errors import ParadecError
 from paradec.runners.base import HiddenWanted, LogitsWanted, RunnerOutput, layer_taps
+from paradec.runners.ledger import Ledger, Parents, tree_parents
 from paradec.runners.native.graphs import KV_ALIGN, kv_bucket
 from paradec.runners.native.kv_cache import SlotKVCache
 from paradec.runners.native.loading import load_transformer, read_config, resolve_dtype
@@ -55,7 +61,7 @@ from paradec.runners.native.model import (
     ragged_forward,
     unsupported_reason,
 )
-from paradec.runners.native.runner import DEFAULT_MAX_CACHE_LEN, DEVICE_TREE, NativeRunner, input_parents
+from paradec.runners.native.runner import DEFAULT_MAX_CACHE_LEN, NativeRunner
 from paradec.step import SeqInputs, Step
 from paradec.tree import TreeBuffers, chain_parents
 from paradec.types import Proposal
@@ -66,14 +72,14 @@ CHAIN_BUFFER = 1024  # chains up to this long take their depth/mask from device 
 
 @dataclass(frozen=True)
 class _Seq:
-    """One sequence of a forward, checked: its slot, inputs and (device) layout; parents as `NativeRunner` keeps
-    them for its commit (None: a chain, DEVICE_TREE: a tree built on the device)."""
+    """One sequence of a forward, checked: its slot, inputs and (device) layout; parents as its slot's `Ledger`
+    keeps them for the commit (None: a chain, DEVICE_TREE: a tree built on the device)."""
 
     slot: int
     size: int
     depth: torch.Tensor | None  # [n] int64 on the device (None: a chain, from the runner's buffers)
     mask: torch.Tensor | None  # [n, n] bool on the device (None: a chain)
-    parents: tuple[int, ...] | None
+    parents: Parents
 
 
 class BatchedNativeRunner:
@@ -102,7 +108,17 @@ class BatchedNativeRunner:
         )
         self._free = list(range(slots))  # a heap: `allocate` hands out the lowest free slot
         self._allocated = [False] * slots
-        self._pending: tuple[_Seq, ...] | None = None
+        # per slot: the committed length (== cache.lengths[slot]) and its part of the pending forward
+        self._ledgers = [
+            Ledger(
+                max_cache_len,
+                name="BatchedNativeRunner",
+                what="the batched native runner",
+                hint=" (raise max_cache_len)",
+            )
+            for _ in range(slots)
+        ]
+        self._pending: tuple[_Seq, ...] | None = None  # the pending forward's sequences, in step order
         size = min(CHAIN_BUFFER, capacity)
         self._arange = torch.arange(size, device=self.device)
         self._tril = torch.ones(size, size, dtype=torch.bool, device=self.device).tril()
@@ -157,13 +173,17 @@ class BatchedNativeRunner:
             raise ParadecError(f"all {self.slots} cache slots of the batched native runner are in use (release one)")
         slot = heapq.heappop(self._free)
         self._allocated[slot] = True
+        self._ledgers[slot].reset()
         self.cache.truncate(slot, 0)
         return slot
 
     def release(self, slot: int) -> None:
-        """Free `slot` (its length 0). Its stale entries stay in the cache, masked out until overwritten."""
+        """Free `slot` (its length 0; cancels a forward of it alone). Its stale entries stay in the cache, masked out
+        until overwritten."""
         self._check_allocated(slot, "release")
-        self._drop_pending(slot, "release")
+        self._check_alone(slot, "release")
+        self._ledgers[slot].reset()
+        self._forget_cancelled()
         self.cache.truncate(slot, 0)
         self._allocated[slot] = False
         heapq.heappush(self._free, slot)
@@ -173,20 +193,31 @@ class BatchedNativeRunner:
         """Free slots."""
         return len(self._free)
 
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the KV cache of every slot (allocated up front)."""
+        return self.cache.data.numel() * self.cache.data.element_size()
+
     def length(self, slot: int) -> int:
         """Committed tokens of `slot` (0 for a free one)."""
         self._check_index(slot)
-        return self.cache.lengths[slot]
+        return self._ledgers[slot].length
 
     def rollback(self, slot: int, length: int) -> None:
-        """Shorten the committed prefix of `slot` to `length` tokens; other slots are untouched."""
+        """Shorten the committed prefix of `slot` to `length` tokens (cancels a forward of it alone); other slots
+        are untouched."""
         self._check_allocated(slot, "rollback")
-        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.cache.lengths[slot]:
-            raise ValueError(
-                f"rollback of slot {slot} to {length!r} outside its committed length [0, {self.cache.lengths[slot]}]"
-            )
-        self._drop_pending(slot, "rollback")
-        self.cache.truncate(slot, length)
+        self._check_alone(slot, "rollback")
+        self._ledgers[slot].rollback(length, f" of slot {slot}")  # checked first: a failed rollback cancels nothing
+        self._forget_cancelled()
+        self.cache.truncate(slot, self._ledgers[slot].length)
+
+    def cancel(self) -> None:
+        """Drop the pending forward, if any, on every slot of it (their provisional entries); lengths stay."""
+        if self._pending is not None:
+            for seq in self._pending:
+                self._ledgers[seq.slot].cancel()
+            self._pending = None
 
     def view(self, slot: int) -> SlotRunner:
         """`slot` as a single-sequence `Runner` (valid while the slot stays allocated)."""
@@ -202,17 +233,30 @@ class BatchedNativeRunner:
         if not self._allocated[slot]:
             raise ParadecError(f"{what} of cache slot {slot}, which is free (not allocated)")
 
-    def _drop_pending(self, slot: int, what: str) -> None:
-        """A rollback/release of a slot in the pending forward: it cancels a forward of that slot alone (as
-        `NativeRunner.rollback` does); the forward of a batch is for `commit` to settle first."""
-        if self._pending is None or all(s.slot != slot for s in self._pending):
-            return
-        if len(self._pending) > 1:
+    def _check_alone(self, slot: int, what: str) -> None:
+        """A rollback/release of a slot in the pending forward cancels a forward of that slot alone (as
+        `NativeRunner.rollback` does); the forward of a batch is for `commit` (or `cancel`) to settle first."""
+        pending = self._pending
+        if pending is not None and len(pending) > 1 and any(s.slot == slot for s in pending):
             raise RuntimeError(
-                f"{what} of cache slot {slot} while the last forward over slots {[s.slot for s in self._pending]} "
-                "awaits commit(): commit it first"
+                f"{what} of cache slot {slot} while the last forward over slots {[s.slot for s in pending]} "
+                "awaits commit(): commit it (or cancel() it) first"
             )
-        self._pending = None
+
+    def _forget_cancelled(self) -> None:
+        """The pending forward is gone once its slots' ledgers cancelled it (a one-slot forward's rollback)."""
+        if self._pending is not None and all(self._ledgers[s.slot].pending is None for s in self._pending):
+            self._pending = None
+
+    def _check_idle(self) -> None:
+        if self._pending is not None:
+            raise RuntimeError("BatchedNativeRunner.forward() called again before commit() of the previous forward")
+
+    def _begin(self, seqs: tuple[_Seq, ...]) -> None:
+        """The forward of `seqs` (run) pends on each of their slots."""
+        for seq in seqs:
+            self._ledgers[seq.slot].begin(seq.size, seq.parents)
+        self._pending = seqs
 
     # --- forward / commit ---------------------------------------------------------------------------------------
 
@@ -228,8 +272,7 @@ class BatchedNativeRunner:
 
     def _forward(self, step: Step, logits: LogitsWanted, hidden: HiddenWanted) -> RunnerOutput:
         """`forward`, and "last" (the last row, [1, V]) for a one-sequence step (`SlotRunner`)."""
-        if self._pending is not None:
-            raise RuntimeError("BatchedNativeRunner.forward() called again before commit() of the previous forward")
+        self._check_idle()
         taps = layer_taps(hidden, self.num_layers, "the batched native runner")
         seqs = tuple(self._check_seq(b, s) for b, s in enumerate(step.seqs))
         tokens = step.tokens.to(self.device, non_blocking=True)
@@ -238,7 +281,7 @@ class BatchedNativeRunner:
         else:
             out_logits, states = self._run(tokens, seqs, logits, taps)
             result = RunnerOutput(logits=out_logits, hidden=states if hidden else None)
-        self._pending = seqs
+        self._begin(seqs)
         return result
 
     def _check_seq(self, b: int, seq: SeqInputs) -> _Seq:
@@ -250,11 +293,7 @@ class BatchedNativeRunner:
             raise ValueError(f"sequence {b}: its tree has {tree.size} inputs but {n} tokens were given")
         if tree.mask.device != self.device:
             tree = tree.to(self.device)
-        if tree.is_chain:
-            parents = None
-        else:
-            parents = input_parents(tree.parents) if tree.on_host else DEVICE_TREE
-        return _Seq(seq.slot, n, tree.depth, tree.mask, parents)
+        return _Seq(seq.slot, n, tree.depth, tree.mask, tree_parents(tree))
 
     def _check_room(self, b: int, slot: int, n: int) -> None:
         """Sequence b of a step names an allocated slot with room for its n inputs."""
@@ -262,12 +301,7 @@ class BatchedNativeRunner:
             raise ParadecError(f"sequence {b} of the step names cache slot {slot!r}, outside [0, {self.slots})")
         if not self._allocated[slot]:
             raise ParadecError(f"sequence {b} of the step names cache slot {slot}, which is free (allocate() it)")
-        length = self.cache.lengths[slot]
-        if length + n > self.max_length:
-            raise ParadecError(
-                f"sequence {b} (slot {slot}) of {length} committed + {n} new = {length + n} tokens exceeds the "
-                f"batched native runner's max_length {self.max_length} (raise max_cache_len)"
-            )
+        self._ledgers[slot].check_forward(n, f"sequence {b} (slot {slot})")
 
     def _forward_chain(
         self, slot: int, tokens: torch.Tensor, logits: LogitsWanted, hidden: bool, taps: tuple[int, ...]
@@ -358,9 +392,10 @@ class BatchedNativeRunner:
 
     @torch.no_grad()
     def commit(self, keeps: Sequence[list[int] | int]) -> None:
-        """One entry per sequence of the last forward, in step order, each with `NativeRunner.commit`'s rule: an int
-        keeps that chain prefix, a list the inputs of one root path (compacted onto the columns after the prefix).
-        Every entry is checked before any is applied: a failed commit leaves the forward pending."""
+        """One entry per sequence of the last forward, in step order, each with `NativeRunner.commit`'s rule (its
+        slot's `Ledger`): an int keeps that chain prefix, a list the inputs of one root path (compacted onto the
+        columns after the prefix). Every entry is checked before any is applied: a failed commit leaves the forward
+        pending."""
         if self._pending is None:
             raise RuntimeError("BatchedNativeRunner.commit() without a forward() to commit")
         seqs = self._pending
@@ -368,44 +403,20 @@ class BatchedNativeRunner:
             raise TypeError(f"keeps must be a sequence of one keep per sequence of the last forward, got {keeps!r}")
         if len(keeps) != len(seqs):
             raise ValueError(f"commit got {len(keeps)} keeps for the {len(seqs)} sequences of the last forward")
-        counts, moves = [], []
-        for b, (seq, keep) in enumerate(zip(seqs, keeps)):
-            path = self._check_keep(b, seq, keep)
-            if isinstance(path, int):
-                counts.append(path)
-                continue
-            counts.append(len(path))
-            start = self.cache.lengths[seq.slot]
-            moves.extend((seq.slot, start + k, start + i) for i, k in enumerate(path) if k != i)
+        ledgers = [self._ledgers[seq.slot] for seq in seqs]
+        commits = [
+            ledger.check(keep, f" of sequence {b} (slot {seq.slot})")
+            for b, (seq, ledger, keep) in enumerate(zip(seqs, ledgers, keeps))
+        ]
         self._pending = None
+        for ledger, commit in zip(ledgers, commits):
+            ledger.settle(commit)
+        moves = [(seq.slot, source, dest) for seq, c in zip(seqs, commits) for source, dest in c.moves]
         if moves:
             index = torch.tensor(moves, dtype=torch.long).T.contiguous()  # (3, m): slots, sources, destinations
             self.cache.compact(index.to(self.device, non_blocking=True))
-        for seq, count in zip(seqs, counts):
-            self.cache.advance(seq.slot, count)
-
-    @staticmethod
-    def _check_keep(b: int, seq: _Seq, keep: list[int] | int) -> list[int] | int:
-        """The checked keep of sequence b: a chain prefix (int) or a root path (list)."""
-        n, parents = seq.size, seq.parents
-        if isinstance(keep, bool) or not isinstance(keep, (int, list, tuple)):
-            raise TypeError(f"keep of sequence {b} must be an int or a list of input indices, got {keep!r}")
-        if isinstance(keep, int) and parents is None:
-            if not 0 <= keep <= n:
-                raise ValueError(f"keep {keep} of sequence {b} (slot {seq.slot}) outside [0, {n}] of its inputs")
-            return keep
-        keep = list(range(keep)) if isinstance(keep, int) else [int(k) for k in keep]
-        for i, k in enumerate(keep):
-            before = keep[i - 1] if i else -1
-            if parents is DEVICE_TREE:  # the shape is on the device only: a root path starts at 0 and descends
-                ok = 0 <= k < n and (k > before if i else k == 0)
-            elif parents is None:
-                ok = 0 <= k < n and k - 1 == before
-            else:
-                ok = 0 <= k < min(n, len(parents)) and parents[k] == before
-            if not ok:
-                raise ValueError(f"keep {keep} of sequence {b} (slot {seq.slot}) is not a root path of its {n} inputs")
-        return keep
+        for seq, commit in zip(seqs, commits):
+            self.cache.advance(seq.slot, commit.count)
 
 
 class SlotRunner:
@@ -461,15 +472,16 @@ class SlotRunner:
 
     def _long_chain(self, token_ids: torch.Tensor, logits: LogitsWanted, hidden: HiddenWanted) -> RunnerOutput:
         batched = self.batched
-        if batched._pending is not None:
-            raise RuntimeError("BatchedNativeRunner.forward() called again before commit() of the previous forward")
+        batched._check_idle()
         taps = layer_taps(hidden, batched.num_layers, "the batched native runner")
         n = int(token_ids.shape[0])
         batched._check_room(0, self.slot, n)
         tokens = token_ids.to(batched.device, non_blocking=True)
         result = batched._forward_chain(self.slot, tokens, logits, bool(hidden), taps)
-        batched._pending = (_Seq(self.slot, n, None, None, None),)
+        batched._begin((_Seq(self.slot, n, None, None, None),))
         return result
 
     def commit(self, keep: list[int] | int) -> None:
+        if self.batched._ledgers[self.slot].pending is None:  # never another slot's forward
+            raise RuntimeError(f"BatchedNativeRunner.commit() of slot {self.slot} without a forward() of it to commit")
         self.batched.commit([keep])

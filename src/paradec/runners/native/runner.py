@@ -2,8 +2,10 @@
 
 Input j of a forward sits at position `length + depth[j]` and writes its keys/values to slot `length + j`
 (provisional). `commit(keep)` makes the kept inputs (one root path) the next committed slots, moving them only when
-they are not already in place; `rollback` is a length reset. Forwards of up to Q_BUCKETS[-1] inputs run on static
-buckets (CUDA graphs on CUDA). A longer chain (a prompt) runs as consecutive forwards of the largest bucket over the
+they are not already in place; `rollback` is a length reset (it cancels a pending forward). The bookkeeping (the
+committed length, the pending forward, the rules of commit and rollback) is a `Ledger`'s (`paradec.runners.ledger`);
+the runner applies what it returns to its `KVCache`. Forwards of up to Q_BUCKETS[-1] inputs run on static buckets
+(CUDA graphs on CUDA). A longer chain (a prompt) runs as consecutive forwards of the largest bucket over the
 same graphs; without static shapes it runs eagerly in chunks, so memory stays bounded. Longer trees run eagerly.
 Hidden states of decoder layers (`forward(hidden=(i, ...))`, `paradec.runners.base`) come from the same forward on
 every path; on the static buckets each requested layer set has its own output buffer and graphs.
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ import torch
 from paradec.config import SamplingParams
 from paradec.errors import ParadecError
 from paradec.runners.base import HiddenWanted, LogitsWanted, RunnerOutput, layer_taps
+from paradec.runners.ledger import DEVICE_TREE, Ledger, input_parents
 from paradec.runners.native.graphs import Q_BUCKETS, ChainGraph, StaticForward, kv_bucket
 from paradec.runners.native.kv_cache import KVCache
 from paradec.runners.native.loading import load_transformer, read_config, resolve_dtype
@@ -34,20 +36,6 @@ from paradec.tree import TreeBuffers
 DEFAULT_MAX_CACHE_LEN = 4096
 PREFILL_CHUNK = 1024  # eager chains longer than this run in chunks (the attention bias is chunk x cache)
 CHAIN_PARENTS = tuple(range(-1, Q_BUCKETS[-1] - 1))  # input-index parents of a chain; slice [:n]
-
-
-class _DeviceTree(tuple):
-    """Stands for the parents of a tree built on the device (`paradec.tree.device_tree`): unknown on the host,
-    empty to `StaticForward` (which then reloads the tree's rows)."""
-
-
-DEVICE_TREE = _DeviceTree()
-
-
-@lru_cache(maxsize=256)
-def input_parents(node_parents: tuple[int, ...]) -> tuple[int, ...]:
-    """Input-index parents of a tree forward (input 0 is the root) from the proposal's node parents."""
-    return (-1, *(p + 1 for p in node_parents))
 
 
 class NativeRunner:
@@ -93,7 +81,10 @@ class NativeRunner:
         )
         self._arange = torch.arange(max(capacity, Q_BUCKETS[-1]), device=self.device)
         self._tril = torch.ones(Q_BUCKETS[-1], Q_BUCKETS[-1], dtype=torch.bool, device=self.device).tril()
-        self._pending: tuple[int, tuple[int, ...] | None] | None = None  # (inputs, parents: None=chain, DEVICE_TREE)
+        # committed length (== cache.length between calls) and the pending forward: (inputs, parents: None = chain)
+        self._ledger = Ledger(
+            max_cache_len, name="NativeRunner", what="the native runner", hint=" (raise max_cache_len)"
+        )
 
     @classmethod
     def from_pretrained(
@@ -146,17 +137,15 @@ class NativeRunner:
 
     @property
     def length(self) -> int:
-        return self.cache.length
+        return self._ledger.length
 
     def reset(self) -> None:
+        self._ledger.reset()  # cancels a pending forward
         self.cache.truncate(0)
-        self._pending = None
 
     def rollback(self, length: int) -> None:
-        if not 0 <= length <= self.cache.length:
-            raise ValueError(f"rollback to {length} outside the committed length [0, {self.cache.length}]")
+        self._ledger.rollback(length)  # cancels a pending forward: its slots lie past `length`
         self.cache.truncate(length)
-        self._pending = None
 
     @torch.no_grad()
     def forward(
@@ -167,8 +156,7 @@ class NativeRunner:
         logits: LogitsWanted = "all",
         hidden: HiddenWanted = False,
     ) -> RunnerOutput:
-        if self._pending is not None:
-            raise RuntimeError("NativeRunner.forward() called again before commit() of the previous forward")
+        self._ledger.check_idle()
         if logits not in ("all", "last", "none"):
             raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
         if token_ids.dim() != 1 or token_ids.shape[0] == 0:
@@ -177,11 +165,7 @@ class NativeRunner:
         if any(i not in self.layer_ids for i in taps):
             raise ParadecError(f"hidden states of layers {list(taps)} asked for; this view runs {list(self.layer_ids)}")
         n = token_ids.shape[0]
-        if self.cache.length + n > self.max_length:
-            raise ParadecError(
-                f"sequence of {self.cache.length + n} tokens exceeds the native runner's max_length {self.max_length}"
-                " (raise max_cache_len)"
-            )
+        self._ledger.check_forward(n)
         parents: tuple[int, ...] | None = None  # None: a chain
         if tree is not None:
             if tree.size != n:
@@ -202,36 +186,16 @@ class NativeRunner:
                 token_ids.to(self.device, non_blocking=True), parents, tree, logits, taps
             )
             result = RunnerOutput(logits=out_logits, hidden=out_hidden if hidden else None)
-        self._pending = (n, parents)
+        self._ledger.begin(int(n), parents)
         return result
 
     def commit(self, keep: list[int] | int) -> None:
-        if self._pending is None:
-            raise RuntimeError("NativeRunner.commit() without a forward() to commit")
-        n, parents = self._pending
-        if isinstance(keep, bool) or not isinstance(keep, (int, list, tuple)):
-            raise TypeError(f"keep must be an int or a list of input indices, got {keep!r}")
-        if isinstance(keep, int) and parents is None:  # a chain prefix: the common case, checked in O(1)
-            if not 0 <= keep <= n:
-                raise ValueError(f"keep {keep} outside [0, {n}] inputs of the last forward")
-            self._pending = None
-            self.cache.advance(keep)
+        commit = self._ledger.commit(keep)  # checked (a failed commit leaves the forward pending), then settled
+        if not commit.moves:  # a chain prefix, or a path whose entries already sit in place
+            self.cache.advance(commit.count)
             return
-        keep = list(range(keep)) if isinstance(keep, int) else [int(k) for k in keep]
-        for i, k in enumerate(keep):
-            if parents is DEVICE_TREE:  # the shape is on the device only: a root path starts at 0 and descends
-                ok = 0 <= k < n and (k > keep[i - 1] if i else k == 0)
-            else:
-                ok = 0 <= k < n and (k - 1 if parents is None else parents[k]) == (keep[i - 1] if i else -1)
-            if not ok:
-                raise ValueError(f"keep {keep} is not a root path of the last forward's {n} inputs")
-        self._pending = None
-        moves = [(self.cache.length + k, self.cache.length + i) for i, k in enumerate(keep) if k != i]
-        if not moves:
-            self.cache.advance(len(keep))
-            return
-        slots = torch.tensor(moves, dtype=torch.long).T.contiguous()  # (2, m): sources, destinations
-        self.cache.compact(slots.to(self.device, non_blocking=True), len(keep))
+        slots = torch.tensor(commit.moves, dtype=torch.long).T.contiguous()  # (2, m): sources, destinations
+        self.cache.compact(slots.to(self.device, non_blocking=True), commit.count)
 
     def _forward_chain(
         self, tokens: torch.Tensor, logits: LogitsWanted, hidden: bool, taps: tuple[int, ...], size: int, run
@@ -320,8 +284,7 @@ class NativeRunner:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`ChainDrafting`: feed `token_ids`, then k - 1 of its own drafts, as one CUDA graph on CUDA (`ChainGraph`).
         A feed longer than `ChainGraph.max_fed` is prefilled first, so the graphs stay few."""
-        if self._pending is not None:
-            raise RuntimeError("NativeRunner.draft_chain() called before commit() of the previous forward")
+        self._ledger.check_idle("draft_chain")
         if not 1 <= k <= self.max_chain:
             raise ValueError(f"k must lie in [1, {self.max_chain}], got {k}")
         if token_ids.dim() != 1 or token_ids.shape[0] == 0:
@@ -342,6 +305,7 @@ class NativeRunner:
                 self._chain = ChainGraph(self.model, self.cache, self.layer_ids, vocab_size, capture=capture)
         tokens, probs = self._chain(token_ids, k, sampling, generator)
         self.cache.advance(token_ids.shape[0] + k - 1)  # the fed tokens and drafts 1..k-1, as k prefills would
+        self._ledger.advance(int(token_ids.shape[0]) + k - 1)
         return tokens, probs
 
     @property

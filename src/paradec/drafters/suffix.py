@@ -1,0 +1,275 @@
+"""`suffix`: suffix-tree speculation over the request and across requests (SuffixDecoding, Oliaro et al. 2024,
+"SuffixDecoding: Extreme Speculative Decoding for Emerging AI Applications"; Arctic Inference's `suffix` method).
+
+Two frequency tries of bounded depth D (`max_depth`) hold every substring of up to D tokens, each node counting how
+often its substring occurred:
+
+- the request's own (`SuffixTrie`): its prompt and its output so far, extended by one token per emitted token in
+  O(D): the trie keeps the nodes of the suffixes that end at the last position (its *active* nodes), and each new
+  token moves every one of them one level down;
+- the engine's (`GlobalSuffixTrie`, owned by the method): the outputs of earlier requests, at most
+  `SuffixMethod.max_sequences` of them and `max_tokens` tokens in all; the oldest sequence is taken out when either
+  bound is passed (its substrings' counts decremented, nodes at zero removed), so memory stays bounded.
+
+Each step matches the longest suffix of the sequence that occurred before (in the request's trie: the deepest active
+node with a continuation; in the engine's: the deepest node the last tokens reach) and proposes a token **tree** of
+the most frequent continuations: best-first over the match node's subtree, a node scored by the product of its
+empirical conditional probabilities count(child) / count(parent) along the path, nodes below `min_score` left out.
+The tree's size follows the match: at most `match_factor` × the match length nodes (a long match predicts far, a
+short one little), capped by `max_nodes` (with `adaptive=true`, by `AdaptiveLength`'s choice from the measured
+acceptance and step times); a match shorter than `min_match` proposes nothing, so text with nothing
+to repeat decodes as plainly as vanilla. Of the two tries, the one whose match is longer proposes (the request's
+on a tie). Drafts are point masses (no q), verified by token match: exact for greedy and sampling alike.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from paradec.drafters import register
+from paradec.drafters.adaptive import AdaptiveLength
+from paradec.drafters.base import DecodeState, Drafter, Method, Resources
+from paradec.drafters.options import Options, bound
+from paradec.errors import ParadecError
+from paradec.types import Proposal, Verdict
+
+MAX_DEPTH = 64  # deepest substring a trie holds: every token enters up to max_depth nodes
+
+
+@dataclass(frozen=True)
+class SuffixOptions(Options):
+    method = "suffix"
+    max_depth: int = field(default=24, metadata=bound(2, MAX_DEPTH))  # longest substring the tries hold
+    max_nodes: int = field(default=32, metadata=bound(1, limit="proposal"))  # most draft tokens per step
+    match_factor: float = field(default=2.0, metadata=bound(0.1, 64.0))  # draft nodes per matched token
+    min_match: int = field(default=2, metadata=bound(1, MAX_DEPTH))  # shorter matches propose nothing
+    min_score: float = field(default=0.05, metadata=bound(0.0, 1.0))  # least path probability a node needs
+    use_global: bool = True  # also match the engine's earlier outputs
+    adaptive: bool = False  # cap the tree's nodes per step from measured acceptance and step time
+
+    def check_together(self, limits) -> None:
+        if self.min_match > self.max_depth:
+            raise ParadecError(
+                f"option min_match={self.min_match} for method 'suffix' exceeds max_depth={self.max_depth}",
+                param="method_options",
+            )
+
+
+class Node:
+    __slots__ = ("children", "count")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.children: dict[int, Node] = {}
+
+
+def best_tree(match: Node, max_nodes: int, min_score: float) -> tuple[list[int], list[int]]:
+    """(tokens, parents) of the best-first tree of up to `max_nodes` continuations below `match`: a node's score is
+    the product of count(child) / count(parent) from `match` down to it; parents index the returned nodes (-1: the
+    root, i.e. the pending token). Nodes scoring below `min_score` are left out."""
+    tokens: list[int] = []
+    parents: list[int] = []
+    heap: list[tuple[float, int, int, int, Node]] = []  # (-score, tie, parent index, token, node)
+    tie = 0
+
+    def push(node: Node, index: int, score: float) -> None:
+        nonlocal tie
+        total = sum(child.count for child in node.children.values())
+        for token, child in node.children.items():
+            child_score = score * child.count / total
+            if child_score >= min_score:
+                heapq.heappush(heap, (-child_score, tie, index, token, child))
+                tie += 1
+
+    push(match, -1, 1.0)
+    while heap and len(tokens) < max_nodes:
+        neg, _, parent, token, node = heapq.heappop(heap)
+        tokens.append(token)
+        parents.append(parent)
+        push(node, len(tokens) - 1, -neg)
+    return tokens, parents
+
+
+class SuffixTrie:
+    """Substrings of up to `depth` tokens of one growing sequence, with counts; `extend` adds tokens in O(depth)
+    each. `match()` is the deepest node of a suffix of the sequence that has a continuation (its length too)."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self.root = Node()
+        self.active: list[Node] = []  # nodes of the suffixes ending at the last token, shortest first
+        self.length = 0  # tokens added
+
+    def extend(self, tokens: list[int]) -> None:
+        for token in tokens:
+            moved = []
+            for node in [self.root, *self.active]:
+                if len(moved) >= self.depth:
+                    break
+                child = node.children.get(token)
+                if child is None:
+                    child = node.children[token] = Node()
+                child.count += 1
+                moved.append(child)
+            self.active = moved
+            self.length += 1
+
+    def match(self) -> tuple[Node | None, int]:
+        for length in range(len(self.active), 0, -1):
+            node = self.active[length - 1]
+            if node.children:
+                return node, length
+        return None, 0
+
+
+class GlobalSuffixTrie:
+    """The engine's trie over earlier outputs: substrings of up to `depth` tokens of at most `max_sequences`
+    sequences and `max_tokens` tokens; the oldest sequence goes first when a bound is passed."""
+
+    def __init__(self, depth: int, max_sequences: int, max_tokens: int, max_nodes: int) -> None:
+        self.depth = depth
+        self.max_sequences = max_sequences
+        self.max_tokens = max_tokens
+        self.max_nodes = max_nodes
+        self.root = Node()
+        self.sequences: deque[list[int]] = deque()
+        self.tokens = 0
+        self.nodes = 0
+
+    def _walk(self, tokens: list[int], delta: int) -> None:
+        for start in range(len(tokens)):
+            node = self.root
+            for token in tokens[start : start + self.depth]:
+                child = node.children.get(token)
+                if child is None:
+                    if delta < 0:
+                        break
+                    child = node.children[token] = Node()
+                    self.nodes += 1
+                child.count += delta
+                if child.count <= 0:
+                    self.nodes -= _size(child)
+                    del node.children[token]
+                    break
+                node = child
+
+    def add(self, tokens: list[int]) -> None:
+        tokens = list(tokens[-self.max_tokens :])
+        if not tokens:
+            return
+        self._walk(tokens, +1)
+        self.sequences.append(tokens)
+        self.tokens += len(tokens)
+        while self.sequences and (
+            len(self.sequences) > self.max_sequences or self.tokens > self.max_tokens or self.nodes > self.max_nodes
+        ):
+            old = self.sequences.popleft()
+            self.tokens -= len(old)
+            self._walk(old, -1)
+
+    def match(self, tokens: list[int], longest: int) -> tuple[Node | None, int]:
+        """The deepest node that a suffix of `tokens` (of at most `longest` tokens) reaches and that has a
+        continuation, and that suffix's length."""
+        for length in range(min(longest, len(tokens), self.depth - 1), 0, -1):
+            node = self.root
+            for token in tokens[len(tokens) - length :]:
+                node = node.children.get(token)
+                if node is None:
+                    break
+            if node is not None and node.children:
+                return node, length
+        return None, 0
+
+
+def _size(node: Node) -> int:
+    stack, count = [node], 0
+    while stack:
+        current = stack.pop()
+        count += 1
+        stack.extend(current.children.values())
+    return count
+
+
+class SuffixMethod(Method):
+    """Per engine: the trie of earlier outputs (bounded), shared by the engine's generations."""
+
+    max_sequences = 256  # earlier outputs kept
+    max_tokens = 131_072  # tokens kept over all of them
+    max_nodes = 1_000_000  # trie nodes (~150 bytes each): the memory bound, whatever the text
+
+    def __init__(self, resources: Resources, drafter_class: type[Drafter]) -> None:
+        super().__init__(resources, drafter_class)
+        self.tries: dict[int, GlobalSuffixTrie] = {}  # by depth
+
+    def global_trie(self, depth: int) -> GlobalSuffixTrie:
+        if depth not in self.tries:
+            self.tries[depth] = GlobalSuffixTrie(depth, self.max_sequences, self.max_tokens, self.max_nodes)
+        return self.tries[depth]
+
+    def open(self, options: SuffixOptions) -> SuffixDrafter:
+        return SuffixDrafter(self, options)
+
+    def open_for(self, resources: Resources, options: SuffixOptions) -> SuffixDrafter:
+        return SuffixDrafter(self, options)
+
+
+@register
+class SuffixDrafter(Drafter):
+    name = "suffix"
+    options_class = SuffixOptions
+    method_class = SuffixMethod
+    draft_token_cost = 0.02  # prior cost of scoring one more token relative to a step (adaptive, until timed)
+
+    def __init__(self, method: SuffixMethod, options: SuffixOptions) -> None:
+        super().__init__(method.resources, options)
+        self.method = method
+        self.trie = SuffixTrie(options.max_depth)
+        self.shared = method.global_trie(options.max_depth) if options.use_global else None
+        self.state: DecodeState | None = None
+        self.policy: AdaptiveLength | None = None
+        self.closed = False
+
+    def begin(self, state: DecodeState) -> None:
+        self.state = state
+        self.trie.extend(state.tokens)
+        if self.options.adaptive:
+            self.policy = AdaptiveLength(self.options.max_nodes, draft_cost=self.draft_token_cost)
+            self.policy.start()
+
+    def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
+        self.trie.extend(state.tokens[self.trie.length :])
+        options = self.options
+        node, length = self.trie.match()
+        if self.shared is not None:
+            other, other_length = self.shared.match(state.tokens, options.max_depth)
+            if other_length > length:
+                node, length = other, other_length
+        room = self.method.resources.target.max_length - len(state.tokens)
+        budget = options.max_nodes if self.policy is None else self.policy.next_k()
+        nodes = min(budget, round(options.match_factor * length), max_tokens, room)
+        if node is None or length < options.min_match or nodes < 1:
+            return Proposal.empty(state.device)
+        tokens, parents = best_tree(node, nodes, options.min_score)
+        if not tokens:
+            return Proposal.empty(state.device)
+        is_chain = all(p == i - 1 for i, p in enumerate(parents))
+        return Proposal(
+            tokens=torch.tensor(tokens, dtype=torch.long, device=state.device),
+            parents=None if is_chain else tuple(parents),
+        )
+
+    def update(self, state: DecodeState, verdict: Verdict) -> None:
+        self.trie.extend(state.tokens[self.trie.length :])
+        if self.policy is not None:
+            self.policy.observe(verdict.proposed, verdict.accepted)
+
+    def close(self) -> None:
+        """The generation ended: its output joins the engine's trie (once)."""
+        if self.closed or self.shared is None or self.state is None:
+            return
+        self.closed = True
+        self.shared.add(self.state.tokens[self.state.prompt_len :])

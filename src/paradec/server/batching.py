@@ -1,0 +1,311 @@
+"""The batched scheduler: the server's requests decoded together, with continuous batching (`paradec.batch`).
+
+`BatchWorker` is the `Scheduler` (worker.py) for an engine that can batch (the native runner). One thread, the only
+one that calls into the engine, loops:
+
+    take      handles off the bounded FIFO queue into one `BatchDecoder`, while it holds fewer than `max_batch`
+              sequences (a sequence joins at a step boundary; its prompt prefills one chunk per step)
+    cancel    each handle cancelled since the last step (disconnect, timeout, shutdown) is cancelled in the decoder:
+              it leaves at this step's boundary and frees its slot; the others go on
+    step      `decoder.step()`: one decode step (one target forward) for every running sequence
+    push      each handle its own new text (`Piece`s), then `Done` or `Failed`; a `JobReport` per ended job, as
+              `EngineWorker` reports, and a `StepReport` per decode step (sequences, inputs, tokens) to `on_step`
+
+so a client that disconnects frees its slot within one step. Each request keeps its own method, options, sampling,
+stops and stats; a greedy request's text is what it decodes alone (the decoder's contract), and a request that
+fails fails alone. A sampled request is sampled exactly, with its own generator, but a seeded one may draw other
+tokens than alone: the decoder's speculation policy may skip a step's proposals (a large batch), which spends the
+generator differently.
+
+A job whose method does not batch (its `Drafter.batchable` is False: layerskip, whose drafter keeps engine-wide
+state for one sequence; a job without a `request`; or one the decoder refused to admit with a `ParadecError`, such
+as a draft model the batch cannot run) runs alone, through `job.start()` as on `EngineWorker`, once the batch has drained: while it waits at the head of
+the queue no new job joins the batch (so it is not starved and the order stays FIFO), the running sequences finish,
+then it runs with the batch empty, and the jobs behind it wait until it has finished. A server that mixes such
+methods with batchable ones therefore alternates between a batch and one solo generation.
+
+`queue_depth` counts the jobs not yet in the decoder; `running` the sequences in it (plus a solo job). Shutting
+down as `EngineWorker`: `close()` refuses new jobs and fails the waiting ones at once, the running ones go on;
+`stop()` cancels the running ones too and ends the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from paradec.batch import BatchDecoder, BatchItem
+from paradec.errors import ParadecError
+from paradec.server.worker import (
+    Done,
+    Failed,
+    Handle,
+    Job,
+    JobCancelled,
+    JobReport,
+    Piece,
+    QueueFull,
+    emit_report,
+    job_report,
+    run_alone,
+)
+
+log = logging.getLogger("paradec.server")
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One decode step of the batch, for metrics."""
+
+    sequences: int  # sequences the step decoded (the batch size)
+    inputs: int  # target inputs of its forward: each sequence's pending token and draft tokens
+    tokens: int  # tokens the step emitted, all sequences together
+
+
+@dataclass
+class _Seq:
+    """A job in the decoder."""
+
+    handle: Handle
+    item: BatchItem
+    queue_seconds: float  # submission to joining the decoder
+
+
+def batchable(job: Job) -> bool:
+    """Whether `job` can run in a batch (else it runs alone, through `job.start()`)."""
+    return job.request is not None and bool(getattr(job.request.drafter, "batchable", False))
+
+
+def _refused(item: BatchItem) -> bool:
+    """Whether the decoder refused `item` when it joined (its drafter could not open in a batch)."""
+    return item.decoding is None and not item.cancelled and isinstance(item.error, ParadecError)
+
+
+class BatchWorker:
+    """Runs jobs together through one `BatchDecoder`, on one thread (see the module docstring)."""
+
+    def __init__(
+        self,
+        decoder: BatchDecoder,
+        *,
+        max_queue: int,
+        on_report: Callable[[JobReport], None] | None = None,
+        on_step: Callable[[StepReport], None] | None = None,
+    ) -> None:
+        if max_queue < 1:
+            raise ParadecError(f"max_queue must be >= 1, got {max_queue!r}")
+        self.decoder = decoder
+        self.max_batch = decoder.max_running
+        self.max_queue = max_queue
+        self.on_report = on_report
+        self.on_step = on_step
+        self.steps = 0  # decode steps so far
+        self.largest_batch = 0  # the most sequences a decode step has held
+        self._lock = threading.Condition()
+        self._waiting: deque[Handle] = deque()  # submitted, not yet in the decoder
+        self._batch: dict[Handle, _Seq] = {}  # in the decoder (changed on the worker's thread, under the lock)
+        self._solo: Handle | None = None  # the job running alone
+        self._alone: set[Handle] = set()  # jobs the decoder refused: they run alone
+        self._closed = False  # close(): no new jobs
+        self._exiting = False  # stop(): cancel the running jobs and end the thread
+        self._thread = threading.Thread(target=self._serve, name="paradec-engine", daemon=True)
+
+    # --- the Scheduler protocol -------------------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._batch) + int(self._solo is not None)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> int:
+        with self._lock:
+            self._closed = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self._alone.clear()
+            self._lock.notify_all()
+        for handle in waiting:
+            handle.fail("shutdown")
+        return len(waiting)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel the running and the waiting jobs, and end the thread."""
+        self.close()
+        with self._lock:
+            self._exiting = True
+            running = [*self._batch, *([self._solo] if self._solo is not None else [])]
+            self._lock.notify_all()
+        for handle in running:
+            handle.cancel("shutdown")
+        self._thread.join(timeout)
+
+    def submit(self, job: Job) -> Handle:
+        handle = Handle(job, asyncio.get_running_loop())
+        with self._lock:
+            if self._closed:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting")
+            self._waiting.append(handle)
+            self._lock.notify_all()
+        return handle
+
+    # --- the worker's thread ----------------------------------------------------------------------------------------
+    def _serve(self) -> None:
+        while True:
+            solo = self._take()
+            if solo is not None:
+                try:
+                    report = run_alone(solo, self._exiting)
+                finally:
+                    with self._lock:
+                        self._solo = None
+                emit_report(self.on_report, report)
+                continue
+            if self._batch:
+                self._step()
+                continue
+            with self._lock:
+                while not self._waiting and not self._exiting:
+                    self._lock.wait()
+                if self._exiting and not self._waiting and not self._batch:
+                    return
+
+    def _take(self) -> Handle | None:
+        """Move waiting jobs into the decoder while it has room, dropping those cancelled while they waited; the
+        job to run alone, when one is at the head of the queue and the batch has drained."""
+        dropped = []
+        with self._lock:
+            if any(handle.cancelled for handle in self._waiting):
+                dropped = [handle for handle in self._waiting if handle.cancelled]
+                self._waiting = deque(handle for handle in self._waiting if not handle.cancelled)
+                self._alone.difference_update(dropped)
+            solo = None
+            while self._waiting:
+                head = self._waiting[0]
+                if head in self._alone or not batchable(head.job):
+                    if not self._batch:  # drained: it runs now; until then nothing joins the batch
+                        solo = self._solo = self._waiting.popleft()
+                        self._alone.discard(solo)
+                    break
+                if len(self._batch) >= self.max_batch:
+                    break
+                try:
+                    item = self.decoder.submit(head.job.request)
+                except ParadecError:  # the decoder does not batch its method: it runs alone
+                    self._alone.add(head)
+                    continue
+                self._waiting.popleft()
+                self._batch[head] = _Seq(head, item, time.monotonic() - head.job.submitted)
+        for handle in dropped:  # cancelled (disconnect, timeout) before they started
+            handle.push(Failed(JobCancelled(handle.cancel_reason)))
+            wait = time.monotonic() - handle.job.submitted
+            emit_report(self.on_report, job_report(handle.job, handle.cancel_reason, None, None, wait))
+        return solo
+
+    def _step(self) -> None:
+        seqs = list(self._batch.values())
+        for seq in seqs:
+            if self._exiting:
+                seq.handle.cancel("shutdown")
+            if seq.handle.cancelled and not seq.item.cancelled:
+                self.decoder.cancel(seq.item, seq.handle.cancel_reason)
+        before = {id(seq): _emitted(seq.item) for seq in seqs}
+        try:
+            self.decoder.step()
+        except Exception as exc:  # a bug outside any one sequence: fail the batch, keep serving
+            self._fail_batch(seqs, exc)
+            return
+        self._observe_step(sum(_emitted(seq.item) - before[id(seq)] for seq in seqs))
+        for seq in seqs:
+            item, handle = seq.item, seq.handle
+            if not item.cancelled:
+                while item.pieces:
+                    handle.push(Piece(item.pieces.popleft()))
+            if item.done:
+                self._finish(seq)
+
+    def _observe_step(self, tokens: int) -> None:
+        """Read (and clear, so they stay small) the decoder's per-step records."""
+        sizes, inputs = self.decoder.batch_sizes, self.decoder.step_inputs
+        if not sizes:
+            return  # the call only prefilled
+        report = StepReport(sequences=sizes[-1], inputs=inputs[-1] if inputs else 0, tokens=tokens)
+        sizes.clear()
+        inputs.clear()
+        self.steps += 1
+        self.largest_batch = max(self.largest_batch, report.sequences)
+        if self.on_step is not None:
+            try:
+                self.on_step(report)
+            except Exception:  # metrics must never take the worker down
+                log.exception("reporting a batch step failed")
+
+    def _finish(self, seq: _Seq) -> None:
+        item, handle, job = seq.item, seq.handle, seq.handle.job
+        with self._lock:  # no longer running once its last event is out
+            self._batch.pop(handle, None)
+            retry = _refused(item) and not self._closed
+            if retry:  # it runs alone, first in line
+                self._alone.add(handle)
+                self._waiting.appendleft(handle)
+        if retry:
+            log.info("request %s runs alone: %s", job.request_id, item.error)
+            return
+        if item.result is not None:
+            handle.push(Done(item.result, seq.queue_seconds))
+            outcome = item.result.finish_reason
+        elif item.cancelled or _refused(item):  # (refused while shutting down: it would have waited)
+            reason = handle.cancel_reason or item.cancelled or "shutdown"
+            handle.push(Failed(JobCancelled(reason)))
+            outcome = reason
+        elif isinstance(item.error, ParadecError):
+            handle.push(Failed(item.error))
+            outcome = "invalid"
+        else:  # a bug or a device failure in this sequence: the others go on
+            error = item.error if isinstance(item.error, Exception) else RuntimeError(str(item.error))
+            log.error("generation failed (request %s)", job.request_id, exc_info=error)
+            handle.push(Failed(error))
+            outcome = "error"
+        stats = None if item.decoding is None else item.decoding.stats
+        report = job_report(job, outcome, stats, item.result, seq.queue_seconds, _emitted(item))
+        emit_report(self.on_report, report)
+
+    def _fail_batch(self, seqs: list[_Seq], exc: Exception) -> None:
+        log.error(
+            "a batch step failed: generation failed (requests %s)",
+            ", ".join(seq.handle.job.request_id for seq in seqs),
+            exc_info=exc,
+        )
+        for seq in seqs:
+            self.decoder.cancel(seq.item, "error")
+        try:
+            self.decoder.step()  # drops the cancelled sequences, freeing their slots
+        except Exception:
+            log.exception("clearing the failed batch failed")
+        for seq in seqs:
+            with self._lock:
+                self._batch.pop(seq.handle, None)
+            seq.handle.push(Failed(exc))
+            item = seq.item
+            stats = None if item.decoding is None else item.decoding.stats
+            report = job_report(seq.handle.job, "error", stats, None, seq.queue_seconds, _emitted(item))
+            emit_report(self.on_report, report)
+
+
+def _emitted(item: BatchItem) -> int:
+    return 0 if item.decoding is None else len(item.decoding.new_ids)

@@ -1,0 +1,60 @@
+"""`paradec bench --concurrency`: the server under load, end to end on the committed code model (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from paradec.bench import load
+from paradec.bench.prompts import BenchPrompt
+from paradec.cli import main
+from paradec.zoo import code_draft_dir, code_model_dir
+
+PROMPTS = [
+    {"id": "fib", "category": "code", "prompt": "def fibonacci(n):\n"},
+    {"id": "stack", "category": "code", "prompt": "class Stack:\n    def __init__(self):\n"},
+    {"id": "read", "category": "code", "prompt": "def read_lines(path):\n"},
+]
+
+
+def test_request_bodies():
+    path, body = load.body(BenchPrompt("p", "c", "def f():"), "pld", 16)
+    assert path == "/v1/completions" and body["prompt"] == "def f():" and body["method"] == "pld"
+    assert body["temperature"] == 0 and body["stream"] and body["max_tokens"] == 16
+    chat = BenchPrompt("c", "c", "hi", messages=(("system", "Be brief."), ("user", "hi"), ("user", "later")))
+    path, body = load.body(chat, "vanilla", 8)
+    assert path == "/v1/chat/completions"
+    assert body["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert load._percentile([], 0.5) is None and load._percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+
+
+def test_concurrent_clients_get_the_answers_of_one_client(tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    out = tmp_path / "out"
+    args = ["bench", "--concurrency", "1,3", "--model", str(code_model_dir()), "--draft", str(code_draft_dir())]
+    args += ["--runner", "native", "--dtype", "float32", "--device", "cpu", "--prompts", str(prompts)]
+    args += ["--methods", "pld,draft", "--max-new-tokens", "12", "--out", str(out), "--quiet"]
+    assert main(args) == 0, capsys.readouterr().err
+    data = json.loads((out / "load.json").read_text())
+    rounds = {(r["method"], r["clients"]): r for r in data["rounds"]}
+    assert set(rounds) == {(m, n) for m in ("vanilla", "pld", "draft") for n in (1, 3)}
+    for r in rounds.values():
+        assert r["errors"] == 0 and r["equal"] == r["compared"] == r["requests"] and r["tokens"] > 0
+        assert r["latency_p50"] > 0 and r["ttft_p50"] is not None
+    assert rounds[("pld", 3)]["requests"] == 6  # max(prompts, 2 x clients)
+    assert "| pld | 3 | 6 |" in (out / "load.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--concurrency", "0"], "--concurrency: client count must be >= 1, got 0"),
+        (["--concurrency", "2,x"], "--concurrency: 'x' is not an integer"),
+        (["--concurrency", "2", "--mode", "sample"], "--concurrency measures greedy decoding"),
+    ],
+)
+def test_bad_load_arguments_exit_2(extra, message, capsys):
+    assert main(["bench", "--device", "cpu", "--suite", "smoke", *extra]) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,164 @@
+"""`suffix`: the frequency tries, the best-first tree, the engine's bounded trie, and losslessness."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import hf_greedy
+from fakes import TableRunner, exact_joint, random_table
+from paradec.config import SamplingParams
+from paradec.drafters.base import DecodeState
+from paradec.drafters.suffix import (
+    GlobalSuffixTrie,
+    Node,
+    SuffixDrafter,
+    SuffixMethod,
+    SuffixOptions,
+    SuffixTrie,
+    best_tree,
+)
+from paradec.errors import ParadecError
+from sampling_check import chi_square_p, sample_counts
+
+PROMPTS = ["def fibonacci(n):\n    if n < 2:\n        return n\n", "import os\nimport sys\n\nprint("]
+
+
+def dump(node: Node) -> dict:
+    """A trie as nested {token: (count, children)}, for comparisons."""
+    return {token: (child.count, dump(child)) for token, child in sorted(node.children.items())}
+
+
+def reference_trie(sequences: list[list[int]], depth: int) -> dict:
+    root = Node()
+    for tokens in sequences:
+        for start in range(len(tokens)):
+            node = root
+            for token in tokens[start : start + depth]:
+                node = node.children.setdefault(token, Node())
+                node.count += 1
+    return dump(root)
+
+
+def test_request_trie_counts_every_substring_and_matches_the_longest_repeated_suffix():
+    trie = SuffixTrie(depth=4)
+    tokens = [1, 2, 3, 1, 2, 4, 1, 2]
+    trie.extend(tokens[:3])
+    trie.extend(tokens[3:])  # incremental == at once
+    assert dump(trie.root) == reference_trie([tokens], 4)
+    node, length = trie.match()  # "1 2" occurred twice before, continued by 3 and 4
+    assert length == 2 and {t: c.count for t, c in node.children.items()} == {3: 1, 4: 1}
+    fresh = SuffixTrie(depth=4)
+    fresh.extend([5, 6, 7])
+    assert fresh.match() == (None, 0)  # nothing repeats: nothing to say
+
+
+def test_best_tree_is_best_first_by_path_probability():
+    trie = SuffixTrie(depth=6)
+    trie.extend([9, 1, 2, 3, 9, 1, 2, 3, 9, 1, 5, 9])  # after 9: "1 2 3" twice, "1 5" once
+    node, length = trie.match()
+    assert length == 1
+    tokens, parents = best_tree(node, 8, min_score=0.0)
+    assert tokens[:3] == [1, 2, 3] and parents[:3] == [-1, 0, 1]  # 1 (p=1), 2 (2/3), 3 (2/3)
+    assert 5 in tokens and parents[tokens.index(5)] == 0  # the sibling of 2, at 1/3
+    assert best_tree(node, 2, min_score=0.0) == ([1, 2], [-1, 0])
+    pruned, _ = best_tree(node, 8, min_score=0.5)
+    assert 5 not in pruned  # 1/3 < 0.5
+
+
+def test_engine_trie_is_bounded_and_forgets_the_oldest_exactly():
+    rng = random.Random(0)
+    trie = GlobalSuffixTrie(depth=5, max_sequences=4, max_tokens=10_000, max_nodes=10_000)
+    sequences = [[rng.randrange(6) for _ in range(rng.randrange(3, 30))] for _ in range(12)]
+    for i, tokens in enumerate(sequences):
+        trie.add(tokens)
+        kept = sequences[max(0, i - 3) : i + 1]
+        assert dump(trie.root) == reference_trie(kept, 5)  # removal undoes insertion exactly
+        assert trie.nodes == sum(1 for _ in _walk(trie.root)) - 1
+    small = GlobalSuffixTrie(depth=8, max_sequences=1000, max_tokens=10_000, max_nodes=300)
+    for _ in range(200):
+        small.add([rng.randrange(50) for _ in range(40)])
+        assert small.nodes <= 300 + 40 * 8  # one sequence over the cap at most, before it goes
+    assert small.nodes <= 300 and len(small.sequences) >= 1
+    node, length = trie.match(sequences[-1][:4], 8)
+    assert length >= 1 and node is not None
+
+
+def _walk(node: Node):
+    yield node
+    for child in node.children.values():
+        yield from _walk(child)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_greedy_equals_transformers(engines, hf_models, arch):
+    engine = engines(f"loop-{arch}")
+    for prompt in PROMPTS:
+        reference = hf_greedy(hf_models(f"loop-{arch}"), engine.encode(prompt), 40)
+        for options in ({}, {"max_nodes": 4, "min_match": 1, "use_global": False}, {"adaptive": True}):
+            result = engine.generate(prompt, method="suffix", options=options, max_new_tokens=40)
+            assert result.token_ids == reference, options
+    assert result.stats.tau > 1.5  # the looping target repeats itself: the tries predict it
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_greedy_equals_transformers_on_the_native_runner_and_in_a_batch(engines, hf_models, arch):
+    engine = engines(f"loop-{arch}", runner="native")
+    prompts = [engine.encode(p) for p in PROMPTS]
+    references = [hf_greedy(hf_models(f"loop-{arch}"), ids, 40) for ids in prompts]
+    for ids, reference in zip(prompts, references, strict=True):
+        assert engine.generate(ids, method="suffix", max_new_tokens=40).token_ids == reference
+    batched = engine.generate_batch(prompts, method="suffix", max_new_tokens=40)
+    assert [r.token_ids for r in batched] == references
+
+
+def test_earlier_outputs_are_matched_across_requests(engines):
+    """The engine's trie: a second request that repeats the first one's output gets it proposed from the start."""
+    engine = engines("loop-llama")
+    first = engine.generate(PROMPTS[0], method="suffix", max_new_tokens=40)
+    trie = engine.method("suffix").global_trie(SuffixOptions().max_depth)
+    assert any(seq == first.token_ids for seq in trie.sequences)
+    again = engine.generate(PROMPTS[0], method="suffix", max_new_tokens=40)
+    alone = engine.generate(PROMPTS[0], method="suffix", options={"use_global": False}, max_new_tokens=40)
+    assert again.token_ids == alone.token_ids == first.token_ids
+    assert again.stats.steps < alone.stats.steps  # the earlier output was drafted
+
+
+def test_nothing_to_repeat_proposes_nothing():
+    target = TableRunner(random_table(8, seed=0))
+    method = SuffixMethod(SimpleNamespace(target=target), SuffixDrafter)
+    drafter = method.open(SuffixOptions(use_global=False))
+    state = DecodeState([1, 2, 3, 4, 5], 5, SamplingParams(), None, torch.device("cpu"), 8)
+    drafter.begin(state)
+    assert drafter.propose(state, max_tokens=10).size == 0
+    state.tokens += [1, 2]  # "1 2" occurred before, followed by 3
+    assert drafter.propose(state, max_tokens=10).tokens.tolist()[:3] == [3, 4, 5]
+    assert drafter.propose(state, max_tokens=1).size == 1
+
+
+def test_sampling_matches_plain_sampling():
+    """Point-mass verification of suffix trees keeps plain sampling's distribution (a prompt with repeats, so
+    trees with siblings are proposed)."""
+    table = random_table(4, seed=2, scale=0.8)
+    sp = SamplingParams(temperature=1.0)
+    prompt = [3, 1, 2, 0, 2, 3, 1, 2, 1, 1, 3, 1, 2]  # '3 1 2' was followed by 0 and by 1: siblings
+    target = TableRunner(table)
+    method = SuffixMethod(SimpleNamespace(target=target), SuffixDrafter)
+    options = SuffixOptions(min_match=1, use_global=False, min_score=0.0, max_nodes=6)
+    probe = method.open(options)
+    state = DecodeState(list(prompt), len(prompt), sp, None, torch.device("cpu"), 4)
+    probe.begin(state)
+    assert probe.propose(state, max_tokens=6).parents is not None  # a tree, not a chain
+    counts = sample_counts(target, lambda: method.open(options), prompt, sp, 3, 2000)
+    assert chi_square_p(counts, exact_joint(table, prompt, 3, sp), 4, 3) > 1e-3
+
+
+def test_options_are_validated(engines):
+    engine = engines("llama")
+    with pytest.raises(ParadecError, match="option min_match=9 for method 'suffix' exceeds max_depth=4"):
+        engine.request("x", method="suffix", options={"min_match": 9, "max_depth": 4})
+    with pytest.raises(ParadecError, match=r"option max_depth=.* must be an integer in"):
+        engine.request("x", method="suffix", options={"max_depth": 1000})
