@@ -4,6 +4,8 @@
 # self-chat data, then `paradec bench` on the chat and code-chat suites. Run from the repo root there:
 #   stage    append the carried chunks (.gpu-chunks/stage.sh); installs the carried .whl/ wheels (gguf) once
 #   start    start the chain in the background (it waits for the files it needs) and return
+#   start-new  start the new methods' chain instead (the Qwen pair only: `suffix` on the agentic and chat suites,
+#            `pard` trained from the 0.5B, on code-chat and chat)
 #   start-batch  start the batching chain instead (the Qwen pair only: batched bench at 1..64, the server under load
 #            from 1, 16 and 32 clients, and the one-at-a-time server at 32; the .whl/ folder must carry fastapi,
 #            uvicorn, pydantic and their dependencies for the server: pip download --only-binary=:all:
@@ -95,6 +97,7 @@ train_part() {  # both targets' drafters on self-chat data; the second kind of a
     train $Q15 eagle $QWEN_TRAIN
     train $Q15 draft $QWEN_TRAIN &
     train $Q15 medusa $QWEN_TRAIN &
+    train $Q15 pard $QWEN_TRAIN &
     wait
     tar cf $RES/heads.tar --exclude=data-cache --exclude=draft -C "$HOME/.cache/paradec/models" $SMOL/heads $Q15/heads \
         || true
@@ -125,6 +128,23 @@ bench_part() {  # every bench alone on the GPU, the greedy tables first
 
 chain() { (tests &) ; train_part && bench_part && echo "DONE $(date +%T)"; }
 
+new_methods_part() {  # suffix on the agentic suite, and PARD (adapted 0.5B) against the 0.5B draft, on the Qwen pair
+    set -e
+    mkdir -p $RES
+    local small large pard=$HOME/.cache/paradec/models/$Q15/heads/pard
+    convert $Q05 & small=$!
+    convert $Q15 & large=$!
+    wait $small
+    wait $large
+    [ -f $pard/config.json ] || train $Q15 pard $QWEN_TRAIN
+    CODE_PC=8 bench $Q15 agentic q15-agentic --draft $Q05 --methods vanilla,pld,suffix $QWEN_BENCH
+    bench $Q15 chat q15-chat-suffix --draft $Q05 --methods vanilla,pld,suffix $QWEN_BENCH
+    for suite in code-chat chat; do
+        bench $Q15 $suite q15-$suite-pard --draft $pard --methods vanilla,pard $QWEN_BENCH
+    done
+    tar cf $RES/pard.tar --exclude='*.safetensors' -C "$HOME/.cache/paradec/models/$Q15/heads" pard || true
+}
+
 batch_part() {  # batched decoding and the batched server on the Qwen pair (needs only the Qwen files)
     set -e
     mkdir -p $RES
@@ -148,7 +168,8 @@ batch_part() {  # batched decoding and the batched server on the Qwen pair (need
 }
 
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
-    export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain batch_part
+    export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain batch_part \
+        new_methods_part
     snapshot
     rm -f $DONE
     # its own bash, so that `set -e` ends the part alone
@@ -165,6 +186,12 @@ stage)
 start)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     launch chain
+    sleep 20
+    tail -n 5 $LOG
+    ;;
+start-new)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    launch new_methods_part
     sleep 20
     tail -n 5 $LOG
     ;;
@@ -191,7 +218,7 @@ bench)
     tail -n 3 $LOG
     ;;
 *)
-    echo "usage: $0 stage|start|start-batch|wait|collect|bench" >&2
+    echo "usage: $0 stage|start|start-new|start-batch|wait|collect|bench" >&2
     exit 2
     ;;
 esac

@@ -40,6 +40,8 @@ class HFRunner:
         # transformers renamed `past_key_values` to `cache` (5.2x); support both spellings
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._cache = DynamicCache()
+        pard = getattr(model.config, "pard", None)  # a PARD-adapted draft's mask token and trained k
+        self.pard = dict(pard) if isinstance(pard, dict) else None
         self._ledger = Ledger(self.max_length, name="HFRunner", what="the hf runner", hint=" (the model's context)")
 
     @property

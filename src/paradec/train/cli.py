@@ -132,9 +132,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         f"(default {defaults.near_duplicate})",
     )
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--steps", type=int, help="optimizer steps (default: medusa 1000, eagle 3000, draft 1000)")
+    opt.add_argument(
+        "--steps", type=int, help="optimizer steps (default: medusa 1000, eagle 3000, draft 1000, pard 1500)"
+    )
     opt.add_argument("--batch-size", type=int, default=16, help="windows per step (default 16)")
-    opt.add_argument("--lr", type=float, help="peak learning rate (default: medusa and eagle 3e-3, draft 3e-4)")
+    opt.add_argument(
+        "--lr", type=float, help="peak learning rate (default: medusa and eagle 3e-3, draft and pard 3e-4)"
+    )
     opt.add_argument("--warmup", type=int, default=100, help="warm-up steps (default 100)")
     opt.add_argument(
         "--seed", type=int, default=0, help="seeds the data (requests, windows, sampled answers) and the training"
@@ -216,6 +220,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     draft.set_defaults(func=cmd_train)
 
+    pard = kinds.add_parser("pard", help="adapt a small draft model to propose k tokens in one forward (PARD)")
+    _add_common(pard)
+    pard.add_argument(
+        "--draft", help="the draft model to adapt (default: the draft registered for a zoo target, e.g. code-8m-draft)"
+    )
+    pard.add_argument(
+        "--k",
+        dest="pard_k",
+        type=int,
+        default=8,
+        help="tokens predicted per forward: the last real one and k - 1 masks (default 8)",
+    )
+    pard.set_defaults(func=cmd_train)
+
 
 def _bounds(values) -> tuple[float, ...]:
     """A value or a range LOW HIGH, as a range (more values are refused by SelfChatSettings)."""
@@ -264,6 +282,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         intermediate_size=getattr(args, "intermediate_size", None),
         draft_vocab=getattr(args, "draft_vocab", None),
         feature_layers=getattr(args, "feature_layers", "auto"),
+        pard_k=getattr(args, "pard_k", 8),
     )
     out = run(
         args.kind,

@@ -55,11 +55,13 @@ from paradec.train.eagle import (
 )
 from paradec.train.loop import FitResult, TrainSettings, autocast, device_name, fit
 from paradec.train.medusa import medusa_accuracy, medusa_loss
+from paradec.train.pard import choose_mask_token, pard_accuracy, pard_loss, splits
 from paradec.train.selfchat import SelfChatSettings, self_chat_texts
 
-KINDS = ("medusa", "eagle", "draft")
-DEFAULT_STEPS = {"medusa": 1000, "eagle": 3000, "draft": 1000}
-DEFAULT_LR = {"medusa": 3e-3, "eagle": 3e-3, "draft": 3e-4}
+KINDS = ("medusa", "eagle", "draft", "pard")
+DEFAULT_STEPS = {"medusa": 1000, "eagle": 3000, "draft": 1000, "pard": 1500}
+DEFAULT_LR = {"medusa": 3e-3, "eagle": 3e-3, "draft": 3e-4, "pard": 3e-4}
+DRAFT_KINDS = ("draft", "pard")  # the kinds that train a draft model (--draft)
 ANSWER_TEMPERATURE = 1.0  # the temperature of the sampled answers, unless given
 SELF_CHAT_SAMPLED_SHARE = 0.25  # with self-chat, this share of the answers is sampled, unless given
 
@@ -134,9 +136,10 @@ class HeadSettings:
     # EAGLE: the target layers fused into the head's feature (EAGLE-3): "auto" (`default_feature_layers`), layer
     # indices, or None (the last hidden state, EAGLE-1/2)
     feature_layers: str | tuple[int, ...] | None = "auto"
+    pard_k: int = 8  # PARD: tokens the draft predicts from one forward (the last real token and k - 1 masks)
 
     def __post_init__(self) -> None:
-        for name in ("medusa_heads", "tree_nodes", "tree_ranks", "passes"):
+        for name in ("medusa_heads", "tree_nodes", "tree_ranks", "passes", "pard_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ParadecError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
@@ -328,7 +331,8 @@ def run(
     prompts = _windows_as_prompts(val_data, data.prompt_len, val_prompts)
 
     job = Job(target, train_data, val_data, train, heads, dev, out_dir, draft_path, prompts, val_new_tokens, progress)
-    report = {"medusa": _train_medusa, "eagle": _train_eagle, "draft": _train_draft}[kind](job)
+    trainers = {"medusa": _train_medusa, "eagle": _train_eagle, "draft": _train_draft, "pard": _train_pard}
+    report = trainers[kind](job)
     _log(f"{kind}: validation acceptance {report['validation_acceptance']}")
     card = {
         "kind": kind,
@@ -462,10 +466,11 @@ def _transformers_version() -> str:
 
 
 def _draft_path(kind: str, model_dir: Path, draft: str | Path | None) -> Path | None:
-    """The draft to distil: `draft`, else the draft registered for a zoo target (`code-8m` has `code-8m-draft`)."""
-    if kind != "draft":
+    """The draft to distil or adapt: `draft`, else the draft registered for a zoo target (`code-8m` has
+    `code-8m-draft`)."""
+    if kind not in DRAFT_KINDS:
         if draft is not None:
-            raise ParadecError(f"--draft is only used by `paradec train draft`, not {kind}")
+            raise ParadecError(f"--draft is only used by `paradec train draft` and `train pard`, not {kind}")
         return None
     if draft is None:
         from paradec import zoo
@@ -473,7 +478,7 @@ def _draft_path(kind: str, model_dir: Path, draft: str | Path | None) -> Path | 
         draft = zoo.registered_draft(zoo.zoo_name(model_dir))
         if draft is None:
             raise ParadecError(
-                f"`paradec train draft` needs --draft DIR, the small model to distil: the target {str(model_dir)!r} "
+                f"`paradec train {kind}` needs --draft DIR, the small model to train: the target {str(model_dir)!r} "
                 "has no registered draft"
             )
     return resolve_model_dir(draft, "draft model")
@@ -565,16 +570,34 @@ def _train_eagle(job: Job) -> dict:
     }
 
 
-def _train_draft(job: Job) -> dict:
+def _load_draft_model(job: Job):
+    """The draft checkpoint to train, in float32 on the training device, and the dtype to save it in."""
     from transformers import AutoModelForCausalLM
 
-    target, train_data = job.target, job.train_data
     try:
         draft = AutoModelForCausalLM.from_pretrained(job.draft_path, dtype=torch.float32).to(job.device)
     except Exception as exc:
         raise ParadecError(f"cannot load the draft model {str(job.draft_path)!r}: {exc}") from exc
     config = read_config(job.draft_path)
-    save_dtype = DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), torch.float32)  # as it came
+    return draft, DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), torch.float32)  # as it came
+
+
+def _save_draft_model(job: Job, draft, save_dtype: torch.dtype) -> None:
+    """Write the trained draft (with the tokenizer files of the one it came from) to `job.out_dir`, whole or not."""
+    tmp = job.out_dir.with_name(job.out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    draft.to(save_dtype).save_pretrained(tmp)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        source = job.draft_path / name
+        if source.is_file() and not (tmp / name).exists():
+            shutil.copyfile(source, tmp / name)
+    shutil.rmtree(job.out_dir, ignore_errors=True)
+    tmp.rename(job.out_dir)
+
+
+def _train_draft(job: Job) -> dict:
+    target, train_data = job.target, job.train_data
+    draft, save_dtype = _load_draft_model(job)
     draft.eval()
     with job.autocast():
         agreement_before = draft_accuracy(draft, target.lm_head, job.val_data)
@@ -590,15 +613,7 @@ def _train_draft(job: Job) -> dict:
     draft.eval()
     with job.autocast():
         agreement_after = draft_accuracy(draft, target.lm_head, job.val_data)
-    tmp = job.out_dir.with_name(job.out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    draft.to(save_dtype).save_pretrained(tmp)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
-        source = job.draft_path / name
-        if source.is_file() and not (tmp / name).exists():
-            shutil.copyfile(source, tmp / name)
-    shutil.rmtree(job.out_dir, ignore_errors=True)
-    tmp.rename(job.out_dir)
+    _save_draft_model(job, draft, save_dtype)
     return {
         "draft": str(job.draft_path),
         "parameters": sum(p.numel() for p in draft.parameters()),
@@ -609,4 +624,43 @@ def _train_draft(job: Job) -> dict:
         },
         "validation_acceptance_before": acceptance_before,
         "validation_acceptance": job.acceptance("draft", draft=draft),
+    }
+
+
+def _train_pard(job: Job) -> dict:
+    """A PARD draft (`paradec.train.pard`): the draft model adapted to predict k tokens from one forward."""
+    target, train_data, k = job.target, job.train_data, job.heads.pard_k
+    draft, save_dtype = _load_draft_model(job)
+    tokenizer = load_tokenizer(job.draft_path)
+    vocab = int(draft.get_input_embeddings().weight.shape[0])
+    mask = choose_mask_token(tokenizer, vocab)
+    pad = int(target.eos_token_ids[0]) if target.eos_token_ids else 0
+    prompt_len = int(train_data.stats.get("prompt_tokens", 1))
+    draft.config.pard = {"mask_token_id": mask, "k": k}  # what the drafter reads, in training's acceptance too
+    draft.eval()
+    with job.autocast():
+        before = pard_accuracy(draft, target.lm_head, job.val_data, k, mask, pad, prompt_len)
+    draft.train()
+    generator = torch.Generator().manual_seed(job.settings.seed)
+
+    def loss(index: torch.Tensor) -> torch.Tensor:
+        valid = train_data.valid[index]
+        split = splits(valid.cpu(), prompt_len, k, generator)
+        return pard_loss(
+            draft, target.lm_head, train_data.tokens[index], train_data.features[index], valid, split, k, mask, pad
+        )
+
+    result = job.fit(draft.parameters(), loss, "pard")
+    draft.eval()
+    with job.autocast():
+        after = pard_accuracy(draft, target.lm_head, job.val_data, k, mask, pad, prompt_len)
+    acceptance = job.acceptance("pard", draft=draft)
+    _save_draft_model(job, draft, save_dtype)
+    return {
+        "draft": str(job.draft_path),
+        "parameters": sum(p.numel() for p in draft.parameters()),
+        "pard": {"mask_token_id": mask, "k": k},
+        "fit": result.to_dict(),
+        "validation": {"top1_by_position_before": before, "top1_by_position_after": after},
+        "validation_acceptance": acceptance,
     }

@@ -85,6 +85,8 @@ class _Seq:
 class BatchedNativeRunner:
     """B cache slots over one Transformer's weights; one ragged forward scores a `Step` (many sequences)."""
 
+    pard: dict | None = None  # as `NativeRunner.pard`
+
     def __init__(self, model: Transformer, *, slots: int, max_cache_len: int | None = None) -> None:
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ParadecError(f"slots must be a positive int, got {slots!r}")
@@ -151,7 +153,9 @@ class BatchedNativeRunner:
             raise ParadecError(
                 f"a batched runner runs every layer; this native runner runs layers {list(runner.layer_ids)} only"
             )
-        return cls(runner.model, slots=slots, max_cache_len=max_cache_len or runner.max_length)
+        batched = cls(runner.model, slots=slots, max_cache_len=max_cache_len or runner.max_length)
+        batched.pard = runner.pard
+        return batched
 
     @property
     def args(self) -> ModelArgs:
@@ -426,6 +430,7 @@ class SlotRunner:
     def __init__(self, batched: BatchedNativeRunner, slot: int) -> None:
         self.batched = batched
         self.slot = slot
+        self.pard = batched.pard
         self.device = batched.device
         self.dtype = batched.dtype
         self.vocab_size = batched.vocab_size

@@ -44,6 +44,7 @@ class NativeRunner:
     max_step_inputs = Q_BUCKETS[-1]  # the largest forward on the static buckets (method options are bounded by it)
     max_chain = ChainGraph.max_tokens  # the longest `draft_chain`
     _chain: ChainGraph | None = None  # built on the first `draft_chain` (its buffers are vocabulary-wide)
+    pard: dict | None = None  # {"mask_token_id", "k"} of a PARD-adapted draft checkpoint (`paradec.drafters.pard`)
 
     def __init__(
         self,
@@ -110,13 +111,18 @@ class NativeRunner:
         if compile is None:
             compile = device.type == "cuda" and importlib.util.find_spec("triton") is not None
         model = load_transformer(path, device=device, dtype=resolve_dtype(dtype, config), compile=compile)
-        return cls(model, max_cache_len=max_cache_len, static_shapes=static_shapes)
+        runner = cls(model, max_cache_len=max_cache_len, static_shapes=static_shapes)
+        pard = config.get("pard")  # a PARD-adapted draft's mask token and trained k (`paradec train pard`)
+        runner.pard = dict(pard) if isinstance(pard, dict) else None
+        return runner
 
     def view(self, layers: Sequence[int], *, max_cache_len: int | None = None) -> NativeRunner:
         """A runner over a subset of this model's layers: same weights (no copy), its own cache and graphs."""
-        return NativeRunner(
+        view = NativeRunner(
             self.model, max_cache_len=max_cache_len or self.max_length, layers=layers, static_shapes=self.static_shapes
         )
+        view.pard = self.pard
+        return view
 
     def embed_weight(self) -> torch.Tensor:
         """Token embedding [V, H] (trained heads share it)."""

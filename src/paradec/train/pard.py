@@ -1,0 +1,114 @@
+"""Adapting a small draft model to PARD: k tokens per forward (An et al. 2025, "PARD").
+
+The draft learns to read a sequence followed by k - 1 mask tokens and to predict, at the last real token and at
+mask i, the target's distribution 1 and i + 1 places ahead. Each training row is one self-distilled window
+(`paradec.train.data`) cut at a random split s inside the target's answer: inputs w[0..s] + MASK x (k - 1); the loss
+is KL(target || draft) at positions s .. s + k - 1 against the target's own distributions there (softmax of its LM
+head over the stored hidden states f_{s+i}, which predict w[s+i+1]), plus the same KL at the real positions before
+s, which keeps the draft an ordinary next-token model too. Rows are right-padded to the longest and masked.
+
+The mask token is a row of the draft's embedding no text uses (`choose_mask_token`): the first id past the
+tokenizer's vocabulary when the embedding has spare rows (Qwen2.5's 151,936 rows hold 151,665 tokens), else the pad
+token, else the last id. Training gives it its meaning; the checkpoint's config records it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def choose_mask_token(tokenizer, vocab_size: int) -> int:
+    """An id of the draft's embedding for the mask token (see the module docstring)."""
+    used = len(tokenizer)
+    if used < vocab_size:
+        return used
+    pad = getattr(tokenizer, "pad_token_id", None)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(pad, int) and pad != eos and 0 <= pad < vocab_size:
+        return pad
+    return vocab_size - 1
+
+
+def splits(valid: torch.Tensor, prompt_len: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """A split s per row [B]: uniform over the answer's positions [prompt_len - 1, last valid - 1] (a window whose
+    answer is too short splits at prompt_len - 1)."""
+    last = valid.long().cumsum(1).argmax(1)  # [B] the last valid position
+    low = torch.full_like(last, prompt_len - 1)
+    high = torch.maximum(low, last - 1)
+    u = torch.rand(last.shape, generator=generator)
+    return (low + (u * (high - low + 1).float()).long().clamp_max(high - low)).clamp_min(0)
+
+
+def pard_batch(tokens: torch.Tensor, split: torch.Tensor, k: int, mask: int, pad: int):
+    """Inputs [B, L] (w[0..s] + mask x (k - 1), right-padded), attention mask [B, L] and, per row, the positions
+    whose outputs are scored: (rows, positions, source positions, is_mask) of the real positions < s and the k
+    prediction positions s .. s + k - 1 (source: the window position whose target distribution is the label)."""
+    B, T = tokens.shape
+    lengths = split + k  # s + 1 real tokens and k - 1 masks
+    L = int(lengths.max())
+    inputs = torch.full((B, L), pad, dtype=torch.long)
+    attention = torch.zeros(B, L, dtype=torch.long)
+    rows, positions, sources = [], [], []
+    for b in range(B):
+        s = int(split[b])
+        inputs[b, : s + 1] = tokens[b, : s + 1]
+        inputs[b, s + 1 : s + k] = mask
+        attention[b, : s + k] = 1
+        for p in range(s + k):
+            source = p  # real positions predict their next token; mask i (p = s + i) predicts i + 1 ahead
+            if source < T - 1:
+                rows.append(b)
+                positions.append(p)
+                sources.append(source)
+    return inputs, attention, torch.tensor(rows), torch.tensor(positions), torch.tensor(sources)
+
+
+def pard_loss(
+    draft,
+    lm_head: torch.Tensor,  # [V, H] the target's LM head, frozen
+    tokens: torch.Tensor,  # [B, T]
+    features: torch.Tensor,  # [B, T, H] the target's hidden states (f_t predicts token t + 1)
+    valid: torch.Tensor,  # [B, T] bool
+    split: torch.Tensor,  # [B]
+    k: int,
+    mask: int,
+    pad: int,
+) -> torch.Tensor:
+    device = features.device
+    inputs, attention, rows, positions, sources = pard_batch(tokens.cpu(), split.cpu(), k, mask, pad)
+    inputs, attention = inputs.to(device), attention.to(device)
+    rows, positions, sources = rows.to(device), positions.to(device), sources.to(device)
+    keep = valid[rows, sources + 1]  # the label token is real (not past the target's end of text)
+    logits = draft(input_ids=inputs, attention_mask=attention).logits[rows, positions]  # [M, Vd]
+    width = min(logits.shape[-1], lm_head.shape[0])
+    with torch.no_grad():
+        target_logp = F.log_softmax((features[rows, sources] @ lm_head[:width].t()).float(), -1)
+    logp = F.log_softmax(logits[..., :width].float(), -1)
+    kl = F.kl_div(logp, target_logp, log_target=True, reduction="none").sum(-1)  # [M]
+    return (kl * keep).sum() / keep.sum().clamp_min(1)
+
+
+@torch.no_grad()
+def pard_accuracy(draft, lm_head: torch.Tensor, data, k: int, mask: int, pad: int, prompt_len: int) -> list[float]:
+    """Top-1 agreement with the target's greedy token at each of the k prediction positions, on `data` cut at
+    fixed (seeded) splits."""
+    generator = torch.Generator().manual_seed(0)
+    split = splits(data.valid.cpu(), prompt_len, k, generator)
+    hits, totals = [0] * k, [0] * k
+    device = data.features.device
+    for start in range(0, data.tokens.shape[0], 8):
+        tokens = data.tokens[start : start + 8]
+        s = split[start : start + 8]
+        inputs, attention, _, _, _ = pard_batch(tokens.cpu(), s, k, mask, pad)
+        logits = draft(input_ids=inputs.to(device), attention_mask=attention.to(device)).logits
+        width = min(logits.shape[-1], lm_head.shape[0])
+        for b in range(tokens.shape[0]):
+            for i in range(k):
+                p, source = int(s[b]) + i, int(s[b]) + i
+                if source + 1 >= tokens.shape[1] or not bool(data.valid[start + b, source + 1]):
+                    continue
+                target = int((data.features[start + b, source] @ lm_head[:width].t()).argmax())
+                hits[i] += int(int(logits[b, p, :width].argmax()) == target)
+                totals[i] += 1
+    return [round(h / t, 4) if t else 0.0 for h, t in zip(hits, totals)]

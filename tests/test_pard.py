@@ -1,0 +1,160 @@
+"""`pard`: a PARD-adapted draft proposes k tokens from one forward; lossless; trained end to end at toy size."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import paradec
+from conftest import hf_greedy
+from paradec.cli import main
+from paradec.errors import ParadecError
+from paradec.train.pard import choose_mask_token, pard_batch, splits
+
+PROMPTS = [[5, 9, 2, 7, 5, 9], [11, 3], [7] * 9, [40, 41, 42, 43, 44, 45, 46]]
+
+
+@pytest.fixture(scope="module")
+def pard_dirs(model_dirs, tmp_path_factory):
+    """arch -> a copy of the tiny '<arch>-draft' marked as PARD-adapted (untrained: exactness does not need it)."""
+    root = tmp_path_factory.mktemp("pard")
+    out = {}
+    for arch in ("llama", "qwen2", "gpt2"):
+        path = root / arch
+        shutil.copytree(model_dirs[f"{arch}-draft"], path)
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "pard": {"mask_token_id": 3, "k": 4}}))
+        out[arch] = path
+    return out
+
+
+def test_batches_cut_at_splits_and_end_in_masks():
+    tokens = torch.arange(20).view(2, 10)
+    inputs, attention, rows, positions, sources = pard_batch(tokens, torch.tensor([3, 6]), k=3, mask=99, pad=0)
+    assert inputs[0].tolist()[:6] == [0, 1, 2, 3, 99, 99] and attention[0].tolist() == [1] * 6 + [0] * 3
+    assert inputs[1].tolist() == [10, 11, 12, 13, 14, 15, 16, 99, 99] and attention[1].sum() == 9
+    assert positions[rows == 0].tolist() == list(range(6)) and torch.equal(positions, sources)
+    valid = torch.ones(4, 30, dtype=torch.bool)
+    valid[0, 12:] = False
+    s = splits(valid, prompt_len=8, k=4, generator=torch.Generator().manual_seed(0))
+    assert (s >= 7).all() and s[0] <= 10 and (s <= 28).all()
+
+
+def test_mask_token_is_a_spare_embedding_row(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert choose_mask_token(tokenizer, len(tokenizer) + 10) == len(tokenizer)
+    assert 0 <= choose_mask_token(tokenizer, len(tokenizer)) < len(tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("arch", "runner"), [("llama", "native"), ("qwen2", "native"), ("llama", "hf"), ("gpt2", "hf")]
+)
+def test_greedy_equals_transformers(model_dirs, pard_dirs, hf_models, arch, runner):
+    engine = paradec.load(model_dirs[arch], pard_dirs[arch], runner=runner, dtype="float32")
+    for prompt in PROMPTS:
+        reference = hf_greedy(hf_models(arch), prompt, 20)
+        for options in (None, {"k": 2}):
+            result = engine.generate(prompt, method="pard", options=options, max_new_tokens=20)
+            assert result.token_ids == reference, (prompt, options)
+    assert result.stats.proposed_tokens > 0
+
+
+def test_one_draft_forward_per_step_and_a_batch_drafts_in_one(model_dirs, pard_dirs):
+    engine = paradec.load(model_dirs["llama"], pard_dirs["llama"], runner="native", dtype="float32")
+    draft = engine.draft_runner()
+    calls = []
+    real = draft.forward
+
+    def counted(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    draft.forward = counted
+    try:
+        result = engine.generate(PROMPTS[0], method="pard", max_new_tokens=12)
+    finally:
+        del draft.forward
+    # one per step (the first one feeds the prompt too), but the last: it may emit one token only, so no draft
+    assert len(calls) == result.stats.steps - 1
+    alone = [engine.generate(p, method="pard", max_new_tokens=12).token_ids for p in PROMPTS]
+    decoder = engine.batch_decoder(len(PROMPTS), speculate="always")
+    items = [decoder.submit(engine.request(p, method="pard", max_new_tokens=12)) for p in PROMPTS]
+    while not all(i.prefilled for i in items):
+        decoder.step()
+    batched = decoder.draft_runner()
+    forwards = []
+    real_batched = batched.forward
+
+    def counted_batched(step, **kw):
+        forwards.append(len(step))
+        return real_batched(step, **kw)
+
+    batched.forward = counted_batched
+    try:
+        decoder.step()
+    finally:
+        del batched.forward
+    assert forwards == [len(PROMPTS)]  # every sequence's k drafts in one forward
+    for _ in decoder.run(items):
+        pass
+    assert [i.result.token_ids for i in items] == alone
+
+
+def test_sampling_follows_plain_sampling(model_dirs, pard_dirs):
+    """Chain rejection sampling with each position's q: the first two sampled tokens follow plain sampling."""
+    from collections import Counter
+
+    from scipy.stats import chisquare
+
+    engine = paradec.load(model_dirs["llama"], pard_dirs["llama"], runner="native", dtype="float32")
+    prompt = [5, 9, 2, 7]
+    runner = engine.target
+    with torch.no_grad():
+        runner.reset()
+        out = runner.forward(torch.tensor(prompt), logits="all")
+        runner.commit(0)
+    first = torch.softmax(out.logits[-1].double(), -1)
+    samples = 800
+    requests = [
+        engine.request(prompt, method="pard", max_new_tokens=1, sampling={"temperature": 1.0, "seed": s})
+        for s in range(samples)
+    ]
+    counts = Counter(r.token_ids[0] for r in engine.generate_batch(requests, max_batch=32, speculate="always"))
+    cells = [t for t in range(first.shape[0]) if first[t] * samples >= 5]
+    observed = [counts.get(t, 0) for t in cells] + [samples - sum(counts.get(t, 0) for t in cells)]
+    expected = [float(first[t]) * samples for t in cells]
+    expected.append(samples - sum(expected))
+    assert chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_a_draft_that_is_not_pard_adapted_is_refused(model_dirs):
+    engine = paradec.load(model_dirs["llama"], model_dirs["llama-draft"], runner="native", dtype="float32")
+    with pytest.raises(ParadecError, match="method 'pard' needs a PARD-adapted draft model") as info:
+        engine.generate(PROMPTS[0], method="pard", max_new_tokens=4)
+    assert info.value.param == "method"
+
+
+def test_train_pard_end_to_end(model_dirs, tmp_path, capsys, hf_models):
+    args = ["train", "pard", "--model", str(model_dirs["llama"]), "--draft", str(model_dirs["llama-draft"])]
+    args += ["--data", "python-source", "--self-distill", "8", "--prompt-len", "16", "--new-tokens", "12"]
+    args += ["--val-sequences", "2", "--val-prompts", "1", "--steps", "3", "--batch-size", "4", "--k", "4"]
+    args += ["--device", "cpu", "--out", str(tmp_path), "--quiet"]
+    assert main(args) == 0, capsys.readouterr().err
+    out = tmp_path / "pard"
+    config = json.loads((out / "config.json").read_text())
+    assert config["pard"]["k"] == 4 and isinstance(config["pard"]["mask_token_id"], int)
+    card = json.loads((out / "card.json").read_text())
+    assert (
+        card["kind"] == "pard" and card["fit"]["steps"] == 3 and len(card["validation"]["top1_by_position_after"]) == 4
+    )
+    assert card["validation_acceptance"]["method"] == "pard"
+    engine = paradec.load(model_dirs["llama"], out, runner="native", dtype="float32")
+    reference = hf_greedy(hf_models("llama"), PROMPTS[3], 16)
+    assert engine.generate(PROMPTS[3], method="pard", max_new_tokens=16).token_ids == reference
+    assert main([*args[:-3], "--k", "0", "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+    assert "pard-k must be an integer >= 1, got 0" in capsys.readouterr().err
