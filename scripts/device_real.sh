@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU session behind the committed real-model results (bench/results/real-*): the zoo's real instruct models,
 # staged as GGUF chunks (../shared/gpu/chunk.sh), converted with `paradec zoo fetch --gguf`, their drafters trained on
-# self-chat data, then `paradec bench` on the chat and code-chat suites. Run from the repo root there:
+# self-chat data, then `paradec bench` on the chat and code-chat suites. Staging, here: `paradec zoo fetch NAME
+# --keep-gguf gguf/` for each model, `scripts/stage_lean.sh on`, `../shared/gpu/chunk.sh gguf/*.gguf`, one `stage`
+# call per chunk (the first also carries .whl/), `scripts/stage_lean.sh off`, then `start`. Run from the repo root:
 #   stage    append the carried chunks (.gpu-chunks/stage.sh); installs the carried .whl/ wheels (gguf) once
 #   start    start the chain in the background (it waits for the files it needs) and return
 #   start-new  start the new methods' chain instead (the Qwen pair only: `suffix` on the agentic and chat suites,
