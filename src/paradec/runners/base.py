@@ -126,6 +126,14 @@ class SlotView(Protocol):
     slot: int
 
 
+def check_inputs(token_ids: torch.Tensor, logits: str) -> None:
+    """The argument checks every single-sequence `Runner.forward` makes first."""
+    if logits not in ("all", "last", "none"):
+        raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+    if token_ids.dim() != 1 or token_ids.shape[0] == 0:
+        raise ValueError(f"token_ids must be a non-empty 1-D tensor, got shape {tuple(token_ids.shape)}")
+
+
 def layer_taps(hidden: HiddenWanted, num_layers: int, where: str) -> tuple[int, ...]:
     """The decoder layers a `hidden` request names (() for False or True), checked against [0, num_layers - 1)."""
     if not isinstance(hidden, tuple):

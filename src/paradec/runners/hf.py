@@ -14,7 +14,7 @@ import inspect
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from paradec.runners.base import HiddenWanted, LogitsWanted, RunnerOutput, layer_taps
+from paradec.runners.base import HiddenWanted, LogitsWanted, RunnerOutput, check_inputs, layer_taps
 from paradec.runners.ledger import Ledger, tree_parents
 from paradec.tree import TreeBuffers
 
@@ -70,10 +70,7 @@ class HFRunner:
         hidden: HiddenWanted = False,
     ) -> RunnerOutput:
         self._ledger.check_idle()
-        if logits not in ("all", "last", "none"):
-            raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
-        if token_ids.dim() != 1 or token_ids.shape[0] == 0:
-            raise ValueError(f"token_ids must be a non-empty 1-D tensor, got shape {tuple(token_ids.shape)}")
+        check_inputs(token_ids, logits)
         taps = layer_taps(hidden, self.num_layers, "the hf runner")
         n = int(token_ids.shape[0])
         if tree is not None and tree.size != n:

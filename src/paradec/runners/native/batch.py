@@ -48,7 +48,7 @@ from typing import Literal
 import torch
 
 from paradec.errors import ParadecError
-from paradec.runners.base import HiddenWanted, LogitsWanted, RunnerOutput, layer_taps
+from paradec.runners.base import HiddenWanted, LogitsWanted, RunnerOutput, check_inputs, layer_taps
 from paradec.runners.ledger import Ledger, Parents, tree_parents
 from paradec.runners.native.graphs import KV_ALIGN, kv_bucket
 from paradec.runners.native.kv_cache import SlotKVCache
@@ -464,10 +464,7 @@ class SlotRunner:
         logits: LogitsWanted = "all",
         hidden: HiddenWanted = False,
     ) -> RunnerOutput:
-        if logits not in ("all", "last", "none"):
-            raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
-        if token_ids.dim() != 1 or token_ids.shape[0] == 0:
-            raise ValueError(f"token_ids must be a non-empty 1-D tensor, got shape {tuple(token_ids.shape)}")
+        check_inputs(token_ids, logits)
         n = int(token_ids.shape[0])
         if tree is None:
             if n > PREFILL_CHUNK:  # a prompt: chunked without ever building its n x n mask

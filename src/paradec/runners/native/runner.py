@@ -25,7 +25,7 @@ import torch
 
 from paradec.config import SamplingParams
 from paradec.errors import ParadecError
-from paradec.runners.base import HiddenWanted, LogitsWanted, RunnerOutput, layer_taps
+from paradec.runners.base import HiddenWanted, LogitsWanted, RunnerOutput, check_inputs, layer_taps
 from paradec.runners.ledger import DEVICE_TREE, Ledger, input_parents
 from paradec.runners.native.graphs import Q_BUCKETS, ChainGraph, StaticForward, kv_bucket
 from paradec.runners.native.kv_cache import KVCache
@@ -163,10 +163,7 @@ class NativeRunner:
         hidden: HiddenWanted = False,
     ) -> RunnerOutput:
         self._ledger.check_idle()
-        if logits not in ("all", "last", "none"):
-            raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
-        if token_ids.dim() != 1 or token_ids.shape[0] == 0:
-            raise ValueError(f"token_ids must be a non-empty 1-D tensor, got shape {tuple(token_ids.shape)}")
+        check_inputs(token_ids, logits)
         taps = layer_taps(hidden, self.num_layers, "the native runner")
         if any(i not in self.layer_ids for i in taps):
             raise ParadecError(f"hidden states of layers {list(taps)} asked for; this view runs {list(self.layer_ids)}")
