@@ -7,6 +7,7 @@ near-ties that float rounding could flip between a 1-token and an n-token forwar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -191,6 +192,23 @@ def hf_models(checkpoints):
         return cache[name]
 
     return get
+
+
+@contextlib.contextmanager
+def counting(obj, name: str = "forward"):
+    """Record the first argument of every call of `obj.name` (e.g. each `Step` a runner's forward scores)."""
+    calls: list = []
+    real = getattr(obj, name)
+
+    def counted(*args, **kwargs):
+        calls.append(args[0] if args else None)
+        return real(*args, **kwargs)
+
+    setattr(obj, name, counted)
+    try:
+        yield calls
+    finally:
+        delattr(obj, name)
 
 
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = 0) -> list[int]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import paradec
-from conftest import hf_greedy
+from conftest import counting, hf_greedy
 from paradec.batch import BatchDecoder, SpeculationPolicy
 from paradec.config import SamplingParams
 from paradec.errors import ParadecError
@@ -251,20 +251,9 @@ def test_the_draft_model_runs_once_per_level_for_the_whole_batch(code_engine):
     ]
     while not all(i.prefilled for i in items):
         decoder.step()
-    draft = decoder.draft_runner()
-    forwards = []
-    real = draft.forward
-
-    def counted(step, **kw):
-        forwards.append(len(step))
-        return real(step, **kw)
-
-    draft.forward = counted
-    try:
+    with counting(decoder.draft_runner()) as steps:
         decoder.step()
-    finally:
-        del draft.forward
-    assert forwards == [3, 3, 3, 3]  # k = 4 levels, each one forward over the 3 sequences
+    assert [len(step) for step in steps] == [3, 3, 3, 3]  # k = 4 levels, each one forward over the 3 sequences
     for _ in decoder.run(items):
         pass
     for prompt, item in zip(PROMPTS, items, strict=False):

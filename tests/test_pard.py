@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import paradec
-from conftest import hf_greedy
+from conftest import counting, hf_greedy
 from paradec.cli import main
 from paradec.errors import ParadecError
 from paradec.train.pard import choose_mask_token, pard_batch, splits
@@ -66,19 +66,8 @@ def test_greedy_equals_transformers(model_dirs, pard_dirs, hf_models, arch, runn
 
 def test_one_draft_forward_per_step_and_a_batch_drafts_in_one(model_dirs, pard_dirs):
     engine = paradec.load(model_dirs["llama"], pard_dirs["llama"], runner="native", dtype="float32")
-    draft = engine.draft_runner()
-    calls = []
-    real = draft.forward
-
-    def counted(*args, **kw):
-        calls.append(1)
-        return real(*args, **kw)
-
-    draft.forward = counted
-    try:
+    with counting(engine.draft_runner()) as calls:
         result = engine.generate(PROMPTS[0], method="pard", max_new_tokens=12)
-    finally:
-        del draft.forward
     # one per step (the first one feeds the prompt too), but the last: it may emit one token only, so no draft
     assert len(calls) == result.stats.steps - 1
     alone = [engine.generate(p, method="pard", max_new_tokens=12).token_ids for p in PROMPTS]
@@ -86,20 +75,9 @@ def test_one_draft_forward_per_step_and_a_batch_drafts_in_one(model_dirs, pard_d
     items = [decoder.submit(engine.request(p, method="pard", max_new_tokens=12)) for p in PROMPTS]
     while not all(i.prefilled for i in items):
         decoder.step()
-    batched = decoder.draft_runner()
-    forwards = []
-    real_batched = batched.forward
-
-    def counted_batched(step, **kw):
-        forwards.append(len(step))
-        return real_batched(step, **kw)
-
-    batched.forward = counted_batched
-    try:
+    with counting(decoder.draft_runner()) as steps:
         decoder.step()
-    finally:
-        del batched.forward
-    assert forwards == [len(PROMPTS)]  # every sequence's k drafts in one forward
+    assert [len(step) for step in steps] == [len(PROMPTS)]  # every sequence's k drafts in one forward
     for _ in decoder.run(items):
         pass
     assert [i.result.token_ids for i in items] == alone
