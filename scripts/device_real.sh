@@ -90,7 +90,8 @@ train_part() {  # both targets' drafters on self-chat data; the second kind of a
     set -e
     mkdir -p $RES
     convert $SMOL
-    (train $SMOL eagle --intermediate-size 768 $SMOL_TRAIN; train $SMOL medusa $SMOL_TRAIN) &
+    # the packaged head must fit the repo's weight budget: the full vocabulary (the target's LM head), MLP 768
+    (train $SMOL eagle --intermediate-size 768 --draft-vocab 0 $SMOL_TRAIN; train $SMOL medusa $SMOL_TRAIN) &
     local small large
     convert $Q05 & small=$!
     convert $Q15 & large=$!
