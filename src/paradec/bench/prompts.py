@@ -150,6 +150,7 @@ class Suite:
 
 
 CHAT_MODEL = "smollm2-135m-instruct"  # the zoo's default instruct model
+AGENTIC_MODEL = "qwen2.5-coder-1.5b-instruct"  # a zoo coder model (its registered draft: the 0.5b)
 SUITES = {
     "smoke": Suite(
         "smoke", "chat.jsonl", 1, "default", 48, "hf", "1 chat prompt per category, the default model (minutes on CPU)"
@@ -168,6 +169,15 @@ SUITES = {
         256,
         "hf",
         f"code requests (complete, fix, explain, refactor) in chat form, {CHAT_MODEL}",
+    ),
+    "agentic": Suite(
+        "agentic",
+        "agentic.jsonl",
+        None,
+        AGENTIC_MODEL,
+        256,
+        "hf",
+        f"code and data edits, tool calls, repeated refactors (suffix decoding's workload), {AGENTIC_MODEL}",
     ),
 }
 
