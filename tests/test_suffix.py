@@ -49,17 +49,17 @@ def test_request_trie_counts_every_substring_and_matches_the_longest_repeated_su
     trie.extend(tokens[:3])
     trie.extend(tokens[3:])  # incremental == at once
     assert dump(trie.root) == reference_trie([tokens], 4)
-    node, length = trie.match()  # "1 2" occurred twice before, continued by 3 and 4
+    node, length = trie.match(8)  # "1 2" occurred twice before, continued by 3 and 4
     assert length == 2 and {t: c.count for t, c in node.children.items()} == {3: 1, 4: 1}
     fresh = SuffixTrie(depth=4)
     fresh.extend([5, 6, 7])
-    assert fresh.match() == (None, 0)  # nothing repeats: nothing to say
+    assert fresh.match(8) == (None, 0)  # nothing repeats: nothing to say
 
 
 def test_best_tree_is_best_first_by_path_probability():
     trie = SuffixTrie(depth=6)
     trie.extend([9, 1, 2, 3, 9, 1, 2, 3, 9, 1, 5, 9])  # after 9: "1 2 3" twice, "1 5" once
-    node, length = trie.match()
+    node, length = trie.match(8)
     assert length == 1
     tokens, parents = best_tree(node, 8, min_score=0.0)
     assert tokens[:3] == [1, 2, 3] and parents[:3] == [-1, 0, 1]  # 1 (p=1), 2 (2/3), 3 (2/3)
@@ -158,7 +158,24 @@ def test_sampling_matches_plain_sampling():
 
 def test_options_are_validated(engines):
     engine = engines("llama")
-    with pytest.raises(ParadecError, match="option min_match=9 for method 'suffix' exceeds max_depth=4"):
-        engine.request("x", method="suffix", options={"min_match": 9, "max_depth": 4})
+    with pytest.raises(ParadecError, match="option min_match=9 for method 'suffix' exceeds max_match=4"):
+        engine.request("x", method="suffix", options={"min_match": 9, "max_match": 4})
+    with pytest.raises(ParadecError, match="option max_match=12 for method 'suffix' must be below max_depth=8"):
+        engine.request("x", method="suffix", options={"max_depth": 8})
     with pytest.raises(ParadecError, match=r"option max_depth=.* must be an integer in"):
         engine.request("x", method="suffix", options={"max_depth": 1000})
+
+
+def test_a_long_copy_is_drafted_deep():
+    """Copying a long passage: the match is capped at max_match, so the continuation below it runs max_depth -
+    max_match levels deep (a match at the trie's full depth would leave nothing to draft)."""
+    target = TableRunner(random_table(64, seed=0))
+    method = SuffixMethod(SimpleNamespace(target=target), SuffixDrafter)
+    options = SuffixOptions(use_global=False)
+    drafter = method.open(options)
+    passage = list(range(1, 60))
+    state = DecodeState([*passage, 0, *passage[:30]], 90, SamplingParams(), None, torch.device("cpu"), 64)
+    drafter.begin(state)
+    proposal = drafter.propose(state, max_tokens=64)
+    assert proposal.parents is None  # one continuation: a chain
+    assert proposal.tokens.tolist() == passage[30 : 30 + options.max_depth - options.max_match]

@@ -11,8 +11,9 @@ often its substring occurred:
   `SuffixMethod.max_sequences` of them and `max_tokens` tokens in all; the oldest sequence is taken out when either
   bound is passed (its substrings' counts decremented, nodes at zero removed), so memory stays bounded.
 
-Each step matches the longest suffix of the sequence that occurred before (in the request's trie: the deepest active
-node with a continuation; in the engine's: the deepest node the last tokens reach) and proposes a token **tree** of
+Each step matches the longest suffix of the sequence, of at most `max_match` tokens, that occurred before (in the
+request's trie: the deepest active node with a continuation; in the engine's: the deepest node the last tokens
+reach; a match of m tokens leaves max_depth - m levels of continuation below it) and proposes a token **tree** of
 the most frequent continuations: best-first over the match node's subtree, a node scored by the product of its
 empirical conditional probabilities count(child) / count(parent) along the path, nodes below `min_score` left out.
 The tree's size follows the match: at most `match_factor` × the match length nodes (a long match predicts far, a
@@ -43,7 +44,9 @@ MAX_DEPTH = 64  # deepest substring a trie holds: every token enters up to max_d
 @dataclass(frozen=True)
 class SuffixOptions(Options):
     method = "suffix"
-    max_depth: int = field(default=24, metadata=bound(2, MAX_DEPTH))  # longest substring the tries hold
+    max_depth: int = field(default=32, metadata=bound(2, MAX_DEPTH))  # longest substring the tries hold
+    # longest suffix matched: the continuation below a match of length m is at most max_depth - m tokens deep
+    max_match: int = field(default=12, metadata=bound(1, MAX_DEPTH))
     max_nodes: int = field(default=32, metadata=bound(1, limit="proposal"))  # most draft tokens per step
     match_factor: float = field(default=2.0, metadata=bound(0.1, 64.0))  # draft nodes per matched token
     min_match: int = field(default=2, metadata=bound(1, MAX_DEPTH))  # shorter matches propose nothing
@@ -52,9 +55,15 @@ class SuffixOptions(Options):
     adaptive: bool = False  # cap the tree's nodes per step from measured acceptance and step time
 
     def check_together(self, limits) -> None:
-        if self.min_match > self.max_depth:
+        if self.min_match > self.max_match:
             raise ParadecError(
-                f"option min_match={self.min_match} for method 'suffix' exceeds max_depth={self.max_depth}",
+                f"option min_match={self.min_match} for method 'suffix' exceeds max_match={self.max_match}",
+                param="method_options",
+            )
+        if self.max_match >= self.max_depth:
+            raise ParadecError(
+                f"option max_match={self.max_match} for method 'suffix' must be below max_depth={self.max_depth} "
+                "(a match leaves max_depth - max_match levels to draft from)",
                 param="method_options",
             )
 
@@ -118,8 +127,9 @@ class SuffixTrie:
             self.active = moved
             self.length += 1
 
-    def match(self) -> tuple[Node | None, int]:
-        for length in range(len(self.active), 0, -1):
+    def match(self, longest: int) -> tuple[Node | None, int]:
+        """The deepest node of a suffix of at most `longest` tokens that has a continuation, and its length."""
+        for length in range(min(len(self.active), longest), 0, -1):
             node = self.active[length - 1]
             if node.children:
                 return node, length
@@ -243,9 +253,9 @@ class SuffixDrafter(Drafter):
     def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
         self.trie.extend(state.tokens[self.trie.length :])
         options = self.options
-        node, length = self.trie.match()
+        node, length = self.trie.match(options.max_match)
         if self.shared is not None:
-            other, other_length = self.shared.match(state.tokens, options.max_depth)
+            other, other_length = self.shared.match(state.tokens, options.max_match)
             if other_length > length:
                 node, length = other, other_length
         room = self.method.resources.target.max_length - len(state.tokens)
