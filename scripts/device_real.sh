@@ -23,7 +23,7 @@
 #   CHAT_PC / CODE_PC         prompts per category of the chat / code-chat suite (default 1 / 2)
 #   SMOL_BENCH / QWEN_BENCH   extra `paradec bench` options
 #   SMOL_TRAIN / QWEN_TRAIN   extra `paradec train` options for every kind
-#   QWEN_METHODS              Qwen's methods before the trained heads (default vanilla,pld,lookahead,draft)
+#   QWEN_METHODS              Qwen's methods before the trained heads (default vanilla,pld,draft)
 set -uo pipefail
 # The background chain runs from a snapshot of src/: every later device call lays the working tree anew, and a chain
 # importing from it mid-copy failed once ("No module named paradec.__main__").
@@ -37,7 +37,7 @@ RES=/tmp/paradec-real
 export STAGE LOG DONE RES
 export CHAT_PC=${CHAT_PC:-1} CODE_PC=${CODE_PC:-2}
 export SMOL_BENCH=${SMOL_BENCH:-} QWEN_BENCH=${QWEN_BENCH:-} SMOL_TRAIN=${SMOL_TRAIN:-} QWEN_TRAIN=${QWEN_TRAIN:-}
-export QWEN_METHODS=${QWEN_METHODS:-vanilla,pld,lookahead,draft}
+export QWEN_METHODS=${QWEN_METHODS:-vanilla,pld,draft}
 export BATCH_METHODS=${BATCH_METHODS:-vanilla,pld,draft}
 SMOL=smollm2-135m-instruct
 Q15=qwen2.5-coder-1.5b-instruct
@@ -102,33 +102,42 @@ train_part() {  # both targets' drafters on self-chat data; the second kind of a
     train $Q15 medusa $QWEN_TRAIN &
     train $Q15 pard $QWEN_TRAIN &
     wait
-    tar cf $RES/heads.tar --exclude=data-cache --exclude=draft -C "$HOME/.cache/paradec/models" $SMOL/heads $Q15/heads \
-        || true
+    tar cf $RES/smol-heads.tar --exclude=data-cache -C "$HOME/.cache/paradec/models" $SMOL/heads || true
+    tar cf $RES/q15-cards.tar --exclude=data-cache --exclude='*.safetensors' -C "$HOME/.cache/paradec/models" \
+        $Q15/heads || true
 }
 
-bench_part() {  # every bench alone on the GPU, the greedy tables first
+bench_part() {  # every bench alone on the GPU, in the order the results matter
     set -e
     local suite smol_methods qwen_methods distilled=$HOME/.cache/paradec/models/$Q15/heads/draft
-    smol_methods=$(with_heads $SMOL vanilla,pld,lookahead)
+    local pard=$HOME/.cache/paradec/models/$Q15/heads/pard
+    smol_methods=$(with_heads $SMOL vanilla,pld)
     qwen_methods=$(with_heads $Q15 "$QWEN_METHODS")
     for suite in chat code-chat; do
-        bench $SMOL $suite smol-$suite --methods "$smol_methods" $SMOL_BENCH
         bench $Q15 $suite q15-$suite --draft $Q05 --methods "$qwen_methods" $QWEN_BENCH
+    done
+    for suite in chat code-chat; do
+        bench $SMOL $suite smol-$suite --methods "$smol_methods" $SMOL_BENCH
+    done
+    for suite in chat code-chat; do
         [ -f $distilled/config.json ] && bench $Q15 $suite q15-$suite-distilled --draft $distilled \
             --methods vanilla,draft $QWEN_BENCH
     done
     for suite in chat code-chat; do
-        bench $SMOL $suite smol-$suite-sample --mode sample --temperature 1 --methods vanilla,eagle $SMOL_BENCH
         bench $Q15 $suite q15-$suite-sample --mode sample --temperature 1 --draft $Q05 --methods vanilla,eagle \
             $QWEN_BENCH
+        bench $SMOL $suite smol-$suite-sample --mode sample --temperature 1 --methods vanilla,eagle $SMOL_BENCH
     done
+    CODE_PC=2 bench $Q15 agentic q15-agentic --draft $Q05 --methods vanilla,pld,suffix $QWEN_BENCH
+    [ -f $pard/config.json ] && bench $Q15 code-chat q15-code-chat-pard --draft $pard --methods vanilla,pard \
+        $QWEN_BENCH
     echo "PROFILE $(date +%T)"
-    python3 "$SNAPSHOT/../scripts/profile_step.py" --model $SMOL --out $RES/profile-smol --config vanilla --config eagle \
-        --config eagle:depth=4,nodes=24 --config eagle:depth=5,nodes=32,topk=6 > $RES/profile-smol.log 2>&1 || true
     python3 "$SNAPSHOT/../scripts/profile_step.py" --model $Q15 --draft $Q05 --out $RES/profile-q15 --config vanilla \
         --config eagle --config draft:k=5 --config draft:k=5,one_graph=false > $RES/profile-q15.log 2>&1 || true
+    python3 "$SNAPSHOT/../scripts/profile_step.py" --model $SMOL --out $RES/profile-smol --config vanilla --config eagle \
+        --config eagle:depth=4,nodes=24 --config eagle:depth=5,nodes=32,topk=6 > $RES/profile-smol.log 2>&1 || true
+    echo "BENCHES DONE $(date +%T)"
 }
-
 chain() { (tests &) ; train_part && bench_part && echo "DONE $(date +%T)"; }
 
 new_methods_part() {  # suffix on the agentic suite, and PARD (adapted 0.5B) against the 0.5B draft, on the Qwen pair

@@ -218,7 +218,7 @@ BAD_REQUESTS = {
         "unknown option 'k'",
         "method_options",
     ),
-    "n > 1": (C, completion(n=3), {}, 400, "n=3 is not supported", "n"),
+    "n > 16": (C, completion(n=17), {}, 400, "n must be an integer in [1, 16], got 17", "n"),
     "negative temperature": (C, completion(temperature=-0.5), {}, 400, "temperature must be >= 0", "temperature"),
     "top_p above 1": (C, completion(top_p=1.5), {}, 400, "top_p must lie in (0, 1]", "top_p"),
     "top_p 0": (C, completion(top_p=0), {}, 400, "top_p must lie in (0, 1]", "top_p"),

@@ -27,14 +27,23 @@ Speculation policy (`SpeculationPolicy`): from the measured step times it fits t
 inputs) and keeps each sequence's tokens per speculative step; each step it compares the expected tokens per second
 of speculating (Σ τ_b / t(N_spec)) with that of plain decoding (B / t(B)) and turns proposals off for the step when
 plain decoding wins (a large batch on a compute-bound forward), probing speculation again now and then.
+
+Samples of one request (`Request.n` > 1, `submit_samples`): n sequences of the batch, sample i seeded seed + i, in one
+`SampleGroup`. A sample's drafter may read its siblings' tokens, and nothing else of them, through its resources:
+`_SeqResources.siblings()` gives a `Siblings`, whose `others()` are read-only `TokenView`s of the other samples'
+tokens (prompt and output so far; a view copies out what it is asked for, never hands out the list) and whose
+`shared` dict is the group's, for what the samples' drafters derive from those tokens together (the `multisample`
+drafter's n-gram index). Proposals are made before any sequence of the step advances, so every sibling is read as
+it stood at the end of the previous step.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 import torch
 
@@ -63,10 +72,81 @@ class BatchItem:
     submitted: float = field(default_factory=time.perf_counter)
     prefilled: bool = False
     draft_slot: int | None = None
+    group: SampleGroup | None = None  # the samples of its request, when it asked for n > 1
+    sample: int = 0  # its index among them (its choice's index)
 
     @property
     def done(self) -> bool:
         return self.result is not None or self.error is not None
+
+
+class TokenView(Sequence[int]):
+    """A read-only view of one sample's tokens (its prompt, then what it generated so far; the list grows as it
+    decodes): a length, and items or slices copied out. `sample` is its index among its request's samples."""
+
+    __slots__ = ("_tokens", "prompt_len", "sample")
+
+    def __init__(self, tokens: list[int], prompt_len: int, sample: int) -> None:
+        self._tokens = tokens
+        self.prompt_len = prompt_len
+        self.sample = sample
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    @overload
+    def __getitem__(self, index: int) -> int: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[int]: ...
+
+    def __getitem__(self, index):
+        return self._tokens[index]  # an int, or a new list for a slice
+
+    def generated(self) -> list[int]:
+        return self._tokens[self.prompt_len :]
+
+
+class Siblings:
+    """What one sample's drafter may read of the other samples of its request: `others()`, their tokens as
+    `TokenView`s (those that have started), and `shared`, one dict for the drafters of all the samples."""
+
+    def __init__(self, sample: int, others: Callable[[], list[TokenView]], shared: dict) -> None:
+        self.sample = sample
+        self._others = others
+        self.shared = shared
+
+    def others(self) -> list[TokenView]:
+        return self._others()
+
+    @staticmethod
+    def alone() -> Siblings:
+        return Siblings(0, list, {})
+
+
+class SampleGroup:
+    """The n samples of one request in a batch (`BatchDecoder.submit_samples`), by sample index."""
+
+    def __init__(self) -> None:
+        self.items: list[BatchItem] = []
+        self.shared: dict = {}  # what the samples' drafters keep together (`Siblings.shared`)
+        self._views: dict[int, TokenView] = {}
+
+    def siblings(self, item: BatchItem) -> Siblings:
+        return Siblings(item.sample, lambda: self.views(but=item), self.shared)
+
+    def views(self, but: BatchItem | None = None) -> list[TokenView]:
+        """The started samples' tokens (those of `but` left out)."""
+        out = []
+        for it in self.items:
+            if it is but or it.decoding is None:
+                continue
+            view = self._views.get(it.sample)
+            if view is None:
+                state = it.decoding.state
+                view = self._views[it.sample] = TokenView(state.tokens, state.prompt_len, it.sample)
+            out.append(view)
+        return out
 
 
 def _propose(items: list[BatchItem], cap: int | None) -> list:
@@ -150,6 +230,11 @@ class _SeqResources:
     def heads(self, kind: str) -> torch.nn.Module:
         return self._decoder.engine.heads(kind)
 
+    def siblings(self) -> Siblings:
+        """The other samples of this sequence's request (none for a request of one sample): their tokens only."""
+        group = self._item.group
+        return Siblings.alone() if group is None else group.siblings(self._item)
+
 
 class BatchDecoder:
     """Continuous batching over one engine's batched runner (see the module docstring). Not thread-safe: one thread
@@ -177,6 +262,7 @@ class BatchDecoder:
         self.max_running = max_running
         self.prefill_chunk = prefill_chunk
         self.policy = SpeculationPolicy(speculate)
+        self.verifier = verify_deferred  # replaceable only so tests can prove they catch a wrong one
         self._draft_runner = draft_runner  # a batched runner of the draft model, or a callable making one
         self.waiting: deque[BatchItem] = deque()
         self.running: list[BatchItem] = []
@@ -186,16 +272,35 @@ class BatchDecoder:
 
     # --- membership ---------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> BatchItem:
-        """Queue `request`; it joins the batch at a step boundary, when a slot is free."""
+        """Queue `request` (of one sample); it joins the batch at a step boundary, when a slot is free."""
+        if request.n != 1:
+            raise ParadecError(
+                f"a request of n={request.n} samples is n sequences: queue it with submit_samples", param="n"
+            )
+        self._check_batchable(request)
+        item = BatchItem(request)
+        self.waiting.append(item)
+        return item
+
+    def submit_samples(self, request: Request) -> list[BatchItem]:
+        """Queue the `request.n` samples of `request` (`Request.samples`: sample i seeded seed + i) as n sequences
+        of one `SampleGroup`, in sample order; each joins when a slot is free, and its drafter may read the tokens of
+        the others that have joined (`_SeqResources.siblings`)."""
+        self._check_batchable(request)
+        group = SampleGroup()
+        for i, sample in enumerate(request.samples()):
+            group.items.append(BatchItem(sample, group=group, sample=i))
+        self.waiting.extend(group.items)
+        return list(group.items)
+
+    @staticmethod
+    def _check_batchable(request: Request) -> None:
         if not request.drafter.batchable:
             raise ParadecError(
                 f"method {request.method!r} does not run in a batch yet (its drafter keeps engine-wide state for one "
                 "sequence); decode it alone with Engine.generate",
                 param="method",
             )
-        item = BatchItem(request)
-        self.waiting.append(item)
-        return item
 
     def cancel(self, item: BatchItem, reason: str = "cancelled") -> None:
         """Stop `item` at the next step boundary (or now, when it waits); the others are not affected."""
@@ -238,7 +343,7 @@ class BatchDecoder:
                     device=self.runner.device,
                     vocab_size=self.runner.vocab_size,
                     max_length=self.runner.max_length,
-                    verifier=verify_deferred,
+                    verifier=self.verifier,
                 )
             except Exception as exc:
                 item.error = exc

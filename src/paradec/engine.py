@@ -7,6 +7,10 @@ a `Request` (or build one from their keywords first). Per method name the engine
 its options (`set_default_options`), and the drafter of each generation. One Engine runs one generation at a time:
 it owns one target cache.
 
+Samples (`n` > 1, OpenAI's choices): `generate(n=...)` decodes the n samples of a prompt (sample i seeded seed + i) as
+n sequences of one batch on the native runner (`paradec.batch`), one after another on the others (`samples`); in
+both, a drafter that reads its siblings (`multisample`) is lent the other samples' tokens.
+
 What a zoo model brings without being asked (`paradec.zoo`): its registered draft, loaded by `draft_runner()` on
 first use (a 0.5B draft costs seconds and memory that most methods never need), and its packaged heads.
 """
@@ -14,7 +18,7 @@ first use (a 0.5B draft costs seconds and memory that most methods never need), 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +30,7 @@ from paradec.decode import Generation, Result
 from paradec.drafters import Method, Options, get_drafter
 from paradec.errors import ParadecError, shown
 from paradec.loading import load_tokenizer, resolve_device, resolve_dtype, resolve_model_dir
-from paradec.request import Request, check_max_new_tokens, sampling_params, stop_strings
+from paradec.request import Request, check_max_new_tokens, check_n, sampling_params, stop_strings
 from paradec.runners import Runner, load_runner
 
 Prompt = str | list[int] | torch.Tensor
@@ -122,16 +126,18 @@ class Engine:
         sampling: SamplingParams | dict | None = None,
         max_new_tokens: int = 128,
         stop: str | list[str] | None = None,
+        n: int = 1,
     ) -> Request:
         """A checked `Request` for `prompt` (text or token ids) or chat `messages` (rendered by the model's chat
-        template; exactly one of the two). `options` apply over the engine's defaults for `method`. Raises
-        `ParadecError` with `param` naming the bad parameter."""
+        template; exactly one of the two). `options` apply over the engine's defaults for `method`; `n` samples of
+        it (1..16; sample i seeded seed + i). Raises `ParadecError` with `param` naming the bad parameter."""
         if (prompt is None) == (messages is None):
             raise ParadecError(
                 "give either a prompt or chat messages" + (", not both" if prompt is not None else ""),
                 param="prompt" if prompt is None else "messages",
             )
         sampling = sampling_params(sampling)
+        n = check_n(n, sampling)
         decoding = self.method(method)
         try:
             parsed = decoding.request_options(options)
@@ -163,6 +169,7 @@ class Engine:
             sampling=sampling,
             max_new_tokens=max_new_tokens,
             stops=stops,
+            n=n,
         )
 
     def generate(
@@ -175,17 +182,33 @@ class Engine:
         max_new_tokens: int = 128,
         stop: str | list[str] | None = None,
         options: dict | Options | None = None,
-    ) -> Result:
-        """Run a `Request`, or one built from the keywords as by `request`; returns text, new token ids and stats."""
-        return self.stream(
-            prompt,
-            messages=messages,
-            method=method,
-            sampling=sampling,
-            max_new_tokens=max_new_tokens,
-            stop=stop,
-            options=options,
-        ).run()
+        n: int = 1,
+        speculate: str = "auto",
+    ) -> Result | list[Result]:
+        """Run a `Request`, or one built from the keywords as by `request`; returns text, new token ids and stats.
+
+        With `n` > 1 (or a Request of n samples): the list of the n samples' results, by sample index (sample i
+        seeded seed + i, so the choices differ and are reproducible; greedy gives n equal answers). On the native
+        runner they decode as n sequences of one batch (`batch_decoder`; `speculate` is its speculation policy: auto,
+        always or never), elsewhere one after another (`samples`)."""
+        request = self._request_of(prompt, messages, method, sampling, max_new_tokens, stop, options, n)
+        if request.n == 1:
+            return self._generation(request).run()
+        from paradec.batch import SPECULATE
+        from paradec.runners.native import NativeRunner
+
+        if speculate not in SPECULATE:
+            raise ParadecError(f"speculate must be one of {', '.join(SPECULATE)}, got {speculate!r}", param="speculate")
+        if not isinstance(self.target, NativeRunner) or not request.drafter.batchable:
+            return [generation.run() for generation in self.samples(request)]
+        decoder = self.batch_decoder(request.n, speculate=speculate)
+        items = decoder.submit_samples(request)
+        for _ in decoder.run(items):
+            pass
+        for item in items:
+            if item.error is not None:
+                raise item.error
+        return [item.result for item in items]
 
     def stream(
         self,
@@ -199,23 +222,56 @@ class Engine:
         options: dict | Options | None = None,
     ) -> Generation:
         """Like `generate`, but iterate the returned object for text pieces as tokens are accepted;
-        its `.result` is set when the iteration ends."""
-        if isinstance(prompt, Request):
-            given = (messages, method, sampling, max_new_tokens, stop, options)
-            if given != (None, "vanilla", None, 128, None, None):
-                raise TypeError("stream()/generate() take a Request or a prompt with keywords, not both")
-            request = prompt
-        else:
-            request = self.request(
-                prompt,
-                messages=messages,
-                method=method,
-                options=options,
-                sampling=sampling,
-                max_new_tokens=max_new_tokens,
-                stop=stop,
+        its `.result` is set when the iteration ends. One sample: a Request of n > 1 streams through `samples`."""
+        request = self._request_of(prompt, messages, method, sampling, max_new_tokens, stop, options, 1)
+        if request.n != 1:
+            raise ParadecError(
+                f"stream() runs one sample, the request has n={request.n}: iterate Engine.samples(request) for one "
+                "generation per sample, or call generate(n=...)",
+                param="n",
             )
-        drafter = self.method(request.method).open(request.options)
+        return self._generation(request)
+
+    def samples(self, request: Request) -> Iterator[Generation]:
+        """The generations of `request`'s samples (`Request.samples`), one after another: each is opened once the
+        one before was iterated to its end (or dropped), so its drafter may read the earlier samples' tokens as its
+        siblings (`multisample`). How a runner that does not batch decodes n > 1."""
+        from paradec.batch import Siblings, TokenView
+
+        earlier: list[TokenView] = []
+        shared: dict = {}
+        for i, sample in enumerate(request.samples()):
+            drafter = None
+            if getattr(sample.drafter, "reads_siblings", False):
+                siblings = Siblings(i, lambda: list(earlier), shared)
+                drafter = self.method(sample.method).open_for(_SampleResources(self, siblings), sample.options)
+            generation = self._generation(sample, drafter)
+            yield generation
+            state = generation.decoding.state
+            earlier.append(TokenView(state.tokens, state.prompt_len, i))
+
+    def _request_of(self, prompt, messages, method, sampling, max_new_tokens, stop, options, n) -> Request:
+        """`prompt` itself when it is a Request (no other keyword may then be given), else the Request of them."""
+        if isinstance(prompt, Request):
+            given = (messages, method, sampling, max_new_tokens, stop, options, n)
+            if given != (None, "vanilla", None, 128, None, None, 1):
+                raise TypeError("stream()/generate() take a Request or a prompt with keywords, not both")
+            return prompt
+        return self.request(
+            prompt,
+            messages=messages,
+            method=method,
+            options=options,
+            sampling=sampling,
+            max_new_tokens=max_new_tokens,
+            stop=stop,
+            n=n,
+        )
+
+    def _generation(self, request: Request, drafter=None) -> Generation:
+        """The generation of a request of one sample (with `drafter`, or one its method opens)."""
+        if drafter is None:
+            drafter = self.method(request.method).open(request.options)
         return Generation(
             self.target,
             drafter,
@@ -280,17 +336,19 @@ class Engine:
         options: dict | Options | None = None,
         max_batch: int | None = None,
         speculate: str = "auto",
-    ) -> list[Result]:
+        n: int = 1,
+    ) -> list[Result] | list[list[Result]]:
         """Decode `prompts` (Requests, or prompts with the keywords as for `request`) together, at most `max_batch`
-        at a time (default: all), with continuous batching; results in the order given. Each result is what
-        `generate` returns for it alone. On the generic HF runner they run one after another."""
+        sequences at a time (default: all), with continuous batching; results in the order given. Each result is
+        what `generate` returns for it alone: a Result, or the list of its samples' results for a request of n > 1
+        (its n samples are n sequences of the batch). On the generic HF runner they run one after another."""
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ParadecError("prompts must be a non-empty list", param="prompts")
         requests = [
             p
             if isinstance(p, Request)
             else self.request(
-                p, method=method, options=options, sampling=sampling, max_new_tokens=max_new_tokens, stop=stop
+                p, method=method, options=options, sampling=sampling, max_new_tokens=max_new_tokens, stop=stop, n=n
             )
             for p in prompts
         ]
@@ -298,14 +356,18 @@ class Engine:
 
         if not isinstance(self.target, NativeRunner):
             return [self.generate(r) for r in requests]
-        decoder = self.batch_decoder(max_batch or len(requests), speculate=speculate)
-        items = [decoder.submit(r) for r in requests]
+        decoder = self.batch_decoder(max_batch or sum(r.n for r in requests), speculate=speculate)
+        groups = [decoder.submit_samples(r) if r.n > 1 else [decoder.submit(r)] for r in requests]
+        items = [item for group in groups for item in group]
         for _ in decoder.run(items):
             pass
         for item in items:
             if item.error is not None:
                 raise item.error
-        return [item.result for item in items]
+        return [
+            group[0].result if r.n == 1 else [i.result for i in group]
+            for r, group in zip(requests, groups, strict=True)
+        ]
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Prompt -> token ids, validated (non-empty, ids inside the vocabulary); errors have param="prompt"."""
@@ -358,6 +420,25 @@ class Engine:
             return self.encode(list(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
         except ParadecError as exc:
             raise _with_param(exc, "messages", force=True) from None
+
+
+class _SampleResources:
+    """What the drafter of one of a request's samples decoded one after another (`Engine.samples`) is lent: the
+    engine's resources, and the earlier samples' tokens as its siblings."""
+
+    def __init__(self, engine: Engine, siblings) -> None:
+        self._engine = engine
+        self._siblings = siblings
+        self.target = engine.target
+
+    def draft_runner(self) -> Runner:
+        return self._engine.draft_runner()
+
+    def heads(self, kind: str) -> torch.nn.Module:
+        return self._engine.heads(kind)
+
+    def siblings(self):
+        return self._siblings
 
 
 def _with_param(exc: ParadecError, param: str, *, force: bool = False) -> ParadecError:

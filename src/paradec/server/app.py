@@ -10,7 +10,9 @@ A generation request goes through, in order, cheap checks first:
     -> `requests.prepare` on a thread: the engine's checks and the tokenization (400 naming the parameter)
     -> `scheduler.submit` -> the job's events -> one JSON body, or a stream of Server-Sent Events (`formats.py`).
 
-A client that disconnects cancels its job; a job that outlives the request timeout is cancelled and answered with
+A request for `n` > 1 choices is one job of n samples (`worker.py`): its answer holds n choices, each with its index
+and finish reason, and usage sums them; its stream interleaves their chunks (`formats.py`). A client that
+disconnects cancels its job; a job that outlives the request timeout is cancelled and answered with
 504 (or an error event mid-stream). Every error leaves in OpenAI's shape (`errors.py`), FastAPI's own 404 and 405
 included; an unexpected one is a 500 that names only the request id.
 
@@ -64,7 +66,17 @@ from paradec.server.schemas import (
     ModelCard,
     ModelList,
 )
-from paradec.server.worker import EngineWorker, Failed, Handle, Job, JobReport, Piece, QueueFull, Scheduler
+from paradec.server.worker import (
+    ChoiceDone,
+    EngineWorker,
+    Failed,
+    Handle,
+    Job,
+    JobReport,
+    Piece,
+    QueueFull,
+    Scheduler,
+)
 
 log = logging.getLogger("paradec.server")
 
@@ -172,7 +184,7 @@ class OpenAIServer:
         ask = completion_ask(body, self.config.model_name, self.config.method)
         usage = _include_usage(body)
         return await self._generate(
-            request, ask, body.stream, lambda n: CompletionFormat(self.config.model_name, n, usage)
+            request, ask, body.stream, lambda tokens, n: CompletionFormat(self.config.model_name, tokens, usage, n)
         )
 
     async def chat_completions(self, request: Request) -> Response:
@@ -186,7 +198,9 @@ class OpenAIServer:
             )
         ask = chat_ask(body, self.config.model_name, self.config.method)
         usage = _include_usage(body)
-        return await self._generate(request, ask, body.stream, lambda n: ChatFormat(self.config.model_name, n, usage))
+        return await self._generate(
+            request, ask, body.stream, lambda tokens, n: ChatFormat(self.config.model_name, tokens, usage, n)
+        )
 
     async def list_models(self, request: Request) -> ModelList:
         authorize(request, self.config.api_key)
@@ -263,8 +277,9 @@ class OpenAIServer:
         )
 
     async def _generate(
-        self, request: Request, ask: Ask, stream: bool, make_format: Callable[[int], ResponseFormat]
+        self, request: Request, ask: Ask, stream: bool, make_format: Callable[[int, int], ResponseFormat]
     ) -> Response:
+        """Prepare, submit and serve `ask`; `make_format(prompt_tokens, n)` shapes its answer."""
         request_id = request.state.request_id
         with self._reservation():
             self.bound.check(ask)
@@ -273,11 +288,18 @@ class OpenAIServer:
             except ParadecError as exc:
                 raise engine_error(exc, ask) from None
             try:
-                job = Job(prepared.start, ask.method, self.config.timeout, request_id, request=prepared.request)
+                job = Job(
+                    prepared.start,
+                    ask.method,
+                    self.config.timeout,
+                    request_id,
+                    request=prepared.request,
+                    samples=prepared.samples,
+                )
                 handle = self.scheduler.submit(job)
             except QueueFull as exc:
                 raise (shutting_down() if self.draining else self._busy(str(exc))) from None
-        return await self._serve(request, handle, stream, make_format(prepared.prompt_tokens))
+        return await self._serve(request, handle, stream, make_format(prepared.prompt_tokens, prepared.n))
 
     # --- running a job ----------------------------------------------------------------------------------------------
     async def _serve(self, request: Request, handle: Handle, stream: bool, fmt: ResponseFormat) -> Response:
@@ -287,7 +309,7 @@ class OpenAIServer:
         try:
             async with _cancel_on_disconnect(request, handle):
                 event = await handle.next()
-                while not stream and isinstance(event, Piece):
+                while not stream and isinstance(event, (Piece, ChoiceDone)):
                     event = await handle.next()
             if isinstance(event, Failed):
                 raise job_error(event.error, handle.job.request_id)

@@ -11,7 +11,12 @@ one that calls into the engine, loops:
     push      each handle its own new text (`Piece`s), then `Done` or `Failed`; a `JobReport` per ended job, as
               `EngineWorker` reports, and a `StepReport` per decode step (sequences, inputs, tokens) to `on_step`
 
-so a client that disconnects frees its slot within one step. Each request keeps its own method, options, sampling,
+so a client that disconnects frees its slot within one step. A job of n > 1 samples (OpenAI's choices) is n sequences
+of the decoder (`BatchDecoder.submit_samples`: one `SampleGroup`, whose drafters may read each other's tokens); it
+joins when the batch has room for all n (or is empty: then its samples join as slots free), its pieces carry their
+choice's index, a choice that ends before the others sends a `ChoiceDone`, and the job ends with one `Done` once all
+have ended. Cancelling the job (disconnect, timeout, shutdown) cancels its n sequences; one that fails fails the job
+(the others are cancelled). Each request keeps its own method, options, sampling,
 stops and stats; a greedy request's text is what it decodes alone (the decoder's contract), and a request that
 fails fails alone. A sampled request is sampled exactly, with its own generator, but a seeded one may draw other
 tokens than alone: the decoder's speculation policy may skip a step's proposals (a large batch), which spends the
@@ -19,12 +24,13 @@ generator differently.
 
 A job whose method does not batch (its `Drafter.batchable` is False: layerskip, whose drafter keeps engine-wide
 state for one sequence; a job without a `request`; or one the decoder refused to admit with a `ParadecError`, such
-as a draft model the batch cannot run) runs alone, through `job.start()` as on `EngineWorker`, once the batch has drained: while it waits at the head of
-the queue no new job joins the batch (so it is not starved and the order stays FIFO), the running sequences finish,
-then it runs with the batch empty, and the jobs behind it wait until it has finished. A server that mixes such
+as a draft model the batch cannot run) runs alone, through `job.start()` (n > 1: `job.samples()`) as on
+`EngineWorker`, once the batch has drained: while it waits at the head of the queue no new job joins the batch (so
+it is not starved and the order stays FIFO), the running sequences finish, then it runs with the batch empty, and
+the jobs behind it wait until it has finished. A server that mixes such
 methods with batchable ones therefore alternates between a batch and one solo generation.
 
-`queue_depth` counts the jobs not yet in the decoder; `running` the sequences in it (plus a solo job). Shutting
+`queue_depth` counts the jobs not yet in the decoder; `running` the jobs in it (plus a solo job). Shutting
 down as `EngineWorker`: `close()` refuses new jobs and fails the waiting ones at once, the running ones go on;
 `stop()` cancels the running ones too and ends the thread.
 """
@@ -37,11 +43,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from paradec.batch import BatchDecoder, BatchItem
 from paradec.errors import ParadecError
 from paradec.server.worker import (
+    ChoiceDone,
     Done,
     Failed,
     Handle,
@@ -52,6 +59,7 @@ from paradec.server.worker import (
     QueueFull,
     emit_report,
     job_report,
+    merge_stats,
     run_alone,
 )
 
@@ -69,11 +77,22 @@ class StepReport:
 
 @dataclass
 class _Seq:
-    """A job in the decoder."""
+    """A job in the decoder: its n sequences (one per sample), by choice index."""
 
     handle: Handle
-    item: BatchItem
+    items: list[BatchItem]
     queue_seconds: float  # submission to joining the decoder
+    joined: float = 0.0  # when it joined (time.monotonic)
+    closed: set[int] = field(default_factory=set)  # choices whose end was pushed (`ChoiceDone`)
+    stopping: bool = False  # one sequence failed or was refused: the others were cancelled
+
+    @property
+    def item(self) -> BatchItem:
+        return self.items[0]
+
+    @property
+    def done(self) -> bool:
+        return all(item.done for item in self.items)
 
 
 def batchable(job: Job) -> bool:
@@ -202,42 +221,60 @@ class BatchWorker:
                         solo = self._solo = self._waiting.popleft()
                         self._alone.discard(solo)
                     break
-                if len(self._batch) >= self.max_batch:
-                    break
+                held = self._sequences()
+                if held >= self.max_batch or (held and held + head.job.n > self.max_batch):
+                    break  # (a job of more samples than max_batch joins an empty batch: they join as slots free)
                 try:
-                    item = self.decoder.submit(head.job.request)
+                    items = self.decoder.submit_samples(head.job.request)
                 except ParadecError:  # the decoder does not batch its method: it runs alone
                     self._alone.add(head)
                     continue
                 self._waiting.popleft()
-                self._batch[head] = _Seq(head, item, time.monotonic() - head.job.submitted)
+                now = time.monotonic()
+                self._batch[head] = _Seq(head, items, now - head.job.submitted, now)
         for handle in dropped:  # cancelled (disconnect, timeout) before they started
             handle.push(Failed(JobCancelled(handle.cancel_reason)))
             wait = time.monotonic() - handle.job.submitted
             emit_report(self.on_report, job_report(handle.job, handle.cancel_reason, None, None, wait))
         return solo
 
+    def _sequences(self) -> int:
+        """The sequences of the jobs in the decoder."""
+        return sum(len(seq.items) for seq in self._batch.values())
+
     def _step(self) -> None:
         seqs = list(self._batch.values())
         for seq in seqs:
             if self._exiting:
                 seq.handle.cancel("shutdown")
-            if seq.handle.cancelled and not seq.item.cancelled:
-                self.decoder.cancel(seq.item, seq.handle.cancel_reason)
-        before = {id(seq): _emitted(seq.item) for seq in seqs}
+            if seq.handle.cancelled:
+                for item in seq.items:
+                    if not item.cancelled:
+                        self.decoder.cancel(item, seq.handle.cancel_reason)
+        before = {id(seq): _emitted(seq) for seq in seqs}
         try:
             self.decoder.step()
         except Exception as exc:  # a bug outside any one sequence: fail the batch, keep serving
             self._fail_batch(seqs, exc)
             return
-        self._observe_step(sum(_emitted(seq.item) - before[id(seq)] for seq in seqs))
+        self._observe_step(sum(_emitted(seq) - before[id(seq)] for seq in seqs))
         for seq in seqs:
-            item, handle = seq.item, seq.handle
-            if not item.cancelled:
-                while item.pieces:
-                    handle.push(Piece(item.pieces.popleft()))
-            if item.done:
+            handle = seq.handle
+            for item in seq.items:
+                if not item.cancelled:
+                    while item.pieces:
+                        handle.push(Piece(item.pieces.popleft(), item.sample))
+            if not seq.stopping and any(item.error is not None and not item.cancelled for item in seq.items):
+                seq.stopping = True  # one failed (or was refused): the job ends, its other sequences stop
+                for item in seq.items:
+                    self.decoder.cancel(item, "a sibling sample failed")
+            if seq.done:
                 self._finish(seq)
+            elif not seq.stopping and not handle.cancelled:
+                for item in seq.items:
+                    if item.result is not None and item.sample not in seq.closed:
+                        seq.closed.add(item.sample)
+                        handle.push(ChoiceDone(item.sample, item.result))
 
     def _observe_step(self, tokens: int) -> None:
         """Read (and clear, so they stay small) the decoder's per-step records."""
@@ -256,34 +293,50 @@ class BatchWorker:
                 log.exception("reporting a batch step failed")
 
     def _finish(self, seq: _Seq) -> None:
-        item, handle, job = seq.item, seq.handle, seq.handle.job
+        handle, job, items = seq.handle, seq.handle.job, seq.items
         with self._lock:  # no longer running once its last event is out
             self._batch.pop(handle, None)
-            retry = _refused(item) and not self._closed
+            retry = any(_refused(item) for item in items) and not self._closed and not handle.cancelled
             if retry:  # it runs alone, first in line
                 self._alone.add(handle)
                 self._waiting.appendleft(handle)
         if retry:
-            log.info("request %s runs alone: %s", job.request_id, item.error)
+            error = next(item.error for item in items if _refused(item))
+            log.info("request %s runs alone: %s", job.request_id, error)
             return
-        if item.result is not None:
-            handle.push(Done(item.result, seq.queue_seconds))
-            outcome = item.result.finish_reason
-        elif item.cancelled or _refused(item):  # (refused while shutting down: it would have waited)
-            reason = handle.cancel_reason or item.cancelled or "shutdown"
+        failed = next((item for item in items if item.error is not None and not item.cancelled), None)
+        if all(item.result is not None for item in items):
+            results = tuple(item.result for item in items)
+            if len(items) == 1:
+                handle.push(Done(results[0], seq.queue_seconds))
+            else:
+                merged = merge_stats([r.stats for r in results], time.monotonic() - seq.joined)
+                handle.push(Done(results[0], seq.queue_seconds, results, merged))
+            outcome = "length" if any(r.finish_reason == "length" for r in results) else results[0].finish_reason
+        elif handle.cancelled or failed is None or _refused(failed):
+            # cancelled (or refused while shutting down: it would have waited)
+            reason = handle.cancel_reason or next((i.cancelled for i in items if i.cancelled), "") or "shutdown"
             handle.push(Failed(JobCancelled(reason)))
             outcome = reason
-        elif isinstance(item.error, ParadecError):
-            handle.push(Failed(item.error))
+        elif isinstance(failed.error, ParadecError):
+            handle.push(Failed(failed.error))
             outcome = "invalid"
-        else:  # a bug or a device failure in this sequence: the others go on
-            error = item.error if isinstance(item.error, Exception) else RuntimeError(str(item.error))
+        else:  # a bug or a device failure in this job's sequences: the others go on
+            error = failed.error if isinstance(failed.error, Exception) else RuntimeError(str(failed.error))
             log.error("generation failed (request %s)", job.request_id, exc_info=error)
             handle.push(Failed(error))
             outcome = "error"
-        stats = None if item.decoding is None else item.decoding.stats
-        report = job_report(job, outcome, stats, item.result, seq.queue_seconds, _emitted(item))
-        emit_report(self.on_report, report)
+        emit_report(self.on_report, self._report(seq, outcome))
+
+    def _report(self, seq: _Seq, outcome: str) -> JobReport:
+        items = seq.items
+        if len(items) == 1:
+            item = items[0]
+            stats = None if item.decoding is None else item.decoding.stats
+            return job_report(seq.handle.job, outcome, stats, item.result, seq.queue_seconds, _emitted(seq))
+        started = [item.decoding.stats for item in items if item.decoding is not None]
+        stats = merge_stats(started, time.monotonic() - seq.joined) if started else None
+        return job_report(seq.handle.job, outcome, stats, None, seq.queue_seconds, _emitted(seq))
 
     def _fail_batch(self, seqs: list[_Seq], exc: Exception) -> None:
         log.error(
@@ -292,7 +345,8 @@ class BatchWorker:
             exc_info=exc,
         )
         for seq in seqs:
-            self.decoder.cancel(seq.item, "error")
+            for item in seq.items:
+                self.decoder.cancel(item, "error")
         try:
             self.decoder.step()  # drops the cancelled sequences, freeing their slots
         except Exception:
@@ -301,11 +355,9 @@ class BatchWorker:
             with self._lock:
                 self._batch.pop(seq.handle, None)
             seq.handle.push(Failed(exc))
-            item = seq.item
-            stats = None if item.decoding is None else item.decoding.stats
-            report = job_report(seq.handle.job, "error", stats, None, seq.queue_seconds, _emitted(item))
-            emit_report(self.on_report, report)
+            emit_report(self.on_report, self._report(seq, "error"))
 
 
-def _emitted(item: BatchItem) -> int:
-    return 0 if item.decoding is None else len(item.decoding.new_ids)
+def _emitted(seq: _Seq) -> int:
+    """Tokens the job's sequences have generated."""
+    return sum(0 if item.decoding is None else len(item.decoding.new_ids) for item in seq.items)

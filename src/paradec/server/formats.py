@@ -2,8 +2,11 @@
 
 A stream is `data: <chunk>` events in OpenAI's chunk format (chat: a first chunk with the role; then one per text
 piece; a closing chunk with `finish_reason` and paradec's stats; with `include_usage`, a usage chunk) and always ends
-with `data: [DONE]`. A job that fails after the status line went out cannot change its 200, so its error travels as
-one last event, `data: {"error": {...}}`, before the `[DONE]`.
+with `data: [DONE]`. With n > 1 choices every chunk carries its choice's `index`: chat opens each choice with its
+role chunk, the choices' pieces interleave as they are decoded, each choice closes with its own `finish_reason` when
+it ends, and the last closing chunk carries paradec's stats (of the choices together); usage sums the choices' tokens
+(the prompt counted once, as OpenAI counts it). A job that fails after the status line went out cannot change its
+200, so its error travels as one last event, `data: {"error": {...}}`, before the `[DONE]`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from paradec.decode import Result
 from paradec.server.errors import CLIENT_CLOSED, job_error
 from paradec.server.schemas import (
     AssistantMessage,
@@ -32,29 +36,31 @@ from paradec.server.schemas import (
     ParadecStats,
     Usage,
 )
-from paradec.server.worker import Done, Event, Handle, Piece
+from paradec.server.worker import ChoiceDone, Done, Event, Handle, Piece
 
 
 class ResponseFormat(ABC):
-    """How an endpoint shapes a finished job, and the chunks of a streamed one."""
+    """How an endpoint shapes a finished job, and the chunks of a streamed one (`n` choices)."""
 
     prefix = ""
 
-    def __init__(self, model_name: str, prompt_tokens: int, include_usage: bool) -> None:
+    def __init__(self, model_name: str, prompt_tokens: int, include_usage: bool, n: int = 1) -> None:
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model_name
         self.prompt_tokens = prompt_tokens
         self.include_usage = include_usage
+        self.n = n
+        self.closed: set[int] = set()  # choices whose closing chunk went out
 
     def usage(self, done: Done) -> Usage:
-        completion = len(done.result.token_ids)
+        completion = sum(len(result.token_ids) for result in done.choices)
         return Usage(
             prompt_tokens=self.prompt_tokens, completion_tokens=completion, total_tokens=self.prompt_tokens + completion
         )
 
     def stats(self, done: Done) -> ParadecStats:
-        return ParadecStats.of(done.result.stats, done.queue_seconds)
+        return ParadecStats.of(done.job_stats, done.queue_seconds)
 
     @abstractmethod
     def response(self, done: Done) -> BaseModel: ...
@@ -63,10 +69,24 @@ class ResponseFormat(ABC):
         return []
 
     @abstractmethod
-    def piece(self, text: str) -> BaseModel: ...
+    def piece(self, text: str, index: int = 0) -> BaseModel: ...
 
     @abstractmethod
-    def closing(self, done: Done) -> BaseModel: ...
+    def close(self, index: int, result: Result, stats: ParadecStats | None = None) -> BaseModel:
+        """The closing chunk of choice `index` (its `finish_reason`), with `stats` when it is the job's last."""
+
+    def choice_done(self, event: ChoiceDone) -> BaseModel:
+        self.closed.add(event.index)
+        return self.close(event.index, event.result)
+
+    def closing(self, done: Done) -> list[BaseModel]:
+        """The closing chunks of the choices not closed yet; the last one carries paradec's stats."""
+        left = [i for i in range(len(done.choices)) if i not in self.closed]
+        chunks = [self.close(i, done.choices[i]) for i in left[:-1]]
+        if left:
+            chunks.append(self.close(left[-1], done.choices[left[-1]], self.stats(done)))
+        self.closed.update(left)
+        return chunks
 
     @abstractmethod
     def usage_chunk(self, done: Done) -> BaseModel: ...
@@ -79,15 +99,18 @@ class CompletionFormat(ResponseFormat):
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, **extra)
 
     def response(self, done: Done) -> CompletionResponse:
-        choice = CompletionChoice(text=done.result.text, finish_reason=done.result.finish_reason)
-        return self._chunk([choice], usage=self.usage(done), paradec=self.stats(done))
+        choices = [
+            CompletionChoice(index=i, text=result.text, finish_reason=result.finish_reason)
+            for i, result in enumerate(done.choices)
+        ]
+        return self._chunk(choices, usage=self.usage(done), paradec=self.stats(done))
 
-    def piece(self, text: str) -> CompletionResponse:
-        return self._chunk([CompletionChoice(text=text)])
+    def piece(self, text: str, index: int = 0) -> CompletionResponse:
+        return self._chunk([CompletionChoice(index=index, text=text)])
 
-    def closing(self, done: Done) -> CompletionResponse:
-        choice = CompletionChoice(text="", finish_reason=done.result.finish_reason)
-        return self._chunk([choice], paradec=self.stats(done))
+    def close(self, index: int, result: Result, stats: ParadecStats | None = None) -> CompletionResponse:
+        choice = CompletionChoice(index=index, text="", finish_reason=result.finish_reason)
+        return self._chunk([choice], paradec=stats)
 
     def usage_chunk(self, done: Done) -> CompletionResponse:
         return self._chunk([], usage=self.usage(done))
@@ -100,25 +123,30 @@ class ChatFormat(ResponseFormat):
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=choices, **extra)
 
     def response(self, done: Done) -> ChatCompletionResponse:
-        message = AssistantMessage(content=done.result.text)
         return ChatCompletionResponse(
             id=self.id,
             created=self.created,
             model=self.model,
-            choices=[ChatChoice(message=message, finish_reason=done.result.finish_reason)],
+            choices=[
+                ChatChoice(index=i, message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)
+                for i, result in enumerate(done.choices)
+            ],
             usage=self.usage(done),
             paradec=self.stats(done),
         )
 
     def opening(self) -> list[BaseModel]:
-        return [self._chunk([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])]
+        return [
+            self._chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+            for i in range(self.n)
+        ]
 
-    def piece(self, text: str) -> ChatCompletionChunk:
-        return self._chunk([ChatChunkChoice(delta=ChatDelta(content=text))])
+    def piece(self, text: str, index: int = 0) -> ChatCompletionChunk:
+        return self._chunk([ChatChunkChoice(index=index, delta=ChatDelta(content=text))])
 
-    def closing(self, done: Done) -> ChatCompletionChunk:
-        choice = ChatChunkChoice(delta=ChatDelta(), finish_reason=done.result.finish_reason)
-        return self._chunk([choice], paradec=self.stats(done))
+    def close(self, index: int, result: Result, stats: ParadecStats | None = None) -> ChatCompletionChunk:
+        choice = ChatChunkChoice(index=index, delta=ChatDelta(), finish_reason=result.finish_reason)
+        return self._chunk([choice], paradec=stats)
 
     def usage_chunk(self, done: Done) -> ChatCompletionChunk:
         return self._chunk([], usage=self.usage(done))
@@ -141,12 +169,16 @@ class EventStream(StreamingResponse):
     async def _events(self, fmt: ResponseFormat, event: Event, request_id: str) -> AsyncIterator[str]:
         for chunk in fmt.opening():
             yield _data(chunk.model_dump_json())
-        while isinstance(event, Piece):
-            yield _data(fmt.piece(event.text).model_dump_json())
+        while isinstance(event, (Piece, ChoiceDone)):
+            if isinstance(event, Piece):
+                yield _data(fmt.piece(event.text, event.index).model_dump_json())
+            else:
+                yield _data(fmt.choice_done(event).model_dump_json())
             event = await self.handle.next()
         if isinstance(event, Done):
             status = 200
-            yield _data(fmt.closing(event).model_dump_json())
+            for chunk in fmt.closing(event):
+                yield _data(chunk.model_dump_json())
             if fmt.include_usage:
                 yield _data(fmt.usage_chunk(event).model_dump_json())
         else:

@@ -2,8 +2,10 @@
 
 Per generation (from the scheduler's `JobReport`, labelled by method): outcomes, prompt and generated tokens,
 steps (target forwards), τ, draft tokens proposed and accepted in all and by draft position, latency from
-submission to the last token, time to the first token, queue wait. Per HTTP request: endpoint and the status it
-ended with (499 for a client that went away; a stream's error event's status when it failed after its 200).
+submission to the last token, time to the first token, queue wait. A request of n > 1 choices is one generation
+here: its choices' tokens, steps and draft counts summed (`worker.merge_stats`; τ is then their mean per step). Per
+HTTP request: endpoint and the status it ended with (499 for a client that went away; a stream's error event's
+status when it failed after its 200).
 Live: queue depth and running generations. Per decode step of a batched server (`batching.StepReport`): the batch
 size (sequences decoded together), the target inputs of the step's forward, and the tokens it emitted.
 """

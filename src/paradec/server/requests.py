@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -89,6 +89,7 @@ class Ask:
     max_new_tokens: int | None  # None: the rest of the model's context
     stop: str | list[str] | None
     max_tokens_param: str = "max_tokens"  # the name the request gave `max_new_tokens`: errors answer under it
+    n: int = 1  # choices: samples of the prompt (the engine checks the range)
 
     def text_size(self) -> int:
         """UTF-8 bytes of the prompt's text (0 for token ids): a chat prompt holds at least its messages' contents."""
@@ -154,7 +155,6 @@ def _ask(
     """The fields both endpoints share; `method` is the server's, for a request that names none."""
     check_model(body.model, served)
     for name, value, neutral in (
-        ("n", body.n, 1),
         ("presence_penalty", body.presence_penalty, 0.0),
         ("frequency_penalty", body.frequency_penalty, 0.0),
     ):
@@ -178,6 +178,7 @@ def _ask(
         max_new_tokens=max_new_tokens,
         stop=body.stop,
         max_tokens_param=param,
+        n=body.n,
     )
 
 
@@ -222,12 +223,18 @@ class PromptBound:
 
 @dataclass(frozen=True)
 class Prepared:
-    """An `Ask` the engine accepted: `start()` builds the generation (on the worker's thread); `request` is its
-    checked input, which a batched scheduler decodes in its batch instead."""
+    """An `Ask` the engine accepted: `start()` builds the generation (on the worker's thread; n > 1: `samples()`
+    the samples' generations, one after another); `request` is its checked input, which a batched scheduler decodes
+    in its batch instead (n > 1: as n sequences)."""
 
     start: Callable[[], Generation]
     prompt_tokens: int
     request: EngineRequest | None = None
+    samples: Callable[[], Iterator[Generation]] | None = None
+
+    @property
+    def n(self) -> int:
+        return 1 if self.request is None else self.request.n
 
 
 def prepare(engine, ask: Ask) -> Prepared:
@@ -248,7 +255,12 @@ def prepare(engine, ask: Ask) -> Prepared:
         sampling=ask.sampling,
         max_new_tokens=max_new_tokens,
         stop=ask.stop,
+        n=ask.n,
     )
+    if request.n > 1:
+        first = request.samples()[0]
+        samples = functools.partial(engine.samples, request)
+        return Prepared(functools.partial(engine.stream, first), len(request.prompt_ids), request, samples)
     return Prepared(functools.partial(engine.stream, request), len(request.prompt_ids), request)
 
 

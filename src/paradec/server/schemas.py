@@ -3,8 +3,8 @@
 Requests are checked in two stages: these models check shapes and types (strictly: `"5"` is not an integer, an
 unknown field is refused, as OpenAI refuses it), then `paradec.server.requests` and the engine check values
 (ranges, context length, model and method names). Fields that OpenAI defines but paradec cannot honour are accepted
-at their neutral value only (`n=1`, no logprobs, no penalties), so that clients which send defaults explicitly keep
-working.
+at their neutral value only (no logprobs, no penalties, `best_of=1`), so that clients which send defaults explicitly
+keep working. `n` (1..16) asks for that many choices: samples of the prompt, decoded together.
 
 Non-standard fields: `method`, `method_options`, `top_k` and `min_p` in requests; `paradec` (the generation's
 stats: τ, steps, acceptance by position, timings) in responses and in the last chunk of a stream.
@@ -42,7 +42,7 @@ class GenerationRequest(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = 1  # choices (samples of the prompt), 1..16: the engine checks the range
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
@@ -52,7 +52,7 @@ class GenerationRequest(BaseModel):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]  # text or token ids; a list holds one prompt (n=1)
+    prompt: str | list[str] | list[int] | list[list[int]]  # text or token ids; a list holds one prompt
     echo: bool = False
     logprobs: int | None = None
     suffix: str | None = None

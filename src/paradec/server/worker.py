@@ -2,12 +2,15 @@
 
 The app turns a request into a `Job` (a validated engine call, not started yet), hands it to a `Scheduler` with
 `submit(job) -> Handle`, and reads the job's events from the handle: zero or more `Piece`s (text as tokens are
-accepted), then one `Done` (the `Result`) or one `Failed`. The handle is the request's side of the job:
-`await handle.next()` for events, `handle.cancel()` when the client goes away. The handle enforces the request's
-timeout: when it passes, `next()` returns a `Failed(JobTimeout)` and cancels the job.
+accepted), then one `Done` (the `Result`) or one `Failed`. A job of n > 1 samples (OpenAI's choices) is one job: its
+`Piece`s carry their choice's index, a `ChoiceDone` tells each choice's end but the last one's, and its one `Done`
+holds every choice's result; cancellation and the timeout apply to the whole job. The handle is the request's side
+of the job: `await handle.next()` for events, `handle.cancel()` when the client goes away. The handle enforces the
+request's timeout: when it passes, `next()` returns a `Failed(JobTimeout)` and cancels the job.
 
 `EngineWorker` is the scheduler for an engine that runs one generation at a time: one thread starts and runs the
-jobs, taking handles from a bounded FIFO queue (full -> `QueueFull`). It checks for cancellation after every piece
+jobs (a job's n samples one after another, through `job.samples`), taking handles from a bounded FIFO queue
+(full -> `QueueFull`). It checks for cancellation after every piece
 it pushes, then closes the generation, so a client that disconnects frees the engine within one step. Shutting down
 has two halves: `close()` refuses new jobs and fails the waiting ones at once (`JobCancelled("shutdown")`) while the
 running one goes on; `stop()` cancels the running one too and ends the thread.
@@ -24,7 +27,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -47,6 +50,13 @@ class Job:
     request_id: str = ""  # the HTTP request's id, in the server log
     submitted: float = field(default_factory=time.monotonic)
     request: Request | None = None  # what `start` runs; None: the job can only run alone, through `start`
+    # n > 1 samples: their generations one after another (`Engine.samples`), for a scheduler that runs it alone
+    samples: Callable[[], Iterator[Generation]] | None = None
+
+    @property
+    def n(self) -> int:
+        """The job's samples (choices)."""
+        return 1 if self.request is None else self.request.n
 
 
 # --- events, from the scheduler to the request ----------------------------------------------------------------------
@@ -55,12 +65,31 @@ class Job:
 @dataclass(frozen=True)
 class Piece:
     text: str  # newly visible text
+    index: int = 0  # of the choice it belongs to
+
+
+@dataclass(frozen=True)
+class ChoiceDone:
+    """One choice of a job of n > 1 has ended (the others go on); the last one to end ends with the job's `Done`."""
+
+    index: int
+    result: Result
 
 
 @dataclass(frozen=True)
 class Done:
-    result: Result
+    result: Result  # the first choice's (the only one's, for n == 1)
     queue_seconds: float
+    results: tuple[Result, ...] = ()  # n > 1: every choice's, by index
+    stats: GenerationStats | None = None  # n > 1: the choices' together (`merge_stats`)
+
+    @property
+    def choices(self) -> tuple[Result, ...]:
+        return self.results or (self.result,)
+
+    @property
+    def job_stats(self) -> GenerationStats:
+        return self.stats or self.result.stats
 
 
 @dataclass(frozen=True)
@@ -68,7 +97,30 @@ class Failed:
     error: Exception  # ParadecError (bad input), JobTimeout, JobCancelled, or a bug
 
 
-Event = Piece | Done | Failed
+Event = Piece | ChoiceDone | Done | Failed
+
+
+def merge_stats(stats: list[GenerationStats], wall_seconds: float) -> GenerationStats:
+    """The stats of a job's choices together: tokens, steps (per sequence: τ is the choices' mean tokens per step)
+    and draft counts summed; the prompt once; `wall_seconds` the job's (its samples ran together or in turn)."""
+    first = stats[0]
+    merged = GenerationStats(method=first.method, prompt_tokens=first.prompt_tokens)
+    for one in stats:
+        merged.new_tokens += one.new_tokens
+        merged.steps += one.steps
+        merged.proposed_tokens += one.proposed_tokens
+        merged.accepted_tokens += one.accepted_tokens
+        for mine, theirs in ((merged.accepted_at, one.accepted_at), (merged.proposed_at, one.proposed_at)):
+            mine.extend([0] * (len(theirs) - len(mine)))
+            for i, count in enumerate(theirs):
+                mine[i] += count
+    merged.prefill_seconds = max(one.prefill_seconds for one in stats)
+    started = [one.first_token_seconds for one in stats if one.first_token_seconds]
+    merged.first_token_seconds = min(started, default=0.0)
+    merged.wall_seconds = wall_seconds
+    reasons = {one.finish_reason for one in stats}
+    merged.finish_reason = "length" if "length" in reasons else first.finish_reason
+    return merged
 
 
 class QueueFull(Exception):
@@ -243,10 +295,12 @@ class EngineWorker:
 
 
 def run_alone(handle: Handle, stopping: bool = False) -> JobReport:
-    """Run `handle`'s job through `job.start()`, pushing its events; checks for cancellation after every piece and
-    closes the generation when cancelled. `stopping`: the scheduler is shutting down (the job is cancelled unstarted).
-    Every failure is pushed to the handle, never raised."""
+    """Run `handle`'s job through `job.start()` (n > 1: `job.samples()`, one sample after another), pushing its
+    events; checks for cancellation after every piece and closes the generation when cancelled. `stopping`: the
+    scheduler is shutting down (the job is cancelled unstarted). Every failure is pushed to the handle, never raised."""
     job = handle.job
+    if job.samples is not None and job.n > 1:
+        return _run_samples(handle, stopping)
     started = time.monotonic()
     queue_seconds = started - job.submitted
     generation = None
@@ -277,6 +331,58 @@ def run_alone(handle: Handle, stopping: bool = False) -> JobReport:
         log.exception("generation failed (request %s)", job.request_id)
         handle.push(Failed(exc))
     return _report(job, outcome, generation, queue_seconds)
+
+
+def _run_samples(handle: Handle, stopping: bool) -> JobReport:
+    """`run_alone` for a job of n > 1 samples: the generations of `job.samples()` one after another, each a choice."""
+    job = handle.job
+    started = time.monotonic()
+    queue_seconds = started - job.submitted
+    finished: list[Result] = []
+    stats: list[GenerationStats] = []
+    outcome = "error"
+    generations = None
+    try:
+        if stopping:
+            handle.cancel("shutdown")
+        if handle.cancelled:
+            raise JobCancelled(handle.cancel_reason)
+        generations = job.samples()
+        for index, generation in enumerate(generations):
+            stats.append(generation.stats)
+            pieces = iter(generation)
+            try:
+                for piece in pieces:
+                    handle.push(Piece(piece, index))
+                    if handle.cancelled:
+                        raise JobCancelled(handle.cancel_reason)
+            finally:
+                pieces.close()  # frees the engine when the job is cancelled mid-generation
+            finished.append(generation.result)
+            if index < job.n - 1:
+                handle.push(ChoiceDone(index, generation.result))
+        merged = merge_stats([r.stats for r in finished], time.monotonic() - started)
+        handle.push(Done(finished[0], queue_seconds, tuple(finished), merged))
+        outcome = merged.finish_reason
+    except JobCancelled as exc:
+        handle.push(Failed(exc))
+        outcome = handle.cancel_reason
+    except ParadecError as exc:
+        handle.push(Failed(exc))
+        outcome = "invalid"
+    except Exception as exc:  # a bug or a device failure: report it to this request, keep serving the others
+        log.exception("generation failed (request %s)", job.request_id)
+        handle.push(Failed(exc))
+    finally:
+        if generations is not None and hasattr(generations, "close"):
+            generations.close()
+    if not stats:
+        return job_report(job, outcome, None, None, queue_seconds)
+    merged = merge_stats(stats, time.monotonic() - started)
+    new_tokens = sum(len(r.token_ids) for r in finished)
+    if len(finished) < len(stats):  # the one cut short: every step so far emitted its accepted tokens plus one
+        new_tokens += stats[-1].steps + stats[-1].accepted_tokens
+    return job_report(job, outcome, merged, None, queue_seconds, new_tokens)
 
 
 def emit_report(on_report: Callable[[JobReport], None] | None, report: JobReport) -> None:
