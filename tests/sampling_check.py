@@ -12,8 +12,6 @@ import itertools
 from collections import Counter
 from collections.abc import Callable
 
-from scipy.stats import chisquare
-
 from paradec.config import SamplingParams
 from paradec.decode import Generation
 from paradec.drafters.base import Drafter
@@ -34,6 +32,8 @@ def sample_counts(
 
 def chi_square_p(counts: Counter, exact: dict[tuple[int, ...], float], vocab: int, new: int) -> float:
     """p-value of the counts against the exact distribution (cells expecting < 5 pooled into one)."""
+    from scipy.stats import chisquare  # here: the GPU machine has no scipy, and its CUDA tests import this module
+
     assert set(counts) <= set(exact), "sampled a sequence of probability 0"
     total = sum(counts.values())
     observed, expected = [], []

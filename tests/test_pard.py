@@ -136,3 +136,33 @@ def test_train_pard_end_to_end(model_dirs, tmp_path, capsys, hf_models):
     assert engine.generate(PROMPTS[3], method="pard", max_new_tokens=16).token_ids == reference
     assert main([*args[:-3], "--k", "0", "--out", str(tmp_path / "bad"), "--quiet"]) == 2
     assert "pard-k must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_spare_mask_row_holding_nan_is_reset_and_a_diverging_fit_stops(model_dirs):
+    from transformers import AutoModelForCausalLM
+
+    from paradec.train.loop import TrainSettings, fit
+    from paradec.train.pard import init_mask_embedding
+
+    draft = AutoModelForCausalLM.from_pretrained(model_dirs["llama-draft"])
+    weight = draft.get_input_embeddings().weight
+    used = weight.shape[0] - 4
+    with torch.no_grad():
+        weight[used] = float("nan")  # a spare row of a dequantized checkpoint
+        keep = weight[3].clone()
+    init_mask_embedding(draft, used, used)
+    assert torch.isfinite(weight[used]).all()
+    torch.testing.assert_close(weight[used], weight[:used].mean(0))
+    init_mask_embedding(draft, 3, used)  # a real, finite row is left as it is
+    assert torch.equal(weight[3], keep)
+    param = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ParadecError, match="pard training diverged: the mean loss of steps 1..1 is nan"):
+        fit(
+            [param],
+            lambda index: param.sum() * float("nan"),
+            4,
+            TrainSettings(steps=1, batch_size=2),
+            torch.device("cpu"),
+            desc="pard",
+            progress=False,
+        )

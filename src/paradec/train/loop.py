@@ -122,6 +122,11 @@ def fit(
         if done % LOG_EVERY == 0 or done == settings.steps:
             size = LOG_EVERY if done % LOG_EVERY == 0 else done % LOG_EVERY
             mean = float(window) / size
+            if not math.isfinite(mean):
+                raise ParadecError(
+                    f"{desc} training diverged: the mean loss of steps {done - size + 1}..{done} is {mean} "
+                    "(lower --lr, or check the data); nothing was saved"
+                )
             history.append((done, mean))
             window.zero_()
             bar.set_postfix(loss=f"{mean:.4f}")

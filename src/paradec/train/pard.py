@@ -9,7 +9,8 @@ s, which keeps the draft an ordinary next-token model too. Rows are right-padded
 
 The mask token is a row of the draft's embedding no text uses (`choose_mask_token`): the first id past the
 tokenizer's vocabulary when the embedding has spare rows (Qwen2.5's 151,936 rows hold 151,665 tokens), else the pad
-token, else the last id. Training gives it its meaning; the checkpoint's config records it.
+token, else the last id. Its embedding starts at the mean of the used rows (`init_mask_embedding`: a spare row may
+hold anything, NaN included); training gives it its meaning; the checkpoint's config records it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ def choose_mask_token(tokenizer, vocab_size: int) -> int:
     if isinstance(pad, int) and pad != eos and 0 <= pad < vocab_size:
         return pad
     return vocab_size - 1
+
+
+@torch.no_grad()
+def init_mask_embedding(draft, mask: int, used: int) -> None:
+    """Start a spare (or non-finite) mask row of the input embedding at the mean of the `used` rows: a spare row of
+    a checkpoint can hold anything (a NaN there makes every mask position's output NaN)."""
+    weight = draft.get_input_embeddings().weight
+    if mask < used and bool(torch.isfinite(weight[mask]).all()):
+        return  # a real token's row (the pad token's, or the last one's): trained from what it is
+    weight[mask] = weight[: min(used, weight.shape[0])].float().mean(0).to(weight.dtype)
 
 
 def splits(valid: torch.Tensor, prompt_len: int, k: int, generator: torch.Generator) -> torch.Tensor:

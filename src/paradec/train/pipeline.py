@@ -55,7 +55,7 @@ from paradec.train.eagle import (
 )
 from paradec.train.loop import FitResult, TrainSettings, autocast, device_name, fit
 from paradec.train.medusa import medusa_accuracy, medusa_loss
-from paradec.train.pard import choose_mask_token, pard_accuracy, pard_loss, splits
+from paradec.train.pard import choose_mask_token, init_mask_embedding, pard_accuracy, pard_loss, splits
 from paradec.train.selfchat import SelfChatSettings, self_chat_texts
 
 KINDS = ("medusa", "eagle", "draft", "pard")
@@ -634,6 +634,7 @@ def _train_pard(job: Job) -> dict:
     tokenizer = load_tokenizer(job.draft_path)
     vocab = int(draft.get_input_embeddings().weight.shape[0])
     mask = choose_mask_token(tokenizer, vocab)
+    init_mask_embedding(draft, mask, len(tokenizer))
     pad = int(target.eos_token_ids[0]) if target.eos_token_ids else 0
     prompt_len = int(train_data.stats.get("prompt_tokens", 1))
     draft.config.pard = {"mask_token_id": mask, "k": k}  # what the drafter reads, in training's acceptance too
