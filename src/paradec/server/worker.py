@@ -321,16 +321,20 @@ def run_alone(handle: Handle, stopping: bool = False) -> JobReport:
             pieces.close()  # frees the engine when the job is cancelled mid-generation
         handle.push(Done(generation.result, queue_seconds))
         outcome = generation.result.finish_reason
-    except JobCancelled as exc:
-        handle.push(Failed(exc))
-        outcome = handle.cancel_reason
-    except ParadecError as exc:
-        handle.push(Failed(exc))
-        outcome = "invalid"
-    except Exception as exc:  # a bug or a device failure: report it to this request, keep serving the others
-        log.exception("generation failed (request %s)", job.request_id)
-        handle.push(Failed(exc))
+    except Exception as exc:  # pushed to this request; the scheduler keeps serving the others
+        outcome = _failed(handle, exc)
     return _report(job, outcome, generation, queue_seconds)
+
+
+def _failed(handle: Handle, exc: Exception) -> str:
+    """Push `exc` as the job's last event; returns the outcome for metrics (a bug or a device failure is logged)."""
+    handle.push(Failed(exc))
+    if isinstance(exc, JobCancelled):
+        return handle.cancel_reason
+    if isinstance(exc, ParadecError):
+        return "invalid"
+    log.error("generation failed (request %s)", handle.job.request_id, exc_info=exc)
+    return "error"
 
 
 def _run_samples(handle: Handle, stopping: bool) -> JobReport:
@@ -364,15 +368,8 @@ def _run_samples(handle: Handle, stopping: bool) -> JobReport:
         merged = merge_stats([r.stats for r in finished], time.monotonic() - started)
         handle.push(Done(finished[0], queue_seconds, tuple(finished), merged))
         outcome = merged.finish_reason
-    except JobCancelled as exc:
-        handle.push(Failed(exc))
-        outcome = handle.cancel_reason
-    except ParadecError as exc:
-        handle.push(Failed(exc))
-        outcome = "invalid"
-    except Exception as exc:  # a bug or a device failure: report it to this request, keep serving the others
-        log.exception("generation failed (request %s)", job.request_id)
-        handle.push(Failed(exc))
+    except Exception as exc:  # pushed to this request; the scheduler keeps serving the others
+        outcome = _failed(handle, exc)
     finally:
         if generations is not None and hasattr(generations, "close"):
             generations.close()
