@@ -99,7 +99,9 @@ train_part() {  # both targets' drafters on self-chat data; the second kind of a
     wait $small
     wait $large
     train $Q15 eagle $QWEN_TRAIN
-    train $Q15 draft $QWEN_TRAIN &
+    # the distillation holds the 0.5B, its optimizer state and the windows' features: beside two other trainings it
+    # ran out of the H200's memory (2026-12-01), so it trains alone, first
+    train $Q15 draft $QWEN_TRAIN
     train $Q15 medusa $QWEN_TRAIN &
     train $Q15 pard $QWEN_TRAIN &
     wait
