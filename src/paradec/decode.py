@@ -84,11 +84,12 @@ class Decoding:
         self.new_ids: list[int] = []
         self.finish = ""  # "stop" or "length" once finished
         self.started = 0.0
+        self._fed = 0  # prompt tokens prefilled so far (`start` in chunks)
+        self._hidden: list[torch.Tensor] = []  # the prefill's hidden states, chunk by chunk
         self.pending: torch.Tensor | None = None  # [1] the last token, not yet in the target cache
         self._detok: IncrementalDetokenizer | None = None
         self._streamed = 0  # characters of the text already handed out
         self._cut = -1  # where a stop string starts in the text
-        self._proposal: Proposal | None = None
 
     def start(self, target: Runner, chunk: int | None = None) -> bool:
         """Prefill the prompt but its last token on `target` (the sequence's own runner: the target, or one slot of
@@ -98,8 +99,6 @@ class Decoding:
         if not self.started:
             self.started = time.perf_counter()
             target.reset()
-            self._fed = 0
-            self._hidden: list[torch.Tensor] = []
         todo = len(state.tokens) - 1 - self._fed  # the prompt's last token is the first pending one
         count = todo if chunk is None else min(chunk, todo)
         if count > 0:
@@ -136,7 +135,6 @@ class Decoding:
             raise RuntimeError(
                 f"drafter {self.drafter.name!r} proposed {inputs.size - 1} inputs, room for {self.state.room}"
             )
-        self._proposal = proposal
         return inputs
 
     def verdict(self, step: Step, b: int, logits: torch.Tensor) -> Verdict | Deferred:
