@@ -7,6 +7,7 @@ near-ties that float rounding could flip between a 1-token and an n-token forwar
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -192,6 +193,28 @@ def hf_models(checkpoints):
         return cache[name]
 
     return get
+
+
+def run_scheduler(worker, test) -> None:
+    """Start `worker` (a server scheduler), run `await test(worker)` on an event loop, then stop the worker."""
+    worker.start()
+
+    async def body():
+        try:
+            await test(worker)
+        finally:
+            await asyncio.to_thread(worker.stop)
+
+    asyncio.run(body())
+
+
+async def until(condition, what: str, seconds: float = 60.0) -> None:
+    """Poll `condition()` every 2 ms until it holds; fail the test after `seconds`."""
+    for _ in range(int(seconds / 0.002)):
+        if condition():
+            return
+        await asyncio.sleep(0.002)
+    pytest.fail(f"never {what}")
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 import paradec
+from conftest import run_scheduler, until
 from paradec.batch import BatchDecoder
 from paradec.cli import main
 from paradec.errors import ParadecError
@@ -273,29 +274,13 @@ async def drain(handle) -> tuple[list[str], Done | Failed]:
     return pieces, event
 
 
-async def until(condition, what: str, seconds: float = 60.0) -> None:
-    for _ in range(int(seconds / 0.002)):
-        if condition():
-            return
-        await asyncio.sleep(0.002)
-    pytest.fail(f"never {what}")
-
-
 def run_batch_worker(engine, test, *, max_batch: int = 4, max_queue: int = 4) -> tuple[list, list]:
     """Run `await test(worker)` with a started BatchWorker; returns its job reports and step reports."""
     reports, steps = [], []
     worker = BatchWorker(
         engine.batch_decoder(max_batch), max_queue=max_queue, on_report=reports.append, on_step=steps.append
     )
-    worker.start()
-
-    async def body():
-        try:
-            await test(worker)
-        finally:
-            await asyncio.to_thread(worker.stop)
-
-    asyncio.run(body())
+    run_scheduler(worker, test)
     assert not worker.alive
     return reports, steps
 

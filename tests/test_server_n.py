@@ -21,6 +21,7 @@ import openai
 import pytest
 
 import paradec
+from conftest import run_scheduler, until
 from paradec.decode import Decoding
 from paradec.server.batching import BatchWorker
 from paradec.server.worker import ChoiceDone, Done, EngineWorker, Failed, Job, JobTimeout, Piece
@@ -205,14 +206,6 @@ async def drain(handle) -> tuple[list[Piece | ChoiceDone], Done | Failed]:
     return events, event
 
 
-async def until(condition, what: str, seconds: float = 60.0) -> None:
-    for _ in range(int(seconds / 0.002)):
-        if condition():
-            return
-        await asyncio.sleep(0.002)
-    pytest.fail(f"never {what}")
-
-
 def samples_job(engine, prompt: str, n: int, max_new_tokens: int, timeout: float = 120.0, **sampling) -> Job:
     request = engine.request(prompt, n=n, max_new_tokens=max_new_tokens, sampling=sampling or None)
     samples = functools.partial(engine.samples, request)
@@ -224,15 +217,7 @@ def samples_job(engine, prompt: str, n: int, max_new_tokens: int, timeout: float
 def run_batch_worker(engine, test, max_batch: int = 4) -> list:
     reports = []
     worker = BatchWorker(engine.batch_decoder(max_batch, speculate="always"), max_queue=4, on_report=reports.append)
-    worker.start()
-
-    async def body():
-        try:
-            await test(worker)
-        finally:
-            await asyncio.to_thread(worker.stop)
-
-    asyncio.run(body())
+    run_scheduler(worker, test)
     return reports
 
 

@@ -10,6 +10,7 @@ import threading
 
 import pytest
 
+from conftest import run_scheduler
 from paradec.cli import main
 from paradec.decode import Result
 from paradec.errors import ParadecError
@@ -74,15 +75,7 @@ def run_worker(engine, test, max_queue: int = 4) -> list:
     """Run `await test(worker)` on an event loop with a started worker; returns the worker's job reports."""
     reports = []
     worker = EngineWorker(max_queue=max_queue, on_report=reports.append)
-    worker.start()
-
-    async def body():
-        try:
-            await test(worker)
-        finally:
-            await asyncio.to_thread(worker.stop)
-
-    asyncio.run(body())
+    run_scheduler(worker, test)
     return reports
 
 
