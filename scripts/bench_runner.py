@@ -85,6 +85,7 @@ SHAPES["tiny"] = dict(
 )  # a CPU dry run of this script
 NATIVE_VARIANTS = {  # name -> (torch.compile the elementwise work, static buckets + CUDA graphs, SDPA backends)
     "graphs+compile": (True, True, None),
+    "graphs+compile+exact": (True, True, "exact"),  # the batch-invariant kernels (paradec.kernels)
     "graphs+compile+efficient": (True, True, (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)),
     "graphs": (False, True, None),
     "eager": (False, False, None),
@@ -153,13 +154,15 @@ def native_from_hf(
     model, *, compile: bool, static_shapes: bool = True, sdpa_backends=None, max_cache_len: int = 4096
 ) -> NativeRunner:
     config = json.loads(model.config.to_json_string())
+    exact = sdpa_backends == "exact"
     weights = transformer_from_state_dict(
         config,
         model.state_dict(),
         device=model.device,
         dtype=model.dtype,
         compile=compile,
-        sdpa_backends=sdpa_backends,
+        sdpa_backends=None if exact else sdpa_backends,
+        exact=exact,
     )
     return NativeRunner(weights, max_cache_len=max_cache_len, static_shapes=static_shapes)
 
@@ -592,7 +595,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--shapes", default="100m,1b,8b")
-    parser.add_argument("--native", default="graphs+compile", help="comma list of graphs+compile, graphs, eager")
+    parser.add_argument("--native", default="graphs+compile", help="comma list of graphs+compile, graphs+compile+exact, graphs, eager")
     parser.add_argument("--hf", default="eager,static+compile", help="comma list of eager, static+compile ('' = none)")
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)

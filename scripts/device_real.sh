@@ -12,6 +12,7 @@
 #            from 1, 16 and 32 clients, and the one-at-a-time server at 32; the .whl/ folder must carry fastapi,
 #            uvicorn, pydantic and their dependencies for the server: pip download --only-binary=:all:
 #            --python-version 3.12 --platform manylinux2014_x86_64 -d .whl fastapi uvicorn pydantic)
+#   start-m2 start-batch's chain, then start-new's, in one background chain (the CUDA-only tests beside them)
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log
 #   collect  copy what the chain wrote (tar files, logs) to $OUT
 #   bench    replace a running chain by its bench part alone (when time runs short; what was trained is kept)
@@ -142,6 +143,7 @@ bench_part() {  # every bench alone on the GPU, in the order the results matter
     echo "BENCHES DONE $(date +%T)"
 }
 chain() { (tests &) ; train_part && bench_part && echo "DONE $(date +%T)"; }
+m2_chain() { (tests &) ; batch_part; new_methods_part && echo "DONE $(date +%T)"; }
 
 new_methods_part() {  # suffix on the agentic suite, and PARD (adapted 0.5B) against the 0.5B draft, on the Qwen pair
     set -e
@@ -184,7 +186,7 @@ batch_part() {  # batched decoding and the batched server on the Qwen pair (need
 
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
     export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain batch_part \
-        new_methods_part
+        new_methods_part m2_chain
     snapshot
     rm -f $DONE
     # its own bash, so that `set -e` ends the part alone
@@ -216,6 +218,12 @@ start-batch)
     sleep 20
     tail -n 5 $LOG
     ;;
+start-m2)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    launch m2_chain
+    sleep 20
+    tail -n 5 $LOG
+    ;;
 wait)
     wait_chain "${WAIT:-540}"
     ;;
@@ -233,7 +241,7 @@ bench)
     tail -n 3 $LOG
     ;;
 *)
-    echo "usage: $0 stage|start|start-new|start-batch|wait|collect|bench" >&2
+    echo "usage: $0 stage|start|start-new|start-batch|start-m2|wait|collect|bench" >&2
     exit 2
     ;;
 esac

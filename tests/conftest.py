@@ -21,6 +21,8 @@ import pytest
 import torch
 
 torch.set_num_threads(1)  # the models are tiny: threads cost more than they bring, and CI has 2 cores
+if not torch.cuda.is_available():  # Triton kernels (`paradec.kernels`) run under Triton's interpreter on CPU;
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # it reads this once, when first imported
 
 CORPUS = (
     '''
@@ -132,6 +134,20 @@ def model_dirs(tmp_path_factory, tokenizer_dir, vocab_size) -> dict[str, Path]:
         out[f"{arch}-draft"] = save_model(
             make_config(arch, vocab_size, layers=1, hidden=32), root / f"{arch}-draft", tokenizer_dir, seed=200 + i
         )
+    return out
+
+
+@pytest.fixture(scope="session")
+def exact_dirs(tmp_path_factory, tokenizer_dir, vocab_size):
+    """arch -> (target, draft): a Llama and a Qwen2 target (q/k/v bias) with a smaller draft each (test_exact*.py)."""
+    root = tmp_path_factory.mktemp("exact-models")
+    out = {}
+    for i, arch in enumerate(("llama", "qwen2")):
+        target = save_model(make_config(arch, vocab_size, seed_range=0.5), root / arch, tokenizer_dir, seed=700 + i)
+        draft = save_model(
+            make_config(arch, vocab_size, layers=1, hidden=32), root / f"{arch}-d", tokenizer_dir, seed=710 + i
+        )
+        out[arch] = (target, draft)
     return out
 
 

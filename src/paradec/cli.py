@@ -41,6 +41,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (default), float32, bfloat16 or float16")
     parser.add_argument("--runner", default="auto", choices=["auto", "native", "hf"], help="model runner")
     parser.add_argument(
+        "--exact",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the target on the native runner's batch-invariant kernels: every method's output bitwise the vanilla "
+        "output in bf16 too (default: on for the native runner on CUDA)",
+    )
+    parser.add_argument(
         "--heads",
         help="trained heads directory for medusa/eagle (default: <model>/heads if present, else a zoo model's "
         "packaged heads)",
@@ -88,6 +95,7 @@ def load_engine(args: argparse.Namespace):
         device=args.device,
         dtype=args.dtype,
         runner=args.runner,
+        exact=getattr(args, "exact", None),
     )
 
 

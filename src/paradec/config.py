@@ -69,4 +69,5 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     runner: str = "hf"
+    exact: bool = False  # the target runs the batch-invariant kernels (`paradec.kernels`)
     extra: dict = field(default_factory=dict)

@@ -31,7 +31,7 @@ from paradec.drafters import Method, Options, get_drafter
 from paradec.errors import ParadecError, shown
 from paradec.loading import load_tokenizer, resolve_device, resolve_dtype, resolve_model_dir
 from paradec.request import Request, check_max_new_tokens, check_n, sampling_params, stop_strings
-from paradec.runners import Runner, load_runner
+from paradec.runners import Runner, default_exact, load_runner
 
 Prompt = str | list[int] | torch.Tensor
 
@@ -473,13 +473,16 @@ def load(
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "auto",
     runner: str = "auto",
+    exact: bool | None = None,
 ) -> Engine:
     """Load a target and optionally a draft model with the same vocabulary.
 
     `model`: a zoo name (`paradec zoo list`, `code-8m`), a checkpoint directory, a `.gguf` file or a hub id;
     None = `paradec.zoo.DEFAULT_MODEL`, fetched on first use. `draft`: the same kinds of names; None = the draft
     registered for a zoo model, loaded when method 'draft' first needs it, else no draft. `heads`: a directory of
-    trained heads; None = the model's own or packaged heads (`resolve_heads`)."""
+    trained heads; None = the model's own or packaged heads (`resolve_heads`). `exact`: the target runs the native
+    runner's batch-invariant kernels, so every method's output is bitwise the vanilla output in bf16 too (True needs
+    the native runner); None = on wherever they run (native runner on CUDA). Drafts never need them."""
     from paradec import zoo
 
     model = zoo.DEFAULT_MODEL if model is None else model
@@ -494,7 +497,9 @@ def load(
         draft_runner = load_draft(draft)
     else:
         draft = zoo.registered_draft(name)
-    target = load_runner(model_dir, runner, dev, dt)
+    if exact is None:
+        exact = default_exact(model_dir, runner, dev)
+    target = load_runner(model_dir, runner, dev, dt, exact=bool(exact))
     heads_dir = resolve_heads(heads, model_dir, name)
     config = EngineConfig(
         model=str(model_dir),
@@ -503,6 +508,7 @@ def load(
         device=str(dev),
         dtype=str(dt).removeprefix("torch."),
         runner=type(target).__name__,
+        exact=bool(exact),
     )
     return Engine(
         target,

@@ -223,7 +223,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model, draft = _models(args, suite)
     if args.concurrency is not None:
         return _load_mode(args, prompts, selected if explicit else ("vanilla",), model, draft, max_new_tokens, source)
-    engine = paradec.load(model, draft, heads=args.heads, device=args.device, dtype=args.dtype, runner=args.runner)
+    engine = paradec.load(
+        model, draft, heads=args.heads, device=args.device, dtype=args.dtype, runner=args.runner, exact=args.exact
+    )
     plan = BenchPlan(
         methods=selected,
         explicit=explicit,
@@ -263,6 +265,7 @@ def _load_mode(args, prompts, methods, model, draft, max_new_tokens: int, source
         serve += [] if draft is None else ["--draft", str(draft)]
         serve += [] if args.heads is None else ["--heads", str(args.heads)]
         serve += ["--device", args.device, "--dtype", args.dtype, "--runner", args.runner]
+        serve += [] if args.exact is None else ["--exact" if args.exact else "--no-exact"]
         requests = max(len(prompts), 2 * max(concurrency))
         batch = max(concurrency) if args.server_batch is None else args.server_batch
         _positive("--server-batch", batch)

@@ -119,6 +119,7 @@ def metadata(engine, plan: BenchPlan, *, command: str, argv: str, suite: str | N
         "heads": engine.config.heads,
         "dtype": engine.config.dtype,
         "runner": engine.config.runner,
+        "exact": engine.config.exact,
         "roofline": roofline(engine),
         "prompts_source": prompts_source,
         "mode": "greedy" if plan.sampling.greedy else "sample",
@@ -319,6 +320,10 @@ def markdown(data: dict) -> str:
             )
         else:
             lines.append(f"Greedy exactness: every lossless paradec method emitted vanilla's tokens {where}.")
+        if meta.get("exact"):
+            lines.append(
+                "The target ran the batch-invariant kernels (`exact`): bitwise equality is the test, no near-ties."
+            )
         if near_ties:
             lines += [
                 "",

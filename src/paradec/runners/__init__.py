@@ -13,11 +13,12 @@ from paradec.runners.hf import HFRunner
 
 RUNNER_KINDS = ("auto", "native", "hf")
 
-__all__ = ["RUNNER_KINDS", "HFRunner", "Runner", "RunnerOutput", "load_runner", "prefill"]
+__all__ = ["RUNNER_KINDS", "HFRunner", "Runner", "RunnerOutput", "default_exact", "load_runner", "prefill"]
 
 
-def load_runner(path: Path, kind: str, device: torch.device, dtype: torch.dtype) -> Runner:
-    """Load the checkpoint at `path` into a runner of `kind` (auto | native | hf)."""
+def load_runner(path: Path, kind: str, device: torch.device, dtype: torch.dtype, exact: bool = False) -> Runner:
+    """Load the checkpoint at `path` into a runner of `kind` (auto | native | hf); `exact`: the native runner's
+    batch-invariant kernels (`NativeRunner.from_pretrained`), an error where the checkpoint needs the HF runner."""
     if kind not in RUNNER_KINDS:
         raise ParadecError(f"unknown runner {kind!r} (choose from {', '.join(RUNNER_KINDS)})")
     config = read_config(path)
@@ -26,10 +27,25 @@ def load_runner(path: Path, kind: str, device: torch.device, dtype: torch.dtype)
 
         reason = native.unsupported_reason(config)
         if reason is None:
-            return native.NativeRunner.from_pretrained(path, device=device, dtype=dtype)
-        if kind == "native":
-            raise ParadecError(f"the native runner cannot run {str(path)!r}: {reason} (use --runner hf)")
+            return native.NativeRunner.from_pretrained(path, device=device, dtype=dtype, exact=exact)
+        if kind == "native" or exact:
+            raise ParadecError(
+                f"the native runner cannot run {str(path)!r}: {reason} ("
+                + ("exact=True needs the native runner; use exact=False, --no-exact" if exact else "use --runner hf")
+                + ")"
+            )
+    elif exact:
+        raise ParadecError("exact=True needs the native runner (runner 'native' or 'auto'), not 'hf'")
     return HFRunner(load_hf_model(path, device, dtype))
+
+
+def default_exact(path: Path, kind: str, device: torch.device) -> bool:
+    """exact=None's choice: the batch-invariant kernels wherever they run (the native runner on CUDA)."""
+    if device.type != "cuda" or kind == "hf":
+        return False
+    from paradec.runners import native
+
+    return native.unsupported_reason(read_config(path)) is None
 
 
 def load_hf_model(path: Path, device: torch.device, dtype: torch.dtype):

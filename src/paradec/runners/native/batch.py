@@ -134,8 +134,10 @@ class BatchedNativeRunner:
         device: torch.device | str = "cpu",
         dtype: torch.dtype | str = "float32",
         max_cache_len: int | None = None,
+        exact: bool = False,
     ) -> BatchedNativeRunner:
-        """Load a Llama/Mistral/Qwen2/Qwen3 checkpoint directory (eager: not compiled)."""
+        """Load a Llama/Mistral/Qwen2/Qwen3 checkpoint directory (eager: not compiled); `exact` as
+        `NativeRunner.from_pretrained`'s."""
         config = read_config(path)
         reason = unsupported_reason(config, max_cache_len)
         if reason is not None:
@@ -143,7 +145,7 @@ class BatchedNativeRunner:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        model = load_transformer(path, device=device, dtype=resolve_dtype(dtype, config), compile=False)
+        model = load_transformer(path, device=device, dtype=resolve_dtype(dtype, config), compile=False, exact=exact)
         return cls(model, slots=slots, max_cache_len=max_cache_len)
 
     @classmethod

@@ -60,7 +60,7 @@ def checkpoint_files(path: str | Path) -> list[Path]:
 
 
 def load_transformer(
-    path: str | Path, *, device: torch.device, dtype: torch.dtype, compile: bool = False
+    path: str | Path, *, device: torch.device, dtype: torch.dtype, compile: bool = False, exact: bool = False
 ) -> Transformer:
     """Build our Transformer from a checkpoint directory."""
     from safetensors import safe_open
@@ -73,7 +73,7 @@ def load_transformer(
         with safe_open(str(file), framework="pt", device=where) as shard:
             for name in shard.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                 tensors[name] = shard.get_tensor(name).to(dtype)
-    return transformer_from_state_dict(config, tensors, device=device, dtype=dtype, compile=compile)
+    return transformer_from_state_dict(config, tensors, device=device, dtype=dtype, compile=compile, exact=exact)
 
 
 def transformer_from_state_dict(
@@ -84,6 +84,7 @@ def transformer_from_state_dict(
     dtype: torch.dtype,
     compile: bool = False,
     sdpa_backends: tuple[SDPBackend, ...] | None = None,
+    exact: bool = False,
 ) -> Transformer:
     """Build our Transformer from Hugging Face parameter names (e.g. an `AutoModelForCausalLM.state_dict()`)."""
     args = ModelArgs.from_config(config)
@@ -128,7 +129,7 @@ def transformer_from_state_dict(
         shown = ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else "")
         raise ParadecError(f"checkpoint has {len(unused)} tensors the {args.architecture} model does not use: {shown}")
     with torch.device("meta"):
-        model = Transformer(args, compile=compile, sdpa_backends=sdpa_backends)
+        model = Transformer(args, compile=compile, sdpa_backends=sdpa_backends, exact=exact)
     model.load_state_dict(weights, strict=True, assign=True)
     model.inv_freq = rope_inv_freq(args).to(device)  # the buffer was built on the meta device
     model.requires_grad_(False)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from paradec import kernels
 from paradec.errors import ParadecError
 from paradec.layers import RMSNorm, apply_rope, inv_frequencies
 
@@ -187,7 +188,24 @@ def add_norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor) -> tuple[to
     return norm(residual), residual
 
 
+def project(layer: nn.Linear, x: torch.Tensor, exact: bool) -> torch.Tensor:
+    """`layer(x)`; in exact mode through the batch-invariant product (`paradec.kernels`)."""
+    return kernels.linear(x, layer.weight, layer.bias) if exact else layer(x)
+
+
+def attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """SDPA with an additive bias: batch-invariant in exact mode, else on `attn.sdpa_backends` (None: PyTorch's)."""
+    if attn.exact:
+        return kernels.attention(q, k, v, bias)
+    if attn.sdpa_backends is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    with sdpa_kernel(list(attn.sdpa_backends)):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
 class Attention(nn.Module):
+    exact = False  # batch-invariant products and attention (`Transformer(exact=True)` sets it)
+
     def __init__(self, args: ModelArgs, sdpa_backends: tuple[SDPBackend, ...] | None = None) -> None:
         super().__init__()
         q_size, kv_size = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
@@ -212,7 +230,9 @@ class Attention(nn.Module):
         n_kv_heads, head_dim = cache.shape[1], cache.shape[3]
         n_heads = (self.wqkv.out_features - 2 * n_kv_heads * head_dim) // head_dim
         group = n_heads // n_kv_heads
-        qk, v = self.wqkv(x).split([(n_heads + n_kv_heads) * head_dim, n_kv_heads * head_dim], dim=-1)
+        qk, v = project(self.wqkv, x, self.exact).split(
+            [(n_heads + n_kv_heads) * head_dim, n_kv_heads * head_dim], dim=-1
+        )
         qk = qk.view(T, n_heads + n_kv_heads, head_dim)  # (T, nh + nkv, hs): queries and keys rotate together
         v = v.view(T, n_kv_heads, head_dim)  # (T, nkv, hs)
         if self.q_norm is not None:
@@ -224,24 +244,22 @@ class Attention(nn.Module):
         keys, values = cache[0, :, :kv_len], cache[1, :, :kv_len]  # (nkv, kv, hs)
         # batch-1 GQA: the `group` query heads sharing a KV head become extra query rows of that head, row g*T + t
         q = q.view(T, n_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(1, n_kv_heads, group * T, head_dim)
-        if self.sdpa_backends is None:
-            y = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=attn_bias)  # (1, nkv, g*T, hs)
-        else:
-            with sdpa_kernel(list(self.sdpa_backends)):
-                y = F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=attn_bias)
+        y = attend(self, q, keys[None], values[None], attn_bias)  # (1, nkv, g*T, hs)
         y = y.view(n_kv_heads, group, T, head_dim).permute(2, 0, 1, 3).reshape(T, n_heads * head_dim)
-        return self.wo(y)
+        return project(self.wo, y, self.exact)
 
 
 class MLP(nn.Module):
+    exact = False  # as Attention.exact
+
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.w13 = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)  # gate then up
         self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        gate, up = project(self.w13, x, self.exact).chunk(2, dim=-1)
+        return project(self.w2, F.silu(gate) * up, self.exact)
 
 
 class Block(nn.Module):
@@ -302,19 +320,30 @@ class Transformer(nn.Module):
     `torch.compile(dynamic=True)`: the elementwise work between the matrix products fuses into a few Triton kernels,
     and because shapes are symbolic every query/cache bucket and every model size shares the same compiled code.
     `sdpa_backends` restricts the attention kernels (e.g. `(SDPBackend.EFFICIENT_ATTENTION,)`); None lets PyTorch
-    choose.
+    choose. `exact=True` runs every matrix product and attention through the batch-invariant kernels of
+    `paradec.kernels`: each row of a forward's hidden states and logits is then bitwise the same whatever the number
+    of inputs, the tree around it, the cache bucket or the other sequences of a batch (the elementwise work and the
+    norms are row-wise already).
     """
 
     def __init__(
-        self, args: ModelArgs, *, compile: bool = False, sdpa_backends: tuple[SDPBackend, ...] | None = None
+        self,
+        args: ModelArgs,
+        *,
+        compile: bool = False,
+        sdpa_backends: tuple[SDPBackend, ...] | None = None,
+        exact: bool = False,
     ) -> None:
         super().__init__()
         self.args = args
+        self.exact = exact
         self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(Block(args, sdpa_backends) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        for block in self.layers:
+            block.attention.exact = block.mlp.exact = exact
         if compile:
             self._step_inputs = torch.compile(step_inputs, dynamic=True, fullgraph=True)
             self._block = torch.compile(_run_block, dynamic=True, fullgraph=True)
@@ -355,7 +384,7 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(T, C) -> (T, V) in the model dtype."""
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return kernels.linear(hidden, weight) if self.exact else F.linear(hidden, weight)
 
 
 # --- Ragged forwards over B sequences (`paradec.runners.native.batch`) ------------------------------------------
@@ -440,7 +469,7 @@ def ragged_attention(
     n_heads = (attn.wqkv.out_features - 2 * n_kv_heads * head_dim) // head_dim
     group = n_heads // n_kv_heads
     B, n_max, kv_len = layout.seq_slots.shape[0], layout.n_max, layout.kv_len
-    qk, v = attn.wqkv(x).split([(n_heads + n_kv_heads) * head_dim, n_kv_heads * head_dim], dim=-1)
+    qk, v = project(attn.wqkv, x, attn.exact).split([(n_heads + n_kv_heads) * head_dim, n_kv_heads * head_dim], dim=-1)
     qk = qk.view(N, n_heads + n_kv_heads, head_dim)
     v = v.view(N, n_kv_heads, head_dim)
     if attn.q_norm is not None:
@@ -459,13 +488,9 @@ def ragged_attention(
     padded.index_copy_(0, layout.rows, q.reshape(N, n_kv_heads, group, head_dim))
     q = padded.view(B, n_max, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     q = q.reshape(B, n_kv_heads, group * n_max, head_dim)
-    if attn.sdpa_backends is None:
-        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=layout.bias)  # (B, nkv, g*n_max, hs)
-    else:
-        with sdpa_kernel(list(attn.sdpa_backends)):
-            y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=layout.bias)
+    y = attend(attn, q, kv[0], kv[1], layout.bias)  # (B, nkv, g*n_max, hs)
     y = y.view(B, n_kv_heads, group, n_max, head_dim).permute(0, 3, 1, 2, 4).reshape(B * n_max, n_heads * head_dim)
-    return attn.wo(y.index_select(0, layout.rows))
+    return project(attn.wo, y.index_select(0, layout.rows), attn.exact)
 
 
 def ragged_block(block: Block, x, residual, cos, sin, layout: RaggedLayout, cache: torch.Tensor):

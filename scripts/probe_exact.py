@@ -1,0 +1,224 @@
+"""Issue 17's probe on the GPU machine: which of the native runner's ops are batch-invariant in bf16, and what a
+fixed-schedule Triton matrix product costs against cuBLAS at M = 1 and 64 (CUDA graphs of 20 calls, median of 5).
+
+    python scripts/probe_exact.py --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from paradec.kernels import matmul as mm
+
+MS = (1, 2, 7, 16, 49, 64)
+SHAPES = {  # (N, K): Qwen2.5-1.5B qkv, o, gate/up, down, lm head; Llama-3-8B qkv, gate/up, down
+    "q15.qkv": (2048, 1536),
+    "q15.o": (1536, 1536),
+    "q15.w13": (17920, 1536),
+    "q15.w2": (1536, 8960),
+    "q15.head": (151936, 1536),
+    "smol.qkv": (960, 576),
+    "smol.w2": (576, 1536),
+    "l8.qkv": (6144, 4096),
+    "l8.w13": (28672, 4096),
+    "l8.w2": (4096, 14336),
+}
+
+
+def rows_differing(fn, x):
+    """How many of the rows of fn(x[:m]) differ from fn(x[i:i+1]), for each m in MS."""
+    alone = torch.cat([fn(x[i : i + 1]) for i in range(max(MS))])
+    out = {}
+    for m in MS:
+        y = fn(x[:m])
+        out[m] = int((y != alone[:m]).any(-1).sum())
+    # the same row at another position among other rows
+    y = fn(torch.cat([x[5:6], x[:5]]))
+    out["moved"] = int((y[0] != alone[5]).any())
+    return out
+
+
+def graph_time(fn, reps=20):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            g.replay()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) / (10 * reps))
+    return sorted(times)[2] * 1e6  # µs per call
+
+
+def cuda_tests(out: Path, timeout: int) -> None:
+    """tests/test_exact_cuda.py first (the correctness of exact mode on the GPU), its log under `out`."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=f"{Path.home() / 'site'}:{root / 'src'}")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "-o",
+        "addopts=",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_exact_cuda.py",
+    ]
+    try:
+        done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        log = done.stdout + done.stderr
+    except subprocess.TimeoutExpired as exc:
+        log = f"TIMEOUT after {timeout} s\n{exc.stdout or ''}{exc.stderr or ''}"
+    (out / "exact-cuda-tests.log").write_text(str(log))
+    print(str(log)[-3000:], flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--tests-timeout", type=int, default=150)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    cuda_tests(args.out, args.tests_timeout)
+    torch.manual_seed(0)
+    dev = "cuda"
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    inv = {}
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
+        x = torch.randn(64, k, device=dev, dtype=torch.bfloat16)
+        inv[name] = {
+            "cublas": rows_differing(lambda a, w=w: F.linear(a, w), x),
+            "triton": rows_differing(lambda a, w=w: mm.linear(a, w), x),
+            "plan": str(mm.plan_for(w)),
+        }
+        print(name, inv[name], flush=True)
+    report["invariance_linear"] = inv
+    (args.out / "probe.json").write_text(json.dumps(report, indent=1))
+
+    # attention as the runner calls it: GQA folded into query rows, an additive mask, the cache padded to a bucket
+    nkv, g, hs = 2, 6, 128
+    keys = torch.randn(nkv, 1024, hs, device=dev, dtype=torch.bfloat16)
+    vals = torch.randn(nkv, 1024, hs, device=dev, dtype=torch.bfloat16)
+    q = torch.randn(64, nkv, g, hs, device=dev, dtype=torch.bfloat16)
+    start = 300
+
+    def attn(t, kv_len, backend):
+        qq = q[:t].permute(1, 2, 0, 3).reshape(1, nkv, g * t, hs)
+        bias = torch.zeros(t, kv_len, device=dev, dtype=torch.bfloat16)
+        cols = torch.arange(kv_len, device=dev)
+        bias.masked_fill_(cols[None, :] >= start + t, float("-inf"))  # chain: input j sees start + j
+        bias.masked_fill_(cols[None, :] > start + torch.arange(t, device=dev)[:, None], float("-inf"))
+        bias = bias.repeat(g, 1)[None, None]
+        ctx = sdpa_kernel([backend]) if backend is not None else torch.enable_grad()
+        with ctx:
+            y = F.scaled_dot_product_attention(qq, keys[None, :, :kv_len], vals[None, :, :kv_len], attn_mask=bias)
+        return y.view(nkv, g, t, hs).permute(2, 0, 1, 3)  # (t, nkv, g, hs)
+
+    att = {}
+    for bname, backend in (
+        ("default", None),
+        ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+        ("math", SDPBackend.MATH),
+        ("cudnn", SDPBackend.CUDNN_ATTENTION),
+    ):
+        try:
+            ref = attn(1, 512, backend)[0]
+            res = {}
+            for t in MS:
+                for kv_len in (512, 1024):
+                    y = attn(t, kv_len, backend)[0]
+                    res[f"T{t}/kv{kv_len}"] = bool((y != ref).any())
+            att[bname] = res
+        except Exception as e:
+            att[bname] = repr(e)[:200]
+        print("attention", bname, att[bname], flush=True)
+    report["invariance_attention_row0_differs"] = att
+    (args.out / "probe.json").write_text(json.dumps(report, indent=1))
+
+    # RMSNorm through torch.compile(dynamic=True), as the runner compiles it
+    from paradec.layers import RMSNorm
+
+    norm = RMSNorm(1536, 1e-6).to(dev, torch.bfloat16)
+    norm.weight.data = torch.randn(1536, device=dev, dtype=torch.bfloat16)
+
+    def add_norm(x, r):
+        r = r + x
+        return norm(r), r
+
+    cn = torch.compile(add_norm, dynamic=True, fullgraph=True)
+    xs, rs = (
+        torch.randn(64, 1536, device=dev, dtype=torch.bfloat16),
+        torch.randn(64, 1536, device=dev, dtype=torch.bfloat16),
+    )
+    report["invariance_compiled_norm"] = rows_differing(lambda a: cn(a, rs[: a.shape[0]])[0], xs)
+    print("norm", report["invariance_compiled_norm"], flush=True)
+
+    # timings: cuBLAS vs the Triton kernel under a few plans, M = 1 and 64
+    tim = {}
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
+        row = {}
+        for m in (1, 16, 64):
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            row[f"cublas/M{m}"] = graph_time(lambda x=x, w=w: F.linear(x, w))
+            for bn, bk, waves, stages in (
+                (64, 64, 1, 4),
+                (32, 128, 1, 4),
+                (64, 128, 2, 3),
+                (128, 64, 1, 4),
+                (32, 64, 2, 4),
+                (64, 64, 0, 4),
+            ):
+                p = mm.plan(n, k, sms=mm._sm_count(0), block_n=bn, block_k=bk, waves=waves)
+                p = mm.Plan(p.block_n, p.block_k, p.split_k, p.k_blocks, 4, stages)
+                try:
+                    row[f"triton bn{bn} bk{bk} w{waves} s{stages} split{p.split_k}/M{m}"] = graph_time(
+                        lambda x=x, w=w, p=p: mm.linear(x, w, p=p)
+                    )
+                except Exception as e:
+                    row[f"triton bn{bn} bk{bk} w{waves} s{stages}/M{m}"] = repr(e)[:120]
+        bytes_ = n * k * 2
+        row["weight_MB"] = bytes_ / 1e6
+        row["roofline_us_4.8TBs"] = bytes_ / 4.8e12 * 1e6
+        tim[name] = row
+        report["timing_us"] = tim
+        (args.out / "probe.json").write_text(json.dumps(report, indent=1))
+        best = min((v, kk) for kk, v in row.items() if isinstance(v, float) and "triton" in kk and kk.endswith("/M1"))
+        print(
+            name,
+            f"roof {row['roofline_us_4.8TBs']:.1f}us cublas M1 {row['cublas/M1']:.1f} M64 "
+            f"{row['cublas/M64']:.1f}; best triton M1 {best[0]:.1f} ({best[1]})",
+            flush=True,
+        )
+    report["timing_us"] = tim
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "probe.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

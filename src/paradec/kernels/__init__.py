@@ -1,0 +1,69 @@
+"""Batch-invariant kernels: the native runner's exact mode (`Transformer(exact=True)`).
+
+A forward's row i must come out bitwise the same whatever else the forward holds: 1 input or 64, a chain or a tree,
+a cache bucket of 256 or 1024 columns, other sequences beside it. Two ops reduce across a row's inputs in an order
+that libraries choose per shape: the matrix products (cuBLAS picks a kernel per M) and attention (the softmax and
+the weighted sum over the cache). Everything else the native model runs is row-wise with a reduction over the
+hidden size only (RMSNorm) or none at all, so its result depends on nothing but the row.
+
+- `linear(x, w, b)`: on CUDA the fixed-schedule Triton product of `paradec.kernels.matmul`; on CPU one product per
+  row (the same call for every row, so no row depends on M).
+- `attention(q, k, v, bias)`: on CUDA the memory-efficient SDPA kernel (its tiles are fixed by head size and dtype;
+  masked columns contribute exact zeros); on CPU one query row at a time.
+
+Both are registered as custom ops, so `torch.compile` treats them as opaque calls and CUDA graphs capture them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from paradec.kernels import matmul
+
+
+@torch.library.custom_op("paradec::exact_linear", mutates_args=())
+def _exact_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.is_cuda:
+        return matmul.linear(x, weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.cat([F.linear(row, weight, bias) for row in rows.split(1)]) if rows.shape[0] else None
+    if out is None:
+        out = x.new_empty(0, weight.shape[0])
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+@_exact_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("paradec::exact_attention", mutates_args=())
+def _exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    if q.is_cuda:
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    rows = q.shape[-2]
+    bias = bias.expand(*q.shape[:-2], rows, k.shape[-2])
+    with sdpa_kernel([SDPBackend.MATH]):
+        out = [
+            F.scaled_dot_product_attention(q[..., r : r + 1, :], k, v, attn_mask=bias[..., r : r + 1, :])
+            for r in range(rows)
+        ]
+    return torch.cat(out, dim=-2) if out else q.new_empty(q.shape)
+
+
+@_exact_attention.register_fake
+def _(q, k, v, bias):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias with rows independent of the batch."""
+    return _exact_linear(x, weight, bias)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v, (..., rows, d), with rows independent of the row count and cache padding."""
+    return _exact_attention(q, k, v, bias)

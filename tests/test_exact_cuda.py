@@ -1,0 +1,81 @@
+"""Exact mode on CUDA (`paradec.kernels`): the compiled Triton product and the runner's captured graphs keep every
+row of a bf16 forward bitwise independent of the rest of the forward, and every method's greedy output is vanilla's.
+Skipped where there is no GPU (`test_exact.py` covers the runner's side on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import paradec
+from conftest import make_config, save_model
+from paradec.kernels import matmul
+from paradec.runners.native import NativeRunner
+from test_eagle import random_heads_dir
+from test_exact import METHODS, PROMPTS, SIZES, one_at_a_time, scored_together, tree_around
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def wide_dirs(tmp_path_factory, tokenizer_dir):
+    """Llama and Qwen2 shapes wide enough for split-K and several row blocks: hidden 512, 4 layers, vocabulary 32k."""
+    root = tmp_path_factory.mktemp("exact-wide")
+    return {
+        arch: save_model(make_config(arch, 32000, layers=4, hidden=512), root / arch, tokenizer_dir, seed=800 + i)
+        for i, arch in enumerate(("llama", "qwen2"))
+    }
+
+
+def differing_rows(runner, prompt_len: int, seed: int) -> int:
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(runner.vocab_size, (prompt_len,), generator=g).tolist()
+    tokens = torch.randint(runner.vocab_size, (max(SIZES),), generator=g).tolist()
+    ref_logits, ref_hidden = one_at_a_time(runner, prompt, tokens)
+    bad = 0
+    for n in SIZES:
+        logits, hidden = scored_together(runner, prompt, tokens[:n])
+        bad += int(((logits != ref_logits[:n]).any(-1) | (hidden != ref_hidden[:n]).any(-1)).sum())
+    tree_tokens, parents, index = tree_around(tokens[:24], 3, runner.vocab_size, seed=seed)
+    logits, hidden = scored_together(runner, prompt, tree_tokens, parents)
+    bad += int(((logits[index] != ref_logits[:24]).any(-1) | (hidden[index] != ref_hidden[:24]).any(-1)).sum())
+    return bad
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rows_are_bitwise_whatever_the_forward(wide_dirs, arch):
+    """Chains of 1..64, a 60-node tree, caches of 128 to 512 columns, CUDA graphs and torch.compile: 0 rows differ;
+    the default kernels (cuBLAS, PyTorch's attention choice) differ somewhere, which is what makes this a test."""
+    exact = NativeRunner.from_pretrained(wide_dirs[arch], device="cuda", dtype="bfloat16", exact=True)
+    default = NativeRunner.from_pretrained(wide_dirs[arch], device="cuda", dtype="bfloat16", exact=False)
+    assert sum(differing_rows(default, n, seed=n) for n in (5, 120, 300)) > 0
+    for prompt_len in (5, 120, 300):
+        assert differing_rows(exact, prompt_len, seed=prompt_len) == 0, prompt_len
+
+
+@pytest.mark.parametrize(("n", "k"), [(2048, 1536), (1536, 8960), (960, 576), (32000, 512), (100, 70)])
+def test_compiled_matmul_rows_are_batch_invariant(n, k):
+    g = torch.Generator(device="cuda").manual_seed(n)
+    w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) / k**0.5
+    b = torch.randn(n, device="cuda", generator=g, dtype=torch.bfloat16)
+    x = torch.randn(130, k, device="cuda", generator=g, dtype=torch.bfloat16)
+    alone = torch.cat([matmul.linear(x[i : i + 1], w, b) for i in range(130)])
+    for m in (2, 7, 16, 49, 64, 65, 128, 130):
+        assert torch.equal(matmul.linear(x[:m], w, b), alone[:m]), m
+    torch.testing.assert_close(alone.float(), (x.float() @ w.float().T + b.float()), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_every_method_equals_vanilla_bitwise_on_cuda(exact_dirs, tmp_path, arch):
+    target, draft = exact_dirs[arch]
+    heads = random_heads_dir(tmp_path, 64, paradec.load(target, runner="native", device="cpu").target.vocab_size, 3)
+    engine = paradec.load(target, draft, heads=heads, runner="native", device="cuda", dtype="bfloat16")
+    assert engine.config.exact  # the default on CUDA
+    for prompt in PROMPTS:
+        reference = engine.generate(prompt, method="vanilla", max_new_tokens=48).token_ids
+        for method, options in (*METHODS, ("eagle", None)):
+            result = engine.generate(prompt, method=method, options=options, max_new_tokens=48)
+            assert result.token_ids == reference, (method, prompt)
+    batch = engine.generate_batch(PROMPTS, method="draft", options={"k": 3}, max_new_tokens=48)
+    for prompt, result in zip(PROMPTS, batch, strict=True):
+        assert result.token_ids == engine.generate(prompt, method="vanilla", max_new_tokens=48).token_ids
