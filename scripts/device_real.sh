@@ -13,6 +13,10 @@
 #            uvicorn, pydantic and their dependencies for the server: pip download --only-binary=:all:
 #            --python-version 3.12 --platform manylinux2014_x86_64 -d .whl fastapi uvicorn pydantic)
 #   start-m2 start-batch's chain, then start-new's, in one background chain (the CUDA-only tests beside them)
+#   start-exact  start the exact-mode chain instead (issue 17): tests/test_exact_cuda.py, scripts/bench_runner.py
+#            with and without the exact kernels on the 100m/1b/8b shapes, then `paradec bench --exact` on both
+#            targets and both suites (vanilla, pld, draft for the 1.5B; vanilla, pld, lookahead for SmolLM2), and
+#            the same benches without --exact for the cost
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log
 #   collect  copy what the chain wrote (tar files, logs) to $OUT
 #   bench    replace a running chain by its bench part alone (when time runs short; what was trained is kept)
@@ -35,7 +39,7 @@ STAGE=${STAGE:-$HOME/stage}
 LOG=/tmp/paradec-real.log
 DONE=/tmp/paradec-real.done
 RES=/tmp/paradec-real
-export STAGE LOG DONE RES
+export STAGE LOG DONE RES SNAPSHOT
 export CHAT_PC=${CHAT_PC:-1} CODE_PC=${CODE_PC:-2}
 export SMOL_BENCH=${SMOL_BENCH:-} QWEN_BENCH=${QWEN_BENCH:-} SMOL_TRAIN=${SMOL_TRAIN:-} QWEN_TRAIN=${QWEN_TRAIN:-}
 export QWEN_METHODS=${QWEN_METHODS:-vanilla,pld,draft}
@@ -184,9 +188,35 @@ batch_part() {  # batched decoding and the batched server on the Qwen pair (need
         --server-batch 1 --out $RES/q15-load-serial --quiet || echo "load exit $?"
 }
 
+exact_part() {  # issue 17: exactness and its cost
+    set -e
+    mkdir -p $RES
+    local small large
+    convert $Q05 & small=$!
+    convert $Q15 & large=$!
+    echo "EXACT TESTS $(date +%T)"
+    (cd "$SNAPSHOT/.." && python3 -m pytest -q -o addopts="" -p no:cacheprovider tests/test_exact_cuda.py \
+        > $RES/exact-tests.log 2>&1) || echo "exact tests exit $?"
+    tail -n 3 $RES/exact-tests.log
+    echo "RUNNER $(date +%T)"
+    (cd "$SNAPSHOT/.." && python3 scripts/bench_runner.py --shapes 100m,1b,8b --hf "" \
+        --native graphs+compile,graphs+compile+exact --out $RES/runner > $RES/runner.log 2>&1) || echo "runner exit $?"
+    tail -n 12 $RES/runner.log
+    wait $small
+    wait $large
+    convert $SMOL
+    local suite flag
+    for flag in --exact --no-exact; do
+        for suite in chat code-chat; do
+            bench $Q15 $suite q15-$suite$flag --draft $Q05 --methods vanilla,pld,draft $flag $QWEN_BENCH
+            bench $SMOL $suite smol-$suite$flag --methods vanilla,pld,lookahead $flag $SMOL_BENCH
+        done
+    done
+}
+
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
     export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain batch_part \
-        new_methods_part m2_chain
+        new_methods_part m2_chain exact_part
     snapshot
     rm -f $DONE
     # its own bash, so that `set -e` ends the part alone
@@ -200,27 +230,11 @@ stage)
     fi
     bash .gpu-chunks/stage.sh
     ;;
-start)
+start|start-new|start-batch|start-m2|start-exact)
+    declare -A PART=([start]=chain [start-new]=new_methods_part [start-batch]=batch_part [start-m2]=m2_chain
+        [start-exact]=exact_part)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    launch chain
-    sleep 20
-    tail -n 5 $LOG
-    ;;
-start-new)
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    launch new_methods_part
-    sleep 20
-    tail -n 5 $LOG
-    ;;
-start-batch)
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    launch batch_part
-    sleep 20
-    tail -n 5 $LOG
-    ;;
-start-m2)
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    launch m2_chain
+    launch "${PART[$1]}"
     sleep 20
     tail -n 5 $LOG
     ;;
@@ -241,7 +255,7 @@ bench)
     tail -n 3 $LOG
     ;;
 *)
-    echo "usage: $0 stage|start|start-new|start-batch|start-m2|wait|collect|bench" >&2
+    echo "usage: $0 stage|start|start-new|start-batch|start-m2|start-exact|wait|collect|bench" >&2
     exit 2
     ;;
 esac

@@ -113,6 +113,31 @@ class Corrupting:
         return result
 
 
+class CorruptingBatch(Corrupting):
+    """The second row of every batch of one method gets its third token changed (its runs alone are left as they are)."""
+
+    def generate(self, request):
+        return self._engine.generate(request)
+
+    def generate_batch(self, requests, **kw):
+        results = self._engine.generate_batch(requests, **kw)
+        if requests[0].method == self._method and len(results) > 1 and len(results[1].token_ids) > 2:
+            results[1].token_ids[2] = (results[1].token_ids[2] + 1) % self._engine.target.vocab_size
+        return results
+
+
+def test_a_batched_row_differing_from_vanilla_names_its_prompt(model_dirs, tmp_path, capsys):
+    engine = paradec.load(model_dirs["llama"], device="cpu", runner="native")
+    bench_plan = plan(("vanilla", "pld"), batch_sizes=(1, 2))
+    code = run_bench(
+        CorruptingBatch(engine, "pld"), BENCH_PROMPTS, bench_plan, meta(engine, bench_plan), tmp_path, quiet=True
+    )
+    assert code == 1
+    assert "EXACTNESS FAILURE: pld@bs2 differs from vanilla on prompt 'fox' from new token 2" in capsys.readouterr().err
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["exactness"]["mismatches"] == [{"method": "pld@bs2", "prompt": "fox", "first_mismatch": 2}]
+
+
 def test_an_output_differing_from_vanilla_fails_the_run(engine, tmp_path, capsys):
     code = run_bench(Corrupting(engine, "pld"), BENCH_PROMPTS, plan(), meta(engine, plan()), tmp_path, quiet=True)
     assert code == 1

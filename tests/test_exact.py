@@ -191,7 +191,16 @@ def test_exact_needs_the_native_runner(exact_dirs):
         paradec.load(exact_dirs["llama"][0], runner="hf", exact=True)
 
 
-def test_exact_defaults_off_on_cpu(exact_dirs):
+def test_cli_exact(exact_dirs, capsys):
+    from paradec.cli import main
+
+    common = ["generate", "--model", str(exact_dirs["llama"][0]), "--prompt", "def f(x):", "--max-new-tokens", "8"]
+    assert main([*common, "--runner", "hf", "--exact"]) == 2
+    assert "exact=True needs the native runner" in capsys.readouterr().err
+    assert main([*common, "--runner", "native", "--dtype", "bfloat16", "--exact", "--method", "pld"]) == 0
+
+
+def test_exact_is_off_by_default(exact_dirs):
     assert paradec.load(exact_dirs["llama"][0], runner="native", device="cpu").config.exact is False
 
 
@@ -221,3 +230,32 @@ def test_plan_depends_on_the_weight_only():
     assert p.split_k * -(-2048 // p.block_n) >= 132  # enough programs for the SMs at one row block
     assert p.split_k * p.k_blocks * p.block_k >= 1536  # the splits cover K
     assert matmul.plan(151936, 1536, sms=132).split_k == 1  # a wide output needs no split
+
+
+@pytest.mark.parametrize("head_dim", [32, 48])
+def test_triton_attention_rows_are_invariant(interpreted, head_dim):
+    """The split-KV kernel under the interpreter: row r's bits do not depend on the row count, the other rows, the
+    batch, or cache columns past what its bias shows (two buckets, 384 and 600 columns: three chunks against
+    two); its values are SDPA's. head_dim 48 runs padded to 64."""
+    import torch.nn.functional as F
+
+    from paradec.kernels import flash
+
+    g = torch.Generator().manual_seed(head_dim)
+    B, H, S = 2, 2, 600
+    k, v = torch.randn(B, H, S, head_dim, generator=g), torch.randn(B, H, S, head_dim, generator=g)
+    q = torch.randn(B, H, 40, head_dim, generator=g)
+    start = torch.tensor([300, 200])  # each sequence's committed length: its rows see columns [0, start + r]
+
+    def run(rows: int, cols: int, batch: int = B):
+        col = torch.arange(cols)
+        seen = col[None, None, :] <= start[:batch, None, None] + torch.arange(rows)[None, :, None]
+        bias = torch.zeros(batch, 1, rows, cols).masked_fill(~seen[:, None], float("-inf"))
+        args = q[:batch, :, :rows], k[:batch, :, :cols], v[:batch, :, :cols]
+        return flash.attention(*args, bias), F.scaled_dot_product_attention(*args, attn_mask=bias)
+
+    full, expected = run(40, S)
+    torch.testing.assert_close(full, expected, rtol=1e-5, atol=1e-5)
+    for rows, cols, batch in ((1, 384, 2), (7, 384, 2), (40, 384, 2), (13, 600, 2), (1, 600, 1)):
+        out, _ = run(rows, cols, batch)
+        assert torch.equal(out, full[:batch, :, :rows]), (rows, cols, batch)

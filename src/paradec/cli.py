@@ -43,9 +43,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--exact",
         action=argparse.BooleanOptionalAction,
-        default=None,
-        help="the target on the native runner's batch-invariant kernels: every method's output bitwise the vanilla "
-        "output in bf16 too (default: on for the native runner on CUDA)",
+        default=False,
+        help="the target on the native runner's batch-invariant kernels (paradec.kernels): every method's output "
+        "bitwise the vanilla output in bf16 too (default: off)",
     )
     parser.add_argument(
         "--heads",
@@ -95,7 +95,7 @@ def load_engine(args: argparse.Namespace):
         device=args.device,
         dtype=args.dtype,
         runner=args.runner,
-        exact=getattr(args, "exact", None),
+        exact=getattr(args, "exact", False),
     )
 
 

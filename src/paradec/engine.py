@@ -31,7 +31,7 @@ from paradec.drafters import Method, Options, get_drafter
 from paradec.errors import ParadecError, shown
 from paradec.loading import load_tokenizer, resolve_device, resolve_dtype, resolve_model_dir
 from paradec.request import Request, check_max_new_tokens, check_n, sampling_params, stop_strings
-from paradec.runners import Runner, default_exact, load_runner
+from paradec.runners import Runner, load_runner
 
 Prompt = str | list[int] | torch.Tensor
 
@@ -473,7 +473,7 @@ def load(
     device: str | torch.device | None = "auto",
     dtype: str | torch.dtype | None = "auto",
     runner: str = "auto",
-    exact: bool | None = None,
+    exact: bool = False,
 ) -> Engine:
     """Load a target and optionally a draft model with the same vocabulary.
 
@@ -482,7 +482,7 @@ def load(
     registered for a zoo model, loaded when method 'draft' first needs it, else no draft. `heads`: a directory of
     trained heads; None = the model's own or packaged heads (`resolve_heads`). `exact`: the target runs the native
     runner's batch-invariant kernels, so every method's output is bitwise the vanilla output in bf16 too (True needs
-    the native runner); None = on wherever they run (native runner on CUDA). Drafts never need them."""
+    the native runner; off by default until its cost is measured on a GPU). Drafts never need them."""
     from paradec import zoo
 
     model = zoo.DEFAULT_MODEL if model is None else model
@@ -497,8 +497,6 @@ def load(
         draft_runner = load_draft(draft)
     else:
         draft = zoo.registered_draft(name)
-    if exact is None:
-        exact = default_exact(model_dir, runner, dev)
     target = load_runner(model_dir, runner, dev, dt, exact=bool(exact))
     heads_dir = resolve_heads(heads, model_dir, name)
     config = EngineConfig(

@@ -265,7 +265,7 @@ def _load_mode(args, prompts, methods, model, draft, max_new_tokens: int, source
         serve += [] if draft is None else ["--draft", str(draft)]
         serve += [] if args.heads is None else ["--heads", str(args.heads)]
         serve += ["--device", args.device, "--dtype", args.dtype, "--runner", args.runner]
-        serve += [] if args.exact is None else ["--exact" if args.exact else "--no-exact"]
+        serve += ["--exact"] if args.exact else []
         requests = max(len(prompts), 2 * max(concurrency))
         batch = max(concurrency) if args.server_batch is None else args.server_batch
         _positive("--server-batch", batch)
@@ -332,8 +332,8 @@ def run_bench(engine, prompts: list, plan, meta: dict, out: Path, *, quiet: bool
     for record in bench.mismatches():
         ruling = f": {record.ruling['text']}" if record.ruling else ""
         print(
-            f"paradec bench: EXACTNESS FAILURE: {record.method} differs from vanilla on prompt {record.prompt_ids[0]!r} "
-            f"from new token {record.first_mismatch}{ruling}",
+            f"paradec bench: EXACTNESS FAILURE: {report.label(record.method, record.batch_size)} differs from vanilla on "
+            f"prompt {record.mismatch_prompt or record.prompt_ids[0]!r} from new token {record.first_mismatch}{ruling}",
             file=sys.stderr,
         )
         status = 1

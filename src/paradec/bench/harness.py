@@ -271,11 +271,13 @@ class Bench:
         for record in self._lossless_mismatches():
             out = record.token_ids
             i = record.first_mismatch
-            reference = self.vanilla_tokens[record.prompt_ids[0]]
+            reference = self.vanilla_tokens[record.mismatch_prompt or record.prompt_ids[0]]
             if out is None or i is None or i >= min(len(out), len(reference)):
                 continue  # a repeat differed but not the kept output, or one output stopped early: no token to rule on
             judge = judge or Referee(self.engine)
-            context = self.vanilla_prompts[record.prompt_ids[0]] + reference[:i]  # the row's context too (compared)
+            context = (
+                self.vanilla_prompts[record.mismatch_prompt or record.prompt_ids[0]] + reference[:i]
+            )  # the row's context too (compared)
             try:
                 ruling = judge.rule(context, reference[i], out[i])
             except Exception as exc:  # no ruling: the mismatch stays a failure, and the results are still written
@@ -474,10 +476,11 @@ class Bench:
         if len(record.prompt_ids) == 1:
             references = references * len(outputs)
         record.equals_vanilla = all(out == ref for out, ref in zip(outputs, references))
-        if len(record.prompt_ids) == 1:
-            record.first_mismatch = next(
-                (m for m in (first_mismatch(out, references[0]) for out in outputs) if m is not None), None
-            )
+        prompts = record.prompt_ids * len(outputs) if len(record.prompt_ids) == 1 else record.prompt_ids
+        for pid, out, ref in zip(prompts, outputs, references):
+            if out != ref:  # the first differing row (a repeat, or a prompt of the batch) and its first token
+                record.first_mismatch, record.mismatch_prompt = first_mismatch(out, ref), pid
+                break
 
     def _make_peers(self) -> HFPeers:
         draft = self.plan.options.get("draft") or parse_options(get_drafter("draft"), None)

@@ -36,6 +36,7 @@ class RunRecord:
     token_ids: list[int] | None = None  # new tokens (batch size 1)
     equals_vanilla: bool | None = None  # greedy mode only
     first_mismatch: int | None = None  # index of the first new token that differs from vanilla's
+    mismatch_prompt: str | None = None  # the prompt of that token (the first differing one of a batch)
     ruling: dict | None = None  # the referee's view of that token (`paradec.bench.referee.Ruling`, near_tie added)
 
 

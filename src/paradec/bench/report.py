@@ -196,7 +196,11 @@ def results(bench: Bench, meta: dict, *, complete: bool) -> dict:
 
 
 def _mismatch(record) -> dict:
-    out = {"method": record.method, "prompt": record.prompt_ids[0], "first_mismatch": record.first_mismatch}
+    out = {
+        "method": label(record.method, record.batch_size),
+        "prompt": record.mismatch_prompt or record.prompt_ids[0],
+        "first_mismatch": record.first_mismatch,
+    }
     return out if record.ruling is None else {**out, "ruling": record.ruling["text"]}
 
 

@@ -8,8 +8,9 @@ hidden size only (RMSNorm) or none at all, so its result depends on nothing but 
 
 - `linear(x, w, b)`: on CUDA the fixed-schedule Triton product of `paradec.kernels.matmul`; on CPU one product per
   row (the same call for every row, so no row depends on M).
-- `attention(q, k, v, bias)`: on CUDA the memory-efficient SDPA kernel (its tiles are fixed by head size and dtype;
-  masked columns contribute exact zeros); on CPU one query row at a time.
+- `attention(q, k, v, bias)`: on CUDA the split-KV online-softmax Triton kernel of `paradec.kernels.flash` (chunks
+  and steps fixed from column 0, merged in order, so the row count and the cache bucket change no bit); on CPU one
+  query row at a time.
 
 Both are registered as custom ops, so `torch.compile` treats them as opaque calls and CUDA graphs capture them.
 """
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from paradec.kernels import matmul
+from paradec.kernels import flash, matmul
 
 
 @torch.library.custom_op("paradec::exact_linear", mutates_args=())
@@ -42,8 +43,7 @@ def _(x, weight, bias):
 @torch.library.custom_op("paradec::exact_attention", mutates_args=())
 def _exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     if q.is_cuda:
-        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return flash.attention(q, k, v, bias)
     rows = q.shape[-2]
     bias = bias.expand(*q.shape[:-2], rows, k.shape[-2])
     with sdpa_kernel([SDPBackend.MATH]):

@@ -13,7 +13,7 @@ from paradec.runners.hf import HFRunner
 
 RUNNER_KINDS = ("auto", "native", "hf")
 
-__all__ = ["RUNNER_KINDS", "HFRunner", "Runner", "RunnerOutput", "default_exact", "load_runner", "prefill"]
+__all__ = ["RUNNER_KINDS", "HFRunner", "Runner", "RunnerOutput", "load_runner", "prefill"]
 
 
 def load_runner(path: Path, kind: str, device: torch.device, dtype: torch.dtype, exact: bool = False) -> Runner:
@@ -37,15 +37,6 @@ def load_runner(path: Path, kind: str, device: torch.device, dtype: torch.dtype,
     elif exact:
         raise ParadecError("exact=True needs the native runner (runner 'native' or 'auto'), not 'hf'")
     return HFRunner(load_hf_model(path, device, dtype))
-
-
-def default_exact(path: Path, kind: str, device: torch.device) -> bool:
-    """exact=None's choice: the batch-invariant kernels wherever they run (the native runner on CUDA)."""
-    if device.type != "cuda" or kind == "hf":
-        return False
-    from paradec.runners import native
-
-    return native.unsupported_reason(read_config(path)) is None
 
 
 def load_hf_model(path: Path, device: torch.device, dtype: torch.dtype):
