@@ -85,7 +85,7 @@ SHAPES["tiny"] = dict(
 )  # a CPU dry run of this script
 NATIVE_VARIANTS = {  # name -> (torch.compile the elementwise work, static buckets + CUDA graphs, SDPA backends)
     "graphs+compile": (True, True, None),
-    "graphs+compile+exact": (True, True, "exact"),  # the batch-invariant kernels (paradec.kernels)
+    "graphs+exact": (False, True, "exact"),  # the batch-invariant kernels (paradec.kernels), elementwise work eager
     "graphs+compile+efficient": (True, True, (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)),
     "graphs": (False, True, None),
     "eager": (False, False, None),
@@ -595,7 +595,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--shapes", default="100m,1b,8b")
-    parser.add_argument("--native", default="graphs+compile", help="comma list of graphs+compile, graphs+compile+exact, graphs, eager")
+    parser.add_argument(
+        "--native", default="graphs+compile", help="comma list of graphs+compile, graphs+exact, graphs, eager"
+    )
     parser.add_argument("--hf", default="eager,static+compile", help="comma list of eager, static+compile ('' = none)")
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)

@@ -364,3 +364,23 @@ def test_clear_errors(models):
     with pytest.raises(RuntimeError, match="without a forward"):
         view.commit(2)
     assert view.length == 1
+
+
+def test_the_compiled_ragged_block_traces_whole_and_agrees(model_dirs):
+    """On CUDA a compiled model runs each ragged block through torch.compile(dynamic=True, fullgraph=True): its
+    tracing must not break the graph (fullgraph raises if it would) over steps of changing sizes, slot sets and
+    cache buckets, and give the eager block's outputs (here through the `aot_eager` backend: the same trace, no
+    code generation)."""
+    import paradec
+    from paradec.runners.native.model import ragged_block
+
+    engine = paradec.load(model_dirs["qwen2"], runner="native", device="cpu")
+    prompts = [f"def f{i}(x):\n    return x + {i}\n" for i in range(5)]
+    expected = [r.token_ids for r in engine.generate_batch(prompts, method="pld", max_new_tokens=20, max_batch=3)]
+    model = engine.target.model
+    model._ragged_block = torch.compile(ragged_block, dynamic=True, fullgraph=True, backend="aot_eager")
+    try:
+        got = [r.token_ids for r in engine.generate_batch(prompts, method="pld", max_new_tokens=20, max_batch=3)]
+    finally:
+        model._ragged_block = ragged_block
+    assert got == expected

@@ -200,6 +200,24 @@ def test_cli_exact(exact_dirs, capsys):
     assert main([*common, "--runner", "native", "--dtype", "bfloat16", "--exact", "--method", "pld"]) == 0
 
 
+def test_exact_runs_uncompiled(exact_dirs):
+    """torch.compile picks reduction configs per specialised shape, so an exact model cannot be compiled."""
+    with pytest.raises(paradec.ParadecError, match="compile=True and exact=True"):
+        NativeRunner.from_pretrained(exact_dirs["llama"][0], exact=True, compile=True)
+
+
+def test_triton_rms_norm_rows_are_invariant(interpreted):
+    from paradec.kernels import norm
+    from paradec.layers import RMSNorm
+
+    layer = RMSNorm(48, 1e-6)  # 48: a row padded to a block of 64
+    layer.weight.data = torch.randn(48, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(9, 48, generator=torch.Generator().manual_seed(1))
+    full = norm.rms_norm(x, layer.weight, 1e-6)
+    torch.testing.assert_close(full, layer(x).detach(), rtol=1e-6, atol=1e-6)
+    assert all(torch.equal(norm.rms_norm(x[i : i + 1], layer.weight, 1e-6), full[i : i + 1]) for i in range(9))
+
+
 def test_exact_is_off_by_default(exact_dirs):
     assert paradec.load(exact_dirs["llama"][0], runner="native", device="cpu").config.exact is False
 

@@ -69,8 +69,7 @@ def test_compiled_matmul_rows_are_batch_invariant(n, k):
 def test_every_method_equals_vanilla_bitwise_on_cuda(exact_dirs, tmp_path, arch):
     target, draft = exact_dirs[arch]
     heads = random_heads_dir(tmp_path, 64, paradec.load(target, runner="native", device="cpu").target.vocab_size, 3)
-    engine = paradec.load(target, draft, heads=heads, runner="native", device="cuda", dtype="bfloat16")
-    assert engine.config.exact  # the default on CUDA
+    engine = paradec.load(target, draft, heads=heads, runner="native", device="cuda", dtype="bfloat16", exact=True)
     for prompt in PROMPTS:
         reference = engine.generate(prompt, method="vanilla", max_new_tokens=48).token_ids
         for method, options in (*METHODS, ("eagle", None)):

@@ -96,7 +96,14 @@ def load_engine(args: argparse.Namespace):
         dtype=args.dtype,
         runner=args.runner,
         exact=getattr(args, "exact", False),
+        tensor_parallel=getattr(args, "tensor_parallel", 1) > 1,
     )
+
+
+def _generate_rank(args: argparse.Namespace) -> int:
+    """`generate` on one tensor-parallel rank (`paradec.runners.native.tp.run_ranks` has joined the group)."""
+    args.rank = True
+    return cmd_generate(args)
 
 
 def _read_prompt(args: argparse.Namespace) -> str:
@@ -142,6 +149,10 @@ def _read_messages(args: argparse.Namespace) -> list[dict] | None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.tensor_parallel != 1 and not getattr(args, "rank", None):
+        from paradec.runners.native import tp
+
+        return tp.run_ranks(args.tensor_parallel, _generate_rank, args)
     messages = _read_messages(args)
     text = _read_prompt(args) if messages is None else None
     sampling = sampling_from_args(args)
@@ -200,6 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="continue a prompt or answer a chat, streamed to stdout")
     add_model_args(gen)
+    gen.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="shard the target's heads and MLP over N ranks (torch.distributed: NCCL on GPUs, gloo on CPUs); "
+        "spawns them, or joins the group under torchrun; every rank decodes, rank 0 prints (default 1)",
+    )
     add_method_args(gen)
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="raw prompt text (no chat template)")

@@ -474,6 +474,7 @@ def load(
     dtype: str | torch.dtype | None = "auto",
     runner: str = "auto",
     exact: bool = False,
+    tensor_parallel: bool = False,
 ) -> Engine:
     """Load a target and optionally a draft model with the same vocabulary.
 
@@ -482,7 +483,10 @@ def load(
     registered for a zoo model, loaded when method 'draft' first needs it, else no draft. `heads`: a directory of
     trained heads; None = the model's own or packaged heads (`resolve_heads`). `exact`: the target runs the native
     runner's batch-invariant kernels, so every method's output is bitwise the vanilla output in bf16 too (True needs
-    the native runner; off by default until its cost is measured on a GPU). Drafts never need them."""
+    the native runner; off by default until its cost is measured on a GPU). Drafts never need them.
+    `tensor_parallel`: this process is one rank of an initialised torch.distributed group
+    (`paradec.runners.native.tp.init`): the target loads this rank's slices of its heads and MLP; drafts, drafters and
+    the decode loop run whole on every rank (SPMD, `paradec.runners.native.tp`)."""
     from paradec import zoo
 
     model = zoo.DEFAULT_MODEL if model is None else model
@@ -497,7 +501,12 @@ def load(
         draft_runner = load_draft(draft)
     else:
         draft = zoo.registered_draft(name)
-    target = load_runner(model_dir, runner, dev, dt, exact=bool(exact))
+    tp = None
+    if tensor_parallel:
+        from paradec.runners.native.tp import TensorParallel
+
+        tp = TensorParallel.current()
+    target = load_runner(model_dir, runner, dev, dt, exact=bool(exact), tensor_parallel=tp)
     heads_dir = resolve_heads(heads, model_dir, name)
     config = EngineConfig(
         model=str(model_dir),

@@ -1,10 +1,11 @@
 """Batch-invariant kernels: the native runner's exact mode (`Transformer(exact=True)`).
 
 A forward's row i must come out bitwise the same whatever else the forward holds: 1 input or 64, a chain or a tree,
-a cache bucket of 256 or 1024 columns, other sequences beside it. Two ops reduce across a row's inputs in an order
-that libraries choose per shape: the matrix products (cuBLAS picks a kernel per M) and attention (the softmax and
-the weighted sum over the cache). Everything else the native model runs is row-wise with a reduction over the
-hidden size only (RMSNorm) or none at all, so its result depends on nothing but the row.
+a cache bucket of 256 or 1024 columns, other sequences beside it. Three ops reduce in an order that libraries choose
+per shape: the matrix products (cuBLAS picks a kernel per M), attention (the softmax and the weighted sum over the
+cache) and RMSNorm (PyTorch's reduction kernels split a row by the number of rows; torch.compile picks a reduction
+config per specialised shape, which is why an exact model runs its elementwise work eagerly). The rest is pointwise:
+each element's result depends on that element's inputs alone.
 
 - `linear(x, w, b)`: on CUDA the fixed-schedule Triton product of `paradec.kernels.matmul`; on CPU one product per
   row (the same call for every row, so no row depends on M).
@@ -12,7 +13,9 @@ hidden size only (RMSNorm) or none at all, so its result depends on nothing but 
   and steps fixed from column 0, merged in order, so the row count and the cache bucket change no bit); on CPU one
   query row at a time.
 
-Both are registered as custom ops, so `torch.compile` treats them as opaque calls and CUDA graphs capture them.
+- `rms_norm(x, w, eps)`: on CUDA one Triton program per row (`paradec.kernels.norm`); on CPU the eager ops.
+
+All three are registered as custom ops, so `torch.compile` treats them as opaque calls and CUDA graphs capture them.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from paradec.kernels import flash, matmul
+from paradec.kernels import flash, matmul, norm
 
 
 @torch.library.custom_op("paradec::exact_linear", mutates_args=())
@@ -57,6 +60,25 @@ def _exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
 @_exact_attention.register_fake
 def _(q, k, v, bias):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@torch.library.custom_op("paradec::exact_rms_norm", mutates_args=())
+def _exact_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.is_cuda:
+        return norm.rms_norm(x, weight, eps)
+    y = x.float()  # CPU: the eager ops, whose reduction over a row does not depend on the row count
+    y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(x.dtype)
+
+
+@_exact_rms_norm.register_fake
+def _(x, weight, eps):
+    return torch.empty(x.shape, dtype=torch.result_type(weight, x), device=x.device)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`paradec.layers.RMSNorm`'s arithmetic with rows independent of the row count."""
+    return _exact_rms_norm(x, weight, eps)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,7 +16,9 @@ RUNNER_KINDS = ("auto", "native", "hf")
 __all__ = ["RUNNER_KINDS", "HFRunner", "Runner", "RunnerOutput", "load_runner", "prefill"]
 
 
-def load_runner(path: Path, kind: str, device: torch.device, dtype: torch.dtype, exact: bool = False) -> Runner:
+def load_runner(
+    path: Path, kind: str, device: torch.device, dtype: torch.dtype, exact: bool = False, tensor_parallel=None
+) -> Runner:
     """Load the checkpoint at `path` into a runner of `kind` (auto | native | hf); `exact`: the native runner's
     batch-invariant kernels (`NativeRunner.from_pretrained`), an error where the checkpoint needs the HF runner."""
     if kind not in RUNNER_KINDS:
@@ -27,15 +29,17 @@ def load_runner(path: Path, kind: str, device: torch.device, dtype: torch.dtype,
 
         reason = native.unsupported_reason(config)
         if reason is None:
-            return native.NativeRunner.from_pretrained(path, device=device, dtype=dtype, exact=exact)
-        if kind == "native" or exact:
-            raise ParadecError(
-                f"the native runner cannot run {str(path)!r}: {reason} ("
-                + ("exact=True needs the native runner; use exact=False, --no-exact" if exact else "use --runner hf")
-                + ")"
+            return native.NativeRunner.from_pretrained(
+                path, device=device, dtype=dtype, exact=exact, tensor_parallel=tensor_parallel
             )
-    elif exact:
-        raise ParadecError("exact=True needs the native runner (runner 'native' or 'auto'), not 'hf'")
+        if kind == "native" or exact or tensor_parallel is not None:
+            need = "exact=True needs the native runner; use exact=False, --no-exact" if exact else "use --runner hf"
+            if tensor_parallel is not None:
+                need = "tensor parallelism needs the native runner"
+            raise ParadecError(f"the native runner cannot run {str(path)!r}: {reason} ({need})")
+    elif exact or tensor_parallel is not None:
+        what = "exact=True" if exact else "tensor parallelism"
+        raise ParadecError(f"{what} needs the native runner (runner 'native' or 'auto'), not 'hf'")
     return HFRunner(load_hf_model(path, device, dtype))
 
 

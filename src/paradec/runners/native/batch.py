@@ -30,8 +30,10 @@ as `Transformer.forward`):
   a small share of a step's FLOPs), while SDPA is a stock kernel on every backend and dtype, and a varlen kernel
   (flash-attn's, or our own) would be one more dependency to own, and to capture in graphs later.
 
-It runs eagerly: no static buckets, no CUDA graphs yet (graphs per (batch bucket x input bucket) are future GPU
-work; they would need the slot lengths on the device, as `KVCache.length_t`). Shapes come from host ints the runner
+No static buckets and no CUDA graphs yet (graphs per (batch bucket x input bucket) are future GPU work; they would
+need the slot lengths on the device, as `KVCache.length_t`). On a compiled model (the default on CUDA, via
+`sharing`) each block runs through torch.compile(dynamic=True): the eager ragged block launched ~40 kernels per
+layer, which made a step at batch 1-16 cost 30-55 ms on an H200 for the 1.5B target (bench/results/batch-h200-*). Shapes come from host ints the runner
 tracks (slot lengths, step sizes), so forward/commit do not synchronise with the host: the per-step index lists
 are built on the host and go to the device with one non_blocking copy (as `NativeRunner`'s compaction list does).
 A single-sequence chain longer than `PREFILL_CHUNK` inputs (a prompt) runs in chunks, so memory stays bounded.

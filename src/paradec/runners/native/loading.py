@@ -60,9 +60,16 @@ def checkpoint_files(path: str | Path) -> list[Path]:
 
 
 def load_transformer(
-    path: str | Path, *, device: torch.device, dtype: torch.dtype, compile: bool = False, exact: bool = False
+    path: str | Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    compile: bool = False,
+    exact: bool = False,
+    tensor_parallel=None,
 ) -> Transformer:
-    """Build our Transformer from a checkpoint directory."""
+    """Build our Transformer from a checkpoint directory; with `tensor_parallel` (a `tp.TensorParallel`), this
+    rank's slices of it."""
     from safetensors import safe_open
 
     config = read_config(path)
@@ -73,7 +80,15 @@ def load_transformer(
         with safe_open(str(file), framework="pt", device=where) as shard:
             for name in shard.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                 tensors[name] = shard.get_tensor(name).to(dtype)
-    return transformer_from_state_dict(config, tensors, device=device, dtype=dtype, compile=compile, exact=exact)
+    if tensor_parallel is None:
+        return transformer_from_state_dict(config, tensors, device=device, dtype=dtype, compile=compile, exact=exact)
+    from paradec.runners.native import tp
+
+    local = tp.shard_config(config, tensor_parallel.world)
+    tensors = tp.shard_state(config, tensors, tensor_parallel)
+    model = transformer_from_state_dict(local, tensors, device=device, dtype=dtype, compile=compile, exact=exact)
+    model.tensor_parallel(tensor_parallel)
+    return model
 
 
 def transformer_from_state_dict(

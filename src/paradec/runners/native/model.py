@@ -203,8 +203,14 @@ def attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, b
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
+def reduce_partial(module: Attention | MLP, out: torch.Tensor) -> torch.Tensor:
+    """A row-parallel projection's partial sum, all-reduced over the tensor-parallel ranks (`paradec.runners.native.tp`)."""
+    return out if module.tp is None else module.tp.all_reduce(out)
+
+
 class Attention(nn.Module):
     exact = False  # batch-invariant products and attention (`Transformer(exact=True)` sets it)
+    tp = None  # a `TensorParallel` when this rank holds a slice of the heads (`Transformer.tensor_parallel`)
 
     def __init__(self, args: ModelArgs, sdpa_backends: tuple[SDPBackend, ...] | None = None) -> None:
         super().__init__()
@@ -246,11 +252,12 @@ class Attention(nn.Module):
         q = q.view(T, n_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(1, n_kv_heads, group * T, head_dim)
         y = attend(self, q, keys[None], values[None], attn_bias)  # (1, nkv, g*T, hs)
         y = y.view(n_kv_heads, group, T, head_dim).permute(2, 0, 1, 3).reshape(T, n_heads * head_dim)
-        return project(self.wo, y, self.exact)
+        return reduce_partial(self, project(self.wo, y, self.exact))
 
 
 class MLP(nn.Module):
     exact = False  # as Attention.exact
+    tp = None  # as Attention.tp
 
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
@@ -259,7 +266,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(self.w13, x, self.exact).chunk(2, dim=-1)
-        return project(self.w2, F.silu(gate) * up, self.exact)
+        return reduce_partial(self, project(self.w2, F.silu(gate) * up, self.exact))
 
 
 class Block(nn.Module):
@@ -344,12 +351,23 @@ class Transformer(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         for block in self.layers:
             block.attention.exact = block.mlp.exact = exact
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.exact = exact
+        if compile and exact:
+            raise ParadecError(
+                "compile=True and exact=True: an exact model runs its elementwise work eagerly (torch.compile picks "
+                "reduction configs per shape, which changes bits); use compile=False"
+            )
         if compile:
             self._step_inputs = torch.compile(step_inputs, dynamic=True, fullgraph=True)
             self._block = torch.compile(_run_block, dynamic=True, fullgraph=True)
             self._add_norm = torch.compile(add_norm, dynamic=True, fullgraph=True)
+            # the batched runner's block too: an eager ragged forward launches ~40 kernels per layer
+            self._ragged_block = torch.compile(ragged_block, dynamic=True, fullgraph=True)
         else:
             self._step_inputs, self._block, self._add_norm = step_inputs, _run_block, add_norm
+            self._ragged_block = ragged_block
 
     def forward(
         self,
@@ -380,6 +398,12 @@ class Transformer(nn.Module):
         if not taps:
             return hidden
         return hidden, torch.cat([outputs[i] for i in taps], -1)  # (T, C), (T, len(taps) * C)
+
+    def tensor_parallel(self, tp) -> None:
+        """This model holds one rank's slices (`paradec.runners.native.tp.shard_state`): all-reduce the row-parallel
+        projections' outputs over `tp`'s group."""
+        for block in self.layers:
+            block.attention.tp = block.mlp.tp = tp
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(T, C) -> (T, V) in the model dtype."""
@@ -490,7 +514,7 @@ def ragged_attention(
     q = q.reshape(B, n_kv_heads, group * n_max, head_dim)
     y = attend(attn, q, kv[0], kv[1], layout.bias)  # (B, nkv, g*n_max, hs)
     y = y.view(B, n_kv_heads, group, n_max, head_dim).permute(0, 3, 1, 2, 4).reshape(B * n_max, n_heads * head_dim)
-    return project(attn.wo, y.index_select(0, layout.rows), attn.exact)
+    return reduce_partial(attn, project(attn.wo, y.index_select(0, layout.rows), attn.exact))
 
 
 def ragged_block(block: Block, x, residual, cos, sin, layout: RaggedLayout, cache: torch.Tensor):
@@ -508,14 +532,15 @@ def ragged_forward(
     cache: torch.Tensor,  # (L, 2, slots, nkv, S, hs), every layer of the model
     taps: tuple[int, ...] = (),
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """`Transformer.forward` over B sequences (eagerly, every layer): the last hidden state after the final norm,
-    (N, C), and with `taps` also those layers' outputs, (N, len(taps) * C), rows in flat order."""
+    """`Transformer.forward` over B sequences (every layer; each block through torch.compile(dynamic=True) when the
+    model is compiled, else eagerly): the last hidden state after the final norm, (N, C), and with `taps` also those
+    layers' outputs, (N, len(taps) * C), rows in flat order."""
     cos, sin = rope_tables(model.inv_freq, positions, model.embed.weight.dtype)
     x = model.embed(tokens)  # (N, C)
     residual = torch.zeros_like(x)
     outputs: dict[int, torch.Tensor] = {}
     for layer_id, block in enumerate(model.layers):
-        x, residual = ragged_block(block, x, residual, cos, sin, layout, cache[layer_id])
+        x, residual = model._ragged_block(block, x, residual, cos, sin, layout, cache[layer_id])
         if layer_id in taps:
             outputs[layer_id] = residual + x
     hidden = add_norm(model.norm, x, residual)[0]

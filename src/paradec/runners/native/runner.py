@@ -98,11 +98,14 @@ class NativeRunner:
         compile: bool | None = None,
         static_shapes: bool | None = None,
         exact: bool = False,
+        tensor_parallel=None,
     ) -> NativeRunner:
         """Load a Llama/Mistral/Qwen2/Qwen3 checkpoint directory. `compile` (default: on CUDA when Triton is
         installed) fuses the elementwise work with torch.compile, about 15 s of warm-up on first use;
         `max_cache_len` defaults to min(max_position_embeddings, 4096); `exact` runs the batch-invariant kernels
-        (`Transformer(exact=True)`: every forward's rows bitwise independent of what else it scores)."""
+        (`Transformer(exact=True)`: every forward's rows bitwise independent of what else it scores);
+        `tensor_parallel` (a `paradec.runners.native.tp.TensorParallel`) loads this rank's slices of the heads and
+        the MLP, all-reduced per layer (not compiled: the elementwise work runs eagerly)."""
         config = read_config(path)
         reason = unsupported_reason(config, max_cache_len)
         if reason is not None:
@@ -110,9 +113,21 @@ class NativeRunner:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        if compile is None:
-            compile = device.type == "cuda" and importlib.util.find_spec("triton") is not None
-        model = load_transformer(path, device=device, dtype=resolve_dtype(dtype, config), compile=compile, exact=exact)
+        if compile is None:  # exact: eager elementwise work (see `paradec.kernels`)
+            compile = (
+                device.type == "cuda"
+                and importlib.util.find_spec("triton") is not None
+                and not exact
+                and tensor_parallel is None
+            )
+        model = load_transformer(
+            path,
+            device=device,
+            dtype=resolve_dtype(dtype, config),
+            compile=compile,
+            exact=exact,
+            tensor_parallel=tensor_parallel,
+        )
         runner = cls(model, max_cache_len=max_cache_len, static_shapes=static_shapes)
         pard = config.get("pard")  # a PARD-adapted draft's mask token and trained k (`paradec train pard`)
         runner.pard = dict(pard) if isinstance(pard, dict) else None

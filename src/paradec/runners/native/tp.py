@@ -1,0 +1,160 @@
+"""Tensor parallelism for the native runner: the target's heads and MLP columns split across ranks.
+
+Every rank holds 1/W of each layer (Megatron's split): q/k/v and gate/up column-parallel (a rank computes its own
+attention heads, KV heads included, and its slice of the MLP's hidden units), the output and down projections
+row-parallel with one all-reduce each per layer, so a forward costs two collectives per layer. The KV cache is
+sharded by KV heads for free: the runner sizes it from the rank's own model arguments. The embedding, the norms and
+the LM head are replicated (each rank computes the full logits), so the verifier and every drafter see the same
+numbers on every rank with no gather. That is the SPMD contract: every rank runs the same decode loop, the same
+drafters (replicated, fed identical logits) and the same seeded samplers, so they take the same decisions without
+exchanging proposals. The all-reduce returns the same bits on every rank (reduce-scatter, then all-gather), so
+the ranks never drift apart.
+
+`shard_config` / `shard_state` cut a Hugging Face config and state dict for one rank; `TensorParallel` names the
+rank, the world size and the process group (torch.distributed: NCCL on GPUs, gloo on CPUs); `init` joins a group
+with a bounded wait. Row-parallel biases are kept on rank 0 only (the all-reduce adds the partial products).
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from paradec.errors import ParadecError
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    rank: int
+    world: int
+    group: object | None = None  # a torch.distributed ProcessGroup; None: the default group
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(x, group=self.group)
+        return x
+
+    @staticmethod
+    def current(group=None) -> TensorParallel:
+        """The caller's rank in `group` (default: the initialised default group)."""
+        if not dist.is_initialized():
+            raise ParadecError(
+                "tensor parallelism needs torch.distributed initialised (`paradec.runners.native.tp.init`)"
+            )
+        return TensorParallel(dist.get_rank(group), dist.get_world_size(group), group)
+
+
+def init(
+    rank: int, world: int, init_method: str, *, backend: str | None = None, timeout_s: float = 60.0
+) -> TensorParallel:
+    """Join a group of `world` ranks (gloo on CPU, NCCL on CUDA by default); a rank that does not show up within
+    `timeout_s` is a ParadecError, not a hang."""
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        dist.init_process_group(
+            backend, init_method=init_method, rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )  # fmt: skip
+    except Exception as exc:  # the store's timeout, a refused connection, a bad init_method
+        raise ParadecError(
+            f"tensor parallel: rank {rank} of {world} could not join the group at {init_method!r} within "
+            f"{timeout_s:g} s ({type(exc).__name__}: {exc})"
+        ) from exc
+    return TensorParallel(rank, world)
+
+
+def _split(n: int, world: int, what: str) -> int:
+    if n % world:
+        raise ParadecError(f"tensor parallel size {world} must divide the model's {what} ({n})")
+    return n // world
+
+
+def shard_config(config: dict, world: int) -> dict:
+    """One rank's config: 1/world of the attention heads, KV heads and MLP hidden units (head_dim kept)."""
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return {
+        **config,
+        "num_attention_heads": _split(heads, world, "attention heads"),
+        "num_key_value_heads": _split(kv_heads, world, "key/value heads"),
+        "intermediate_size": _split(config["intermediate_size"], world, "MLP size"),
+        "head_dim": head_dim,
+    }
+
+
+def shard_state(config: dict, state: dict[str, torch.Tensor], tp: TensorParallel) -> dict[str, torch.Tensor]:
+    """One rank's slices of a Hugging Face state dict (`config` is the full model's)."""
+    local = shard_config(config, tp.world)
+    head_dim = local["head_dim"]
+    q_rows = local["num_attention_heads"] * head_dim
+    kv_rows = local["num_key_value_heads"] * head_dim
+    mlp = local["intermediate_size"]
+    r = tp.rank
+    out = {}
+    for name, t in state.items():
+        if ".self_attn.q_proj." in name:
+            out[name] = t[r * q_rows : (r + 1) * q_rows]
+        elif ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            out[name] = t[r * kv_rows : (r + 1) * kv_rows]
+        elif name.endswith("self_attn.o_proj.weight"):
+            out[name] = t[:, r * q_rows : (r + 1) * q_rows]
+        elif ".mlp.gate_proj." in name or ".mlp.up_proj." in name:
+            out[name] = t[r * mlp : (r + 1) * mlp]
+        elif name.endswith("mlp.down_proj.weight"):
+            out[name] = t[:, r * mlp : (r + 1) * mlp]
+        elif name.endswith(("self_attn.o_proj.bias", "mlp.down_proj.bias")):
+            out[name] = t if r == 0 else torch.zeros_like(t)  # added once by the all-reduce
+        else:
+            out[name] = t
+    return out
+
+
+def run_ranks(world: int, fn, args, *, timeout_s: float = 300.0) -> int:
+    """Run `fn(args)` on `world` tensor-parallel ranks and return rank 0's exit code. Under torchrun (RANK and
+    WORLD_SIZE set) this process is one of them and joins through the environment; otherwise it spawns the ranks
+    (a file rendezvous in a temporary directory) and waits for them. Ranks other than 0 print nothing."""
+    import os
+
+    if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+        raise ParadecError(f"--tensor-parallel must be a positive number of ranks, got {world!r}")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if size != world:
+            raise ParadecError(f"--tensor-parallel {world} but torchrun started {size} ranks")
+        return _as_rank(rank, world, "env://", fn, args, timeout_s)
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="paradec-tp-") as tmp:
+        try:
+            mp.spawn(_spawned, args=(world, f"file://{tmp}/rendezvous", fn, args, timeout_s, tmp), nprocs=world)
+        except mp.ProcessExitedException as exc:
+            raise ParadecError(f"tensor parallel: rank {exc.error_index} exited with code {exc.exit_code}") from exc
+        except mp.ProcessRaisedException as exc:
+            raise ParadecError(f"tensor parallel: a rank failed:\n{exc}") from exc
+        with open(f"{tmp}/rank0.code") as f:
+            return int(f.read().strip())
+
+
+def _spawned(rank: int, world: int, init_method: str, fn, args, timeout_s: float, tmp: str) -> None:
+    code = _as_rank(rank, world, init_method, fn, args, timeout_s)
+    if rank == 0:
+        with open(f"{tmp}/rank0.code", "w") as f:
+            f.write(str(code))
+
+
+def _as_rank(rank: int, world: int, init_method: str, fn, args, timeout_s: float) -> int:
+    import os
+    import sys
+
+    if rank != 0:  # one answer on the terminal: rank 0's
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the process's lifetime)
+    init(rank, world, init_method, timeout_s=timeout_s)
+    try:
+        return int(fn(args) or 0)
+    finally:
+        dist.destroy_process_group()
