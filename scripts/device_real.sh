@@ -13,7 +13,8 @@
 #            uvicorn, pydantic and their dependencies for the server: pip download --only-binary=:all:
 #            --python-version 3.12 --platform manylinux2014_x86_64 -d .whl fastapi uvicorn pydantic)
 #   start-m2 start-batch's chain, then start-new's, in one background chain (the CUDA-only tests beside them)
-#   start-exact  start the exact-mode chain instead (issue 17): tests/test_exact_cuda.py, scripts/bench_runner.py
+#   start-exact  start the exact-mode chain instead (issue 17): tests/test_exact_cuda.py, scripts/probe_exact.py
+#            (which ops are invariant, the Triton product's plans against cuBLAS), scripts/bench_runner.py
 #            with and without the exact kernels on the 100m/1b/8b shapes, then `paradec bench --exact` on both
 #            targets and both suites (vanilla, pld, draft for the 1.5B; vanilla, pld, lookahead for SmolLM2), and
 #            the same benches without --exact for the cost
@@ -198,6 +199,7 @@ exact_part() {  # issue 17: exactness and its cost
     (cd "$SNAPSHOT/.." && python3 -m pytest -q -o addopts="" -p no:cacheprovider tests/test_exact_cuda.py \
         > $RES/exact-tests.log 2>&1) || echo "exact tests exit $?"
     tail -n 3 $RES/exact-tests.log
+    (cd "$SNAPSHOT/.." && python3 scripts/probe_exact.py --out $RES/probe > $RES/probe.log 2>&1) || echo "probe exit $?"
     echo "RUNNER $(date +%T)"
     (cd "$SNAPSHOT/.." && python3 scripts/bench_runner.py --shapes 100m,1b,8b --hf "" \
         --native graphs+compile,graphs+exact,graphs --out $RES/runner > $RES/runner.log 2>&1) || echo "runner exit $?"

@@ -100,12 +100,6 @@ def load_engine(args: argparse.Namespace):
     )
 
 
-def _generate_rank(args: argparse.Namespace) -> int:
-    """`generate` on one tensor-parallel rank (`paradec.runners.native.tp.run_ranks` has joined the group)."""
-    args.rank = True
-    return cmd_generate(args)
-
-
 def _read_prompt(args: argparse.Namespace) -> str:
     if args.prompt_file is None:
         return args.prompt
@@ -149,10 +143,14 @@ def _read_messages(args: argparse.Namespace) -> list[dict] | None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    if args.tensor_parallel != 1 and not getattr(args, "rank", None):
+    if args.tensor_parallel != 1:
         from paradec.runners.native import tp
 
-        return tp.run_ranks(args.tensor_parallel, _generate_rank, args)
+        return tp.run_ranks(args.tensor_parallel, _generate, args)  # each rank runs _generate
+    return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
     messages = _read_messages(args)
     text = _read_prompt(args) if messages is None else None
     sampling = sampling_from_args(args)

@@ -35,6 +35,7 @@ class Plan:
     num_stages: int = 4
 
 
+@functools.cache
 def plan(n: int, k: int, sms: int = 132, block_n: int = 64, block_k: int = 64, waves: float = 1.0) -> Plan:
     """The schedule for an (n, k) weight: enough programs for `waves` x `sms` at one row block, split-K where the
     output alone has too few tiles. A function of the shape and the device's SM count only, never of M."""
@@ -176,7 +177,7 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     acc = None
     for s in range(p.split_k):
         lo, hi = s * p.k_blocks * p.block_k, min((s + 1) * p.k_blocks * p.block_k, k)
-        part = xf[..., lo:hi] @ wf[:, lo:hi].T if lo < k else torch.zeros(*x.shape[:-1], n)
+        part = xf[..., lo:hi] @ wf[:, lo:hi].T if lo < k else xf.new_zeros(*x.shape[:-1], n)
         acc = part if acc is None else acc + part
     if bias is not None:
         acc = acc + bias.float()

@@ -171,7 +171,7 @@ class BatchedNativeRunner:
 
     def lm_head_weight(self) -> torch.Tensor:
         """LM head [V, H] (the embedding when tied)."""
-        return self.model.embed.weight if self.model.lm_head is None else self.model.lm_head.weight
+        return self.model.output_weight
 
     # --- slots --------------------------------------------------------------------------------------------------
 

@@ -349,10 +349,8 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.norm_eps)
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
-        for block in self.layers:
-            block.attention.exact = block.mlp.exact = exact
         for module in self.modules():
-            if isinstance(module, RMSNorm):
+            if isinstance(module, (Attention, MLP, RMSNorm)):
                 module.exact = exact
         if compile and exact:
             raise ParadecError(
@@ -405,9 +403,14 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.attention.tp = block.mlp.tp = tp
 
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The LM head [V, C] (the embedding when tied)."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(T, C) -> (T, V) in the model dtype."""
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        weight = self.output_weight
         return kernels.linear(hidden, weight) if self.exact else F.linear(hidden, weight)
 
 

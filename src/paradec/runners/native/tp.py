@@ -18,6 +18,9 @@ with a bounded wait. Row-parallel biases are kept on rank 0 only (the all-reduce
 from __future__ import annotations
 
 import datetime
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -116,8 +119,6 @@ def run_ranks(world: int, fn, args, *, timeout_s: float = 300.0) -> int:
     """Run `fn(args)` on `world` tensor-parallel ranks and return rank 0's exit code. Under torchrun (RANK and
     WORLD_SIZE set) this process is one of them and joins through the environment; otherwise it spawns the ranks
     (a file rendezvous in a temporary directory) and waits for them. Ranks other than 0 print nothing."""
-    import os
-
     if isinstance(world, bool) or not isinstance(world, int) or world < 1:
         raise ParadecError(f"--tensor-parallel must be a positive number of ranks, got {world!r}")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -125,8 +126,6 @@ def run_ranks(world: int, fn, args, *, timeout_s: float = 300.0) -> int:
         if size != world:
             raise ParadecError(f"--tensor-parallel {world} but torchrun started {size} ranks")
         return _as_rank(rank, world, "env://", fn, args, timeout_s)
-    import tempfile
-
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory(prefix="paradec-tp-") as tmp:
@@ -148,9 +147,6 @@ def _spawned(rank: int, world: int, init_method: str, fn, args, timeout_s: float
 
 
 def _as_rank(rank: int, world: int, init_method: str, fn, args, timeout_s: float) -> int:
-    import os
-    import sys
-
     if rank != 0:  # one answer on the terminal: rank 0's
         sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the process's lifetime)
     init(rank, world, init_method, timeout_s=timeout_s)
