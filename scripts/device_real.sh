@@ -14,11 +14,13 @@
 #            --python-version 3.12 --platform manylinux2014_x86_64 -d .whl fastapi uvicorn pydantic)
 #   start-m2 start-batch's chain, then start-new's, in one background chain (the CUDA-only tests beside them)
 #   start-exact  start the exact-mode chain instead (issue 17): tests/test_exact_cuda.py, scripts/probe_exact.py
-#            (which ops are invariant, the Triton product's plans against cuBLAS), scripts/bench_runner.py
-#            with and without the exact kernels on the 100m/1b/8b shapes, then `paradec bench --exact` on both
-#            targets and both suites (vanilla, pld, draft for the 1.5B; vanilla, pld, lookahead for SmolLM2), and
-#            the same benches without --exact for the cost
-#   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log
+#            when PROBE is set (which ops are invariant, the Triton product's plans against cuBLAS),
+#            scripts/bench_runner.py with and without the exact kernels on the SmolLM2, Qwen-1.5B and 8B shapes,
+#            then `paradec bench --exact` on both targets and both suites (vanilla, pld, draft for the 1.5B;
+#            vanilla, pld, lookahead for SmolLM2), the chat suite without --exact for the cost, then suffix on the
+#            agentic suite (issue 19) and the batched bench at 1, 8, 32 (issue 18)
+#   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log,
+#            and copy what it wrote so far to $OUT, as collect does
 #   collect  copy what the chain wrote (tar files, logs) to $OUT
 #   bench    replace a running chain by its bench part alone (when time runs short; what was trained is kept)
 # The chain: the CUDA-only tests beside the conversions; SmolLM2-135M-Instruct's EAGLE then Medusa (the second reuses
@@ -189,31 +191,32 @@ batch_part() {  # batched decoding and the batched server on the Qwen pair (need
         --server-batch 1 --out $RES/q15-load-serial --quiet || echo "load exit $?"
 }
 
-exact_part() {  # issue 17: exactness and its cost
+exact_part() {  # issue 17: exactness and its cost, then issue 19's and 18's first numbers as time allows
     set -e
     mkdir -p $RES
-    local small large
-    convert $Q05 & small=$!
-    convert $Q15 & large=$!
+    local draft="--draft $Q05" methods=vanilla,pld,draft
+    if [ -f "$STAGE/$Q05.gguf.ok" ]; then convert $Q05; else draft="" methods=vanilla,pld; echo "no $Q05: no draft"; fi
+    convert $Q15 &
+    convert $SMOL
     echo "EXACT TESTS $(date +%T)"
-    (cd "$SNAPSHOT/.." && python3 -m pytest -q -o addopts="" -p no:cacheprovider tests/test_exact_cuda.py \
+    (cd "$SNAPSHOT/.." && python3 -m pytest -q -o addopts="" -p no:cacheprovider -p no:logging tests/test_exact_cuda.py \
         > $RES/exact-tests.log 2>&1) || echo "exact tests exit $?"
     tail -n 3 $RES/exact-tests.log
-    (cd "$SNAPSHOT/.." && python3 scripts/probe_exact.py --out $RES/probe > $RES/probe.log 2>&1) || echo "probe exit $?"
+    wait
+    bench $Q15 chat q15-chat--exact $draft --methods $methods --exact $QWEN_BENCH
+    bench $SMOL chat smol-chat--exact --methods vanilla,pld,lookahead --exact $SMOL_BENCH
     echo "RUNNER $(date +%T)"
-    (cd "$SNAPSHOT/.." && python3 scripts/bench_runner.py --shapes 100m,1b,8b --hf "" \
+    (cd "$SNAPSHOT/.." && python3 scripts/bench_runner.py --shapes smol,q15,8b --hf "" \
         --native graphs+compile,graphs+exact,graphs --out $RES/runner > $RES/runner.log 2>&1) || echo "runner exit $?"
     tail -n 12 $RES/runner.log
-    wait $small
-    wait $large
-    convert $SMOL
-    local suite flag
-    for flag in --exact --no-exact; do
-        for suite in chat code-chat; do
-            bench $Q15 $suite q15-$suite$flag --draft $Q05 --methods vanilla,pld,draft $flag $QWEN_BENCH
-            bench $SMOL $suite smol-$suite$flag --methods vanilla,pld,lookahead $flag $SMOL_BENCH
-        done
-    done
+    bench $Q15 code-chat q15-code-chat--exact $draft --methods $methods --exact $QWEN_BENCH
+    bench $SMOL code-chat smol-code-chat--exact --methods vanilla,pld,lookahead --exact $SMOL_BENCH
+    bench $Q15 chat q15-chat--no-exact $draft --methods $methods --no-exact $QWEN_BENCH
+    bench $SMOL chat smol-chat--no-exact --methods vanilla,pld,lookahead --no-exact $SMOL_BENCH
+    CODE_PC=2 bench $Q15 agentic q15-agentic $draft --methods vanilla,pld,suffix $QWEN_BENCH
+    [ -n "${PROBE:-}" ] && { (cd "$SNAPSHOT/.." && python3 scripts/probe_exact.py --out $RES/probe > $RES/probe.log 2>&1) \
+        || echo "probe exit $?"; }
+    CHAT_PC=2 bench $Q15 chat q15-batch $draft --methods vanilla,pld --batch-sizes 1,8,32 $QWEN_BENCH
 }
 
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
@@ -240,11 +243,8 @@ start|start-new|start-batch|start-m2|start-exact)
     sleep 20
     tail -n 5 $LOG
     ;;
-wait)
-    wait_chain "${WAIT:-540}"
-    ;;
-collect)
-    wait_chain "${WAIT:-60}"
+wait|collect)  # both copy what the chain has written so far to $OUT: a machine that goes back loses nothing collected
+    if [ "$1" = wait ]; then wait_chain "${WAIT:-540}"; else wait_chain "${WAIT:-60}"; fi
     cp $LOG "$OUT/chain.log"
     tar cf "$OUT/results.tar" -C $RES --exclude='*.tar' . 2>/dev/null
     cp $RES/*.tar "$OUT"/ 2>/dev/null

@@ -19,6 +19,7 @@ from conftest import counting, hf_greedy
 from paradec.batch import BatchDecoder, SpeculationPolicy
 from paradec.config import SamplingParams
 from paradec.errors import ParadecError
+from paradec.runners.native import BatchedNativeRunner
 from paradec.zoo import code_draft_dir, code_model_dir
 
 PROMPTS = [
@@ -48,6 +49,30 @@ def test_greedy_batch_equals_each_sequence_alone(code_engine, method):
         assert result.token_ids == single.token_ids, (method, prompt)
         assert result.text == single.text and result.finish_reason == single.finish_reason
         assert result.stats.method == method
+
+
+@pytest.fixture(scope="module")
+def static_engine():
+    """The zoo pair whose batched runners pad every step to `StaticRagged`'s buckets (the CUDA default, captured as
+    graphs there; run eagerly here): dummy sequences, padding inputs, the scratch slot."""
+    init = BatchedNativeRunner.__init__
+
+    def static_init(self, model, *, static_shapes=None, **kw):
+        init(self, model, static_shapes=True, **kw)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(BatchedNativeRunner, "__init__", static_init)
+        engine = paradec.load(code_model_dir(), code_draft_dir(), runner="native", dtype="float32")
+        engine.generate_batch(PROMPTS[:1], method="draft", max_new_tokens=2)  # makes both batched runners
+    assert engine._batched.static_shapes and engine._batched_draft.static_shapes
+    return engine
+
+
+@pytest.mark.parametrize("method", ["vanilla", "pld", "draft", "eagle", "lookahead"])
+def test_bucketed_steps_equal_each_sequence_alone(static_engine, code_engine, method):
+    results = static_engine.generate_batch(PROMPTS, method=method, max_new_tokens=NEW)
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        assert result.token_ids == alone(code_engine, prompt, method).token_ids, (method, prompt)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -21,6 +21,22 @@ from paradec.tree import build_tree, chain_parents, device_tree
 from paradec.types import Proposal
 
 ARCHS = ("llama", "qwen2", "qwen3")
+
+
+@pytest.fixture(autouse=True, params=["unpadded", "static"])
+def shapes(request, monkeypatch):
+    """Every test twice: steps unpadded (the CPU default), and padded to `StaticRagged`'s buckets over static
+    buffers (the CUDA default, where they are captured as graphs; run eagerly here), unless a test says which."""
+    if request.param == "static":
+        init = BatchedNativeRunner.__init__
+
+        def static_init(self, model, *, static_shapes=None, **kw):
+            init(self, model, static_shapes=True if static_shapes is None else static_shapes, **kw)
+
+        monkeypatch.setattr(BatchedNativeRunner, "__init__", static_init)
+    return request.param
+
+
 ATOL = RTOL = 1e-5  # fp32: the batched and single forwards differ only in reduction shapes
 ULPS = 2e-6  # ... relative to a tensor's largest entry (see `close`)
 
@@ -366,21 +382,72 @@ def test_clear_errors(models):
     assert view.length == 1
 
 
-def test_the_compiled_ragged_block_traces_whole_and_agrees(model_dirs):
-    """On CUDA a compiled model runs each ragged block through torch.compile(dynamic=True, fullgraph=True): its
-    tracing must not break the graph (fullgraph raises if it would) over steps of changing sizes, slot sets and
-    cache buckets, and give the eager block's outputs (here through the `aot_eager` backend: the same trace, no
-    code generation)."""
-    import paradec
-    from paradec.runners.native.model import ragged_block
+def test_the_compiled_ragged_block_traces_whole_and_agrees(models, shapes):
+    """On CUDA a compiled model runs each ragged block through `compiled` (torch.compile(dynamic=True,
+    fullgraph=True)): its tracing must not break the graph over steps of 1 or 3 sequences, 1 or 4 inputs each, slots
+    in order or not, unpadded and bucketed; those are more specialisations than Dynamo's default limit of 8
+    graphs, a hard error with fullgraph (as on the H200); and it gives the eager block's outputs (here through the
+    `aot_eager` backend: the same trace, no code generation)."""
+    from paradec.runners.native.model import compiled, ragged_block
 
-    engine = paradec.load(model_dirs["qwen2"], runner="native", device="cpu")
-    prompts = [f"def f{i}(x):\n    return x + {i}\n" for i in range(5)]
-    expected = [r.token_ids for r in engine.generate_batch(prompts, method="pld", max_new_tokens=20, max_batch=3)]
-    model = engine.target.model
-    model._ragged_block = torch.compile(ragged_block, dynamic=True, fullgraph=True, backend="aot_eager")
+    if shapes == "static":
+        pytest.skip("runs both layouts itself")
+    model = models["qwen2"]
+    prefixes = [tokens(160 + i, 3 + i) for i in range(4)]
+
+    def run() -> list[torch.Tensor]:
+        outs = []
+        for static in (False, True):
+            runner = BatchedNativeRunner(model, slots=5, static_shapes=static)
+            slots = [runner.allocate() for _ in prefixes]
+            for slot, prefix in zip(slots, prefixes):
+                prefill(runner.view(slot), prefix)
+            for b in (1, 3):
+                for n in (1, 4):
+                    for order in (slots, slots[::-1][1:] + slots[:1]):
+                        step = Step([seq(order[i], tokens(170 + i, n)) for i in range(b)])
+                        outs.append(runner.forward(step).logits)
+                        runner.commit([0] * b)
+        return outs
+
+    expected = run()
+    torch._dynamo.reset()
+    model._ragged_block = compiled(ragged_block, backend="aot_eager")
     try:
-        got = [r.token_ids for r in engine.generate_batch(prompts, method="pld", max_new_tokens=20, max_batch=3)]
+        got = run()
     finally:
         model._ragged_block = ragged_block
-    assert got == expected
+    for g, e in zip(got, expected, strict=True):
+        close(g, e)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_bucketed_steps_pad_without_touching_other_slots(models, arch, shapes):
+    """Three consecutive slots pad to four sequences (the dummy reads slot 3, another sequence's) and 3 inputs to
+    8 (padding writes go to the scratch slot): the rows are each sequence's alone, slot 3 and the free slots keep
+    their bits, and a later step over non-consecutive slots (keys/values gathered) agrees too."""
+    if shapes != "static":
+        pytest.skip("the bucketed path's own test")
+    model = models[arch]
+    prefixes = [tokens(130 + i, n) for i, n in enumerate((4, 7, 5, 9))]
+    runner, slots = batched_with(model, prefixes, slots=6)
+    assert runner._static is not None and runner.cache.slots == 7  # six slots and the scratch slot
+    before = runner.cache.data[:, :, 3:6].clone()
+    inputs = [tokens(140 + b, 1) for b in range(3)]
+    out = runner.forward(Step([seq(slots[b], inputs[b]) for b in range(3)]), hidden=True)
+    assert torch.equal(runner.cache.data[:, :, 3:6], before)
+    for b in range(3):
+        alone = native(model, prefixes[b])
+        ref = alone.forward(inputs[b], hidden=True)
+        close(out.logits[b : b + 1], ref.logits)
+        close(out.hidden[b : b + 1], ref.hidden)
+    runner.commit([1, 1, 1])
+    follow = [tokens(150, 4), tokens(151, 6)]
+    step = Step([seq(slots[3], follow[0]), seq(slots[0], follow[1], TREE)])  # slots 3, 0: gathered
+    got = runner.forward(step)
+    runner.commit([4, [0, 2, 5]])
+    close(got.logits[:4], native(model, prefixes[3]).forward(follow[0]).logits)
+    close(
+        got.logits[4:], native(model, torch.cat([prefixes[0], inputs[0]])).forward(follow[1], build_tree(TREE)).logits
+    )
+    assert [runner.length(s) for s in slots] == [8, 8, 6, 13]

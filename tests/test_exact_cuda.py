@@ -19,12 +19,14 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="module")
 def wide_dirs(tmp_path_factory, tokenizer_dir):
-    """Llama and Qwen2 shapes wide enough for split-K and several row blocks: hidden 512, 4 layers, vocabulary 32k."""
+    """Llama and Qwen2 shapes wide enough for split-K and several row blocks: hidden 512, 4 layers, vocabulary 32k, 1024 positions."""
     root = tmp_path_factory.mktemp("exact-wide")
-    return {
-        arch: save_model(make_config(arch, 32000, layers=4, hidden=512), root / arch, tokenizer_dir, seed=800 + i)
-        for i, arch in enumerate(("llama", "qwen2"))
-    }
+    dirs = {}
+    for i, arch in enumerate(("llama", "qwen2")):
+        config = make_config(arch, 32000, layers=4, hidden=512)
+        config.max_position_embeddings = 1024  # prompts of 300 + 64 tokens reach the 512-column cache bucket
+        dirs[arch] = save_model(config, root / arch, tokenizer_dir, seed=800 + i)
+    return dirs
 
 
 def differing_rows(runner, prompt_len: int, seed: int) -> int:
@@ -75,6 +77,21 @@ def test_every_method_equals_vanilla_bitwise_on_cuda(exact_dirs, tmp_path, arch)
         for method, options in (*METHODS, ("eagle", None)):
             result = engine.generate(prompt, method=method, options=options, max_new_tokens=48)
             assert result.token_ids == reference, (method, prompt)
-    batch = engine.generate_batch(PROMPTS, method="draft", options={"k": 3}, max_new_tokens=48)
-    for prompt, result in zip(PROMPTS, batch, strict=True):
-        assert result.token_ids == engine.generate(prompt, method="vanilla", max_new_tokens=48).token_ids
+    for method in ("vanilla", "draft"):
+        batch = engine.generate_batch(PROMPTS, method=method, options={"k": 3} if method == "draft" else None,
+                                      max_new_tokens=48)  # fmt: skip
+        for prompt, result in zip(PROMPTS, batch, strict=True):
+            assert result.token_ids == engine.generate(prompt, method="vanilla", max_new_tokens=48).token_ids
+    assert engine._batched.graphs_captured > 0  # the batched steps ran as CUDA graphs (`StaticRagged`)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_batched_graphs_equal_each_sequence_alone_in_fp32(exact_dirs, arch):
+    """The batched runner's captured bucketed steps (the CUDA default) emit what each sequence emits alone."""
+    target, draft = exact_dirs[arch]
+    engine = paradec.load(target, draft, runner="native", device="cuda", dtype="float32")
+    for method in ("vanilla", "pld", "draft", "lookahead"):
+        batch = engine.generate_batch(PROMPTS, method=method, max_new_tokens=40)
+        for prompt, result in zip(PROMPTS, batch, strict=True):
+            assert result.token_ids == engine.generate(prompt, method=method, max_new_tokens=40).token_ids, method
+    assert engine._batched.graphs_captured > 0 and engine._batched_draft.graphs_captured > 0

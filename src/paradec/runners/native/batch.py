@@ -30,12 +30,15 @@ as `Transformer.forward`):
   a small share of a step's FLOPs), while SDPA is a stock kernel on every backend and dtype, and a varlen kernel
   (flash-attn's, or our own) would be one more dependency to own, and to capture in graphs later.
 
-No static buckets and no CUDA graphs yet (graphs per (batch bucket x input bucket) are future GPU work; they would
-need the slot lengths on the device, as `KVCache.length_t`). On a compiled model (the default on CUDA, via
-`sharing`) each block runs through torch.compile(dynamic=True): the eager ragged block launched ~40 kernels per
-layer, which made a step at batch 1-16 cost 30-55 ms on an H200 for the 1.5B target (bench/results/batch-h200-*). Shapes come from host ints the runner
-tracks (slot lengths, step sizes), so forward/commit do not synchronise with the host: the per-step index lists
-are built on the host and go to the device with one non_blocking copy (as `NativeRunner`'s compaction list does).
+Static buckets and CUDA graphs (`static_shapes`, default on CUDA): a step of at most `StaticRagged.max_inputs`
+inputs and `Q_BUCKETS[-1]` per sequence is padded to buckets (sequences, flat inputs, inputs per sequence, cache
+columns) over static buffers and replayed as one CUDA graph per bucket (`paradec.runners.native.graphs.
+StaticRagged`; padding writes go to one scratch slot past the `slots` handed out). The eager ragged block launched
+~40 kernels per layer, which made a step at batch 1-16 cost 30-55 ms on an H200 for the 1.5B target
+(bench/results/batch-h200-2026-12-02). On a compiled model (the default on CUDA, via `sharing`) each block also
+runs through torch.compile(dynamic=True), inside the graphs or not. Shapes come from host ints the runner tracks
+(slot lengths, step sizes), so forward/commit do not synchronise with the host: the per-step index lists are built
+on the host and go to the device with one non_blocking copy (as `NativeRunner`'s compaction list does).
 A single-sequence chain longer than `PREFILL_CHUNK` inputs (a prompt) runs in chunks, so memory stays bounded.
 """
 
@@ -52,7 +55,7 @@ import torch
 from paradec.errors import ParadecError
 from paradec.runners.base import HiddenWanted, LogitsWanted, RunnerOutput, check_inputs, layer_taps
 from paradec.runners.ledger import Ledger, Parents, tree_parents
-from paradec.runners.native.graphs import KV_ALIGN, kv_bucket
+from paradec.runners.native.graphs import KV_ALIGN, StaticRagged, kv_bucket
 from paradec.runners.native.kv_cache import SlotKVCache
 from paradec.runners.native.loading import load_transformer, read_config, resolve_dtype
 from paradec.runners.native.model import (
@@ -89,7 +92,16 @@ class BatchedNativeRunner:
 
     pard: dict | None = None  # as `NativeRunner.pard`
 
-    def __init__(self, model: Transformer, *, slots: int, max_cache_len: int | None = None) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        *,
+        slots: int,
+        max_cache_len: int | None = None,
+        static_shapes: bool | None = None,
+    ) -> None:
+        """`static_shapes` (default: on CUDA) pads steps to buckets over static buffers (`StaticRagged`), captured
+        as CUDA graphs on CUDA; the cache then holds one scratch slot more than `slots`."""
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
             raise ParadecError(f"slots must be a positive int, got {slots!r}")
         args = model.args
@@ -107,8 +119,13 @@ class BatchedNativeRunner:
             )
         self.max_length = max_cache_len
         capacity = -(-max_cache_len // KV_ALIGN) * KV_ALIGN
+        self.static_shapes = self.device.type == "cuda" if static_shapes is None else static_shapes
         self.cache = SlotKVCache(
-            args.n_layers, slots, args.n_kv_heads, args.head_dim, capacity, self.device, self.dtype
+            args.n_layers, slots + self.static_shapes, args.n_kv_heads, args.head_dim, capacity, self.device,
+            self.dtype,
+        )  # fmt: skip
+        self._static = (
+            StaticRagged(model, self.cache, capture=self.device.type == "cuda") if self.static_shapes else None
         )
         self._free = list(range(slots))  # a heap: `allocate` hands out the lowest free slot
         self._allocated = [False] * slots
@@ -137,9 +154,10 @@ class BatchedNativeRunner:
         dtype: torch.dtype | str = "float32",
         max_cache_len: int | None = None,
         exact: bool = False,
+        static_shapes: bool | None = None,
     ) -> BatchedNativeRunner:
         """Load a Llama/Mistral/Qwen2/Qwen3 checkpoint directory (eager: not compiled); `exact` as
-        `NativeRunner.from_pretrained`'s."""
+        `NativeRunner.from_pretrained`'s, `static_shapes` as the constructor's."""
         config = read_config(path)
         reason = unsupported_reason(config, max_cache_len)
         if reason is not None:
@@ -148,7 +166,7 @@ class BatchedNativeRunner:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         model = load_transformer(path, device=device, dtype=resolve_dtype(dtype, config), compile=False, exact=exact)
-        return cls(model, slots=slots, max_cache_len=max_cache_len)
+        return cls(model, slots=slots, max_cache_len=max_cache_len, static_shapes=static_shapes)
 
     @classmethod
     def sharing(cls, runner: NativeRunner, slots: int, max_cache_len: int | None = None) -> BatchedNativeRunner:
@@ -157,7 +175,10 @@ class BatchedNativeRunner:
             raise ParadecError(
                 f"a batched runner runs every layer; this native runner runs layers {list(runner.layer_ids)} only"
             )
-        batched = cls(runner.model, slots=slots, max_cache_len=max_cache_len or runner.max_length)
+        batched = cls(
+            runner.model, slots=slots, max_cache_len=max_cache_len or runner.max_length,
+            static_shapes=runner.static_shapes,
+        )  # fmt: skip
         batched.pard = runner.pard
         return batched
 
@@ -202,8 +223,13 @@ class BatchedNativeRunner:
         return len(self._free)
 
     @property
+    def graphs_captured(self) -> int:
+        """CUDA graphs of batched steps captured so far (one per bucket of `StaticRagged` that was used)."""
+        return 0 if self._static is None or self._static.bank is None else len(self._static.bank.graphs)
+
+    @property
     def cache_bytes(self) -> int:
-        """Bytes of the KV cache of every slot (allocated up front)."""
+        """Bytes of the KV cache of every slot, the scratch slot included (allocated up front)."""
         return self.cache.data.numel() * self.cache.data.element_size()
 
     def length(self, slot: int) -> int:
@@ -325,7 +351,7 @@ class BatchedNativeRunner:
                 chunk = (_Seq(slot, count, None, None, None),)
                 out_logits, states = self._run(tokens[offset : offset + count], chunk, want, taps)
                 if hidden:
-                    hiddens.append(states)
+                    hiddens.append(states.clone())  # a view of static buffers on the bucketed path
                 if out_logits is not None:
                     all_logits.append(out_logits)
                 self.cache.advance(slot, count)
@@ -358,6 +384,11 @@ class BatchedNativeRunner:
         B = len(seqs)
         sizes = [s.size for s in seqs]
         n_max = max(sizes)
+        if self._static is not None and self._static.fits(int(tokens.shape[0]), n_max):
+            h, states = self._static(tokens, [(s.slot, s.size, s.depth, s.mask) for s in seqs], lengths, taps)
+            if logits == "none":
+                return None, states
+            return self.model.logits(h[-1:] if logits == "last" else h).float(), states
         kv_len = kv_bucket(max(lengths[s.slot] + s.size for s in seqs), self.cache.capacity)
         # host index lists, one non_blocking copy: rows, slots, columns, positions' starts per input; slots, starts,
         # sizes per sequence

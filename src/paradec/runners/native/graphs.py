@@ -24,12 +24,13 @@ from collections.abc import Callable
 import torch
 
 from paradec.config import SamplingParams
-from paradec.runners.native.kv_cache import KVCache
-from paradec.runners.native.model import Transformer
+from paradec.runners.native.kv_cache import KVCache, SlotKVCache
+from paradec.runners.native.model import RaggedLayout, Transformer, ragged_attention_bias, ragged_forward
 from paradec.sampling import align_vocab, warp
 
 Q_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128)
 KV_ALIGN = 128
+B_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)  # sequences of a batched step
 
 
 def query_bucket(n: int) -> int:
@@ -43,6 +44,19 @@ def kv_bucket(need: int, capacity: int) -> int:
     while step * 8 < need:
         step *= 2
     return min(capacity, -(-need // step) * step)
+
+
+def batch_bucket(b: int, slots: int) -> int:
+    """Sequences a batched step is padded to: the smallest bucket holding b, at most `slots` (b <= slots)."""
+    return min(slots, next((x for x in B_BUCKETS if x >= b), b))
+
+
+def flat_bucket(n: int) -> int:
+    """Flat inputs a batched step is padded to: n rounded up to a multiple of 8, coarser as it grows (waste <= 1/8)."""
+    step = 8
+    while step * 8 < n:
+        step *= 2
+    return -(-n // step) * step
 
 
 class GraphBank:
@@ -219,3 +233,117 @@ class ChainGraph:
             self.tokens[i : i + 1].copy_(token)
             self.start.add_(count)
             inputs = self.tokens[i : i + 1]
+
+
+class StaticRagged:
+    """`ragged_forward` (the batched runner's step) on bucketed shapes over static buffers, captured as one CUDA
+    graph per (sequences, flat inputs, inputs per sequence, cache columns, slot placement, taps) bucket when
+    `capture` is set, run eagerly otherwise (on CPU, where the tests cover the padding).
+
+    Padding: the B sequences become `batch_bucket(B)` (dummy sequences of 0 inputs: their rows see column 0 only,
+    their output is dropped), each sequence's inputs `query_bucket(n_max)` rows of the padded-query layout, and the
+    N flat inputs `flat_bucket(N)`: a padding input embeds a stale token, writes its keys/values to the cache's
+    scratch slot (its last: the runner allocates one more than it hands out) and its query to a spare row; its
+    output is dropped. Row-wise work is per row, so the real rows are what the unpadded forward computes, and
+    attention is per sequence over its own slot. When the step's slots are consecutive (the scheduler hands out
+    the lowest free ones) the dummies take the slots after them and keys/values are read as a view of the cache;
+    otherwise they read the scratch slot and keys/values are gathered.
+
+    What changes between replays goes in by copies before the replay: the tokens (device to device), one host list
+    of every index (one non_blocking copy), and each tree's depth and mask into the row of its place in the step
+    (a chain's row holds the chain layout, loaded once). The committed lengths are in that host list, so the
+    graphs read no host state.
+    """
+
+    max_inputs = 512  # flat inputs of the largest bucketed step; larger steps (long prefill chunks) run unpadded
+    max_seq_inputs = Q_BUCKETS[-1]  # inputs of one sequence in a bucketed step
+
+    def __init__(self, model: Transformer, cache: SlotKVCache, *, capture: bool) -> None:
+        self.model, self.cache = model, cache
+        self.scratch = cache.slots - 1
+        device, n, b, q = cache.data.device, self.max_inputs, cache.slots - 1, self.max_seq_inputs
+        self.tokens = torch.zeros(n, dtype=torch.long, device=device)
+        self.index = torch.zeros(6 * n + 3 * b, dtype=torch.long, device=device)
+        self.depth = torch.arange(q, device=device).repeat(b, 1)  # [b, q]: row b holds sequence b's depths
+        self.masks = torch.ones(q, q, dtype=torch.bool, device=device).tril().repeat(b, 1, 1)  # [b, q, q]
+        self._chain_rows = [True] * b  # rows holding the chain layout
+        self.hidden = torch.zeros(n, model.args.hidden_size, dtype=model.embed.weight.dtype, device=device)
+        self.layer_states: dict[tuple[int, ...], torch.Tensor] = {}
+        self.bank = GraphBank(device) if capture else None
+
+    def fits(self, n_inputs: int, n_max: int) -> bool:
+        return n_inputs <= self.max_inputs and n_max <= self.max_seq_inputs
+
+    def __call__(
+        self,
+        tokens: torch.Tensor,  # [N] on the device
+        seqs: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]],  # (slot, size, depth, mask) each
+        lengths: list[int],  # committed length per slot
+        taps: tuple[int, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final hidden state [N, C] and the states the caller asked for (`taps`' layer outputs, else the same
+        hidden state): views of static buffers, valid until the next call."""
+        N, B = tokens.shape[0], len(seqs)
+        sizes = [size for _, size, _, _ in seqs]
+        nq, Bq, Nq = query_bucket(max(sizes)), batch_bucket(B, self.scratch), flat_bucket(N)
+        kv = kv_bucket(max(lengths[slot] + size for slot, size, _, _ in seqs), self.cache.capacity)
+        slot_ids = [slot for slot, _, _, _ in seqs]
+        first = slot_ids[0]
+        view = slot_ids == list(range(first, first + B)) and first + Bq <= self.cache.slots
+        dummies = list(range(first + B, first + Bq)) if view else [self.scratch] * (Bq - B)
+        starts = [lengths[slot] for slot in slot_ids]
+        for b, (_, size, depth, mask) in enumerate(seqs):
+            if depth is not None:  # a tree: its layout into row b
+                self.depth[b, :size].copy_(depth, non_blocking=True)
+                self.masks[b, :size, :size].copy_(mask, non_blocking=True)
+                self._chain_rows[b] = False
+            elif not self._chain_rows[b]:
+                self.depth[b].copy_(torch.arange(self.max_seq_inputs, device=self.depth.device))
+                self.masks[b].copy_(torch.ones_like(self.masks[b]).tril())
+                self._chain_rows[b] = True
+        # per input: query row in, output row, cache slot, cache column, sequence, index in its sequence
+        per_seq = torch.tensor([slot_ids, starts, sizes], dtype=torch.long)  # (3, B)
+        seq_of = torch.repeat_interleave(torch.arange(B), per_seq[2], output_size=N)
+        j = torch.arange(N) - (per_seq[2].cumsum(0) - per_seq[2])[seq_of]
+        rows = seq_of * nq + j
+        pad = Nq - N
+        spare = torch.full((pad,), Bq * nq, dtype=torch.long)
+        zeros = torch.zeros(pad, dtype=torch.long)
+        packed = torch.cat([
+            rows, spare,  # query rows (padding: the spare row)
+            rows, zeros,  # output rows
+            per_seq[0][seq_of], torch.full((pad,), self.scratch, dtype=torch.long),  # cache slots
+            per_seq[1][seq_of] + j, zeros,  # cache columns
+            seq_of, zeros,
+            j, zeros,
+            torch.tensor(slot_ids + dummies), torch.tensor(starts + [0] * (Bq - B)), torch.tensor(sizes + [0] * (Bq - B)),
+        ])  # fmt: skip
+        self.index[: packed.shape[0]].copy_(packed, non_blocking=True)
+        self.tokens[:N].copy_(tokens, non_blocking=True)
+        if taps and taps not in self.layer_states:
+            self.layer_states[taps] = self.hidden.new_zeros(self.hidden.shape[0], len(taps) * self.hidden.shape[1])
+        slot_range = (first, first + Bq) if view else None
+
+        def step() -> None:
+            rows_in, rows_out, row_slots, columns, seq, within = self.index[: 6 * Nq].view(6, Nq)
+            seq_slots, seq_starts, seq_sizes = self.index[6 * Nq : 6 * Nq + 3 * Bq].view(3, Bq)
+            group = self.model.args.n_heads // self.model.args.n_kv_heads
+            bias = ragged_attention_bias(seq_starts, seq_sizes, self.masks[:Bq, :nq, :nq], kv, group, self.hidden.dtype)
+            layout = RaggedLayout(
+                rows=rows_in, slots=row_slots, columns=columns, seq_slots=seq_slots, bias=bias, n_max=nq,
+                kv_len=kv, slot_range=slot_range, out_rows=rows_out, spare_rows=1,
+            )  # fmt: skip
+            positions = seq_starts[seq] + self.depth[seq, within]
+            out = ragged_forward(self.model, self.tokens[:Nq], positions, layout, self.cache.data, taps)
+            if taps:
+                self.hidden[:Nq].copy_(out[0])
+                self.layer_states[taps][:Nq].copy_(out[1])
+            else:
+                self.hidden[:Nq].copy_(out)
+
+        if self.bank is None:
+            step()
+        else:
+            self.bank.replay((Bq, Nq, nq, kv, slot_range, taps), step)
+        states = self.layer_states[taps] if taps else self.hidden
+        return self.hidden[:N], states[:N]

@@ -320,6 +320,19 @@ def _run_block(block: Block, x, residual, cos, sin, attn_bias, slots, cache, kv_
     return block(x, residual, cos, sin, attn_bias, slots, cache, kv_len)
 
 
+RECOMPILE_LIMIT = 64  # graphs per compiled function (see `compiled`)
+
+
+def compiled(fn, backend: str = "inductor"):
+    """`fn` through torch.compile(dynamic=True, fullgraph=True), allowed RECOMPILE_LIMIT graphs. Dynamo specialises
+    sizes 0 and 1 (one sequence, one input per sequence, one input) and None-or-not (the batched step's slots read
+    as a view or gathered): a dozen graphs for the ragged block, more than Dynamo's default limit of 8, which with
+    fullgraph=True is a hard error (bench/results/exact-h200-2026-12-02: the batched bench at batch 1, 8, 32)."""
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+    return torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
+
+
 class Transformer(nn.Module):
     """Weights of a Llama-family causal LM and its forward over a static KV cache.
 
@@ -358,11 +371,11 @@ class Transformer(nn.Module):
                 "reduction configs per shape, which changes bits); use compile=False"
             )
         if compile:
-            self._step_inputs = torch.compile(step_inputs, dynamic=True, fullgraph=True)
-            self._block = torch.compile(_run_block, dynamic=True, fullgraph=True)
-            self._add_norm = torch.compile(add_norm, dynamic=True, fullgraph=True)
+            self._step_inputs = compiled(step_inputs)
+            self._block = compiled(_run_block)
+            self._add_norm = compiled(add_norm)
             # the batched runner's block too: an eager ragged forward launches ~40 kernels per layer
-            self._ragged_block = torch.compile(ragged_block, dynamic=True, fullgraph=True)
+            self._ragged_block = compiled(ragged_block)
         else:
             self._step_inputs, self._block, self._add_norm = step_inputs, _run_block, add_norm
             self._ragged_block = ragged_block
@@ -430,6 +443,10 @@ class RaggedLayout:
     (`slots[i]`, `columns[i]`) = (the sequence's cache slot, its committed length + j) is the cache entry its keys
     and values go to. `bias` is `ragged_attention_bias`'s; keys and values are read from columns [0, kv_len) of the
     slots `seq_slots` (`slot_range`: those slots when they are consecutive, read as a view instead of a gather).
+
+    A bucketed forward (`paradec.runners.native.graphs.StaticRagged`) pads the flat inputs: a padding input writes
+    its query to one of `spare_rows` rows past the B * n_max real ones (nothing reads them), its keys/values to a
+    scratch slot, and reads its output from any row (`out_rows`: the rows outputs are read from, default `rows`).
     """
 
     rows: torch.Tensor  # [N] int64
@@ -440,6 +457,8 @@ class RaggedLayout:
     n_max: int
     kv_len: int
     slot_range: tuple[int, int] | None = None  # (first, end) when seq_slots is range(first, end)
+    out_rows: torch.Tensor | None = None  # [N] int64, default `rows`
+    spare_rows: int = 0
 
 
 def rope_tables(
@@ -511,13 +530,14 @@ def ragged_attention(
     else:
         kv = cache[:, :, :, :kv_len].index_select(1, layout.seq_slots)  # (2, B, nkv, kv, hs), a gather
     # GQA as in the batch-1 layout: the `group` query heads of a KV head are extra query rows, row g*n_max + j
-    padded = q.new_zeros(B * n_max, n_kv_heads, group, head_dim)
+    padded = q.new_zeros(B * n_max + layout.spare_rows, n_kv_heads, group, head_dim)
     padded.index_copy_(0, layout.rows, q.reshape(N, n_kv_heads, group, head_dim))
-    q = padded.view(B, n_max, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    q = padded[: B * n_max].view(B, n_max, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     q = q.reshape(B, n_kv_heads, group * n_max, head_dim)
     y = attend(attn, q, kv[0], kv[1], layout.bias)  # (B, nkv, g*n_max, hs)
     y = y.view(B, n_kv_heads, group, n_max, head_dim).permute(0, 3, 1, 2, 4).reshape(B * n_max, n_heads * head_dim)
-    return reduce_partial(attn, project(attn.wo, y.index_select(0, layout.rows), attn.exact))
+    out_rows = layout.rows if layout.out_rows is None else layout.out_rows
+    return reduce_partial(attn, project(attn.wo, y.index_select(0, out_rows), attn.exact))
 
 
 def ragged_block(block: Block, x, residual, cos, sin, layout: RaggedLayout, cache: torch.Tensor):
