@@ -107,6 +107,7 @@ SHAPES["tiny"] = dict(
 NATIVE_VARIANTS = {  # name -> (torch.compile the elementwise work, static buckets + CUDA graphs, SDPA backends)
     "graphs+compile": (True, True, None),
     "graphs+exact": (False, True, "exact"),  # the batch-invariant kernels (paradec.kernels), elementwise work eager
+    "graphs+compile+exact": (True, True, "exact"),  # ... and the elementwise work compiled around them
     "graphs+compile+efficient": (True, True, (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)),
     "graphs": (False, True, None),
     "eager": (False, False, None),

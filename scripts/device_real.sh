@@ -3,7 +3,8 @@
 # staged as GGUF chunks (../shared/gpu/chunk.sh), converted with `paradec zoo fetch --gguf`, their drafters trained on
 # self-chat data, then `paradec bench` on the chat and code-chat suites. Staging, here: `paradec zoo fetch NAME
 # --keep-gguf gguf/` for each model, `scripts/stage_lean.sh on`, `../shared/gpu/chunk.sh gguf/*.gguf`, one `stage`
-# call per chunk (the first also carries .whl/), `scripts/stage_lean.sh off`, then `start`. Run from the repo root:
+# call carrying .whl/ alone (a chunk fills what the checkout leaves: with the wheels beside it the call is refused),
+# one `stage` call per chunk, `scripts/stage_lean.sh off`, then `start`. Run from the repo root:
 #   stage    append the carried chunks (.gpu-chunks/stage.sh); installs the carried .whl/ wheels (gguf) once
 #   start    start the chain in the background (it waits for the files it needs) and return
 #   start-new  start the new methods' chain instead (the Qwen pair only: `suffix` on the agentic and chat suites,
@@ -13,12 +14,11 @@
 #            uvicorn, pydantic and their dependencies for the server: pip download --only-binary=:all:
 #            --python-version 3.12 --platform manylinux2014_x86_64 -d .whl fastapi uvicorn pydantic)
 #   start-m2 start-batch's chain, then start-new's, in one background chain (the CUDA-only tests beside them)
-#   start-exact  start the exact-mode chain instead (issue 17): tests/test_exact_cuda.py, scripts/probe_exact.py
-#            when PROBE is set (which ops are invariant, the Triton product's plans against cuBLAS),
+#   start-exact  start the exact-mode chain instead (issue 17), most wanted first: tests/test_exact_cuda.py, the
+#            batched bench at 1, 8, 32 (issue 18), `paradec bench --exact` on both targets and both suites
+#            (vanilla, pld, draft for the 1.5B; vanilla, pld, lookahead, eagle, medusa for SmolLM2),
 #            scripts/bench_runner.py with and without the exact kernels on the SmolLM2, Qwen-1.5B and 8B shapes,
-#            then `paradec bench --exact` on both targets and both suites (vanilla, pld, draft for the 1.5B;
-#            vanilla, pld, lookahead for SmolLM2), the chat suite without --exact for the cost, then suffix on the
-#            agentic suite (issue 19) and the batched bench at 1, 8, 32 (issue 18)
+#            the exact batched bench, suffix on the agentic and chat suites (issue 19), scripts/probe_exact.py
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log,
 #            and copy what it wrote so far to $OUT, as collect does
 #   collect  copy what the chain wrote (tar files, logs) to $OUT
@@ -191,32 +191,32 @@ batch_part() {  # batched decoding and the batched server on the Qwen pair (need
         --server-batch 1 --out $RES/q15-load-serial --quiet || echo "load exit $?"
 }
 
-exact_part() {  # issue 17: exactness and its cost, then issue 19's and 18's first numbers as time allows
+exact_part() {  # issue 17's exactness and cost, issue 18's batched graphs, issue 19's suffix: the most wanted first
     set -e
     mkdir -p $RES
-    local draft="--draft $Q05" methods=vanilla,pld,draft
+    local draft="--draft $Q05" methods=vanilla,pld,draft smol_methods=vanilla,pld,lookahead,eagle,medusa
     if [ -f "$STAGE/$Q05.gguf.ok" ]; then convert $Q05; else draft="" methods=vanilla,pld; echo "no $Q05: no draft"; fi
     convert $Q15 &
     convert $SMOL
-    echo "EXACT TESTS $(date +%T)"
+    echo "CUDA TESTS $(date +%T)"
     (cd "$SNAPSHOT/.." && python3 -m pytest -q -o addopts="" -p no:cacheprovider -p no:logging tests/test_exact_cuda.py \
         > $RES/exact-tests.log 2>&1) || echo "exact tests exit $?"
     tail -n 3 $RES/exact-tests.log
     wait
+    CHAT_PC=2 bench $Q15 chat q15-batch $draft --methods vanilla,pld --batch-sizes 1,8,32 $QWEN_BENCH
+    bench $SMOL chat smol-chat--exact --methods $smol_methods --exact $SMOL_BENCH
     bench $Q15 chat q15-chat--exact $draft --methods $methods --exact $QWEN_BENCH
-    bench $SMOL chat smol-chat--exact --methods vanilla,pld,lookahead --exact $SMOL_BENCH
     echo "RUNNER $(date +%T)"
     (cd "$SNAPSHOT/.." && python3 scripts/bench_runner.py --shapes smol,q15,8b --hf "" \
-        --native graphs+compile,graphs+exact,graphs --out $RES/runner > $RES/runner.log 2>&1) || echo "runner exit $?"
+        --native graphs+compile,graphs+compile+exact,graphs+exact --out $RES/runner > $RES/runner.log 2>&1) \
+        || echo "runner exit $?"
     tail -n 12 $RES/runner.log
+    bench $SMOL code-chat smol-code-chat--exact --methods $smol_methods --exact $SMOL_BENCH
     bench $Q15 code-chat q15-code-chat--exact $draft --methods $methods --exact $QWEN_BENCH
-    bench $SMOL code-chat smol-code-chat--exact --methods vanilla,pld,lookahead --exact $SMOL_BENCH
-    bench $Q15 chat q15-chat--no-exact $draft --methods $methods --no-exact $QWEN_BENCH
-    bench $SMOL chat smol-chat--no-exact --methods vanilla,pld,lookahead --no-exact $SMOL_BENCH
+    CHAT_PC=2 bench $Q15 chat q15-batch-exact $draft --methods vanilla,pld --batch-sizes 8,32 --exact $QWEN_BENCH
     CODE_PC=2 bench $Q15 agentic q15-agentic $draft --methods vanilla,pld,suffix $QWEN_BENCH
-    [ -n "${PROBE:-}" ] && { (cd "$SNAPSHOT/.." && python3 scripts/probe_exact.py --out $RES/probe > $RES/probe.log 2>&1) \
-        || echo "probe exit $?"; }
-    CHAT_PC=2 bench $Q15 chat q15-batch $draft --methods vanilla,pld --batch-sizes 1,8,32 $QWEN_BENCH
+    bench $Q15 chat q15-chat-suffix --methods vanilla,suffix $QWEN_BENCH
+    (cd "$SNAPSHOT/.." && python3 scripts/probe_exact.py --out $RES/probe > $RES/probe.log 2>&1) || echo "probe exit $?"
 }
 
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE

@@ -106,12 +106,32 @@ def main() -> None:
         bias.masked_fill_(cols[None, :] > start + torch.arange(t, device=dev)[:, None], float("-inf"))
         bias = bias.repeat(g, 1)[None, None]
         k, v = keys[None, :, :kv_len], vals[None, :, :kv_len]
+        return run(qq, k, v, bias, backend).view(nkv, g, t, hs).permute(2, 0, 1, 3)  # (t, nkv, g, hs)
+
+    def run(qq, k, v, bias, backend):
         if backend == "paradec":
-            y = flash.attention(qq, k, v, bias)
-        else:
-            with sdpa_kernel([backend]) if backend is not None else torch.enable_grad():
-                y = F.scaled_dot_product_attention(qq, k, v, attn_mask=bias)
-        return y.view(nkv, g, t, hs).permute(2, 0, 1, 3)  # (t, nkv, g, hs)
+            return flash.attention(qq, k, v, flash.visible_columns(bias[:, :, : qq.shape[2] // g]))
+        with sdpa_kernel([backend]) if backend is not None else torch.enable_grad():
+            return F.scaled_dot_product_attention(qq, k, v, attn_mask=bias)
+
+    def tree_row(backend) -> bool:
+        """A tree node (provisional input 12, ancestors 2, 5, 9) against the same keys contiguous: do they differ?"""
+        t, path, kv_len = 13, [2, 5, 9, 12], 512
+        seen = torch.zeros(t, kv_len, dtype=torch.bool, device=dev)
+        seen[:, :start] = True
+        seen[torch.arange(t, device=dev), start + torch.arange(t, device=dev)] = True  # every input sees itself
+        seen[12, [start + a for a in path]] = True
+        bias = torch.zeros(t, kv_len, device=dev, dtype=torch.bfloat16).masked_fill(~seen, float("-inf"))
+        qq = q[:t].permute(1, 2, 0, 3).reshape(1, nkv, g * t, hs)
+        y = run(qq, keys[None, :, :kv_len], vals[None, :, :kv_len], bias.repeat(g, 1)[None, None], backend)
+        order = list(range(start)) + [start + a for a in path]
+        k2, v2 = torch.zeros_like(keys[:, :kv_len]), torch.zeros_like(vals[:, :kv_len])
+        k2[:, : len(order)], v2[:, : len(order)] = keys[:, order], vals[:, order]
+        alone = torch.zeros(1, kv_len, device=dev, dtype=torch.bfloat16)
+        alone[:, len(order) :] = float("-inf")
+        q1 = q[12:13].permute(1, 2, 0, 3).reshape(1, nkv, g, hs)
+        y1 = run(q1, k2[None], v2[None], alone.repeat(g, 1)[None, None], backend)
+        return bool((y.view(nkv, g, t, hs)[:, :, 12] != y1.view(nkv, g, hs)).any())
 
     att = {}
     for bname, backend in (
@@ -128,6 +148,7 @@ def main() -> None:
                 for kv_len in (512, 1024):
                     y = attn(t, kv_len, backend)[0]
                     res[f"T{t}/kv{kv_len}"] = bool((y != ref).any())
+            res["tree node vs alone"] = tree_row(backend)
             att[bname] = res
         except Exception as e:
             att[bname] = repr(e)[:200]

@@ -200,10 +200,12 @@ def test_cli_exact(exact_dirs, capsys):
     assert main([*common, "--runner", "native", "--dtype", "bfloat16", "--exact", "--method", "pld"]) == 0
 
 
-def test_exact_runs_uncompiled(exact_dirs):
-    """torch.compile picks reduction configs per specialised shape, so an exact model cannot be compiled."""
-    with pytest.raises(paradec.ParadecError, match="compile=True and exact=True"):
+def test_exact_runs_uncompiled_on_the_cpu(exact_dirs):
+    """Inductor's CPU code is not row-invariant, so an exact model there cannot be compiled; by default it is not
+    compiled anywhere (compiled exact forwards on CUDA: `test_exact_cuda.py`)."""
+    with pytest.raises(paradec.ParadecError, match="compile=True and exact=True needs CUDA"):
         NativeRunner.from_pretrained(exact_dirs["llama"][0], exact=True, compile=True)
+    assert not NativeRunner.from_pretrained(exact_dirs["llama"][0], exact=True).model.is_compiled
 
 
 def test_triton_rms_norm_rows_are_invariant(interpreted):
@@ -250,30 +252,70 @@ def test_plan_depends_on_the_weight_only():
     assert matmul.plan(151936, 1536, sms=132).split_k == 1  # a wide output needs no split
 
 
+def chain_bias(start: torch.Tensor, tokens: int, cols: int) -> torch.Tensor:
+    """(B, 1, T, S) additive: token t of sequence b sees columns [0, start[b] + t]."""
+    col = torch.arange(cols)
+    seen = col[None, None, :] <= start[:, None, None] + torch.arange(tokens)[None, :, None]
+    return torch.zeros(start.shape[0], 1, tokens, cols).masked_fill(~seen[:, None], float("-inf"))
+
+
 @pytest.mark.parametrize("head_dim", [32, 48])
 def test_triton_attention_rows_are_invariant(interpreted, head_dim):
-    """The split-KV kernel under the interpreter: row r's bits do not depend on the row count, the other rows, the
-    batch, or cache columns past what its bias shows (two buckets, 384 and 600 columns: three chunks against
-    two); its values are SDPA's. head_dim 48 runs padded to 64."""
+    """The split-KV kernel under the interpreter: row r's bits do not depend on the token count, the other rows,
+    the batch, or cache columns past what it sees (two buckets, 384 and 600 columns: three chunks against two);
+    its values are SDPA's. GQA: 3 query heads per KV head, rows g * T + t. head_dim 48 runs padded to 64."""
     import torch.nn.functional as F
 
     from paradec.kernels import flash
 
     g = torch.Generator().manual_seed(head_dim)
-    B, H, S = 2, 2, 600
+    B, H, G, S, T = 2, 2, 3, 600, 13
     k, v = torch.randn(B, H, S, head_dim, generator=g), torch.randn(B, H, S, head_dim, generator=g)
-    q = torch.randn(B, H, 40, head_dim, generator=g)
-    start = torch.tensor([300, 200])  # each sequence's committed length: its rows see columns [0, start + r]
+    q = torch.randn(B, H, G, T, head_dim, generator=g)
+    start = torch.tensor([300, 200])  # each sequence's committed length
 
-    def run(rows: int, cols: int, batch: int = B):
-        col = torch.arange(cols)
-        seen = col[None, None, :] <= start[:batch, None, None] + torch.arange(rows)[None, :, None]
-        bias = torch.zeros(batch, 1, rows, cols).masked_fill(~seen[:, None], float("-inf"))
-        args = q[:batch, :, :rows], k[:batch, :, :cols], v[:batch, :, :cols]
-        return flash.attention(*args, bias), F.scaled_dot_product_attention(*args, attn_mask=bias)
+    def run(tokens: int, cols: int, batch: int = B):
+        bias = chain_bias(start[:batch], tokens, cols)
+        qq = q[:batch, :, :, :tokens].reshape(batch, H, G * tokens, head_dim)
+        out = flash.attention(qq, k[:batch, :, :cols], v[:batch, :, :cols], flash.visible_columns(bias))
+        expected = F.scaled_dot_product_attention(
+            qq, k[:batch, :, :cols], v[:batch, :, :cols], attn_mask=bias.repeat(1, 1, G, 1)
+        )
+        return out.view(batch, H, G, tokens, head_dim), expected.view(batch, H, G, tokens, head_dim)
 
-    full, expected = run(40, S)
+    full, expected = run(T, S)
     torch.testing.assert_close(full, expected, rtol=1e-5, atol=1e-5)
-    for rows, cols, batch in ((1, 384, 2), (7, 384, 2), (40, 384, 2), (13, 600, 2), (1, 600, 1)):
-        out, _ = run(rows, cols, batch)
-        assert torch.equal(out, full[:batch, :, :rows]), (rows, cols, batch)
+    for tokens, cols, batch in ((1, 384, 2), (7, 384, 2), (13, 384, 2), (5, 600, 2), (1, 600, 1)):
+        out, _ = run(tokens, cols, batch)
+        assert torch.equal(out, full[:batch, :, :, :tokens]), (tokens, cols, batch)
+
+
+def test_triton_attention_packs_each_rows_visible_columns(interpreted):
+    """A tree node's row, whose visible provisional columns (its ancestors) sit between other nodes' columns, has
+    the bits of the same token decoded alone, which sees those keys contiguously: the kernel walks each row's
+    visible columns packed from position 0. Its values are SDPA's with the mask."""
+    import torch.nn.functional as F
+
+    from paradec.kernels import flash
+
+    g = torch.Generator().manual_seed(7)
+    H, D, start = 2, 64, 100  # 100 committed columns: the provisional ones straddle the 128-column block boundary
+    ancestors = [3, 11, 26, 40]  # provisional inputs on the node's root path (itself last)
+    k, v = torch.randn(1, H, 256, D, generator=g), torch.randn(1, H, 256, D, generator=g)
+    q = torch.randn(1, H, 1, D, generator=g)
+    seen = torch.zeros(256, dtype=torch.bool)
+    seen[:start] = True
+    seen[[start + a for a in ancestors]] = True
+    bias = torch.zeros(1, 1, 1, 256).masked_fill(~seen, float("-inf"))
+    in_tree = flash.attention(q, k, v, flash.visible_columns(bias))
+    # alone: the same keys at columns start, start + 1, ... and a cache padded differently (192 columns)
+    order = list(range(start)) + [start + a for a in ancestors]
+    k_alone, v_alone = torch.zeros(1, H, 192, D), torch.zeros(1, H, 192, D)
+    k_alone[:, :, : len(order)], v_alone[:, :, : len(order)] = k[:, :, order], v[:, :, order]
+    alone_bias = torch.zeros(1, 1, 1, 192)
+    alone_bias[..., len(order) :] = float("-inf")
+    alone = flash.attention(q, k_alone, v_alone, flash.visible_columns(alone_bias))
+    assert torch.equal(in_tree, alone)
+    torch.testing.assert_close(in_tree, F.scaled_dot_product_attention(q, k, v, attn_mask=bias), rtol=1e-5, atol=1e-5)
+    columns = flash.visible_columns(bias)[0, 0, 0]
+    assert columns[: len(order)].tolist() == order and (columns[len(order) :] == -1).all()

@@ -9,9 +9,10 @@ each element's result depends on that element's inputs alone.
 
 - `linear(x, w, b)`: on CUDA the fixed-schedule Triton product of `paradec.kernels.matmul`; on CPU one product per
   row (the same call for every row, so no row depends on M).
-- `attention(q, k, v, bias)`: on CUDA the split-KV online-softmax Triton kernel of `paradec.kernels.flash` (chunks
-  and steps fixed from column 0, merged in order, so the row count and the cache bucket change no bit); on CPU one
-  query row at a time.
+- `attention(q, k, v, columns)`: each row over its visible columns packed in order (`visible_columns(bias)`), so a
+  tree node sees the same sequence of keys as the token decoded alone. On CUDA the split-KV online-softmax Triton
+  kernel of `paradec.kernels.flash` (chunks and steps fixed from position 0 of the packed list, merged in order,
+  so the row count, the cache bucket and the tree around a row change no bit); on CPU one token at a time.
 
 - `rms_norm(x, w, eps)`: on CUDA one Triton program per row (`paradec.kernels.norm`); on CPU the eager ops.
 
@@ -44,17 +45,19 @@ def _(x, weight, bias):
 
 
 @torch.library.custom_op("paradec::exact_attention", mutates_args=())
-def _exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def _exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
     if q.is_cuda:
-        return flash.attention(q, k, v, bias)
-    rows = q.shape[-2]
-    bias = bias.expand(*q.shape[:-2], rows, k.shape[-2])
+        return flash.attention(q, k, v, columns)
+    B, R, T = q.shape[0], q.shape[-2], columns.shape[-2]
+    out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
     with sdpa_kernel([SDPBackend.MATH]):
-        out = [
-            F.scaled_dot_product_attention(q[..., r : r + 1, :], k, v, attn_mask=bias[..., r : r + 1, :])
-            for r in range(rows)
-        ]
-    return torch.cat(out, dim=-2) if out else q.new_empty(q.shape)
+        for b in range(B):
+            lists = columns[b if columns.shape[0] > 1 else 0, 0]  # (T, S)
+            for t in range(T):
+                seen = lists[t][lists[t] >= 0].long()  # the token's visible columns, packed in order
+                rows = slice(t, R, T)  # its query heads: rows g * T + t
+                out[b, :, rows] = F.scaled_dot_product_attention(q[b, :, rows], k[b][:, seen], v[b][:, seen])
+    return out
 
 
 @_exact_attention.register_fake
@@ -86,6 +89,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _exact_linear(x, weight, bias)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) + bias) v, (..., rows, d), with rows independent of the row count and cache padding."""
-    return _exact_attention(q, k, v, bias)
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v of q (B, H, G*T, D) over each token's visible columns (`visible_columns`), packed
+    in order: rows independent of the row count, the cache padding and where in the cache those columns sit."""
+    return _exact_attention(q, k, v, columns)
+
+
+visible_columns = flash.visible_columns

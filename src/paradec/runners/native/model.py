@@ -17,7 +17,7 @@ can be captured in a CUDA graph.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -365,11 +365,7 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, (Attention, MLP, RMSNorm)):
                 module.exact = exact
-        if compile and exact:
-            raise ParadecError(
-                "compile=True and exact=True: an exact model runs its elementwise work eagerly (torch.compile picks "
-                "reduction configs per shape, which changes bits); use compile=False"
-            )
+        self.is_compiled = compile
         if compile:
             self._step_inputs = compiled(step_inputs)
             self._block = compiled(_run_block)
@@ -398,6 +394,8 @@ class Transformer(nn.Module):
         cos, sin, slots, attn_bias = self._step_inputs(
             self.inv_freq, start, depth, tree_mask, kv_len, group, self.embed.weight.dtype
         )
+        if self.exact:  # each token's visible columns, packed (`paradec.kernels.flash`), once for every layer
+            attn_bias = kernels.visible_columns(attn_bias[:, :, : tokens.shape[0]])
         x = self.embed(tokens)  # (T, C)
         residual = torch.zeros_like(x)
         outputs: dict[int, torch.Tensor] = {}
@@ -453,7 +451,7 @@ class RaggedLayout:
     slots: torch.Tensor  # [N] int64
     columns: torch.Tensor  # [N] int64
     seq_slots: torch.Tensor  # [B] int64
-    bias: torch.Tensor  # [B, 1, group * n_max, kv_len] additive
+    bias: torch.Tensor  # [B, 1, group * n_max, kv_len] additive (exact mode: ragged_forward packs it)
     n_max: int
     kv_len: int
     slot_range: tuple[int, int] | None = None  # (first, end) when seq_slots is range(first, end)
@@ -559,6 +557,8 @@ def ragged_forward(
     model is compiled, else eagerly): the last hidden state after the final norm, (N, C), and with `taps` also those
     layers' outputs, (N, len(taps) * C), rows in flat order."""
     cos, sin = rope_tables(model.inv_freq, positions, model.embed.weight.dtype)
+    if model.exact:  # each input's visible columns, packed (`paradec.kernels.flash`), once for every layer
+        layout = replace(layout, bias=kernels.visible_columns(layout.bias[:, :, : layout.n_max]))
     x = model.embed(tokens)  # (N, C)
     residual = torch.zeros_like(x)
     outputs: dict[int, torch.Tensor] = {}

@@ -113,12 +113,17 @@ class NativeRunner:
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        if compile is None:  # exact: eager elementwise work (see `paradec.kernels`)
+        if compile is None:  # exact: eager elementwise work until compiled exact forwards are measured invariant
             compile = (
                 device.type == "cuda"
                 and importlib.util.find_spec("triton") is not None
                 and not exact
                 and tensor_parallel is None
+            )
+        if compile and exact and device.type != "cuda":
+            raise ParadecError(
+                "compile=True and exact=True needs CUDA: on the CPU, Inductor's vectorised loops round a row "
+                "differently by the number of rows (measured: logits 0.17 apart); use compile=False"
             )
         model = load_transformer(
             path,
