@@ -179,7 +179,7 @@ def main() -> None:
     for name, (n, k) in SHAPES.items():
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
         row = {}
-        for m in (1, 16, 64):
+        for m in (1, 16, 64, 65):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             row[f"cublas/M{m}"] = graph_time(lambda x=x, w=w: F.linear(x, w))
             for bn, bk, waves, stages in (
@@ -191,13 +191,13 @@ def main() -> None:
                 (64, 64, 0, 4),
             ):
                 p = mm.plan(n, k, sms=mm._sm_count(0), block_n=bn, block_k=bk, waves=waves)
-                p = mm.Plan(p.block_n, p.block_k, p.split_k, p.k_blocks, 4, stages)
-                try:
-                    row[f"triton bn{bn} bk{bk} w{waves} s{stages} split{p.split_k}/M{m}"] = graph_time(
-                        lambda x=x, w=w, p=p: mm.linear(x, w, p=p)
-                    )
-                except Exception as e:
-                    row[f"triton bn{bn} bk{bk} w{waves} s{stages}/M{m}"] = repr(e)[:120]
+                for bm in (64, 128):  # rows per program: 128 reads each weight once up to M = 128 (a 64-node tree)
+                    q = mm.Plan(p.block_n, p.block_k, p.split_k, p.k_blocks, 4, stages, bm)
+                    key = f"triton bm{bm} bn{bn} bk{bk} w{waves} s{stages} split{p.split_k}/M{m}"
+                    try:
+                        row[key] = graph_time(lambda x=x, w=w, q=q: mm.linear(x, w, p=q))
+                    except Exception as e:
+                        row[key] = repr(e)[:120]
         bytes_ = n * k * 2
         row["weight_MB"] = bytes_ / 1e6
         row["roofline_us_4.8TBs"] = bytes_ / 4.8e12 * 1e6

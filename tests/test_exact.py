@@ -231,13 +231,16 @@ def interpreted():
         pytest.skip("needs Triton's interpreter (Triton installed, no CUDA)")
 
 
-@pytest.mark.parametrize(("n", "k", "split"), [(96, 200, 1), (130, 64, 2), (64, 512, 4), (40, 300, 3)])
-def test_triton_matmul_rows_are_batch_invariant(interpreted, n, k, split):
-    """The kernel's rows under the interpreter: the same bits for M = 1 .. 70, and its sums are the product's."""
+@pytest.mark.parametrize(
+    ("n", "k", "split", "block_m"), [(96, 200, 1, 64), (130, 64, 2, 64), (64, 512, 4, 16), (40, 300, 3, 128)]
+)
+def test_triton_matmul_rows_are_batch_invariant(interpreted, n, k, split, block_m):
+    """The kernel's rows under the interpreter: the same bits for M = 1 .. 70 (one row block or several), and its
+    sums are the product's."""
     g = torch.Generator().manual_seed(n + k)
     w, b, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(70, k, generator=g)
     k_blocks = -(-k // 64)
-    plan = matmul.Plan(block_n=32, block_k=64, split_k=split, k_blocks=-(-k_blocks // split))
+    plan = matmul.Plan(block_n=32, block_k=64, split_k=split, k_blocks=-(-k_blocks // split), block_m=block_m)
     alone = torch.cat([matmul.linear(x[i : i + 1], w, b, plan) for i in range(70)])
     for m in (2, 7, 16, 49, 64, 65, 70):
         assert torch.equal(matmul.linear(x[:m], w, b, plan), alone[:m]), m

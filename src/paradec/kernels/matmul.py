@@ -33,6 +33,7 @@ class Plan:
     k_blocks: int
     num_warps: int = 4
     num_stages: int = 4
+    block_m: int = BLOCK_M  # rows per program: fixed for every M (128 would read each weight once up to M = 128)
 
 
 @functools.cache
@@ -138,7 +139,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if m == 0:
         return y.view(*lead, n)
     part = torch.empty(p.split_k, m, n, dtype=torch.float32, device=x.device) if p.split_k > 1 else y
-    grid = (-(-n // p.block_n), -(-m // BLOCK_M), p.split_k)
+    grid = (-(-n // p.block_n), -(-m // p.block_m), p.split_k)
     b = bias if bias is not None else y
     matmul_kernel[grid](
         x2,
@@ -155,7 +156,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         HAS_BIAS=bias is not None,
         SPLIT_K=p.split_k,
         K_BLOCKS=p.k_blocks,
-        BLOCK_M=BLOCK_M,
+        BLOCK_M=p.block_m,
         BLOCK_N=p.block_n,
         BLOCK_K=p.block_k,
         num_warps=p.num_warps,
