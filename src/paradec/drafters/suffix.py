@@ -75,7 +75,7 @@ class Nodes:
     a stall of every request in the process, whenever a collection came; on the H200 one prompt's prefill took
     0.42 s instead of 0.01)."""
 
-    __slots__ = ("children", "counts", "_free", "_next")
+    __slots__ = ("_free", "_next", "children", "counts")
 
     def __init__(self) -> None:
         self.children: dict[int, dict[int, int]] = {0: {}}
