@@ -66,14 +66,20 @@ class GraphBank:
     between replays: every output is copied into a buffer allocated outside the pool.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, max_graphs: int | None = None) -> None:
         self.device = device
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.max_graphs = max_graphs  # past it, a new key's step runs uncaptured (the same computation, eagerly)
+        self.uncaptured = 0  # steps run uncaptured so far
         self._pool = torch.cuda.graph_pool_handle()
 
     def replay(self, key: tuple, step: Callable[[], None]) -> None:
         graph = self.graphs.get(key)
         if graph is None:
+            if self.max_graphs is not None and len(self.graphs) >= self.max_graphs:
+                self.uncaptured += 1
+                step()
+                return
             graph = self._capture(step)
             self.graphs[key] = graph
         graph.replay()
@@ -257,6 +263,9 @@ class StaticRagged:
 
     max_inputs = 512  # flat inputs of the largest bucketed step; larger steps (long prefill chunks) run unpadded
     max_seq_inputs = Q_BUCKETS[-1]  # inputs of one sequence in a bucketed step
+    # graphs kept: buckets multiply (sequences x inputs x per-sequence inputs x cache columns x slot placement), and
+    # a long-running server with speculation would otherwise capture without end; later new buckets run eagerly
+    max_graphs = 512
 
     def __init__(self, model: Transformer, cache: SlotKVCache, *, capture: bool) -> None:
         self.model, self.cache = model, cache
@@ -269,7 +278,7 @@ class StaticRagged:
         self._chain_rows = [True] * b  # rows holding the chain layout
         self.hidden = torch.zeros(n, model.args.hidden_size, dtype=model.embed.weight.dtype, device=device)
         self.layer_states: dict[tuple[int, ...], torch.Tensor] = {}
-        self.bank = GraphBank(device) if capture else None
+        self.bank = GraphBank(device, max_graphs=self.max_graphs) if capture else None
 
     def fits(self, n_inputs: int, n_max: int) -> bool:
         return n_inputs <= self.max_inputs and n_max <= self.max_seq_inputs
