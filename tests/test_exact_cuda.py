@@ -99,9 +99,10 @@ def test_batched_graphs_equal_each_sequence_alone_in_fp32(exact_dirs, arch):
     assert engine._batched.graphs_captured > 0 and engine._batched_draft.graphs_captured > 0
     # past its cap of graphs a bank runs new buckets uncaptured: the same outputs
     bank = engine._batched._static.bank
-    bank.max_graphs = len(bank.graphs)
+    bank.graphs.clear()
+    bank.max_graphs = 0
     again = engine.generate_batch(PROMPTS, method="pld", max_new_tokens=60)
     assert [r.token_ids for r in again] == [
         engine.generate(p, method="pld", max_new_tokens=60).token_ids for p in PROMPTS
     ]
-    assert bank.uncaptured > 0 and len(bank.graphs) == bank.max_graphs
+    assert bank.uncaptured > 0 and not bank.graphs
