@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from paradec import kernels
 from paradec.runners.base import prefill
 from paradec.runners.native import NativeRunner
 from paradec.runners.native.loading import transformer_from_state_dict
@@ -108,6 +109,7 @@ NATIVE_VARIANTS = {  # name -> (torch.compile the elementwise work, static bucke
     "graphs+compile": (True, True, None),
     "graphs+exact": (False, True, "exact"),  # the batch-invariant kernels (paradec.kernels), elementwise work eager
     "graphs+compile+exact": (True, True, "exact"),  # ... and the elementwise work compiled around them
+    "graphs+exact-unfused": (False, True, "exact"),  # graphs+exact without the fused pointwise kernels
     "graphs+compile+efficient": (True, True, (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)),
     "graphs": (False, True, None),
     "eager": (False, False, None),
@@ -425,6 +427,7 @@ def bench_shape(shape: str, opts, results: dict, out_dir: Path, bandwidth: float
     prompt = prompt.to(opts.device)
     for variant in opts.native:
         compile, static, backends = NATIVE_VARIANTS[variant]
+        kernels.fused = variant != "graphs+exact-unfused"  # read when the graphs are captured
         t0 = time.perf_counter()
         runner = native_from_hf(model, compile=compile, static_shapes=static, sdpa_backends=backends)
         native_decode(runner, prompt, opts.new_tokens)  # warm-up: compiles, captures the graphs it meets

@@ -208,7 +208,7 @@ exact_part() {  # issue 17's exactness and cost, issue 18's batched graphs, issu
     bench $Q15 chat q15-chat--exact $draft --methods $methods --exact $QWEN_BENCH
     echo "RUNNER $(date +%T)"
     (cd "$SNAPSHOT/.." && python3 scripts/bench_runner.py --shapes smol,q15,8b --hf "" \
-        --native graphs+compile,graphs+compile+exact,graphs+exact --out $RES/runner > $RES/runner.log 2>&1) \
+        --native graphs+compile,graphs+compile+exact,graphs+exact,graphs+exact-unfused --out $RES/runner > $RES/runner.log 2>&1) \
         || echo "runner exit $?"
     tail -n 12 $RES/runner.log
     bench $SMOL code-chat smol-code-chat--exact --methods $smol_methods --exact $SMOL_BENCH

@@ -220,6 +220,42 @@ def test_triton_rms_norm_rows_are_invariant(interpreted):
     assert all(torch.equal(norm.rms_norm(x[i : i + 1], layer.weight, 1e-6), full[i : i + 1]) for i in range(9))
 
 
+def test_triton_add_rms_norm_is_the_add_then_the_norm(interpreted):
+    """The fused residual add + norm under the interpreter: the add's bits are the eager add's, the norm's are the
+    plain kernel's on that sum, and rows do not depend on the row count. (fp32: the interpreter truncates to bf16
+    where the GPU rounds to nearest; `test_exact_cuda.py` checks bf16.)"""
+    from paradec.kernels import norm
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(48, generator=g)
+    x, r = torch.randn(9, 48, generator=g), torch.randn(9, 48, generator=g)
+    out, total = norm.rms_norm(x, w, 1e-6, residual=r)
+    assert torch.equal(total, r + x)
+    assert torch.equal(out, norm.rms_norm(r + x, w, 1e-6))
+    assert all(
+        torch.equal(norm.rms_norm(x[i : i + 1], w, 1e-6, residual=r[i : i + 1])[0], out[i : i + 1]) for i in range(9)
+    )
+
+
+def test_triton_rope_and_silu_mul_are_the_eager_ops(interpreted):
+    """One kernel each for rope (on strided rows, as the runner's q/k view of the qkv product) and silu * up:
+    rope bitwise the eager ops, silu * up to float32 rounding (fp32, as above)."""
+    import torch.nn.functional as F
+
+    from paradec.kernels import pointwise
+    from paradec.layers import apply_rope
+
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(5, 7 * 32, generator=g)
+    qk = qkv[:, : 6 * 32].view(5, 6, 32)  # rows strided by the qkv width
+    angles = torch.randn(5, 1, 16, generator=g)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    assert torch.equal(pointwise.rope(qk, cos, sin), apply_rope(qk, cos, sin))
+    gate_up = torch.randn(4, 2 * 40, generator=g)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(pointwise.silu_mul(gate_up), F.silu(gate) * up, rtol=1e-6, atol=1e-6)
+
+
 def test_exact_is_off_by_default(exact_dirs):
     assert paradec.load(exact_dirs["llama"][0], runner="native", device="cpu").config.exact is False
 

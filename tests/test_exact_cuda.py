@@ -106,3 +106,26 @@ def test_batched_graphs_equal_each_sequence_alone_in_fp32(exact_dirs, arch):
         engine.generate(p, method="pld", max_new_tokens=60).token_ids for p in PROMPTS
     ]
     assert bank.uncaptured > 0 and not bank.graphs
+
+
+def test_fused_pointwise_kernels_round_as_the_eager_ops_in_bf16():
+    """Exact mode's fused kernels round each product and sum to bf16 where the eager ops do: rope and the residual
+    add bitwise, silu * up within one bf16 ulp (its exp is the GPU's)."""
+    import torch.nn.functional as F
+
+    from paradec.kernels import norm, pointwise
+    from paradec.layers import apply_rope
+
+    g = torch.Generator(device="cuda").manual_seed(4)
+    qkv = torch.randn(33, 20 * 128, device="cuda", generator=g, dtype=torch.bfloat16)
+    qk = qkv[:, : 16 * 128].view(33, 16, 128)
+    angles = torch.randn(33, 1, 64, device="cuda", generator=g) * 30
+    cos, sin = torch.cat([angles.cos()] * 2, -1).bfloat16(), torch.cat([angles.sin()] * 2, -1).bfloat16()
+    assert torch.equal(pointwise.rope(qk, cos, sin), apply_rope(qk, cos, sin))
+    x, r = (torch.randn(33, 1536, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
+    w = torch.randn(1536, device="cuda", generator=g, dtype=torch.bfloat16)
+    out, total = norm.rms_norm(x, w, 1e-6, residual=r)
+    assert torch.equal(total, r + x) and torch.equal(out, norm.rms_norm(r + x, w, 1e-6))
+    gate_up = torch.randn(33, 2 * 8960, device="cuda", generator=g, dtype=torch.bfloat16)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(pointwise.silu_mul(gate_up), F.silu(gate) * up, rtol=8e-3, atol=1e-2)

@@ -15,6 +15,9 @@ each element's result depends on that element's inputs alone.
   so the row count, the cache bucket and the tree around a row change no bit); on CPU one token at a time.
 
 - `rms_norm(x, w, eps)`: on CUDA one Triton program per row (`paradec.kernels.norm`); on CPU the eager ops.
+  `add_rms_norm` also does the residual stream's pending add in the same kernel.
+- `rope`, `silu_mul` (`paradec.kernels.pointwise`): a layer's pointwise work in one kernel each instead of five and
+  two (an exact model's elementwise work runs eagerly, one kernel per op, and a small model is launch-bound).
 
 All three are registered as custom ops, so `torch.compile` treats them as opaque calls and CUDA graphs capture them.
 """
@@ -25,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from paradec.kernels import flash, matmul, norm
+from paradec.kernels import flash, matmul, norm, pointwise
+from paradec.layers import apply_rope
 
 
 @torch.library.custom_op("paradec::exact_linear", mutates_args=())
@@ -77,6 +81,66 @@ def _exact_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 @_exact_rms_norm.register_fake
 def _(x, weight, eps):
     return torch.empty(x.shape, dtype=torch.result_type(weight, x), device=x.device)
+
+
+@torch.library.custom_op("paradec::exact_add_rms_norm", mutates_args=())
+def _exact_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.is_cuda:
+        return norm.rms_norm(x, weight, eps, residual=residual)
+    total = residual + x
+    return _exact_rms_norm(total, weight, eps), total
+
+
+@_exact_add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty(x.shape, dtype=torch.result_type(weight, x), device=x.device), torch.empty_like(x)
+
+
+@torch.library.custom_op("paradec::exact_rope", mutates_args=())
+def _exact_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    if x.is_cuda:
+        return pointwise.rope(x, cos, sin)
+    return apply_rope(x, cos, sin)
+
+
+@_exact_rope.register_fake
+def _(x, cos, sin):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("paradec::exact_silu_mul", mutates_args=())
+def _exact_silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if gate_up.is_cuda:
+        return pointwise.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@_exact_silu_mul.register_fake
+def _(gate_up):
+    return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+
+
+fused = True  # exact mode's fused pointwise kernels (add + norm, rope, silu * up); False: the eager ops (to compare)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(residual + x), residual + x) with rows independent of the row count: one kernel on CUDA."""
+    return _exact_add_rms_norm(x, residual, weight, eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`paradec.layers.apply_rope` of x (T, H, D) in one kernel on CUDA (five eager ops otherwise)."""
+    return _exact_rope(x, cos, sin)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a [gate, up] product in one kernel on CUDA."""
+    return _exact_silu_mul(gate_up)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -184,8 +184,15 @@ def add_norm(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor) -> tuple[to
     A block hands its last branch output to the next block un-added, so that add and the next norm are one fused
     kernel (compiled mode) instead of two.
     """
+    if norm.exact and kernels.fused:
+        return kernels.add_rms_norm(x, residual, norm.weight, norm.eps)
     residual = residual + x
     return norm(residual), residual
+
+
+def rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, exact: bool) -> torch.Tensor:
+    """`apply_rope`; in exact mode one fused kernel (`paradec.kernels.rope`)."""
+    return kernels.rope(qk, cos, sin) if exact and kernels.fused else apply_rope(qk, cos, sin)
 
 
 def project(layer: nn.Linear, x: torch.Tensor, exact: bool) -> torch.Tensor:
@@ -243,7 +250,7 @@ class Attention(nn.Module):
         v = v.view(T, n_kv_heads, head_dim)  # (T, nkv, hs)
         if self.q_norm is not None:
             qk = torch.cat((self.q_norm(qk[:, :n_heads]), self.k_norm(qk[:, n_heads:])), dim=1)
-        qk = apply_rope(qk, cos, sin)
+        qk = rotate(qk, cos, sin, self.exact)
         q, k = qk[:, :n_heads], qk[:, n_heads:]  # (T, nh, hs), (T, nkv, hs)
         # one scatter into the layer's cache tensor itself: compiled writes through views of it copied the whole cache
         cache.index_copy_(2, slots, torch.stack((k, v)).transpose(1, 2))  # (2, nkv, T, hs) into (2, nkv, S, hs)
@@ -265,7 +272,10 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(self.w13, x, self.exact).chunk(2, dim=-1)
+        gate_up = project(self.w13, x, self.exact)
+        if self.exact and kernels.fused:
+            return reduce_partial(self, project(self.w2, kernels.silu_mul(gate_up), True))
+        gate, up = gate_up.chunk(2, dim=-1)
         return reduce_partial(self, project(self.w2, F.silu(gate) * up, self.exact))
 
 
@@ -518,7 +528,7 @@ def ragged_attention(
     v = v.view(N, n_kv_heads, head_dim)
     if attn.q_norm is not None:
         qk = torch.cat((attn.q_norm(qk[:, :n_heads]), attn.k_norm(qk[:, n_heads:])), dim=1)
-    qk = apply_rope(qk, cos, sin)
+    qk = rotate(qk, cos, sin, attn.exact)
     q, k = qk[:, :n_heads], qk[:, n_heads:]  # (N, nh, hs), (N, nkv, hs)
     # one scatter into the layer's cache: (slots, S, 2, nkv, hs) is a view of it, indexed by (slot, column) pairs
     cache.permute(1, 3, 0, 2, 4).index_put_((layout.slots, layout.columns), torch.stack((k, v), dim=1))
