@@ -214,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         metavar="N",
-        help="shard the target's heads and MLP over N ranks (torch.distributed: NCCL on GPUs, gloo on CPUs); "
-        "spawns them, or joins the group under torchrun; every rank decodes, rank 0 prints (default 1)",
+        help="shard the target's heads, MLP and vocabulary over N ranks (torch.distributed: NCCL on GPUs, gloo on "
+        "CPUs); spawns them, or joins the group under torchrun; every rank decodes, rank 0 prints (default 1)",
     )
     add_method_args(gen)
     prompt = gen.add_mutually_exclusive_group(required=True)

@@ -485,8 +485,9 @@ def load(
     runner's batch-invariant kernels, so every method's output is bitwise the vanilla output in bf16 too (True needs
     the native runner; off by default until its cost is measured on a GPU). Drafts never need them.
     `tensor_parallel`: this process is one rank of an initialised torch.distributed group
-    (`paradec.runners.native.tp.init`): the target loads this rank's slices of its heads and MLP; drafts, drafters and
-    the decode loop run whole on every rank (SPMD, `paradec.runners.native.tp`)."""
+    (`paradec.runners.native.tp.init`): the target loads this rank's slices of its heads, MLP, embedding and LM head
+    (its logits gathered whole on every rank); drafts, drafters and the decode loop run whole on every rank (SPMD,
+    `paradec.runners.native.tp`)."""
     from paradec import zoo
 
     model = zoo.DEFAULT_MODEL if model is None else model

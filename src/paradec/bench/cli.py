@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 
 from paradec.errors import ParadecError
@@ -111,6 +112,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--out", type=Path, default=Path(DEFAULT_OUT), help=f"output directory (default ./{DEFAULT_OUT})"
     )
     bench.add_argument("--quiet", action="store_true", help="no progress bar, no table on stdout")
+    bench.add_argument(
+        "--tensor-parallel",
+        type=int,
+        metavar="N",
+        help="shard the target over N ranks as `paradec generate --tensor-parallel` does (spawned, or joined under "
+        "torchrun): every rank runs the same bench, rank 0 prints and writes the results; the method table at "
+        "batch size 1 only, no --peers, no --concurrency (default: 1, one process)",
+    )
     bench.set_defaults(func=cmd_bench)
 
 
@@ -190,6 +199,24 @@ def _models(args: argparse.Namespace, suite) -> tuple[str | None, str | None]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    world = 1 if args.tensor_parallel is None else args.tensor_parallel
+    if world == 1:
+        return _bench(args)
+    from paradec.bench.peers import parse_peers
+    from paradec.bench.prompts import get_suite
+    from paradec.runners.native import tp
+
+    suite = get_suite(args.suite) if args.suite is not None else None
+    if args.concurrency is not None:
+        raise ParadecError("--tensor-parallel runs the method table, not --concurrency (the server is one process)")
+    if parse_peers(args.peers if args.peers is not None else suite.peers if suite else None):
+        raise ParadecError("--tensor-parallel benchmarks paradec's methods only: pass --peers none")
+    if batch_sizes(args.batch_sizes) != (1,):
+        raise ParadecError("--tensor-parallel runs batch size 1 only (--batch-sizes 1)")
+    return tp.run_ranks(world, _bench, args)  # each rank runs _bench; rank 0 writes
+
+
+def _bench(args: argparse.Namespace) -> int:
     import paradec
     from paradec.bench import report
     from paradec.bench.harness import BenchPlan, parse_method_options, resolve_methods
@@ -223,8 +250,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     model, draft = _models(args, suite)
     if args.concurrency is not None:
         return _load_mode(args, prompts, selected if explicit else ("vanilla",), model, draft, max_new_tokens, source)
+    sharded = (args.tensor_parallel or 1) > 1
     engine = paradec.load(
-        model, draft, heads=args.heads, device=args.device, dtype=args.dtype, runner=args.runner, exact=args.exact
+        model,
+        draft,
+        heads=args.heads,
+        device=args.device,
+        dtype=args.dtype,
+        runner=args.runner,
+        exact=args.exact,
+        tensor_parallel=sharded,
     )
     plan = BenchPlan(
         methods=selected,
@@ -247,7 +282,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         suite=args.suite,
         prompts_source=source + ("" if per_category is None else f" (first {per_category} per category)"),
     )
+    if sharded and _rank() != 0:  # the same run as rank 0's, its results thrown away
+        with tempfile.TemporaryDirectory(prefix="paradec-bench-rank-") as out:
+            return run_bench(engine, prompts, plan, meta, Path(out), quiet=True)
     return run_bench(engine, prompts, plan, meta, args.out, quiet=args.quiet)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank()
 
 
 def _load_mode(args, prompts, methods, model, draft, max_new_tokens: int, source: str) -> int:

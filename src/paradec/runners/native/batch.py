@@ -187,12 +187,13 @@ class BatchedNativeRunner:
         return self.model.args
 
     def embed_weight(self) -> torch.Tensor:
-        """Token embedding [V, H]."""
-        return self.model.embed.weight
+        """Token embedding [V, H]; on a tensor-parallel model the whole matrix, gathered once from the ranks and
+        kept (a V x H copy per rank, `Transformer.full_embed_weight`; every rank asks)."""
+        return self.model.full_embed_weight()
 
     def lm_head_weight(self) -> torch.Tensor:
-        """LM head [V, H] (the embedding when tied)."""
-        return self.model.output_weight
+        """LM head [V, H] (the embedding when tied); gathered once under tensor parallelism, as `embed_weight`."""
+        return self.model.full_output_weight()
 
     # --- slots --------------------------------------------------------------------------------------------------
 

@@ -86,7 +86,10 @@ def load_transformer(
 
     local = tp.shard_config(config, tensor_parallel.world)
     tensors = tp.shard_state(config, tensors, tensor_parallel)
-    model = transformer_from_state_dict(local, tensors, device=device, dtype=dtype, compile=compile, exact=exact)
+    rows = tp.vocab_rows(config["vocab_size"], tensor_parallel.world)  # the embedding's and LM head's rows
+    model = transformer_from_state_dict(
+        local, tensors, device=device, dtype=dtype, compile=compile, exact=exact, vocab_rows=rows
+    )
     model.tensor_parallel(tensor_parallel)
     return model
 
@@ -100,8 +103,11 @@ def transformer_from_state_dict(
     compile: bool = False,
     sdpa_backends: tuple[SDPBackend, ...] | None = None,
     exact: bool = False,
+    vocab_rows: int | None = None,
 ) -> Transformer:
-    """Build our Transformer from Hugging Face parameter names (e.g. an `AutoModelForCausalLM.state_dict()`)."""
+    """Build our Transformer from Hugging Face parameter names (e.g. an `AutoModelForCausalLM.state_dict()`);
+    `vocab_rows`: the rows of the embedding and LM head the state holds (a tensor-parallel rank's, see
+    `Transformer`; default the whole vocabulary)."""
     args = ModelArgs.from_config(config)
     used: set[str] = set()
 
@@ -144,7 +150,7 @@ def transformer_from_state_dict(
         shown = ", ".join(unused[:5]) + (", ..." if len(unused) > 5 else "")
         raise ParadecError(f"checkpoint has {len(unused)} tensors the {args.architecture} model does not use: {shown}")
     with torch.device("meta"):
-        model = Transformer(args, compile=compile, sdpa_backends=sdpa_backends, exact=exact)
+        model = Transformer(args, compile=compile, sdpa_backends=sdpa_backends, exact=exact, vocab_rows=vocab_rows)
     model.load_state_dict(weights, strict=True, assign=True)
     model.inv_freq = rope_inv_freq(args).to(device)  # the buffer was built on the meta device
     model.requires_grad_(False)

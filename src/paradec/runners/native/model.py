@@ -215,6 +215,23 @@ def reduce_partial(module: Attention | MLP, out: torch.Tensor) -> torch.Tensor:
     return out if module.tp is None else module.tp.all_reduce(out)
 
 
+class Embedding(nn.Embedding):
+    """The token embedding. Under tensor parallelism (`tp` set, `Transformer.tensor_parallel`) it holds the rows
+    [offset, offset + num_embeddings) of the vocabulary: ids outside them read zeros and the all-reduce adds the
+    owner's row, so the result is the unsharded lookup bitwise (each entry is its value plus exact zeros)."""
+
+    tp = None  # a `TensorParallel` when this rank holds a slice of the vocabulary
+    offset = 0  # the first id of that slice
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return super().forward(tokens)
+        local = tokens - self.offset
+        inside = (local >= 0) & (local < self.num_embeddings)
+        out = F.embedding(torch.where(inside, local, 0), self.weight).masked_fill(~inside[..., None], 0)
+        return self.tp.all_reduce(out)
+
+
 class Attention(nn.Module):
     exact = False  # batch-invariant products and attention (`Transformer(exact=True)` sets it)
     tp = None  # a `TensorParallel` when this rank holds a slice of the heads (`Transformer.tensor_parallel`)
@@ -354,7 +371,12 @@ class Transformer(nn.Module):
     `paradec.kernels`: each row of a forward's hidden states and logits is then bitwise the same whatever the number
     of inputs, the tree around it, the cache bucket or the other sequences of a batch (the elementwise work and the
     norms are row-wise already).
+
+    `vocab_rows` (default: the vocabulary) sizes the embedding and the LM head: a tensor-parallel rank holds
+    ceil(V / W) rows of each (`paradec.runners.native.tp`, `tensor_parallel`); `args.vocab_size` stays the model's.
     """
+
+    tp = None  # a `TensorParallel` when this model holds one rank's slices (`tensor_parallel`)
 
     def __init__(
         self,
@@ -363,14 +385,17 @@ class Transformer(nn.Module):
         compile: bool = False,
         sdpa_backends: tuple[SDPBackend, ...] | None = None,
         exact: bool = False,
+        vocab_rows: int | None = None,
     ) -> None:
         super().__init__()
         self.args = args
         self.exact = exact
-        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        rows = args.vocab_size if vocab_rows is None else vocab_rows
+        self.embed = Embedding(rows, args.hidden_size)
         self.layers = nn.ModuleList(Block(args, sdpa_backends) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.hidden_size, args.norm_eps)
-        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, rows, bias=False)
+        self._gathered: dict[str, torch.Tensor] = {}  # the whole embedding / LM head of a sharded model, once asked
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         for module in self.modules():
             if isinstance(module, (Attention, MLP, RMSNorm)):
@@ -420,19 +445,47 @@ class Transformer(nn.Module):
 
     def tensor_parallel(self, tp) -> None:
         """This model holds one rank's slices (`paradec.runners.native.tp.shard_state`): all-reduce the row-parallel
-        projections' outputs over `tp`'s group."""
+        projections' outputs and the vocabulary-parallel embedding's lookups over `tp`'s group, and all-gather the
+        LM head's slices of the logits (`logits`). The embedding and the head hold rows [r*V', (r+1)*V')."""
+        rows, vocab = self.embed.num_embeddings, self.args.vocab_size
+        if rows != -(-vocab // tp.world):
+            raise ParadecError(
+                f"a tensor-parallel model of {tp.world} ranks holds ceil({vocab} / {tp.world}) = "
+                f"{-(-vocab // tp.world)} rows of the embedding, this one {rows} (build it with vocab_rows)"
+            )
+        self.tp = tp
+        self.embed.tp, self.embed.offset = tp, tp.rank * rows
+        self._gathered.clear()
         for block in self.layers:
             block.attention.tp = block.mlp.tp = tp
 
     @property
     def output_weight(self) -> torch.Tensor:
-        """The LM head [V, C] (the embedding when tied)."""
+        """The LM head this model holds, [V, C] (the embedding when tied); a tensor-parallel rank's rows [V', C]."""
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
+    def full_embed_weight(self) -> torch.Tensor:
+        """The whole embedding [V, C]: the model's own, or on a tensor-parallel rank every rank's rows gathered on
+        the first call and kept (a V x C copy per rank; a collective, so every rank calls it)."""
+        return self._full("embed", self.embed.weight)
+
+    def full_output_weight(self) -> torch.Tensor:
+        """The whole LM head [V, C] (the embedding when tied), gathered and kept as `full_embed_weight`."""
+        return self.full_embed_weight() if self.lm_head is None else self._full("lm_head", self.lm_head.weight)
+
+    def _full(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return weight
+        if name not in self._gathered:
+            self._gathered[name] = self.tp.gather_rows(weight, self.args.vocab_size)
+        return self._gathered[name]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(T, C) -> (T, V) in the model dtype."""
+        """(T, C) -> (T, V) in the model dtype. A tensor-parallel rank computes its V' columns and all-gathers
+        them: every rank returns the full logits, the padded columns dropped."""
         weight = self.output_weight
-        return kernels.linear(hidden, weight) if self.exact else F.linear(hidden, weight)
+        out = kernels.linear(hidden, weight) if self.exact else F.linear(hidden, weight)
+        return out if self.tp is None else self.tp.gather_columns(out, self.args.vocab_size)
 
 
 # --- Ragged forwards over B sequences (`paradec.runners.native.batch`) ------------------------------------------

@@ -1,18 +1,31 @@
-"""Tensor parallelism for the native runner: the target's heads and MLP columns split across ranks.
+"""Tensor parallelism for the native runner: the target's heads, MLP columns and vocabulary split across ranks.
 
 Every rank holds 1/W of each layer (Megatron's split): q/k/v and gate/up column-parallel (a rank computes its own
 attention heads, KV heads included, and its slice of the MLP's hidden units), the output and down projections
-row-parallel with one all-reduce each per layer, so a forward costs two collectives per layer. The KV cache is
-sharded by KV heads for free: the runner sizes it from the rank's own model arguments. The embedding, the norms and
-the LM head are replicated (each rank computes the full logits), so the verifier and every drafter see the same
-numbers on every rank with no gather. That is the SPMD contract: every rank runs the same decode loop, the same
-drafters (replicated, fed identical logits) and the same seeded samplers, so they take the same decisions without
-exchanging proposals. The all-reduce returns the same bits on every rank (reduce-scatter, then all-gather), so
-the ranks never drift apart.
+row-parallel with one all-reduce each per layer, so a layer costs two collectives. The KV cache is sharded by KV
+heads for free: the runner sizes it from the rank's own model arguments.
 
-`shard_config` / `shard_state` cut a Hugging Face config and state dict for one rank; `TensorParallel` names the
-rank, the world size and the process group (torch.distributed: NCCL on GPUs, gloo on CPUs); `init` joins a group
-with a bounded wait. Row-parallel biases are kept on rank 0 only (the all-reduce adds the partial products).
+The embedding and the LM head are split by vocabulary (tied or not): rank r holds rows [r*V', (r+1)*V') of each,
+V' = ceil(V/W), the vocabulary padded with zero rows up to W*V' when W does not divide V. The embedding looks up
+the ids in the rank's range (the others read zeros) and all-reduces: each entry is the owner's value plus exact
+zeros, so the lookup equals the unsharded one bitwise (a -0.0 entry reads back +0.0). The LM head computes the
+rank's V' columns of the logits and all-gathers them along the vocabulary, then drops the padded columns (their
+logit 0 never reaches a sampler), so every rank holds the full [T, V] logits: one more collective per forward that
+scores logits. Only the norms are replicated.
+
+That keeps the SPMD contract: every rank runs the same decode loop, the same verifier on the same full logits, the
+same drafters (replicated, fed identical logits) and the same seeded samplers, so they take the same decisions
+without exchanging proposals. The all-reduce returns the same bits on every rank (reduce-scatter, then
+all-gather) and the gather concatenates the same slices everywhere, so the ranks never drift apart. Trained heads
+(EAGLE, Medusa) read the target's whole embedding and LM head: `Transformer.full_embed_weight` /
+`full_output_weight` (what the runner's `embed_weight()` / `lm_head_weight()` return) gather them once per rank
+and keep them, a replicated V x C copy each (one when tied) on top of the rank's V/W rows, as much as an unsharded
+model holds. Methods without heads never gather them. Every gather is a collective: all ranks reach it together.
+
+`shard_config` / `shard_state` cut a Hugging Face config and state dict for one rank; `vocab_rows` is a rank's
+share of the vocabulary; `TensorParallel` names the rank, the world size and the process group (torch.distributed:
+NCCL on GPUs, gloo on CPUs) and runs the collectives; `init` joins a group with a bounded wait. Row-parallel biases
+are kept on rank 0 only (the all-reduce adds the partial products).
 """
 
 from __future__ import annotations
@@ -36,8 +49,25 @@ class TensorParallel:
     group: object | None = None  # a torch.distributed ProcessGroup; None: the default group
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over the ranks, in place."""
         dist.all_reduce(x, group=self.group)
         return x
+
+    def gather_rows(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        """Every rank's `x` [n, ...] stacked rank by rank along dim 0, the first `size` rows kept: [size, ...]."""
+        parts = x.new_empty((self.world * x.shape[0], *x.shape[1:]))
+        _all_gather(parts, x.contiguous(), self.group)
+        return parts[:size]
+
+    def gather_columns(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        """Every rank's `x` [..., n] side by side along the last dim, rank by rank, the first `size` columns kept:
+        [..., size]."""
+        if x.dim() == 1:
+            return self.gather_rows(x, size)
+        parts = x.new_empty((self.world * x.shape[0], *x.shape[1:]))
+        _all_gather(parts, x.contiguous(), self.group)
+        out = parts.view(self.world, *x.shape).movedim(0, -2).reshape(*x.shape[:-1], self.world * x.shape[-1])
+        return out if size == out.shape[-1] else out[..., :size].contiguous()
 
     @staticmethod
     def current(group=None) -> TensorParallel:
@@ -47,6 +77,12 @@ class TensorParallel:
                 "tensor parallelism needs torch.distributed initialised (`paradec.runners.native.tp.init`)"
             )
         return TensorParallel(dist.get_rank(group), dist.get_world_size(group), group)
+
+
+def _all_gather(out: torch.Tensor, x: torch.Tensor, group) -> None:
+    """`out` [W * n, ...] = the ranks' `x` [n, ...] concatenated (NCCL and gloo alike; one tensor, no list)."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the new name (torch 2.13)
+    gather(out, x, group=group)
 
 
 def init(
@@ -74,8 +110,15 @@ def _split(n: int, world: int, what: str) -> int:
     return n // world
 
 
+def vocab_rows(vocab_size: int, world: int) -> int:
+    """Rows of the embedding and of the LM head each rank holds: ceil(V / world), the last rank's padded with zero
+    rows when world does not divide V."""
+    return -(-vocab_size // world)
+
+
 def shard_config(config: dict, world: int) -> dict:
-    """One rank's config: 1/world of the attention heads, KV heads and MLP hidden units (head_dim kept)."""
+    """One rank's config: 1/world of the attention heads, KV heads and MLP hidden units (head_dim kept). The
+    vocabulary stays the model's (`vocab_size`: what the logits cover); the rows a rank holds are `vocab_rows`."""
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
@@ -89,8 +132,10 @@ def shard_config(config: dict, world: int) -> dict:
 
 
 def shard_state(config: dict, state: dict[str, torch.Tensor], tp: TensorParallel) -> dict[str, torch.Tensor]:
-    """One rank's slices of a Hugging Face state dict (`config` is the full model's)."""
+    """One rank's slices of a Hugging Face state dict (`config` is the full model's): the embedding's and the LM
+    head's rows [r*V', (r+1)*V') of the vocabulary padded to W*V' (`vocab_rows`), the heads and MLP columns."""
     local = shard_config(config, tp.world)
+    rows = vocab_rows(config["vocab_size"], tp.world)
     head_dim = local["head_dim"]
     q_rows = local["num_attention_heads"] * head_dim
     kv_rows = local["num_key_value_heads"] * head_dim
@@ -108,11 +153,21 @@ def shard_state(config: dict, state: dict[str, torch.Tensor], tp: TensorParallel
             out[name] = t[r * mlp : (r + 1) * mlp]
         elif name.endswith("mlp.down_proj.weight"):
             out[name] = t[:, r * mlp : (r + 1) * mlp]
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            out[name] = _vocab_slice(t, r * rows, rows)
         elif name.endswith(("self_attn.o_proj.bias", "mlp.down_proj.bias")):
             out[name] = t if r == 0 else torch.zeros_like(t)  # added once by the all-reduce
         else:
             out[name] = t
     return out
+
+
+def _vocab_slice(t: torch.Tensor, start: int, rows: int) -> torch.Tensor:
+    """Rows [start, start + rows) of `t` [V, C], zero rows past V."""
+    piece = t[start : start + rows]
+    if piece.shape[0] == rows:
+        return piece
+    return torch.cat((piece, piece.new_zeros(rows - piece.shape[0], *t.shape[1:])))
 
 
 def run_ranks(world: int, fn, args, *, timeout_s: float = 300.0) -> int:
