@@ -286,18 +286,16 @@ def test_the_draft_model_runs_once_per_level_for_the_whole_batch(code_engine):
 
 
 def test_a_failed_step_fails_its_sequences_and_the_decoder_goes_on(code_engine, monkeypatch):
-    import paradec.batch as batch
-
     decoder = code_engine.batch_decoder(2)
     items = [decoder.submit(code_engine.request(p, method="pld", max_new_tokens=NEW)) for p in PROMPTS[:2]]
     while not all(i.prefilled for i in items):
         decoder.step()
 
-    def broken(pending):
+    def broken(*_):
         raise RuntimeError("device lost")
 
     with monkeypatch.context() as patch:
-        patch.setattr(batch, "verify_all", broken)
+        patch.setattr(decoder, "_verify", broken)
         decoder.step()
     assert all(isinstance(i.error, RuntimeError) and "device lost" in str(i.error) for i in items)
     assert decoder.runner.free == decoder.runner.slots  # the slots came back, the forward was dropped

@@ -148,3 +148,35 @@ def test_proposal_with_layout_rejects_host_parents_and_wrong_sizes():
     with pytest.raises(ValueError, match="device layout"):
         Proposal(tokens=torch.tensor([1, 2]), parents=(-1, 0), layout=layout)
     assert not Proposal(tokens=torch.tensor([1, 2]), layout=layout).is_chain
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_greedy_batch_verdicts_equal_each_sequence_verified_alone(seed):
+    """`verify_greedy_all` (one argmax and one copy for a whole batch step) gives each sequence the verdict `verify`
+    gives it alone: chains, host trees with repeated sibling tokens, device trees, empty proposals, aux rows after
+    a proposal; and its pending token for the next step is the same device value."""
+    from paradec.verify import verify_greedy_all
+
+    rng = random.Random(seed)
+    vocab = 5  # few tokens: many accepted edges, ties between siblings
+    seqs, expected, start = [], [], 0
+    for b in range(6):
+        kind = rng.choice(["empty", "chain", "tree", "device"])
+        n = 0 if kind == "empty" else rng.randint(1, 12)
+        parents = tuple(range(-1, n - 1)) if kind in ("empty", "chain") else random_parents(rng, n)
+        tokens = torch.tensor([rng.randrange(vocab) for _ in range(n)], dtype=torch.long)
+        if kind == "device":
+            proposal = Proposal(tokens=tokens, layout=device_tree(torch.tensor(parents, dtype=torch.long), n))
+        else:
+            proposal = Proposal(tokens=tokens, parents=None if kind != "tree" else parents)
+        tree = proposal.tree("cpu")
+        aux = rng.randint(0, 2) if b % 2 else 0  # rows past the proposal (lookahead's window) are not verified
+        seqs.append((start, proposal, tree))
+        start += n + 1 + aux
+    logits = torch.randn(start, vocab, generator=torch.Generator().manual_seed(seed)) * 2
+    for first, proposal, tree in seqs:
+        expected.append(verify(proposal, logits[first : first + proposal.size + 1], GREEDY, tree=tree))
+    got = verify_greedy_all(logits, seqs)
+    for g, e in zip(got, expected, strict=True):
+        assert (g.path, g.tokens, g.proposed, g.depth) == (e.path, e.tokens, e.proposed, e.depth)
+        assert torch.equal(g.final_device, e.final_device)

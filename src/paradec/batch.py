@@ -52,7 +52,8 @@ from paradec.drafters.base import Drafter
 from paradec.errors import ParadecError
 from paradec.request import Request
 from paradec.step import Step
-from paradec.verify import verify_all, verify_deferred
+from paradec.types import Verdict
+from paradec.verify import verify_all, verify_deferred, verify_greedy_all
 
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens a joining sequence feeds per step
 SPECULATE = ("auto", "always", "never")
@@ -417,7 +418,7 @@ class BatchDecoder:
                 proposals = _propose(group, cap)
                 step = Step([it.decoding.inputs(it.slot, proposal=p) for it, p in zip(group, proposals, strict=True)])
                 out = self.runner.forward(step, logits="all", hidden=needs)
-                verdicts = verify_all([it.decoding.verdict(step, b, out.logits) for b, it in enumerate(group)])
+                verdicts = self._verify(step, group, out.logits)
                 self.runner.commit([Step.keep(v) for v in verdicts])
             except Exception as exc:  # a failed forward fails the sequences in it; the others go on
                 self.runner.cancel()  # the step's provisional entries (if its forward ran), so the slots can go
@@ -440,6 +441,17 @@ class BatchDecoder:
         self.step_inputs.append(inputs)
         self.policy.observe(inputs, time.perf_counter() - started)
         return touched
+
+    def _verify(self, step: Step, group: list[BatchItem], logits: torch.Tensor) -> list[Verdict]:
+        """Every sequence's verdict, with one host copy for the step. A step of greedy sequences only (on the
+        standard verifier) is verified in one go (`verify_greedy_all`: one argmax, walks on the host)."""
+        if self.verifier is verify_deferred and all(it.decoding.sampling.greedy for it in group):
+            for b, it in enumerate(group):
+                it.decoding.state.target_logits = logits[step.rows(b)]  # as `Decoding.verdict` leaves it
+            return verify_greedy_all(
+                logits, [(step.offsets[b], step.proposal(b), step.tree(b)) for b in range(len(step))]
+            )
+        return verify_all([it.decoding.verdict(step, b, logits) for b, it in enumerate(group)])
 
     def run(self, items: Iterable[BatchItem] | None = None) -> Iterator[BatchItem]:
         """Step until every submitted item (or those of `items`) is done; yields items as they get text or finish."""

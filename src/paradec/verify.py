@@ -86,6 +86,54 @@ def verify_all(pending: Sequence[Verdict | Deferred]) -> list[Verdict]:
     return verdicts
 
 
+def verify_greedy_all(
+    logits: torch.Tensor,  # [N, V] float32: the rows of every sequence of one forward, back to back
+    seqs: Sequence[tuple[int, Proposal, TreeBuffers]],  # (first row, proposal, tree) of each sequence
+) -> list[Verdict]:
+    """Greedy verdicts of many sequences scored in one forward: one argmax over all rows and one host copy for
+    all (the picks, the draft tokens, a device tree's parents), then each sequence's walk on the host. The same
+    verdicts as `_walk` per sequence, which queues about ten small kernels per sequence (at batch 64, hundreds of
+    launches a step, each a few microseconds of host time on a GPU)."""
+    picks = logits.argmax(-1)  # [N]
+    pieces = [picks]
+    for _, proposal, tree in seqs:
+        if proposal.size:
+            pieces.append(proposal.tokens)
+            if not tree.on_host:
+                pieces.append(tree.parent[1 : proposal.size + 1])
+    host = (torch.cat(pieces) if len(pieces) > 1 else picks).tolist()  # the step's one sync
+    at, verdicts = picks.shape[0], []
+    for start, proposal, tree in seqs:
+        n = proposal.size
+        draft = host[at : at + n]
+        at += n
+        if n and not tree.on_host:
+            parents = [p - 1 for p in host[at : at + n]]
+            at += n
+        else:
+            parents = tree.parents or ()
+        pick = host[start : start + n + 1]  # the target's token after each input (0: the pending token)
+        accepted, depth, best = [True] + [False] * n, [0] * (n + 1), 0
+        for i in range(n):  # node i is input i + 1; its parent input parents[i] + 1 precedes it
+            j = parents[i] + 1
+            depth[i + 1] = depth[j] + 1
+            if accepted[j] and draft[i] == pick[j]:
+                accepted[i + 1] = True
+                if depth[i + 1] > depth[best]:  # the first deepest, as `_walk`'s argmax
+                    best = i + 1
+        path = _path_to(parents, best)
+        verdicts.append(
+            Verdict(
+                path=path,
+                tokens=[draft[i] for i in path] + [pick[best]],
+                proposed=n,
+                depth=tree.max_depth if tree.on_host else max(depth),
+                final_device=picks[start + best : start + best + 1],
+            )
+        )
+    return verdicts
+
+
 def verify_deferred(
     proposal: Proposal,
     logits: torch.Tensor,  # [n+1, V] float32 target logits for [pending, *proposal]
