@@ -167,6 +167,20 @@ def _propose(items: list[BatchItem], cap: int | None) -> list:
     return proposals
 
 
+def _kept_hidden(step: Step, verdicts: list[Verdict], hidden: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Each sequence's hidden states of its committed inputs, picked for the whole step with one upload and one
+    gather (per sequence, two small kernels each)."""
+    if hidden is None:
+        return [None] * len(verdicts)
+    rows = [step.kept_rows(b, v) for b, v in enumerate(verdicts)]
+    index = torch.tensor([r for seq in rows for r in seq]).to(hidden.device, non_blocking=True)
+    picked, start, kept = hidden.index_select(0, index), 0, []
+    for seq in rows:
+        kept.append(picked[start : start + len(seq)])
+        start += len(seq)
+    return kept
+
+
 class SpeculationPolicy:
     """Per step: speculate or not, from measured step costs (see the module docstring)."""
 
@@ -428,8 +442,9 @@ class BatchDecoder:
                 touched += group
                 continue
             inputs += step.size
+            kept = _kept_hidden(step, verdicts, out.hidden)
             for b, it in enumerate(group):
-                piece = it.decoding.advance(step, b, verdicts[b], out.hidden)
+                piece = it.decoding.advance(step, b, verdicts[b], out.hidden, kept=kept[b])
                 if piece:
                     it.pieces.append(piece)
                 if it.decoding.finish:

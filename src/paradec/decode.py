@@ -145,10 +145,16 @@ class Decoding:
         proposal = step.proposal(b)
         return self.verifier(proposal, rows[: proposal.size + 1], self.sampling, self.state.generator, step.tree(b))
 
-    def advance(self, step: Step, b: int, verdict: Verdict, hidden: torch.Tensor | None) -> str:
-        """Emit the verdict's tokens (up to a stop), update the drafter, and return the text now safe to show."""
+    def advance(
+        self, step: Step, b: int, verdict: Verdict, hidden: torch.Tensor | None, *, kept: torch.Tensor | None = None
+    ) -> str:
+        """Emit the verdict's tokens (up to a stop), update the drafter, and return the text now safe to show.
+        `kept`: the hidden states of the committed inputs, already picked from `hidden` (a batch picks them for
+        every sequence at once)."""
         state, stats = self.state, self.stats
-        if hidden is not None:  # (indexing with a list would upload it with a blocking copy)
+        if kept is not None:
+            state.target_hidden = kept
+        elif hidden is not None:  # (indexing with a list would upload it with a blocking copy)
             rows = torch.tensor(step.kept_rows(b, verdict)).to(state.device, non_blocking=True)
             state.target_hidden = hidden.index_select(0, rows)
         stats.record_step(verdict.depth, step.proposal(b).size, verdict.accepted)

@@ -45,7 +45,7 @@ class SeqInputs:
     def of(slot: int, pending: torch.Tensor, proposal: Proposal, device: torch.device | str) -> SeqInputs:
         """The inputs of `proposal` after the pending token ([1] on the device)."""
         tree = proposal.tree(device)
-        pieces = [pending, proposal.tokens]
+        pieces = [pending, proposal.tokens] if proposal.size else [pending]  # (no cat of an empty proposal: a kernel)
         if proposal.aux is not None:
             pieces.append(proposal.aux.tokens)
             tree = tree.with_aux(proposal.aux.depth, proposal.aux.mask)
