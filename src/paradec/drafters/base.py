@@ -186,8 +186,9 @@ class Drafter(ABC):
     @classmethod
     def propose_all(cls, drafters: list[Drafter], states: list[DecodeState], max_tokens: list[int]) -> list[Proposal]:
         """The proposals of several sequences' drafters of this class in one batch step (`paradec.batch`). By
-        default one after another; a drafter that runs a model overrides it to run the model once per level for
-        all of them. Each proposal must be what `propose` would return for that sequence."""
+        default one after another; a drafter that drafts on the host (`HostDrafter`) uploads them all in one copy;
+        a drafter that runs a model overrides it to run the model once per level for all of them. Each proposal
+        must be what `propose` would return for that sequence."""
         return [d.propose(s, m) for d, s, m in zip(drafters, states, max_tokens, strict=True)]
 
     def update(self, state: DecodeState, verdict: Verdict) -> None:  # noqa: B027 - optional hook
@@ -195,6 +196,40 @@ class Drafter(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Called once the sequence ends inside a batch (finished, cancelled or failed): give back what it held."""
+
+
+class HostDrafter(Drafter):
+    """A drafter whose proposals are host lists (pld, suffix): `draft` returns (tokens, parents or None for a
+    chain); `propose` uploads one, `propose_all` a whole batch step's in one copy (one per sequence would be a
+    small blocking copy each)."""
+
+    @abstractmethod
+    def draft(self, state: DecodeState, max_tokens: int) -> tuple[list[int], tuple[int, ...] | None]:
+        """The next step's draft tokens and their parents (node indices, -1 = the root; None: a chain)."""
+
+    def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
+        return upload([self.draft(state, max_tokens)], state.device)[0]
+
+    @classmethod
+    def propose_all(cls, drafters: list[Drafter], states: list[DecodeState], max_tokens: list[int]) -> list[Proposal]:
+        drafts = [d.draft(s, m) for d, s, m in zip(drafters, states, max_tokens, strict=True)]
+        return upload(drafts, states[0].device)
+
+
+def upload(drafts: list[tuple[list[int], tuple[int, ...] | None]], device: torch.device | str) -> list[Proposal]:
+    """Host drafts as proposals on `device`, all their tokens in one copy (each proposal a view of it)."""
+    flat = [token for tokens, _ in drafts for token in tokens]
+    if not flat:
+        return [Proposal.empty(device) for _ in drafts]
+    on_device = torch.tensor(flat, dtype=torch.long).to(device, non_blocking=True)
+    proposals, start = [], 0
+    for tokens, parents in drafts:
+        if not tokens:
+            proposals.append(Proposal.empty(device))
+            continue
+        proposals.append(Proposal(tokens=on_device[start : start + len(tokens)], parents=parents))
+        start += len(tokens)
+    return proposals
 
 
 def parse_options(

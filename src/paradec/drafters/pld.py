@@ -14,14 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from paradec.drafters import register
 from paradec.drafters.adaptive import AdaptiveLength
-from paradec.drafters.base import DecodeState, Drafter, Resources
+from paradec.drafters.base import DecodeState, HostDrafter, Resources
 from paradec.drafters.options import Options, bound
 from paradec.errors import ParadecError
-from paradec.types import Proposal, Verdict
+from paradec.types import Verdict
 
 MAX_NGRAM = 32  # each position enters max_ngram - min_ngram + 1 n-grams: at 32, ~40 MB of index for 4k tokens
 
@@ -74,7 +72,7 @@ class NgramIndex:
 
 
 @register
-class PromptLookup(Drafter):
+class PromptLookup(HostDrafter):
     name = "pld"
     options_class = PLDOptions
     draft_token_cost = 0.02  # prior cost of scoring one more token relative to a step (until steps are timed)
@@ -89,13 +87,10 @@ class PromptLookup(Drafter):
             self.policy = AdaptiveLength(self.options.num_draft_tokens, draft_cost=self.draft_token_cost)
             self.policy.start()
 
-    def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
+    def draft(self, state: DecodeState, max_tokens: int) -> tuple[list[int], None]:
         count = self.options.num_draft_tokens if self.policy is None else self.policy.next_k()
         count = min(count, max_tokens)
-        draft = self.index.lookup(state.tokens, count) if count > 0 else []
-        if not draft:
-            return Proposal.empty(state.device)
-        return Proposal(tokens=torch.tensor(draft, dtype=torch.long, device=state.device))
+        return (self.index.lookup(state.tokens, count) if count > 0 else []), None
 
     def update(self, state: DecodeState, verdict: Verdict) -> None:
         if self.policy is not None:

@@ -29,14 +29,12 @@ import heapq
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
 from paradec.drafters import register
 from paradec.drafters.adaptive import AdaptiveLength
-from paradec.drafters.base import DecodeState, Drafter, Method, Resources
+from paradec.drafters.base import DecodeState, Drafter, HostDrafter, Method, Resources
 from paradec.drafters.options import Options, bound
 from paradec.errors import ParadecError
-from paradec.types import Proposal, Verdict
+from paradec.types import Verdict
 
 MAX_DEPTH = 64  # deepest substring a trie holds: every token enters up to max_depth nodes
 
@@ -253,7 +251,7 @@ class SuffixMethod(Method):
 
 
 @register
-class SuffixDrafter(Drafter):
+class SuffixDrafter(HostDrafter):
     name = "suffix"
     options_class = SuffixOptions
     method_class = SuffixMethod
@@ -275,7 +273,7 @@ class SuffixDrafter(Drafter):
             self.policy = AdaptiveLength(self.options.max_nodes, draft_cost=self.draft_token_cost)
             self.policy.start()
 
-    def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
+    def draft(self, state: DecodeState, max_tokens: int) -> tuple[list[int], tuple[int, ...] | None]:
         self.trie.extend(state.tokens[self.trie.length :])
         options = self.options
         node, length = self.trie.match(options.max_match)
@@ -288,15 +286,10 @@ class SuffixDrafter(Drafter):
         budget = options.max_nodes if self.policy is None else self.policy.next_k()
         size = min(budget, round(options.match_factor * length), max_tokens, room)
         if node is None or length < options.min_match or size < 1:
-            return Proposal.empty(state.device)
+            return [], None
         tokens, parents = best_tree(nodes, node, size, options.min_score)
-        if not tokens:
-            return Proposal.empty(state.device)
         is_chain = all(p == i - 1 for i, p in enumerate(parents))
-        return Proposal(
-            tokens=torch.tensor(tokens, dtype=torch.long, device=state.device),
-            parents=None if is_chain else tuple(parents),
-        )
+        return tokens, None if is_chain else tuple(parents)
 
     def update(self, state: DecodeState, verdict: Verdict) -> None:
         self.trie.extend(state.tokens[self.trie.length :])
