@@ -268,7 +268,7 @@ class Generation:
                 out = target.forward(step.tokens, step.tree(0), logits="all", hidden=self.drafter.needs_hidden)
                 verdict = seq.verdict(step, 0, out.logits)
                 if isinstance(verdict, Deferred):
-                    verdict = verdict.finish(verdict.host.tolist())  # the step's one sync
+                    verdict = verdict.resolve()  # the step's one sync
                 target.commit(Step.keep(verdict))
                 piece = seq.advance(step, 0, verdict, out.hidden)
                 if piece:

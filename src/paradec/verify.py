@@ -47,14 +47,27 @@ from paradec.types import Proposal, Verdict
 
 
 class Deferred:
-    """A verdict whose device work is queued: `host` [k] int64 holds every value the host needs, and `finish` turns
-    those values (a list, once copied) into the `Verdict`. A batch of them needs one copy for all (`verify_all`)."""
+    """A verdict whose device work is queued: the int64 tensors `host` hold, in order, every value the host needs,
+    and `finish` turns those values (one list, once copied) into the `Verdict`. A batch of them needs one copy for
+    all (`verify_all`)."""
 
     __slots__ = ("finish", "host")
 
-    def __init__(self, host: torch.Tensor, finish: Callable[[list[int]], Verdict]) -> None:
+    def __init__(self, host: tuple[torch.Tensor, ...], finish: Callable[[list[int]], Verdict]) -> None:
         self.host = host
         self.finish = finish
+
+    @property
+    def count(self) -> int:
+        return sum(piece.shape[0] for piece in self.host)
+
+    def resolve(self) -> Verdict:
+        """The verdict, after one copy of the host values (a sync)."""
+        return self.finish(_joined(self.host).tolist())
+
+
+def _joined(pieces: Sequence[torch.Tensor]) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(list(pieces))
 
 
 def verify(
@@ -66,7 +79,7 @@ def verify(
 ) -> Verdict:
     """Accept a prefix/path of `proposal` against the target's `logits` (see the module docstring)."""
     pending = verify_deferred(proposal, logits, sp, generator, tree)
-    return pending if isinstance(pending, Verdict) else pending.finish(pending.host.tolist())  # the step's one sync
+    return pending if isinstance(pending, Verdict) else pending.resolve()  # the step's one sync
 
 
 def verify_all(pending: Sequence[Verdict | Deferred]) -> list[Verdict]:
@@ -74,13 +87,13 @@ def verify_all(pending: Sequence[Verdict | Deferred]) -> list[Verdict]:
     waiting = [p for p in pending if isinstance(p, Deferred)]
     if not waiting:
         return list(pending)
-    host = (waiting[0].host if len(waiting) == 1 else torch.cat([p.host for p in waiting])).tolist()  # one sync
+    host = _joined([piece for p in waiting for piece in p.host]).tolist()  # one sync
     verdicts, start = [], 0
     for p in pending:
         if isinstance(p, Verdict):
             verdicts.append(p)
             continue
-        count = p.host.shape[0]
+        count = p.count
         verdicts.append(p.finish(host[start : start + count]))
         start += count
     return verdicts
@@ -90,48 +103,11 @@ def verify_greedy_all(
     logits: torch.Tensor,  # [N, V] float32: the rows of every sequence of one forward, back to back
     seqs: Sequence[tuple[int, Proposal, TreeBuffers]],  # (first row, proposal, tree) of each sequence
 ) -> list[Verdict]:
-    """Greedy verdicts of many sequences scored in one forward: one argmax over all rows and one host copy for
-    all (the picks, the draft tokens, a device tree's parents), then each sequence's walk on the host. The same
-    verdicts as `_walk` per sequence, which queues about ten small kernels per sequence (at batch 64, hundreds of
-    launches a step, each a few microseconds of host time on a GPU)."""
+    """Greedy verdicts of many sequences scored in one forward: one argmax over all rows, then each sequence's
+    walk (`_walk`: views of the picks, its host values copied with everyone's in one go). Per sequence,
+    `verify_deferred` would queue an argmax of its own."""
     picks = logits.argmax(-1)  # [N]
-    pieces = [picks]
-    for _, proposal, tree in seqs:
-        if proposal.size:
-            pieces.append(proposal.tokens)
-            if not tree.on_host:
-                pieces.append(tree.parent[1 : proposal.size + 1])
-    host = (torch.cat(pieces) if len(pieces) > 1 else picks).tolist()  # the step's one sync
-    at, verdicts = picks.shape[0], []
-    for start, proposal, tree in seqs:
-        n = proposal.size
-        draft = host[at : at + n]
-        at += n
-        if n and not tree.on_host:
-            parents = [p - 1 for p in host[at : at + n]]
-            at += n
-        else:
-            parents = tree.parents or ()
-        pick = host[start : start + n + 1]  # the target's token after each input (0: the pending token)
-        accepted, depth, best = [True] + [False] * n, [0] * (n + 1), 0
-        for i in range(n):  # node i is input i + 1; its parent input parents[i] + 1 precedes it
-            j = parents[i] + 1
-            depth[i + 1] = depth[j] + 1
-            if accepted[j] and draft[i] == pick[j]:
-                accepted[i + 1] = True
-                if depth[i + 1] > depth[best]:  # the first deepest, as `_walk`'s argmax
-                    best = i + 1
-        path = _path_to(parents, best)
-        verdicts.append(
-            Verdict(
-                path=path,
-                tokens=[draft[i] for i in path] + [pick[best]],
-                proposed=n,
-                depth=tree.max_depth if tree.on_host else max(depth),
-                final_device=picks[start + best : start + best + 1],
-            )
-        )
-    return verdicts
+    return verify_all([_walk(p, picks[first : first + p.size + 1], tree) for first, p, tree in seqs])
 
 
 def verify_deferred(
@@ -156,36 +132,34 @@ def verify_deferred(
 
 
 def _walk(proposal: Proposal, picks: torch.Tensor, tree: TreeBuffers) -> Deferred:
-    """Greedy / point-mass walk. `picks[j]` is the target's token after input j ([n+1])."""
+    """Greedy / point-mass walk. `picks[j]` is the target's token after input j ([n+1]). Its device work is views:
+    the picks, the draft tokens (and a device tree's parents) travel to the host, where the walk runs."""
     n = proposal.size
-    if n == 0:
-        final_device = picks[:1]
-        return Deferred(
-            final_device,
-            lambda host: Verdict(path=[], tokens=host, proposed=0, depth=0, final_device=final_device),
-        )
-    nodes = tree.parent[1 : n + 1]  # [n] input-index parents of the proposal nodes
-    edge_ok = proposal.tokens == picks[nodes]  # [n] node token == the target's pick at its parent
-    ok = torch.cat([edge_ok.new_ones(1), edge_ok])  # [n+1] the root is always "accepted"
-    reachable = ~(tree.mask[: n + 1, : n + 1] & ~ok).any(-1)  # [n+1] every input on the root path is ok
-    depth = tree.depth[: n + 1]
-    deepest = torch.where(reachable, depth, -1).argmax()  # unique: reachable inputs form one path
-    pieces = [deepest.view(1), picks[deepest].view(1), proposal.tokens]
-    if not tree.on_host:  # a device-built tree: its shape travels with the verdict
-        pieces += [depth.max().view(1), nodes]
-    final_device = picks[deepest].view(1)
+    host = (picks[: n + 1],) if n == 0 else (picks[: n + 1], proposal.tokens)
+    if n and not tree.on_host:  # a device-built tree: its shape travels with the verdict
+        host += (tree.parent[1 : n + 1],)
 
-    def finish(host: list[int]) -> Verdict:
-        best, final, draft = host[0], host[1], host[2 : 2 + n]
-        if tree.on_host:
-            parents, max_depth = tree.parents, tree.max_depth
-        else:
-            max_depth, parents = host[2 + n], [p - 1 for p in host[3 + n :]]
+    def finish(values: list[int]) -> Verdict:
+        pick, draft = values[: n + 1], values[n + 1 : 2 * n + 1]
+        parents = tree.parents if tree.on_host else [p - 1 for p in values[2 * n + 1 :]]
+        accepted, depth, best = [True] + [False] * n, [0] * (n + 1), 0
+        for i in range(n):  # node i is input i + 1; its parent input parents[i] + 1 precedes it
+            j = parents[i] + 1
+            depth[i + 1] = depth[j] + 1
+            if accepted[j] and draft[i] == pick[j]:
+                accepted[i + 1] = True
+                if depth[i + 1] > depth[best]:  # accepted inputs form one root path: its deepest
+                    best = i + 1
         path = _path_to(parents, best)
-        tokens = [draft[i] for i in path] + [final]
-        return Verdict(path=path, tokens=tokens, proposed=n, depth=max_depth, final_device=final_device)
+        return Verdict(
+            path=path,
+            tokens=[draft[i] for i in path] + [pick[best]],
+            proposed=n,
+            depth=tree.max_depth if tree.on_host else max(depth),
+            final_device=picks[best : best + 1],
+        )
 
-    return Deferred(torch.cat(pieces), finish)
+    return Deferred(host, finish)
 
 
 def _path_to(parents: Sequence[int], input_index: int) -> list[int]:
@@ -222,7 +196,7 @@ def _rejection_chain(
         tokens = [*draft_host[:count], final]
         return Verdict(path=list(range(count)), tokens=tokens, proposed=n, depth=n, final_device=final_device)
 
-    return Deferred(torch.cat([accepted.view(1), final_device, draft]), finish)
+    return Deferred((accepted.view(1), final_device, draft), finish)
 
 
 def _rejection_tree(

@@ -64,6 +64,7 @@ from paradec.runners.native.model import (
     Transformer,
     ragged_attention_bias,
     ragged_forward,
+    ragged_index,
     unsupported_reason,
 )
 from paradec.runners.native.runner import DEFAULT_MAX_CACHE_LEN, NativeRunner
@@ -395,9 +396,7 @@ class BatchedNativeRunner:
         # sizes per sequence
         per_seq = torch.tensor([[s.slot, lengths[s.slot], s.size] for s in seqs], dtype=torch.long)  # (B, 3)
         n_total = int(tokens.shape[0])
-        seq_of = torch.repeat_interleave(torch.arange(B), per_seq[:, 2], output_size=n_total)  # (N,)
-        first = per_seq[:, 2].cumsum(0) - per_seq[:, 2]
-        j = torch.arange(n_total) - first[seq_of]
+        seq_of, j = ragged_index(per_seq[:, 2], n_total)  # (N,) each
         starts = per_seq[seq_of, 1]
         packed = torch.cat([seq_of * n_max + j, per_seq[seq_of, 0], starts + j, starts, per_seq.T.reshape(-1)])
         packed = packed.to(self.device, non_blocking=True)

@@ -25,7 +25,13 @@ import torch
 
 from paradec.config import SamplingParams
 from paradec.runners.native.kv_cache import KVCache, SlotKVCache
-from paradec.runners.native.model import RaggedLayout, Transformer, ragged_attention_bias, ragged_forward
+from paradec.runners.native.model import (
+    RaggedLayout,
+    Transformer,
+    ragged_attention_bias,
+    ragged_forward,
+    ragged_index,
+)
 from paradec.sampling import align_vocab, warp
 
 Q_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 80, 96, 128)
@@ -273,8 +279,10 @@ class StaticRagged:
         device, n, b, q = cache.data.device, self.max_inputs, cache.slots - 1, self.max_seq_inputs
         self.tokens = torch.zeros(n, dtype=torch.long, device=device)
         self.index = torch.zeros(6 * n + 3 * b, dtype=torch.long, device=device)
-        self.depth = torch.arange(q, device=device).repeat(b, 1)  # [b, q]: row b holds sequence b's depths
-        self.masks = torch.ones(q, q, dtype=torch.bool, device=device).tril().repeat(b, 1, 1)  # [b, q, q]
+        self._chain_depth = torch.arange(q, device=device)  # a chain's layout, copied into a row a tree held
+        self._chain_mask = torch.ones(q, q, dtype=torch.bool, device=device).tril()
+        self.depth = self._chain_depth.repeat(b, 1)  # [b, q]: row b holds sequence b's depths
+        self.masks = self._chain_mask.repeat(b, 1, 1)  # [b, q, q]
         self._chain_rows = [True] * b  # rows holding the chain layout
         self.hidden = torch.zeros(n, model.args.hidden_size, dtype=model.embed.weight.dtype, device=device)
         self.layer_states: dict[tuple[int, ...], torch.Tensor] = {}
@@ -307,13 +315,12 @@ class StaticRagged:
                 self.masks[b, :size, :size].copy_(mask, non_blocking=True)
                 self._chain_rows[b] = False
             elif not self._chain_rows[b]:
-                self.depth[b].copy_(torch.arange(self.max_seq_inputs, device=self.depth.device))
-                self.masks[b].copy_(torch.ones_like(self.masks[b]).tril())
+                self.depth[b].copy_(self._chain_depth)
+                self.masks[b].copy_(self._chain_mask)
                 self._chain_rows[b] = True
         # per input: query row in, output row, cache slot, cache column, sequence, index in its sequence
         per_seq = torch.tensor([slot_ids, starts, sizes], dtype=torch.long)  # (3, B)
-        seq_of = torch.repeat_interleave(torch.arange(B), per_seq[2], output_size=N)
-        j = torch.arange(N) - (per_seq[2].cumsum(0) - per_seq[2])[seq_of]
+        seq_of, j = ragged_index(per_seq[2], N)
         rows = seq_of * nq + j
         pad = Nq - N
         spare = torch.full((pad,), Bq * nq, dtype=torch.long)

@@ -195,6 +195,14 @@ def rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, exact: bool) 
     return kernels.rope(qk, cos, sin) if exact and kernels.fused else apply_rope(qk, cos, sin)
 
 
+def swiglu(gate_up: torch.Tensor, exact: bool) -> torch.Tensor:
+    """silu(gate) * up of a [gate, up] product; in exact mode one fused kernel (`paradec.kernels.silu_mul`)."""
+    if exact and kernels.fused:
+        return kernels.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def project(layer: nn.Linear, x: torch.Tensor, exact: bool) -> torch.Tensor:
     """`layer(x)`; in exact mode through the batch-invariant product (`paradec.kernels`)."""
     return kernels.linear(x, layer.weight, layer.bias) if exact else layer(x)
@@ -289,11 +297,8 @@ class MLP(nn.Module):
         self.w2 = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = project(self.w13, x, self.exact)
-        if self.exact and kernels.fused:
-            return reduce_partial(self, project(self.w2, kernels.silu_mul(gate_up), True))
-        gate, up = gate_up.chunk(2, dim=-1)
-        return reduce_partial(self, project(self.w2, F.silu(gate) * up, self.exact))
+        hidden = swiglu(project(self.w13, x, self.exact), self.exact)
+        return reduce_partial(self, project(self.w2, hidden, self.exact))
 
 
 class Block(nn.Module):
@@ -520,6 +525,13 @@ class RaggedLayout:
     slot_range: tuple[int, int] | None = None  # (first, end) when seq_slots is range(first, end)
     out_rows: torch.Tensor | None = None  # [N] int64, default `rows`
     spare_rows: int = 0
+
+
+def ragged_index(sizes: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the n flat inputs of sequences of `sizes` [B] (host int64): each input's sequence and its index within
+    it, both [n] (the host side of a `RaggedLayout`)."""
+    seq_of = torch.repeat_interleave(torch.arange(sizes.shape[0]), sizes, output_size=n)
+    return seq_of, torch.arange(n) - (sizes.cumsum(0) - sizes)[seq_of]
 
 
 def rope_tables(
