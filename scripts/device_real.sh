@@ -19,6 +19,9 @@
 #            (vanilla, pld, draft for the 1.5B; vanilla, pld, lookahead, eagle, medusa for SmolLM2),
 #            scripts/bench_runner.py with and without the exact kernels on the SmolLM2, Qwen-1.5B and 8B shapes,
 #            the exact batched bench, suffix on the agentic and chat suites (issue 19), scripts/probe_exact.py
+#   start-m3 start issue 19's chain, then start-exact's benches: PARD trained from the 0.5B beside the CUDA tests;
+#            suffix on the agentic and chat suites; multisample at n = 8 (suite `samples`, temperature 0.7);
+#            pard and draft (the stock 0.5B) on code-chat; start-exact's benches; pard and draft on chat; the probe
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log,
 #            and copy what it wrote so far to $OUT, as collect does
 #   collect  copy what the chain wrote (tar files, logs) to $OUT
@@ -194,34 +197,75 @@ batch_part() {  # batched decoding and the batched server on the Qwen pair (need
 exact_part() {  # issue 17's exactness and cost, issue 18's batched graphs, issue 19's suffix: the most wanted first
     set -e
     mkdir -p $RES
-    local draft="--draft $Q05" methods=vanilla,pld,draft smol_methods=vanilla,pld,lookahead,eagle,medusa
-    if [ -f "$STAGE/$Q05.gguf.ok" ]; then convert $Q05; else draft="" methods=vanilla,pld; echo "no $Q05: no draft"; fi
+    prepare_exact
+    exact_tests
+    wait
+    exact_benches
+    CODE_PC=2 bench $Q15 agentic q15-agentic $DRAFT --methods vanilla,pld,suffix $QWEN_BENCH
+    bench $Q15 chat q15-chat-suffix --methods vanilla,suffix $QWEN_BENCH
+    exact_probe
+}
+
+prepare_exact() {  # the three models converted (the 1.5B in the background: `wait` for it); DRAFT, METHODS set
+    DRAFT="--draft $Q05" METHODS=vanilla,pld,draft SMOL_METHODS=vanilla,pld,lookahead,eagle,medusa
+    if [ -f "$STAGE/$Q05.gguf.ok" ]; then convert $Q05; else DRAFT="" METHODS=vanilla,pld; echo "no $Q05: no draft"; fi
     convert $Q15 &
     convert $SMOL
+}
+
+exact_tests() {
     echo "CUDA TESTS $(date +%T)"
     (cd "$SNAPSHOT/.." && python3 -m pytest -q -o addopts="" -p no:cacheprovider -p no:logging tests/test_exact_cuda.py \
         > $RES/exact-tests.log 2>&1) || echo "exact tests exit $?"
     tail -n 3 $RES/exact-tests.log
-    wait
-    CHAT_PC=2 bench $Q15 chat q15-batch $draft --methods vanilla,pld --batch-sizes 1,8,32 $QWEN_BENCH
-    bench $SMOL chat smol-chat--exact --methods $smol_methods --exact $SMOL_BENCH
-    bench $Q15 chat q15-chat--exact $draft --methods $methods --exact $QWEN_BENCH
+}
+
+exact_benches() {  # after prepare_exact
+    CHAT_PC=2 bench $Q15 chat q15-batch $DRAFT --methods vanilla,pld --batch-sizes 1,8,32 $QWEN_BENCH
+    bench $SMOL chat smol-chat--exact --methods $SMOL_METHODS --exact $SMOL_BENCH
+    bench $Q15 chat q15-chat--exact $DRAFT --methods $METHODS --exact $QWEN_BENCH
     echo "RUNNER $(date +%T)"
     (cd "$SNAPSHOT/.." && python3 scripts/bench_runner.py --shapes smol,q15,8b --hf "" \
         --native graphs+compile,graphs+compile+exact,graphs+exact,graphs+exact-unfused --out $RES/runner > $RES/runner.log 2>&1) \
         || echo "runner exit $?"
     tail -n 12 $RES/runner.log
-    bench $SMOL code-chat smol-code-chat--exact --methods $smol_methods --exact $SMOL_BENCH
-    bench $Q15 code-chat q15-code-chat--exact $draft --methods $methods --exact $QWEN_BENCH
-    CHAT_PC=2 bench $Q15 chat q15-batch-exact $draft --methods vanilla,pld --batch-sizes 8,32 --exact $QWEN_BENCH
-    CODE_PC=2 bench $Q15 agentic q15-agentic $draft --methods vanilla,pld,suffix $QWEN_BENCH
-    bench $Q15 chat q15-chat-suffix --methods vanilla,suffix $QWEN_BENCH
+    bench $SMOL code-chat smol-code-chat--exact --methods $SMOL_METHODS --exact $SMOL_BENCH
+    bench $Q15 code-chat q15-code-chat--exact $DRAFT --methods $METHODS --exact $QWEN_BENCH
+    CHAT_PC=2 bench $Q15 chat q15-batch-exact $DRAFT --methods vanilla,pld --batch-sizes 8,32 --exact $QWEN_BENCH
+}
+
+exact_probe() {
     (cd "$SNAPSHOT/.." && python3 scripts/probe_exact.py --out $RES/probe > $RES/probe.log 2>&1) || echo "probe exit $?"
+}
+
+m3_part() {  # issue 19's three methods first (PARD trained beside the CUDA tests), then exact_part's benches
+    set -e
+    mkdir -p $RES
+    local pard=$HOME/.cache/paradec/models/$Q15/heads/pard
+    prepare_exact
+    wait
+    (train $Q15 pard $QWEN_TRAIN; tar cf $RES/pard.tar --exclude='*.safetensors' -C "$(dirname $pard)" pard || true) &
+    exact_tests
+    wait
+    CODE_PC=2 bench $Q15 agentic q15-agentic $DRAFT --methods vanilla,pld,suffix $QWEN_BENCH
+    bench $Q15 chat q15-chat-suffix --methods vanilla,pld,suffix $QWEN_BENCH
+    bench $Q15 samples q15-samples --per-category 2 --samples 8 --mode sample --temperature 0.7 \
+        --methods vanilla,multisample $QWEN_BENCH
+    if [ -f $pard/config.json ]; then
+        bench $Q15 code-chat q15-code-chat-pard --draft $pard --methods vanilla,pard $QWEN_BENCH
+        bench $Q15 code-chat q15-code-chat-draft $DRAFT --methods vanilla,draft $QWEN_BENCH
+    fi
+    exact_benches
+    if [ -f $pard/config.json ]; then
+        bench $Q15 chat q15-chat-pard --draft $pard --methods vanilla,pard $QWEN_BENCH
+        bench $Q15 chat q15-chat-draft $DRAFT --methods vanilla,draft $QWEN_BENCH
+    fi
+    exact_probe
 }
 
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
     export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain batch_part \
-        new_methods_part m2_chain exact_part
+        new_methods_part m2_chain exact_part prepare_exact exact_tests exact_benches exact_probe m3_part
     snapshot
     rm -f $DONE
     # its own bash, so that `set -e` ends the part alone
@@ -235,9 +279,9 @@ stage)
     fi
     bash .gpu-chunks/stage.sh
     ;;
-start|start-new|start-batch|start-m2|start-exact)
+start|start-new|start-batch|start-m2|start-exact|start-m3)
     declare -A PART=([start]=chain [start-new]=new_methods_part [start-batch]=batch_part [start-m2]=m2_chain
-        [start-exact]=exact_part)
+        [start-exact]=exact_part [start-m3]=m3_part)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     launch "${PART[$1]}"
     sleep 20
@@ -257,7 +301,7 @@ bench)
     tail -n 3 $LOG
     ;;
 *)
-    echo "usage: $0 stage|start|start-new|start-batch|start-m2|start-exact|wait|collect|bench" >&2
+    echo "usage: $0 stage|start|start-new|start-batch|start-m2|start-exact|start-m3|wait|collect|bench" >&2
     exit 2
     ;;
 esac

@@ -309,3 +309,55 @@ def test_batched_rows_on_the_native_runner(tmp_path, capsys):
     assert overall["vanilla@bs2"]["speedup"] == pytest.approx(1.0)  # against itself: vanilla at the same size
     assert overall["pld@bs2"]["tau"] > 1.0 and overall["pld@bs2"]["matches"] == overall["pld@bs2"]["compared"] == 2
     assert data["exactness"]["ok"]
+
+
+def test_samples_rows_decode_each_prompt_as_one_request_of_n(tmp_path):
+    """--samples 3 on the native runner: each prompt is one request of 3 samples decoded together, one record per
+    prompt summing its samples; the speedup is against vanilla's 3 samples; in greedy mode every sample of every
+    method equals vanilla's (its first sample), in sample mode sample j of prompt i is seeded seed + 3i + j."""
+    from paradec.zoo import code_draft_dir, code_model_dir
+
+    engine = paradec.load(code_model_dir(), code_draft_dir(), runner="native", dtype="float32")
+    prompts = [BenchPrompt("fib", "code", "def fibonacci(n):\n"), BenchPrompt("read", "code", "def read_lines(p):\n")]
+    greedy = plan(("vanilla", "multisample", "pld"), samples=3, max_new_tokens=12)
+    assert run_bench(engine, prompts, greedy, meta(engine, greedy), tmp_path / "g", quiet=True) == 0
+    data = json.loads((tmp_path / "g" / "results.json").read_text())
+    assert {(r["method"], r["batch_size"]) for r in data["rows"]} == {("vanilla", 3), ("multisample", 3), ("pld", 3)}
+    records = {(r["method"], r["prompt_ids"][0]): r for r in data["records"]}
+    alone = engine.generate(engine.encode(prompts[0].text), max_new_tokens=12)
+    assert records[("vanilla", "fib")]["new_tokens"] == 3 * len(alone.token_ids)
+    assert all(r["equals_vanilla"] for r in data["records"]) and data["exactness"]["ok"]
+    overall = data["summary"]["all prompts"]
+    assert overall["vanilla@bs3"]["speedup"] == pytest.approx(1.0)
+    assert overall["multisample@bs3"]["tau"] > 1.0
+    assert "n = 3 samples of each prompt" in (tmp_path / "g" / "results.md").read_text()
+
+    sampled = plan(("vanilla",), samples=3, max_new_tokens=8, sampling=SamplingParams(temperature=0.9, seed=11))
+    assert run_bench(engine, prompts, sampled, meta(engine, sampled), tmp_path / "s", quiet=True) == 0
+    data = json.loads((tmp_path / "s" / "results.json").read_text())
+    read = next(r for r in data["records"] if r["prompt_ids"] == ["read"])
+    again = engine.generate(engine.encode(prompts[1].text), sampling=SamplingParams(temperature=0.9, seed=14),
+                            max_new_tokens=8, n=3)  # fmt: skip
+    assert read["new_tokens"] == sum(r.stats.new_tokens for r in again)
+    assert "sample j of prompt i sampled with seed 11 + 3·i + j" in (tmp_path / "s" / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--samples", "17"], "--samples must be in [1, 16], got 17"),
+        (["--samples", "4", "--batch-sizes", "1,2"], "--samples 4 decodes each prompt's samples as one batch"),
+        (["--samples", "4", "--turns", "all"], "--samples 4 measures first turns only"),
+    ],
+)
+def test_bad_samples_exit_2(args, message, capsys):
+    assert main(["bench", "--device", "cpu", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_the_samples_suite_takes_the_math_and_reasoning_prompts():
+    from paradec.bench.prompts import get_suite, load_prompts
+
+    suite = get_suite("samples")
+    prompts = [p for p in load_prompts(suite.prompts_path()) if p.category in suite.categories]
+    assert {p.category for p in prompts} == {"math", "reasoning"} and len(prompts) == 16

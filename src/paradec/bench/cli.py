@@ -89,6 +89,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "batches; speedups are against our vanilla at the same size (default 1)",
     )
     bench.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        metavar="N",
+        help="n samples of each prompt (OpenAI's n, 2..16), decoded together as one request; speedups against "
+        "vanilla's n samples (the `multisample` method's workload: use with --mode sample) (default 1)",
+    )
+    bench.add_argument(
         "--concurrency",
         help="comma list of client counts, e.g. 1,16,32: instead of the method table, drive the server with that "
         "many concurrent streaming clients per round and report aggregate tok/s, p50/p95 latency and time to first "
@@ -141,6 +149,23 @@ def batch_sizes(text: str, flag: str = "--batch-sizes") -> tuple[int, ...]:
             raise ParadecError(f"{flag}: {what} must be >= 1, got {size}")
         sizes.append(size)
     return tuple(dict.fromkeys(sizes))
+
+
+def check_samples(args: argparse.Namespace, sizes: tuple[int, ...]) -> int:
+    """--samples N: 1..16 (`paradec.request.MAX_N`), with one batch size, the first turns and no --concurrency."""
+    from paradec.request import MAX_N
+
+    n = args.samples
+    if not 1 <= n <= MAX_N:
+        raise ParadecError(f"--samples must be in [1, {MAX_N}], got {n}")
+    if n > 1:
+        if sizes != (1,):
+            raise ParadecError(f"--samples {n} decodes each prompt's samples as one batch: drop --batch-sizes")
+        if args.turns != "first":
+            raise ParadecError(f"--samples {n} measures first turns only (n answers have no one next turn)")
+        if args.concurrency is not None:
+            raise ParadecError(f"--samples {n} runs the method table, not --concurrency")
+    return n
 
 
 def sampling_from(args: argparse.Namespace):
@@ -235,6 +260,7 @@ def _bench(args: argparse.Namespace) -> int:
     options = parse_method_options(args.opt, selected)
     peers = parse_peers(args.peers if args.peers is not None else suite.peers if suite else None)
     sizes = batch_sizes(args.batch_sizes)
+    samples = check_samples(args, sizes)
     if args.prompts is not None:
         source = str(args.prompts)
     elif suite is not None:
@@ -244,7 +270,10 @@ def _bench(args: argparse.Namespace) -> int:
 
         source = str(zoo.dev_prompts_path())
     per_category = args.per_category if args.per_category is not None else suite.per_category if suite else None
-    prompts = take_per_category(load_prompts(source), per_category)
+    prompts = load_prompts(source)
+    if suite is not None and suite.categories is not None and args.prompts is None:
+        prompts = [p for p in prompts if p.category in suite.categories]
+    prompts = take_per_category(prompts, per_category)
     max_new_tokens = args.max_new_tokens or (suite.max_new_tokens if suite else 128)
 
     model, draft = _models(args, suite)
@@ -273,6 +302,7 @@ def _bench(args: argparse.Namespace) -> int:
         batch_sizes=sizes,
         chat=args.chat,
         turns=args.turns,
+        samples=samples,
     )
     meta = report.metadata(
         engine,
@@ -280,12 +310,22 @@ def _bench(args: argparse.Namespace) -> int:
         command=command_line(args),
         argv=shlex.join(sys.argv),
         suite=args.suite,
-        prompts_source=source + ("" if per_category is None else f" (first {per_category} per category)"),
+        prompts_source=source + _subset_text(suite if args.prompts is None else None, per_category),
     )
     if sharded and _rank() != 0:  # the same run as rank 0's, its results thrown away
         with tempfile.TemporaryDirectory(prefix="paradec-bench-rank-") as out:
             return run_bench(engine, prompts, plan, meta, Path(out), quiet=True)
     return run_bench(engine, prompts, plan, meta, args.out, quiet=args.quiet)
+
+
+def _subset_text(suite, per_category: int | None) -> str:
+    """How the prompts were taken from their file, for the report ("" when all of them)."""
+    parts = []
+    if suite is not None and suite.categories is not None:
+        parts.append("categories " + ", ".join(suite.categories))
+    if per_category is not None:
+        parts.append(f"first {per_category} per category")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _rank() -> int:

@@ -60,6 +60,7 @@ class BenchPlan:
     batch_sizes: tuple[int, ...] = (1,)
     chat: str = "auto"  # --chat: how records are rendered (`paradec.bench.prompts.Rendering`)
     turns: str = "first"  # --turns: the first user turn, or every turn after the row's own earlier answers
+    samples: int = 1  # --samples: n samples of each prompt decoded together (one request of n; batch size 1 only)
 
 
 @dataclass
@@ -181,8 +182,10 @@ class Bench:
                     answers[index].append(answer_text(self.engine, tokens))
 
     def _sampling(self, index: int) -> SamplingParams:
+        """Prompt `index`'s sampling: seed + index, or with n samples seed + index·n (its samples take the n seeds
+        from there: no two samples of a run share one)."""
         sp = self.plan.sampling
-        return sp if sp.greedy or sp.seed is None else replace(sp, seed=sp.seed + index)
+        return sp if sp.greedy or sp.seed is None else replace(sp, seed=sp.seed + index * self.plan.samples)
 
     def _batches(self, size: int, *, by_category: bool = True) -> list[list[int]]:
         """Prompt indices in groups of `size`, in file order: each group inside one category (the padded batches of
@@ -203,7 +206,7 @@ class Bench:
         return sum(max(self.turn_counts[index] for index in group) for group in self._batches(size))
 
     def _method_ticks(self, size: int = 1) -> int:
-        if size == 1:
+        if size == 1 or self.plan.samples > 1:
             return 1 + sum(self.turn_counts) * (self.plan.warmup + self.plan.repeats)
         batches = self._batches(size, by_category=False)
         turns = sum(max(self.turn_counts[index] for index in group) for group in batches)
@@ -245,6 +248,10 @@ class Bench:
             for size in self.plan.batch_sizes:
                 for method in self.plan.methods:
                     bar.set_description(method if size == 1 else f"{method}@bs{size}")
+                    if self.plan.samples > 1:
+                        bar.set_description(f"{method}@n{self.plan.samples}")
+                        self._guarded(self._outcome(method, "paradec", self.plan.samples), self._run_samples)
+                        continue
                     run = self._run_method if size == 1 else self._run_batched
                     self._guarded(self._outcome(method, "paradec", size), run)
             peers = self._make_peers() if self.plan.peers else None
@@ -319,10 +326,10 @@ class Bench:
         if self.checkpoint is not None:
             self.checkpoint(self)
 
-    def _request(self, method: str, index: int, prompt_ids: list[int], max_new_tokens: int):
+    def _request(self, method: str, index: int, prompt_ids: list[int], max_new_tokens: int, n: int = 1):
         """The checked request (built outside the timed call); its options are the engine's defaults."""
         return self.engine.request(
-            prompt_ids, method=method, sampling=self._sampling(index), max_new_tokens=max_new_tokens
+            prompt_ids, method=method, sampling=self._sampling(index), max_new_tokens=max_new_tokens, n=n
         )
 
     def _probe(self, outcome: Outcome) -> bool:
@@ -335,11 +342,13 @@ class Bench:
             probe = self._request(method, 0, self.prompt_tokens[0], 1)
             if size == 1:
                 engine.generate(probe)
+            elif plan.samples > 1:  # n samples of one request: batched where the runner and the method can
+                engine.generate(self._request(method, 0, self.prompt_tokens[0], 1, n=size))
             else:
                 engine.batch_decoder(size)  # refuses an engine that cannot batch (the generic HF runner)
                 engine.generate_batch([probe], max_batch=size)  # ... and a method that cannot
         except ParadecError as exc:
-            if plan.explicit and size == 1:
+            if plan.explicit and (size == 1 or plan.samples > 1):
                 raise
             self._skip(outcome, str(exc))
             self._tick(self._method_ticks(size))
@@ -398,6 +407,50 @@ class Bench:
                 self._converse(group, ask(timed=False))
         for group in self._batches(size, by_category=False):
             self._converse(group, ask(timed=True))
+
+    def _run_samples(self, outcome: Outcome) -> None:
+        """One method with n samples per prompt (`--samples`): each prompt is one request of n
+        (`Engine.generate(n=...)`, its samples decoded together as one batch on the native runner, sample i seeded
+        from the prompt's seed + i), one record per prompt summing its samples. The speedup is against vanilla's
+        n samples of the same prompts; in greedy mode every sample must equal vanilla's (the first one's)."""
+        method, n, plan, engine = outcome.method, outcome.batch_size, self.plan, self.engine
+        if not self._probe(outcome):
+            return
+        for _ in range(plan.warmup):
+            for index, prompt_ids in enumerate(self.prompt_tokens):
+                engine.generate(self._request(method, index, prompt_ids, plan.max_new_tokens, n=n))
+                self._tick()
+        for index, prompt_ids in enumerate(self.prompt_tokens):
+            checked = self._request(method, index, prompt_ids, plan.max_new_tokens, n=n)
+            runs, walls = [], []
+            for _ in range(plan.repeats):
+                results, wall = self._timed(lambda checked=checked: engine.generate(checked))
+                runs.append(results)
+                walls.append(wall)
+                self._tick()
+            first = runs[0]
+            depth = max(len(r.stats.proposed_at) for r in first)
+            pid = self.prompts[index].id
+            record = RunRecord(
+                method=method,
+                category=self.prompts[index].category,
+                prompt_ids=[pid],
+                new_tokens=sum(r.stats.new_tokens for r in first),
+                wall_seconds=statistics.median(walls),
+                batch_size=n,
+                steps=sum(r.stats.steps for r in first),  # sequence steps: tau is per sample
+                proposed_tokens=sum(r.stats.proposed_tokens for r in first),
+                accepted_tokens=sum(r.stats.accepted_tokens for r in first),
+                accepted_at=_summed([r.stats.accepted_at for r in first], depth),
+                proposed_at=_summed([r.stats.proposed_at for r in first], depth),
+                prefill_seconds=None,
+                finish_reason="stop" if all(r.finish_reason == "stop" for r in first) else "length",
+            )
+            outputs = [r.token_ids for results in runs for r in results]
+            if method == "vanilla" and pid not in self.vanilla_tokens:
+                self.vanilla_tokens[pid], self.vanilla_prompts[pid] = first[0].token_ids, prompt_ids
+            self._compare(record, [prompt_ids], outputs)
+            self.records.append(record)
 
     def _remember_vanilla(self, record: RunRecord, contexts: list[list[int]], outputs: list[list[int]]) -> None:
         """Vanilla's outputs are the reference of every comparison: alone (batch size 1) when it ran so, else from

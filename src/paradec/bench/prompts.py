@@ -140,6 +140,7 @@ class Suite:
     max_new_tokens: int
     peers: str  # default --peers
     description: str
+    categories: tuple[str, ...] | None = None  # the prompts of these categories only (None = all)
 
     def prompts_path(self) -> Path:
         if self.prompts == "zoo":
@@ -178,6 +179,17 @@ SUITES = {
         256,
         "hf",
         f"code and data edits, tool calls, repeated refactors (suffix decoding's workload), {AGENTIC_MODEL}",
+    ),
+    "samples": Suite(
+        "samples",
+        "chat.jsonl",
+        None,
+        AGENTIC_MODEL,
+        256,
+        "none",
+        "the chat prompts' math and reasoning categories, for n samples of each (multisample's workload: "
+        f"--samples 8 --mode sample --temperature 0.7), {AGENTIC_MODEL}",
+        categories=("math", "reasoning"),
     ),
 }
 

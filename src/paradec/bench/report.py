@@ -128,6 +128,7 @@ def metadata(engine, plan: BenchPlan, *, command: str, argv: str, suite: str | N
         "warmup": plan.warmup,
         "repeats": plan.repeats,
         "batch_sizes": list(plan.batch_sizes),
+        "samples": plan.samples,
         "chat": plan.chat,
         "chat_template": engine.has_chat_template(),
         "turns": plan.turns,
@@ -263,8 +264,10 @@ def _exact_cell(summary: Summary, row: dict | None, greedy: bool) -> str:
     return cell
 
 
-def _sampling_text(sampling: dict) -> str:
+def _sampling_text(sampling: dict, samples: int = 1) -> str:
     text = ", ".join(f"{k}={v}" for k, v in sampling.items() if k != "seed")
+    if samples > 1:
+        return f"{text}; sample j of prompt i sampled with seed {sampling['seed']} + {samples}·i + j"
     return f"{text}; prompt i sampled with seed {sampling['seed']} + i"
 
 
@@ -301,8 +304,15 @@ def markdown(data: dict) -> str:
         f"- prompts: {meta['prompts_source']}; {counts[OVERALL]} prompts; "
         f"max_new_tokens {meta['max_new_tokens']}; warm-up {meta['warmup']}; repeats {meta['repeats']} (median)",
         _rendering_text(meta, counts[OVERALL]),
-        f"- mode: {meta['mode']}" + ("" if greedy else f" ({_sampling_text(meta['sampling'])})"),
+        f"- mode: {meta['mode']}"
+        + ("" if greedy else f" ({_sampling_text(meta['sampling'], meta.get('samples', 1))})"),
     ]
+    if meta.get("samples", 1) > 1:
+        n = meta["samples"]
+        lines.append(
+            f"- n = {n} samples of each prompt, decoded together (one request of n: the rows' @bs{n}); speedups "
+            f"are against vanilla's {n} samples, tokens/s counts every sample's"
+        )
     if meta.get("roofline"):
         r = meta["roofline"]
         lines.append(
