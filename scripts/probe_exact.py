@@ -89,6 +89,19 @@ def main() -> None:
         }
         print(name, inv[name], flush=True)
     report["invariance_linear"] = inv
+    # does a row's result depend on the row tile? If 64- and 128-row programs give the same bits, the plan may take
+    # 128 rows above M = 64 (a 64-node tree reads each weight once) and stay invariant
+    tiles = {}
+    for name, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
+        x = torch.randn(130, k, device=dev, dtype=torch.bfloat16)
+        p = mm.plan_for(w)
+        wide = mm.Plan(p.block_n, p.block_k, p.split_k, p.k_blocks, p.num_warps, p.num_stages, 128)
+        tiles[name] = {
+            f"M{m}": int((mm.linear(x[:m], w, p=p) != mm.linear(x[:m], w, p=wide)).any(-1).sum()) for m in (1, 65, 130)
+        }
+        print(name, "rows differing between 64- and 128-row tiles", tiles[name], flush=True)
+    report["rows_differing_64_vs_128_row_tiles"] = tiles
     (args.out / "probe.json").write_text(json.dumps(report, indent=1))
 
     # attention as the runner calls it: GQA folded into query rows, an additive mask, the cache padded to a bucket

@@ -361,3 +361,25 @@ def test_the_samples_suite_takes_the_math_and_reasoning_prompts():
     suite = get_suite("samples")
     prompts = [p for p in load_prompts(suite.prompts_path()) if p.category in suite.categories]
     assert {p.category for p in prompts} == {"math", "reasoning"} and len(prompts) == 16
+
+
+def test_the_timed_pass_does_not_replay_the_warm_up(model_dirs):
+    """The suffix method keeps a trie of earlier outputs: after a warm-up over the same prompts it would hold the
+    answers the timed pass is about to write. The bench makes the method forget them: the timed pass takes as many
+    steps as on an engine that never warmed up (earlier timed prompts still count, as a server's would)."""
+
+    def suffix_steps(warmup: int) -> list[int]:
+        engine = paradec.load(model_dirs["llama"], device="cpu", runner="hf")
+        bench = Bench(engine, BENCH_PROMPTS, plan(("vanilla", "suffix"), warmup=warmup, max_new_tokens=24),
+                      progress=False)  # fmt: skip
+        bench.run()
+        return [r.steps for r in bench.records if r.method == "suffix"]
+
+    cold = suffix_steps(0)
+    assert suffix_steps(1) == cold
+    engine = paradec.load(model_dirs["llama"], device="cpu", runner="hf")
+    for prompt in BENCH_PROMPTS:  # what the bench's warm-up would leave behind, kept
+        engine.generate(engine.encode(prompt.text), method="suffix", max_new_tokens=24)
+    replayed = [engine.generate(engine.encode(p.text), method="suffix", max_new_tokens=24).stats.steps
+                for p in BENCH_PROMPTS]  # fmt: skip
+    assert sum(replayed) < sum(cold)  # the test would see a replay

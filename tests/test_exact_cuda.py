@@ -110,9 +110,11 @@ def test_batched_graphs_equal_each_sequence_alone_in_fp32(exact_dirs, arch):
     assert bank.uncaptured > 0 and not bank.graphs
 
 
-def test_fused_pointwise_kernels_round_as_the_eager_ops_in_bf16():
-    """Exact mode's fused kernels round each product and sum to bf16 where the eager ops do: rope and the residual
-    add bitwise, silu * up within one bf16 ulp (its exp is the GPU's)."""
+def test_fused_pointwise_kernels_are_row_invariant_and_near_the_eager_ops_in_bf16():
+    """Exact mode's fused kernels: a row's bits do not depend on the rows beside it (what exactness needs), and
+    they stay within a bf16 ulp of the eager ops. Not bitwise equal to eager: on the H200 (2026-12-02) the fused rope
+    differed from `apply_rope` by one ulp (Triton folds the bf16 round trips between its products and the sum), so
+    graphs+exact and graphs+exact-unfused are each exact, not equal to each other."""
     import torch.nn.functional as F
 
     from paradec.kernels import norm, pointwise
@@ -123,11 +125,17 @@ def test_fused_pointwise_kernels_round_as_the_eager_ops_in_bf16():
     qk = qkv[:, : 16 * 128].view(33, 16, 128)
     angles = torch.randn(33, 1, 64, device="cuda", generator=g) * 30
     cos, sin = torch.cat([angles.cos()] * 2, -1).bfloat16(), torch.cat([angles.sin()] * 2, -1).bfloat16()
-    assert torch.equal(pointwise.rope(qk, cos, sin), apply_rope(qk, cos, sin))
+    rotated = pointwise.rope(qk, cos, sin)
+    torch.testing.assert_close(rotated, apply_rope(qk, cos, sin), rtol=8e-3, atol=8e-3)
+    assert torch.equal(pointwise.rope(qk[5:6], cos[5:6], sin[5:6]), rotated[5:6])
     x, r = (torch.randn(33, 1536, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2))
     w = torch.randn(1536, device="cuda", generator=g, dtype=torch.bfloat16)
     out, total = norm.rms_norm(x, w, 1e-6, residual=r)
     assert torch.equal(total, r + x) and torch.equal(out, norm.rms_norm(r + x, w, 1e-6))
+    alone, _ = norm.rms_norm(x[7:8], w, 1e-6, residual=r[7:8])
+    assert torch.equal(alone, out[7:8])
     gate_up = torch.randn(33, 2 * 8960, device="cuda", generator=g, dtype=torch.bfloat16)
     gate, up = gate_up.chunk(2, dim=-1)
-    torch.testing.assert_close(pointwise.silu_mul(gate_up), F.silu(gate) * up, rtol=8e-3, atol=1e-2)
+    product = pointwise.silu_mul(gate_up)
+    torch.testing.assert_close(product, F.silu(gate) * up, rtol=8e-3, atol=1e-2)
+    assert torch.equal(pointwise.silu_mul(gate_up[2:3]), product[2:3])

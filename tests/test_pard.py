@@ -156,7 +156,10 @@ def test_a_spare_mask_row_holding_nan_is_reset_and_a_diverging_fit_stops(model_d
     init_mask_embedding(draft, 3, used)  # a real, finite row is left as it is
     assert torch.equal(weight[3], keep)
     param = torch.nn.Parameter(torch.ones(2))
-    with pytest.raises(ParadecError, match=r"pard training diverged: the mean loss of steps 1\.\.1 is nan"):
+    with pytest.raises(
+        ParadecError,
+        match=r"pard training diverged: the mean loss of steps 1\.\.1 is nan \(no step of them was finite\)",
+    ):
         fit(
             [param],
             lambda index: param.sum() * float("nan"),
@@ -166,3 +169,28 @@ def test_a_spare_mask_row_holding_nan_is_reset_and_a_diverging_fit_stops(model_d
             desc="pard",
             progress=False,
         )
+
+
+def test_padding_features_do_not_reach_the_loss(model_dirs):
+    """The target's features past a window's end are padding: a NaN there (a zero weight times NaN is NaN) must not
+    make the loss or its gradient non-finite, and the loss must not depend on them at all."""
+    from transformers import AutoModelForCausalLM
+
+    from paradec.train.pard import pard_loss
+
+    torch.manual_seed(0)
+    draft = AutoModelForCausalLM.from_pretrained(model_dirs["llama-draft"])
+    vocab, hidden = draft.config.vocab_size, 16
+    lm_head = torch.randn(vocab, hidden)
+    tokens = torch.randint(3, vocab - 1, (2, 12))
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1, 7:] = False  # the second window's answer ends at position 6
+    features = torch.randn(2, 12, hidden)
+    split = torch.tensor([4, 5])  # the second row's masks reach past its end
+    args = (tokens, features, valid, split, 4, vocab - 1, 0)
+    clean = pard_loss(draft, lm_head, *args)
+    features[1, 7:] = float("nan")
+    poisoned = pard_loss(draft, lm_head, *args)
+    poisoned.backward()
+    assert torch.isfinite(poisoned) and torch.equal(clean, poisoned)
+    assert all(torch.isfinite(p.grad).all() for p in draft.parameters() if p.grad is not None)

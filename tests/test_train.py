@@ -4,6 +4,7 @@ heads that, once trained, are picked up by `paradec.load` and keep greedy output
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -376,3 +377,32 @@ def test_fused_eagle_loss_drops_the_regression(toy):
     assert losses[True, 0.0] == losses[True, 5.0] and losses[False, 0.0] < losses[False, 5.0]
     with pytest.raises(ValueError, match="layer_features"):
         eagle_loss(head, target.embed, target.lm_head, data.tokens, data.features, data.valid)
+
+
+def test_a_step_with_a_non_finite_loss_changes_no_weight_and_is_counted():
+    """One overflowing batch is skipped on the device (its gradients zeroed before AdamW steps, so no NaN reaches a
+    weight) and counted in the result; more than MAX_SKIPPED of the steps is divergence."""
+    from paradec.train.loop import MAX_SKIPPED
+
+    param = torch.nn.Parameter(torch.ones(3))
+    calls = []
+
+    def loss_fn(index):
+        calls.append(len(calls))
+        scale = float("nan") if len(calls) == 7 else 1.0
+        return ((param - 2.0) ** 2).sum() * scale
+
+    settings = TrainSettings(steps=40, batch_size=2, lr=1e-2, warmup=1)
+    result = fit([param], loss_fn, 4, settings, CPU, progress=False)
+    assert result.skipped == 1 and result.to_dict()["skipped_steps"] == 1
+    assert torch.isfinite(param).all() and result.final_loss < result.first_loss
+    assert all(math.isfinite(loss) for _, loss in result.history)
+    every_third = [0]
+
+    def mostly_bad(index):
+        every_third[0] += 1
+        return param.sum() * (float("nan") if every_third[0] % 3 == 0 else 1.0)
+
+    assert MAX_SKIPPED < 1 / 3
+    with pytest.raises(ParadecError, match=r"had a non-finite loss or gradient"):
+        fit([param], mostly_bad, 4, settings, CPU, progress=False)

@@ -405,6 +405,7 @@ class Bench:
         for _ in range(plan.warmup):
             for group in self._batches(size, by_category=False):
                 self._converse(group, ask(timed=False))
+        self._forget(method)
         for group in self._batches(size, by_category=False):
             self._converse(group, ask(timed=True))
 
@@ -420,6 +421,7 @@ class Bench:
             for index, prompt_ids in enumerate(self.prompt_tokens):
                 engine.generate(self._request(method, index, prompt_ids, plan.max_new_tokens, n=n))
                 self._tick()
+        self._forget(method)
         for index, prompt_ids in enumerate(self.prompt_tokens):
             checked = self._request(method, index, prompt_ids, plan.max_new_tokens, n=n)
             runs, walls = [], []
@@ -451,6 +453,12 @@ class Bench:
                 self.vanilla_tokens[pid], self.vanilla_prompts[pid] = first[0].token_ids, prompt_ids
             self._compare(record, [prompt_ids], outputs)
             self.records.append(record)
+
+    def _forget(self, method: str) -> None:
+        """Before a timed pass: the method forgets the warm-up's text (`Method.forget`), which holds the very answers
+        the timed pass is about to write (the suffix method's trie of earlier outputs would replay them). What
+        the timed pass's earlier prompts wrote stays, as a server's earlier requests would."""
+        self.engine.method(method).forget()
 
     def _remember_vanilla(self, record: RunRecord, contexts: list[list[int]], outputs: list[list[int]]) -> None:
         """Vanilla's outputs are the reference of every comparison: alone (batch size 1) when it ran so, else from
@@ -509,6 +517,7 @@ class Bench:
         for _ in range(plan.warmup):
             for index in range(len(self.prompts)):
                 self._converse([index], untimed)
+        self._forget(method)
         for index in range(len(self.prompts)):
             self._converse([index], timed)
 

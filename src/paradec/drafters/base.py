@@ -107,6 +107,11 @@ class Method:
         self.name = drafter_class.name
         self.defaults: Options = drafter_class.options_class()
 
+    def forget(self) -> None:
+        """Drop what the method learned from earlier generations' text (a benchmark calls it between its warm-up and
+        its timed pass: a warm-up's outputs are the timed pass's answers). Measured costs are kept. This base
+        learns nothing from text."""
+
     def limits(self) -> dict[str, int]:
         """This engine's bounds of the method's options, by `paradec.drafters.options.LIMITS` name."""
         target = self.resources.target

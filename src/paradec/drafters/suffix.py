@@ -243,6 +243,10 @@ class SuffixMethod(Method):
             self.tries[depth] = GlobalSuffixTrie(depth, self.max_sequences, self.max_tokens, self.max_nodes)
         return self.tries[depth]
 
+    def forget(self) -> None:
+        """Empty the tries of earlier outputs."""
+        self.tries.clear()
+
     def open(self, options: SuffixOptions) -> SuffixDrafter:
         return SuffixDrafter(self, options)
 

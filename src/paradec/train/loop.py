@@ -3,6 +3,10 @@
 A trainer hands `fit` the parameters to train and a function from a batch of sequence indices to a scalar loss;
 the data already live on the device, so a step does no host work beyond drawing the indices. The loss is read
 back to the host only every `LOG_EVERY` steps (for the progress bar and the history).
+
+A step whose loss or gradient is not finite (one batch's overflow) changes no weight: its gradients are zeroed on
+the device before the optimizer step (no host sync), and it is counted. Training stops with an error when every step
+of a logging window was so skipped, or more than `MAX_SKIPPED` of all steps were: that is divergence, not a batch.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from tqdm import tqdm
 from paradec.errors import ParadecError
 
 LOG_EVERY = 10
+MAX_SKIPPED = 0.05  # the largest share of steps whose non-finite loss or gradient may be skipped
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class FitResult:
     first_loss: float  # loss of the first step
     final_loss: float  # mean loss of the last logged window
     history: list[tuple[int, float]]  # (step, mean loss over the window ending there)
+    skipped: int = 0  # steps whose loss or gradient was not finite: no weight changed
 
     def to_dict(self) -> dict:
         return {
@@ -65,6 +71,7 @@ class FitResult:
             "seconds": round(self.seconds, 1),
             "first_loss": round(self.first_loss, 4),
             "final_loss": round(self.final_loss, 4),
+            "skipped_steps": self.skipped,
         }
 
 
@@ -101,7 +108,9 @@ def fit(
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     generator = torch.Generator().manual_seed(settings.seed)
     history: list[tuple[int, float]] = []
-    window = torch.zeros((), device=device)
+    window = torch.zeros((), device=device)  # sum of the finite losses since the last log
+    finite_steps = torch.zeros((), device=device)  # their count
+    skipped = 0
     first = math.nan
     started = time.perf_counter()
     bar = tqdm(range(settings.steps), desc=desc, unit="step", disable=not progress)
@@ -112,22 +121,32 @@ def fit(
         with autocast(device, target_dtype):
             loss = loss_fn(index)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+        ok = torch.isfinite(norm) & torch.isfinite(loss.detach())
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:  # a non-finite step's gradients become zeros (NaN * 0 stays NaN: where, not a product)
+            torch._foreach_copy_(grads, [torch.where(ok, g, 0.0) for g in grads])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        window += loss.detach().float()
+        window += torch.where(ok, loss.detach().float(), 0.0)
+        finite_steps += ok
         if step == 0:
             first = float(loss.detach())
         done = step + 1
         if done % LOG_EVERY == 0 or done == settings.steps:
             size = LOG_EVERY if done % LOG_EVERY == 0 else done % LOG_EVERY
-            mean = float(window) / size
-            if not math.isfinite(mean):
+            kept = int(finite_steps)
+            skipped += size - kept
+            if kept == 0 or skipped > MAX_SKIPPED * settings.steps:
+                what = f"is {float(window) / kept}" if kept else "is nan (no step of them was finite)"
                 raise ParadecError(
-                    f"{desc} training diverged: the mean loss of steps {done - size + 1}..{done} is {mean} "
-                    "(lower --lr, or check the data); nothing was saved"
+                    f"{desc} training diverged: the mean loss of steps {done - size + 1}..{done} {what}; {skipped} "
+                    f"of {done} steps so far had a non-finite loss or gradient (lower --lr, or check the data); "
+                    "nothing was saved"
                 )
+            mean = float(window) / kept
             history.append((done, mean))
             window.zero_()
+            finite_steps.zero_()
             bar.set_postfix(loss=f"{mean:.4f}")
-    return FitResult(settings.steps, time.perf_counter() - started, first, history[-1][1], history)
+    return FitResult(settings.steps, time.perf_counter() - started, first, history[-1][1], history, skipped)

@@ -90,14 +90,17 @@ def pard_loss(
     inputs, attention, rows, positions, sources = pard_batch(tokens.cpu(), split.cpu(), k, mask, pad)
     inputs, attention = inputs.to(device), attention.to(device)
     rows, positions, sources = rows.to(device), positions.to(device), sources.to(device)
-    keep = valid[rows, sources + 1]  # the label token is real (not past the target's end of text)
+    # only where the label token is real (not past the target's end of text): the target's features there are
+    # padding, and a non-finite one would turn the whole loss to NaN even times a zero weight
+    keep = valid[rows, sources + 1].nonzero().squeeze(1)
+    rows, positions, sources = rows[keep], positions[keep], sources[keep]
     logits = draft(input_ids=inputs, attention_mask=attention).logits[rows, positions]  # [M, Vd]
     width = min(logits.shape[-1], lm_head.shape[0])
     with torch.no_grad():
         target_logp = F.log_softmax((features[rows, sources] @ lm_head[:width].t()).float(), -1)
     logp = F.log_softmax(logits[..., :width].float(), -1)
     kl = F.kl_div(logp, target_logp, log_target=True, reduction="none").sum(-1)  # [M]
-    return (kl * keep).sum() / keep.sum().clamp_min(1)
+    return kl.sum() / max(1, kl.shape[0])
 
 
 @torch.no_grad()
