@@ -22,6 +22,10 @@
 #   start-m3 start issue 19's chain, then start-exact's benches: PARD trained from the 0.5B beside the CUDA tests;
 #            suffix on the agentic and chat suites; multisample at n = 8 (suite `samples`, temperature 0.7);
 #            pard and draft (the stock 0.5B) on code-chat; start-exact's benches; pard and draft on chat; the probe
+#   start-m4 what start-m3 left unmeasured: Qwen's EAGLE + Medusa and PARD trained beside the CUDA tests; suffix on
+#            agentic and chat (the bench now forgets the warm-up); pard vs draft on code-chat; every method exact on
+#            both targets; multisample exact at n = 8; the exact server under load (.whl/ must carry fastapi,
+#            uvicorn, pydantic: see start-batch); pard on chat; the probe
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log,
 #            and copy what it wrote so far to $OUT, as collect does
 #   collect  copy what the chain wrote (tar files, logs) to $OUT
@@ -263,9 +267,39 @@ m3_part() {  # issue 19's three methods first (PARD trained beside the CUDA test
     exact_probe
 }
 
+m4_part() {  # what the 2026-12-02 runs left unmeasured, the most wanted first (issues 19, 17, 18)
+    set -e
+    mkdir -p $RES
+    local pard=$HOME/.cache/paradec/models/$Q15/heads/pard every=vanilla,pld,lookahead,jacobi,layerskip,suffix
+    prepare_exact
+    wait
+    # the trainings beside the CUDA tests (nothing is timed meanwhile); medusa reuses eagle's self-chat windows
+    (train $Q15 eagle $QWEN_TRAIN; train $Q15 medusa $QWEN_TRAIN) &
+    (train $Q15 pard $QWEN_TRAIN; tar cf $RES/pard.tar --exclude='*.safetensors' -C "$(dirname $pard)" pard || true) &
+    exact_tests
+    wait
+    tar cf $RES/q15-cards.tar --exclude=data-cache --exclude='*.safetensors' -C "$HOME/.cache/paradec/models" \
+        $Q15/heads || true
+    CODE_PC=2 bench $Q15 agentic q15-agentic $DRAFT --methods vanilla,pld,suffix $QWEN_BENCH
+    bench $Q15 chat q15-chat-suffix --methods vanilla,pld,suffix $QWEN_BENCH
+    if [ -f $pard/config.json ]; then
+        bench $Q15 code-chat q15-code-chat-pard --draft $pard --methods vanilla,pard $QWEN_BENCH
+        bench $Q15 code-chat q15-code-chat-draft $DRAFT --methods vanilla,draft $QWEN_BENCH
+    fi
+    bench $Q15 chat q15-chat--exact-every $DRAFT --methods "$(with_heads $Q15 $every,draft)" --exact $QWEN_BENCH
+    bench $SMOL chat smol-chat--exact-every --methods "$every,eagle,medusa" --exact $SMOL_BENCH
+    bench $Q15 samples q15-samples--exact --per-category 2 --samples 8 --methods vanilla,multisample --exact \
+        $QWEN_BENCH
+    echo "LOAD $(date +%T)"
+    pd bench --suite chat --per-category 4 --model $Q15 --methods vanilla,pld --concurrency 1,16,32 --exact \
+        --out $RES/q15-load--exact --quiet || echo "load exit $?"
+    [ -f $pard/config.json ] && bench $Q15 chat q15-chat-pard --draft $pard --methods vanilla,pard $QWEN_BENCH
+    exact_probe
+}
+
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
     export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain batch_part \
-        new_methods_part m2_chain exact_part prepare_exact exact_tests exact_benches exact_probe m3_part
+        new_methods_part m2_chain exact_part prepare_exact exact_tests exact_benches exact_probe m3_part m4_part
     snapshot
     rm -f $DONE
     # its own bash, so that `set -e` ends the part alone
@@ -279,9 +313,9 @@ stage)
     fi
     bash .gpu-chunks/stage.sh
     ;;
-start|start-new|start-batch|start-m2|start-exact|start-m3)
+start|start-new|start-batch|start-m2|start-exact|start-m3|start-m4)
     declare -A PART=([start]=chain [start-new]=new_methods_part [start-batch]=batch_part [start-m2]=m2_chain
-        [start-exact]=exact_part [start-m3]=m3_part)
+        [start-exact]=exact_part [start-m3]=m3_part [start-m4]=m4_part)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     launch "${PART[$1]}"
     sleep 20
@@ -301,7 +335,7 @@ bench)
     tail -n 3 $LOG
     ;;
 *)
-    echo "usage: $0 stage|start|start-new|start-batch|start-m2|start-exact|start-m3|wait|collect|bench" >&2
+    echo "usage: $0 stage|start|start-new|start-batch|start-m2|start-exact|start-m3|start-m4|wait|collect|bench" >&2
     exit 2
     ;;
 esac
