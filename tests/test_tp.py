@@ -232,3 +232,55 @@ def test_bench_runs_on_two_ranks_and_rank_0_writes(exact_dirs, tmp_path, capsys)
     ):
         assert main([*common[:-3], "--quiet", *extra, "--tensor-parallel", "2"]) == 2
         assert message in capsys.readouterr().err
+
+
+def _post(url: str, body: dict, *, stream: bool = False):
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        url + "/v1/completions", json.dumps({**body, "stream": stream}).encode(), {"Content-Type": "application/json"}
+    )
+    response = urllib.request.urlopen(request, timeout=120)
+    return response if stream else json.loads(response.read())
+
+
+def test_the_server_on_two_ranks_answers_as_one_process_and_survives_a_disconnect(exact_dirs, tmp_path):
+    """`paradec serve --tensor-parallel 2`: rank 0 serves HTTP and broadcasts each request, both ranks decode it.
+    Greedy answers equal one process's; n = 2 works; a streamed request whose client leaves after one event still
+    finishes on both ranks, so the next request finds them in step; SIGTERM to the spawning process drains rank 0,
+    which stops rank 1: everything exits."""
+    from paradec.bench.load import Server
+
+    model = str(exact_dirs["qwen2"][0])
+    engine = paradec.load(model, device="cpu", runner="native")
+    expected = [engine.generate(p, method="pld", max_new_tokens=16).text for p in PROMPTS]
+    args = ["--model", model, "--device", "cpu", "--runner", "native", "--method", "pld", "--tensor-parallel", "2"]
+    server = Server(args, tmp_path / "server.log")
+    try:
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(server.url + "/v1/models", timeout=60) as response:
+            name = json.loads(response.read())["data"][0]["id"]
+        ask = {"model": name, "max_tokens": 16, "temperature": 0}
+        assert [_post(server.url, {**ask, "prompt": p})["choices"][0]["text"] for p in PROMPTS] == expected
+        stream = _post(server.url, {**ask, "prompt": PROMPTS[0], "max_tokens": 200}, stream=True)
+        stream.readline()
+        stream.close()  # the client leaves; both ranks still decode the request to its end
+        two = _post(server.url, {**ask, "prompt": PROMPTS[1], "n": 2})
+        assert [c["text"] for c in two["choices"]] == [expected[1]] * 2
+        assert _post(server.url, {**ask, "prompt": PROMPTS[0]})["choices"][0]["text"] == expected[0]
+        with urllib.request.urlopen(server.url + "/metrics", timeout=60) as response:
+            metrics = response.read().decode()
+        assert 'paradec_generations_total{method="pld",outcome="disconnect"} 1.0' in metrics  # it was cut short
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0, (tmp_path / "server.log").read_text()[-2000:]
+
+
+def test_serving_on_two_ranks_refuses_a_batch(capsys):
+    from paradec.cli import main
+
+    assert main(["serve", "--device", "cpu", "--tensor-parallel", "2", "--max-batch", "4"]) == 2
+    assert "--tensor-parallel serves one request at a time" in capsys.readouterr().err

@@ -130,10 +130,10 @@ def make_scheduler(
     return EngineWorker(max_queue=config.max_queue, on_report=on_report)
 
 
-def create_app(engine: paradec.Engine, config: ServerConfig) -> FastAPI:
-    """The app serving `engine`; its scheduler (`make_scheduler`) starts and stops with the app (ASGI lifespan).
-    `app.state.drain(hurry)` is its graceful shutdown (see the module docstring)."""
-    worker = make_scheduler(engine, config)
+def create_app(engine: paradec.Engine, config: ServerConfig, scheduler: Scheduler | None = None) -> FastAPI:
+    """The app serving `engine`; its scheduler (`make_scheduler`'s, or `scheduler`) starts and stops with the app
+    (ASGI lifespan). `app.state.drain(hurry)` is its graceful shutdown (see the module docstring)."""
+    worker = make_scheduler(engine, config) if scheduler is None else scheduler
     metrics = ServerMetrics(lambda: worker.queue_depth, lambda: worker.running)
     worker.on_report = metrics.observe
     if hasattr(worker, "on_step"):

@@ -54,6 +54,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(layerskip) run alone, between batches",
     )
     serve.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="shard the target over N ranks as `paradec generate --tensor-parallel` does (spawned, or joined under "
+        "torchrun): rank 0 serves HTTP and broadcasts each request to the others, which decode it with it; one "
+        "request at a time (--max-batch 1), and a cancelled request still finishes on every rank (default 1)",
+    )
+    serve.add_argument(
         "--speculate",
         choices=("auto", "always", "never"),
         default="auto",
@@ -115,11 +124,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_connections < 1:
         raise ParadecError(f"--max-connections must be >= 1, got {args.max_connections}")
     parse_options(get_drafter(args.method), dict(args.opt))
-    try:
-        from paradec.server.app import ServerConfig, create_app
-        from paradec.server.runtime import ConnectionLimits, serve
+    try:  # fastapi and uvicorn: the serve extra
+        import paradec.server.app
+        import paradec.server.runtime  # noqa: F401
     except ImportError as exc:
         raise ParadecError(f"paradec serve needs the 'serve' extra: pip install 'paradec[serve]' ({exc})") from exc
+
+    if args.tensor_parallel != 1:
+        from paradec.runners.native import tp
+
+        if args.max_batch not in (None, 1):
+            raise ParadecError(
+                f"--tensor-parallel serves one request at a time (no batched runner over a sharded model yet): "
+                f"--max-batch must be 1, got {args.max_batch}"
+            )
+        args.max_batch = 1
+        return tp.run_ranks(args.tensor_parallel, _serve, args)  # each rank runs _serve
+    return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Load the engine and serve it (under --tensor-parallel: rank 0 serves, the other ranks follow it)."""
+    from paradec.server.app import ServerConfig, create_app
+    from paradec.server.runtime import ConnectionLimits, serve
 
     engine = load_engine(args)
     # --opt: the engine's defaults for --method, its settings included (eagle's compile, which requests may not
@@ -139,7 +166,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         speculate=args.speculate,
     )
     _log_to_stderr(args.log_level)
-    app = create_app(engine, config)
+    scheduler = None
+    if args.tensor_parallel != 1:
+        import torch.distributed as dist
+
+        from paradec.server import tp
+
+        if dist.get_rank() != 0:
+            return tp.follow(engine)
+        scheduler = tp.TensorParallelWorker(max_queue=config.max_queue)
+    app = create_app(engine, config, scheduler)
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -30,8 +30,10 @@ are kept on rank 0 only (the all-reduce adds the partial products).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -185,13 +187,38 @@ def run_ranks(world: int, fn, args, *, timeout_s: float = 300.0) -> int:
 
     with tempfile.TemporaryDirectory(prefix="paradec-tp-") as tmp:
         try:
-            mp.spawn(_spawned, args=(world, f"file://{tmp}/rendezvous", fn, args, timeout_s, tmp), nprocs=world)
+            ranks = mp.spawn(
+                _spawned, args=(world, f"file://{tmp}/rendezvous", fn, args, timeout_s, tmp), nprocs=world, join=False
+            )
+            with _forwarding_signals_to(ranks.processes[0].pid):
+                while not ranks.join():
+                    pass
         except mp.ProcessExitedException as exc:
             raise ParadecError(f"tensor parallel: rank {exc.error_index} exited with code {exc.exit_code}") from exc
         except mp.ProcessRaisedException as exc:
             raise ParadecError(f"tensor parallel: a rank failed:\n{exc}") from exc
         with open(f"{tmp}/rank0.code") as f:
             return int(f.read().strip())
+
+
+@contextlib.contextmanager
+def _forwarding_signals_to(pid: int):
+    """SIGTERM / SIGINT sent to this (spawning) process go to rank 0 (a server drains, then stops the others),
+    instead of ending this process and leaving the ranks behind. Only where signals can be set (the main thread)."""
+
+    def forward(signum, frame) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    previous = {}
+    with contextlib.suppress(ValueError):  # not the main thread: nothing to forward
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, forward)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _spawned(rank: int, world: int, init_method: str, fn, args, timeout_s: float, tmp: str) -> None:
