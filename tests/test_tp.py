@@ -284,3 +284,23 @@ def test_serving_on_two_ranks_refuses_a_batch(capsys):
 
     assert main(["serve", "--device", "cpu", "--tensor-parallel", "2", "--max-batch", "4"]) == 2
     assert "--tensor-parallel serves one request at a time" in capsys.readouterr().err
+
+
+def test_the_load_bench_starts_a_server_on_two_ranks(exact_dirs, tmp_path, capsys):
+    """`bench --concurrency N --tensor-parallel 2`: the bench process drives a server it starts with
+    `--tensor-parallel 2` (one request at a time), and every answer equals the one-client answer."""
+    import json
+
+    from paradec.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    out = tmp_path / "out"
+    args = ["bench", "--model", str(exact_dirs["qwen2"][0]), "--runner", "native", "--device", "cpu"]
+    args += ["--prompts", str(prompts), "--methods", "pld", "--max-new-tokens", "12", "--concurrency", "1,2"]
+    assert main([*args, "--tensor-parallel", "2", "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
+    data = json.loads((out / "load.json").read_text())
+    assert all(r["errors"] == 0 and r["equal"] == r["compared"] == r["requests"] for r in data["rounds"])
+    assert "batch 1, tensor parallel 2)" in data["meta"]["server"]
+    assert main([*args, "--tensor-parallel", "2", "--url", "http://127.0.0.1:9", "--out", str(out)]) == 2
+    assert "--tensor-parallel with --url" in capsys.readouterr().err

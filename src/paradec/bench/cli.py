@@ -126,7 +126,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="shard the target over N ranks as `paradec generate --tensor-parallel` does (spawned, or joined under "
         "torchrun): every rank runs the same bench, rank 0 prints and writes the results; the method table at "
-        "batch size 1 only, no --peers, no --concurrency (default: 1, one process)",
+        "batch size 1 only, no --peers; with --concurrency the started server runs the ranks (`paradec serve "
+        "--tensor-parallel N`, one request at a time) (default: 1, one process)",
     )
     bench.set_defaults(func=cmd_bench)
 
@@ -232,8 +233,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from paradec.runners.native import tp
 
     suite = get_suite(args.suite) if args.suite is not None else None
-    if args.concurrency is not None:
-        raise ParadecError("--tensor-parallel runs the method table, not --concurrency (the server is one process)")
+    if args.concurrency is not None:  # the server it starts runs the ranks (`paradec serve --tensor-parallel`)
+        return _bench(args)
     if parse_peers(args.peers if args.peers is not None else suite.peers if suite else None):
         raise ParadecError("--tensor-parallel benchmarks paradec's methods only: pass --peers none")
     if batch_sizes(args.batch_sizes) != (1,):
@@ -344,6 +345,8 @@ def _load_mode(args, prompts, methods, model, draft, max_new_tokens: int, source
         raise ParadecError("--concurrency measures greedy decoding (its answers are compared): drop --mode sample")
     server = None
     url = args.url
+    if url is not None and (args.tensor_parallel or 1) > 1:
+        raise ParadecError("--tensor-parallel with --url: the running server was started with its own ranks")
     if url is None:
         serve = [] if model is None else ["--model", str(model)]
         serve += [] if draft is None else ["--draft", str(draft)]
@@ -353,6 +356,12 @@ def _load_mode(args, prompts, methods, model, draft, max_new_tokens: int, source
         requests = max(len(prompts), 2 * max(concurrency))
         batch = max(concurrency) if args.server_batch is None else args.server_batch
         _positive("--server-batch", batch)
+        world = args.tensor_parallel or 1
+        if world > 1:  # the server shards the target; it serves one request at a time
+            if args.server_batch not in (None, 1):
+                raise ParadecError(f"--tensor-parallel {world} serves one request at a time: --server-batch 1")
+            serve += ["--tensor-parallel", str(world)]
+            batch = 1
         serve += ["--max-batch", str(batch), "--max-queue", str(requests + 1), "--timeout", "3600"]
         args.out.mkdir(parents=True, exist_ok=True)
         server = load.Server(serve, args.out / "server.log")
@@ -367,6 +376,7 @@ def _load_mode(args, prompts, methods, model, draft, max_new_tokens: int, source
     meta = {
         "command": command_line(args),
         "url": url,
+        "server": None if server is None else server.banner,
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "prompts": f"{len(prompts)} prompts of {source}",
         "max_new_tokens": max_new_tokens,

@@ -274,6 +274,7 @@ class Server:
             self.stop()
             raise ParadecError(f"paradec serve did not start (its log: {log}): {line.strip()!r}")
         self.url = line.rsplit(" ", 1)[1].strip()
+        self.banner = line.strip()  # what it serves, and how (its start line)
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep the pipe drained
 
     def stop(self) -> None:

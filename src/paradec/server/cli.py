@@ -181,7 +181,8 @@ def _serve(args: argparse.Namespace) -> int:
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     batch = getattr(app.state.scheduler, "max_batch", 1)
     print(
-        f"paradec serve: {config.model_name!r} (method {args.method}, runner {engine.config.runner}, batch {batch}) "
+        f"paradec serve: {config.model_name!r} (method {args.method}, runner {engine.config.runner}, batch {batch}"
+        f"{'' if args.tensor_parallel == 1 else f', tensor parallel {args.tensor_parallel}'}) "
         f"listening on {url}",
         flush=True,
     )
