@@ -187,6 +187,36 @@ def test_steps_without_speculation_keep_the_output(code_engine, method):
         assert item.result.token_ids == alone(code_engine, prompt, method).token_ids
 
 
+class Scripted(SpeculationPolicy):
+    """On for the first `on` steps, then off; records what each step was told."""
+
+    def __init__(self, on: int) -> None:
+        super().__init__("auto")
+        self.on, self.seen = on, []
+
+    def speculate(self, taus, proposed) -> bool:
+        self.seen.append((list(taus), list(proposed)))
+        return len(self.seen) <= self.on
+
+
+def test_the_policy_weighs_the_speculative_steps_only(code_engine):
+    """The tokens per step (and draft inputs per step) the policy weighs are those of the steps that speculated:
+    steps with speculation off emit one token each and must not talk it out of speculating for good (the overall τ
+    sinks towards 1 while speculation is off; on the H200 a batch of 8 samples then speculated in 7% of its steps)."""
+    decoder = code_engine.batch_decoder(2)
+    decoder.policy = Scripted(on=10)
+    items = [decoder.submit(code_engine.request(p, method="pld", max_new_tokens=48)) for p in PROMPTS[0:3:2]]
+    for _ in decoder.run(items):
+        pass
+    both = [seen for seen in decoder.policy.seen if len(seen[0]) == 2]  # the steps before one of them finished
+    assert len(both) > 25
+    after_on, later = both[10], both[-1]
+    assert all(tau > 1.0 for tau in after_on[0]) and all(n > 0 for n in after_on[1])  # pld copied on these prompts
+    assert later == after_on  # twenty-odd steps without speculation changed neither estimate
+    assert [it.spec_steps for it in items] == [10, 10], [it.spec_steps for it in items]
+    assert items[0].decoding.stats.tau < after_on[0][0]  # the overall τ, which counts the plain steps, is lower
+
+
 def test_policy_turns_speculation_off_when_verification_costs_more():
     policy = SpeculationPolicy("auto")
     assert policy.speculate([3.0] * 4, [5.0] * 4)  # no timings yet: speculate
@@ -303,3 +333,22 @@ def test_a_failed_step_fails_its_sequences_and_the_decoder_goes_on(code_engine, 
     for _ in decoder.run([again]):
         pass
     assert again.result.token_ids == alone(code_engine, PROMPTS[2], "pld").token_ids
+
+
+def test_a_step_that_captured_a_graph_is_not_timed(code_engine, monkeypatch):
+    """A CUDA graph's capture makes its step slow once: the policy's fit must not take that for the step's cost."""
+    decoder = code_engine.batch_decoder(2)
+    runner = type(decoder.runner)
+    steps = {"n": 0}
+    forward = runner.forward
+
+    def counting(self, *args, **kwargs):
+        steps["n"] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "forward", counting)
+    monkeypatch.setattr(runner, "graphs_captured", property(lambda self: min(steps["n"], 3)))  # the first 3 steps
+    item = decoder.submit(code_engine.request(PROMPTS[0], method="pld", max_new_tokens=20))
+    for _ in decoder.run([item]):
+        pass
+    assert decoder.steps > 5 and len(decoder.policy.samples) == decoder.steps - 3

@@ -23,8 +23,8 @@ class propose together (`Drafter.propose_all`): the draft model runs one forward
 pooled by the engine) and drafts its tree per sequence. Layerskip runs the target's own layers through views that
 serve one sequence, so it is not batched yet (`Drafter.batchable`): a batch refuses it with a clear error.
 
-Speculation policy (`SpeculationPolicy`): from the measured step times it fits t(N) = a + b·N (N: the forward's
-inputs) and keeps each sequence's tokens per speculative step; each step it compares the expected tokens per second
+Speculation policy (`SpeculationPolicy`): from the measured step times (a step that captured a CUDA graph is not
+counted: it timed the capture) it fits t(N) = a + b·N (N: the forward's inputs) and keeps each sequence's tokens per speculative step; each step it compares the expected tokens per second
 of speculating (Σ τ_b / t(N_spec)) with that of plain decoding (B / t(B)) and turns proposals off for the step when
 plain decoding wins (a large batch on a compute-bound forward), probing speculation again now and then.
 
@@ -75,6 +75,10 @@ class BatchItem:
     draft_slot: int | None = None
     group: SampleGroup | None = None  # the samples of its request, when it asked for n > 1
     sample: int = 0  # its index among them (its choice's index)
+    # its steps with speculation on (`SpeculationPolicy`), the tokens they emitted and the draft inputs they scored
+    spec_steps: int = 0
+    spec_tokens: int = 0
+    spec_inputs: int = 0
 
     @property
     def done(self) -> bool:
@@ -225,6 +229,22 @@ class SpeculationPolicy:
 
     def observe(self, inputs: int, seconds: float) -> None:
         self.samples.append((inputs, seconds))
+
+
+def speculative_rates(items: list[BatchItem]) -> tuple[list[float], list[float]]:
+    """Per sequence, over its steps with speculation on: tokens emitted per step and draft inputs scored per step,
+    what `SpeculationPolicy.speculate` weighs. Not the sequence's overall τ: that also counts the steps the policy
+    turned speculation off (one token each), so it would sink towards 1 while speculation is off and keep it off for
+    good. A sequence without such a step yet takes the others' mean (none has one: 1 token, 1 input)."""
+    known = [it for it in items if it.spec_steps]
+    if known:
+        default_tau = sum(it.spec_tokens / it.spec_steps for it in known) / len(known)
+        default_inputs = sum(it.spec_inputs / it.spec_steps for it in known) / len(known)
+    else:
+        default_tau, default_inputs = 1.0, 1.0
+    taus = [it.spec_tokens / it.spec_steps if it.spec_steps else default_tau for it in items]
+    inputs = [it.spec_inputs / it.spec_steps if it.spec_steps else default_inputs for it in items]
+    return taus, inputs
 
 
 class _SeqResources:
@@ -413,12 +433,10 @@ class BatchDecoder:
 
     def _decode(self, items: list[BatchItem]) -> list[BatchItem]:
         started = time.perf_counter()
-        taus = [it.decoding.stats.tau or 1.0 for it in items]
-        proposed = [
-            it.decoding.stats.proposed_tokens / it.decoding.stats.steps if it.decoding.stats.steps else 1.0
-            for it in items
-        ]
-        cap = None if self.policy.speculate(taus, proposed) else 0
+        taus, proposed = speculative_rates(items)
+        speculating = self.policy.speculate(taus, proposed)
+        cap = None if speculating else 0
+        captured = self.runner.graphs_captured
         # one forward per kind of hidden state the drafters need: those that need none join any group
         groups: dict[object, list[BatchItem]] = {}
         for it in items:
@@ -443,6 +461,11 @@ class BatchDecoder:
                 continue
             inputs += step.size
             kept = _kept_hidden(step, verdicts, out.hidden)
+            if speculating:
+                for it, verdict in zip(group, verdicts, strict=True):
+                    it.spec_steps += 1
+                    it.spec_tokens += len(verdict.tokens)
+                    it.spec_inputs += verdict.proposed
             for b, it in enumerate(group):
                 piece = it.decoding.advance(step, b, verdicts[b], out.hidden, kept=kept[b])
                 if piece:
@@ -454,7 +477,8 @@ class BatchDecoder:
         self.steps += 1
         self.batch_sizes.append(len(items))
         self.step_inputs.append(inputs)
-        self.policy.observe(inputs, time.perf_counter() - started)
+        if self.runner.graphs_captured == captured:  # a step that captured a graph timed the capture, not the step
+            self.policy.observe(inputs, time.perf_counter() - started)
         return touched
 
     def _verify(self, step: Step, group: list[BatchItem], logits: torch.Tensor) -> list[Verdict]:
