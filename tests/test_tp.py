@@ -228,8 +228,7 @@ def test_bench_runs_on_two_ranks_and_rank_0_writes(exact_dirs, tmp_path, capsys)
     for extra, message in (
         (["--peers", "hf"], "pass --peers none"),
         (["--batch-sizes", "1,2"], "batch size 1 only"),
-        (["--concurrency", "2"], "not --concurrency"),
-    ):
+    ):  # (--concurrency with --tensor-parallel drives a server on N ranks: test_the_load_bench_starts_...)
         assert main([*common[:-3], "--quiet", *extra, "--tensor-parallel", "2"]) == 2
         assert message in capsys.readouterr().err
 
