@@ -113,6 +113,27 @@ def _summed(counts: list[list[int]], depth: int) -> list[int]:
     return [sum(c[i] for c in counts if i < len(c)) for i in range(depth)]
 
 
+def _summed_record(method: str, category: str, prompt_ids: list[str], results, walls: list[float], size: int):
+    """One record of sequences decoded together (a batch, or a request's n samples): their counts summed (steps
+    are sequence steps, so τ is per sequence), the median of the repeats' wall times."""
+    depth = max(len(r.stats.proposed_at) for r in results)
+    return RunRecord(
+        method=method,
+        category=category,
+        prompt_ids=prompt_ids,
+        new_tokens=sum(r.stats.new_tokens for r in results),
+        wall_seconds=statistics.median(walls),
+        batch_size=size,
+        steps=sum(r.stats.steps for r in results),
+        proposed_tokens=sum(r.stats.proposed_tokens for r in results),
+        accepted_tokens=sum(r.stats.accepted_tokens for r in results),
+        accepted_at=_summed([r.stats.accepted_at for r in results], depth),
+        proposed_at=_summed([r.stats.proposed_at for r in results], depth),
+        prefill_seconds=None,
+        finish_reason="stop" if all(r.finish_reason == "stop" for r in results) else "length",
+    )
+
+
 def _options_dict(options: Any) -> dict:
     return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
 
@@ -378,23 +399,10 @@ class Bench:
                 first = runs[0]
                 if not timed:
                     return [r.token_ids for r in first]
-                depth = max(len(r.stats.proposed_at) for r in first)
                 categories = {self.prompts[i].category for i in asked}
-                record = RunRecord(
-                    method=method,
-                    category=categories.pop() if len(categories) == 1 else MIXED,
-                    prompt_ids=[turn_id(self.prompts[i].id, turn) for i in asked],
-                    new_tokens=sum(r.stats.new_tokens for r in first),
-                    wall_seconds=statistics.median(walls),
-                    batch_size=size,
-                    steps=sum(r.stats.steps for r in first),  # sequence steps: tau is per sequence
-                    proposed_tokens=sum(r.stats.proposed_tokens for r in first),
-                    accepted_tokens=sum(r.stats.accepted_tokens for r in first),
-                    accepted_at=_summed([r.stats.accepted_at for r in first], depth),
-                    proposed_at=_summed([r.stats.proposed_at for r in first], depth),
-                    prefill_seconds=None,
-                    finish_reason="stop" if all(r.finish_reason == "stop" for r in first) else "length",
-                )
+                category = categories.pop() if len(categories) == 1 else MIXED
+                prompt_ids = [turn_id(self.prompts[i].id, turn) for i in asked]
+                record = _summed_record(method, category, prompt_ids, first, walls, size)
                 self._remember_vanilla(record, contexts, [r.token_ids for r in first])
                 self._compare(record, contexts, [r.token_ids for r in first])
                 self.records.append(record)
@@ -431,23 +439,8 @@ class Bench:
                 walls.append(wall)
                 self._tick()
             first = runs[0]
-            depth = max(len(r.stats.proposed_at) for r in first)
             pid = self.prompts[index].id
-            record = RunRecord(
-                method=method,
-                category=self.prompts[index].category,
-                prompt_ids=[pid],
-                new_tokens=sum(r.stats.new_tokens for r in first),
-                wall_seconds=statistics.median(walls),
-                batch_size=n,
-                steps=sum(r.stats.steps for r in first),  # sequence steps: tau is per sample
-                proposed_tokens=sum(r.stats.proposed_tokens for r in first),
-                accepted_tokens=sum(r.stats.accepted_tokens for r in first),
-                accepted_at=_summed([r.stats.accepted_at for r in first], depth),
-                proposed_at=_summed([r.stats.proposed_at for r in first], depth),
-                prefill_seconds=None,
-                finish_reason="stop" if all(r.finish_reason == "stop" for r in first) else "length",
-            )
+            record = _summed_record(method, self.prompts[index].category, [pid], first, walls, n)
             outputs = [r.token_ids for results in runs for r in results]
             if method == "vanilla" and pid not in self.vanilla_tokens:
                 self.vanilla_tokens[pid], self.vanilla_prompts[pid] = first[0].token_ids, prompt_ids
