@@ -30,6 +30,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from paradec import kernels
+from paradec.kernels import matmul
 from paradec.runners.base import prefill
 from paradec.runners.native import NativeRunner
 from paradec.runners.native.loading import transformer_from_state_dict
@@ -110,6 +111,7 @@ NATIVE_VARIANTS = {  # name -> (torch.compile the elementwise work, static bucke
     "graphs+exact": (False, True, "exact"),  # the batch-invariant kernels (paradec.kernels), elementwise work eager
     "graphs+compile+exact": (True, True, "exact"),  # ... and the elementwise work compiled around them
     "graphs+exact-unfused": (False, True, "exact"),  # graphs+exact without the fused pointwise kernels
+    "graphs+compile+exact-wide": (True, True, "exact"),  # ... with 128-row programs above M = 64 (matmul.WIDE_ROWS)
     "graphs+compile+efficient": (True, True, (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)),
     "graphs": (False, True, None),
     "eager": (False, False, None),
@@ -428,6 +430,7 @@ def bench_shape(shape: str, opts, results: dict, out_dir: Path, bandwidth: float
     for variant in opts.native:
         compile, static, backends = NATIVE_VARIANTS[variant]
         kernels.fused = variant != "graphs+exact-unfused"  # read when the graphs are captured
+        matmul.WIDE_ROWS = 128 if variant.endswith("-wide") else 0
         t0 = time.perf_counter()
         runner = native_from_hf(model, compile=compile, static_shapes=static, sdpa_backends=backends)
         native_decode(runner, prompt, opts.new_tokens)  # warm-up: compiles, captures the graphs it meets

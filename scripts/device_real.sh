@@ -24,8 +24,8 @@
 #            pard and draft (the stock 0.5B) on code-chat; start-exact's benches; pard and draft on chat; the probe
 #   start-m4 what start-m3 left unmeasured: Qwen's EAGLE + Medusa and PARD trained beside the CUDA tests; suffix on
 #            agentic and chat (the bench now forgets the warm-up); pard vs draft on code-chat; every method exact on
-#            both targets; multisample exact at n = 8; the exact server under load (.whl/ must carry fastapi,
-#            uvicorn, pydantic: see start-batch); pard on chat; the probe
+#            both targets; multisample exact at n = 8; the runner bench with matmul.WIDE_ROWS; the exact server
+#            under load (.whl/ must carry fastapi, uvicorn, pydantic: see start-batch); pard on chat; the probe
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log,
 #            and copy what it wrote so far to $OUT, as collect does
 #   collect  copy what the chain wrote (tar files, logs) to $OUT
@@ -290,6 +290,10 @@ m4_part() {  # what the 2026-12-02 runs left unmeasured, the most wanted first (
     bench $SMOL chat smol-chat--exact-every --methods "$every,eagle,medusa" --exact $SMOL_BENCH
     bench $Q15 samples q15-samples--exact --per-category 2 --samples 8 --methods vanilla,multisample --exact \
         $QWEN_BENCH
+    echo "RUNNER $(date +%T)"  # the 128-row programs above M = 64 (matmul.WIDE_ROWS) against the fastest paths
+    (cd "$SNAPSHOT/.." && python3 scripts/bench_runner.py --shapes smol,q15,8b --hf "" \
+        --native graphs+compile,graphs+compile+exact,graphs+compile+exact-wide --out $RES/runner > $RES/runner.log 2>&1) \
+        || echo "runner exit $?"
     echo "LOAD $(date +%T)"
     pd bench --suite chat --per-category 4 --model $Q15 --methods vanilla,pld --concurrency 1,16,32 --exact \
         --out $RES/q15-load--exact --quiet || echo "load exit $?"

@@ -59,8 +59,12 @@ def test_rows_are_bitwise_whatever_the_forward(wide_dirs, arch, compile):
     assert bad == {5: {}, 120: {}, 300: {}}  # else: which prompt, which forward, how many rows
 
 
+@pytest.mark.parametrize("wide", [0, 128])  # matmul.WIDE_ROWS: 128-row programs above M = 64 (off by default)
 @pytest.mark.parametrize(("n", "k"), [(2048, 1536), (1536, 8960), (960, 576), (32000, 512), (100, 70)])
-def test_compiled_matmul_rows_are_batch_invariant(n, k):
+def test_compiled_matmul_rows_are_batch_invariant(n, k, wide, monkeypatch):
+    """Rows of 2 .. 130-row products equal the 1-row products bitwise; with `wide`, the products above 64 rows run
+    128-row programs, which keeps exactness only if a row's bits do not depend on the row tile."""
+    monkeypatch.setattr(matmul, "WIDE_ROWS", wide)
     g = torch.Generator(device="cuda").manual_seed(n)
     w = torch.randn(n, k, device="cuda", generator=g, dtype=torch.bfloat16) / k**0.5
     b = torch.randn(n, device="cuda", generator=g, dtype=torch.bfloat16)

@@ -15,12 +15,19 @@ Triton is imported lazily: CPU builds of PyTorch have none, and only CUDA tensor
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
 import torch
 
 BLOCK_M = 64  # rows per program; every M, 1 included, runs in blocks of this many rows
+# Rows per program of a product of more than BLOCK_M rows (0: BLOCK_M for every M). 128 reads each weight once up to
+# M = 128 (a 64-node tree on the 8B shape now reads it twice: 10.8 ms against 5.5 for one token, H200 2026-12-02);
+# it keeps exact mode exact only if a row's bits do not depend on the row tile, which `scripts/probe_exact.py`
+# measures (`rows_differing_64_vs_128_row_tiles`). Off until that is measured; `scripts/bench_runner.py`'s
+# `graphs+compile+exact-wide` variant turns it on.
+WIDE_ROWS = 0
 
 
 @dataclass(frozen=True)
@@ -134,7 +141,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    p = p or plan_for(weight)
+    if p is None:
+        p = plan_for(weight)
+        if WIDE_ROWS and m > p.block_m:
+            p = dataclasses.replace(p, block_m=WIDE_ROWS)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.view(*lead, n)
