@@ -219,7 +219,7 @@ prepare_exact() {  # the three models converted (the 1.5B in the background: `wa
 
 exact_tests() {
     echo "CUDA TESTS $(date +%T)"
-    (cd "$SNAPSHOT/.." && python3 -m pytest -q -o addopts="" -p no:cacheprovider -p no:logging tests/test_exact_cuda.py \
+    (cd "$SNAPSHOT/.." && python3 -m pytest -q -o addopts="" -p no:cacheprovider -p no:logging --durations=15 tests/test_exact_cuda.py \
         > $RES/exact-tests.log 2>&1) || echo "exact tests exit $?"
     tail -n 3 $RES/exact-tests.log
 }
