@@ -24,7 +24,8 @@
 #            pard and draft (the stock 0.5B) on code-chat; start-exact's benches; pard and draft on chat; the probe
 #   start-m4 what start-m3 left unmeasured: Qwen's EAGLE + Medusa and PARD trained beside the CUDA tests; suffix on
 #            agentic and chat (the bench now forgets the warm-up); pard vs draft on code-chat; every method exact on
-#            both targets; multisample exact at n = 8; the runner bench with matmul.WIDE_ROWS; the exact server
+#            both targets; multisample exact at n = 8; the runner bench with matmul.WIDE_ROWS; a profile of the
+#            batched step at 32, exact and not (scripts/profile_batch.py); the exact server
 #            under load (.whl/ must carry fastapi, uvicorn, pydantic: see start-batch); pard on chat; the probe
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log,
 #            and copy what it wrote so far to $OUT, as collect does
@@ -294,6 +295,9 @@ m4_part() {  # what the 2026-12-02 runs left unmeasured, the most wanted first (
     (cd "$SNAPSHOT/.." && python3 scripts/bench_runner.py --shapes smol,q15,8b --hf "" \
         --native graphs+compile,graphs+compile+exact,graphs+compile+exact-wide --out $RES/runner > $RES/runner.log 2>&1) \
         || echo "runner exit $?"
+    echo "PROFILE BATCH $(date +%T)"  # why the default batched step was slower than the exact one (2026-12-02)
+    python3 "$SNAPSHOT/../scripts/profile_batch.py" --model $Q15 --batch 32 --exact both --out $RES/profile-batch \
+        > $RES/profile-batch.log 2>&1 || echo "profile exit $?"
     echo "LOAD $(date +%T)"
     pd bench --suite chat --per-category 4 --model $Q15 --methods vanilla,pld --concurrency 1,16,32 --exact \
         --out $RES/q15-load--exact --quiet || echo "load exit $?"
