@@ -24,7 +24,8 @@ pooled by the engine) and drafts its tree per sequence. Layerskip runs the targe
 serve one sequence, so it is not batched yet (`Drafter.batchable`): a batch refuses it with a clear error.
 
 Speculation policy (`SpeculationPolicy`): from the measured step times (a step that captured a CUDA graph is not
-counted: it timed the capture) it fits t(N) = a + b·N (N: the forward's inputs) and keeps each sequence's tokens per speculative step; each step it compares the expected tokens per second
+counted: it timed the capture) it fits t(N) = a + b·N (N: the forward's inputs) and keeps each sequence's tokens
+and draft inputs per speculative step (`speculative_rates`); each step it compares the expected tokens per second
 of speculating (Σ τ_b / t(N_spec)) with that of plain decoding (B / t(B)) and turns proposals off for the step when
 plain decoding wins (a large batch on a compute-bound forward), probing speculation again now and then.
 

@@ -345,7 +345,8 @@ def _load_mode(args, prompts, methods, model, draft, max_new_tokens: int, source
         raise ParadecError("--concurrency measures greedy decoding (its answers are compared): drop --mode sample")
     server = None
     url = args.url
-    if url is not None and (args.tensor_parallel or 1) > 1:
+    world = args.tensor_parallel or 1
+    if url is not None and world > 1:
         raise ParadecError("--tensor-parallel with --url: the running server was started with its own ranks")
     if url is None:
         serve = [] if model is None else ["--model", str(model)]
@@ -356,7 +357,6 @@ def _load_mode(args, prompts, methods, model, draft, max_new_tokens: int, source
         requests = max(len(prompts), 2 * max(concurrency))
         batch = max(concurrency) if args.server_batch is None else args.server_batch
         _positive("--server-batch", batch)
-        world = args.tensor_parallel or 1
         if world > 1:  # the server shards the target; it serves one request at a time
             if args.server_batch not in (None, 1):
                 raise ParadecError(f"--tensor-parallel {world} serves one request at a time: --server-batch 1")

@@ -268,11 +268,11 @@ class Bench:
             self._bar = bar
             for size in self.plan.batch_sizes:
                 for method in self.plan.methods:
-                    bar.set_description(method if size == 1 else f"{method}@bs{size}")
                     if self.plan.samples > 1:
                         bar.set_description(f"{method}@n{self.plan.samples}")
                         self._guarded(self._outcome(method, "paradec", self.plan.samples), self._run_samples)
                         continue
+                    bar.set_description(method if size == 1 else f"{method}@bs{size}")
                     run = self._run_method if size == 1 else self._run_batched
                     self._guarded(self._outcome(method, "paradec", size), run)
             peers = self._make_peers() if self.plan.peers else None
@@ -441,10 +441,8 @@ class Bench:
             first = runs[0]
             pid = self.prompts[index].id
             record = _summed_record(method, self.prompts[index].category, [pid], first, walls, n)
-            outputs = [r.token_ids for results in runs for r in results]
-            if method == "vanilla" and pid not in self.vanilla_tokens:
-                self.vanilla_tokens[pid], self.vanilla_prompts[pid] = first[0].token_ids, prompt_ids
-            self._compare(record, [prompt_ids], outputs)
+            self._remember_vanilla(record, [prompt_ids], [first[0].token_ids])
+            self._compare(record, [prompt_ids], [r.token_ids for results in runs for r in results])
             self.records.append(record)
 
     def _forget(self, method: str) -> None:

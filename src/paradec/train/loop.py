@@ -123,9 +123,10 @@ def fit(
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
         ok = torch.isfinite(norm) & torch.isfinite(loss.detach())
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:  # a non-finite step's gradients become zeros (NaN * 0 stays NaN: where, not a product)
-            torch._foreach_copy_(grads, [torch.where(ok, g, 0.0) for g in grads])
+        skip = ~ok
+        for p in params:  # a non-finite step's gradients become zeros, in place (NaN * 0 stays NaN: a fill)
+            if p.grad is not None:
+                p.grad.masked_fill_(skip, 0.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         window += torch.where(ok, loss.detach().float(), 0.0)
