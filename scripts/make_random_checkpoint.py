@@ -18,7 +18,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runner import SHAPES, llama_config
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+    "chat_template.jinja",
+)  # fmt: skip
 
 
 def main() -> None:

@@ -595,8 +595,13 @@ def ragged_attention(
         qk = torch.cat((attn.q_norm(qk[:, :n_heads]), attn.k_norm(qk[:, n_heads:])), dim=1)
     qk = rotate(qk, cos, sin, attn.exact)
     q, k = qk[:, :n_heads], qk[:, n_heads:]  # (N, nh, hs), (N, nkv, hs)
-    # one scatter into the layer's cache: (slots, S, 2, nkv, hs) is a view of it, indexed by (slot, column) pairs
-    cache.permute(1, 3, 0, 2, 4).index_put_((layout.slots, layout.columns), torch.stack((k, v), dim=1))
+    # one scatter into the layer's cache tensor itself, indexed by (kind, slot, head, column): written through a
+    # view of it (a permute), the compiled block copied every slot's cache of the layer twice per step (at batch 32
+    # on the 1.5B, 19 of the step's 32 ms on an H200: bench/results/profile-batch-h200-2026-12-02)
+    kinds = torch.arange(2, device=cache.device)[:, None, None]
+    heads = torch.arange(n_kv_heads, device=cache.device)[None, None, :]
+    where = (kinds, layout.slots[None, :, None], heads, layout.columns[None, :, None])  # each broadcast to (2, N, nkv)
+    cache.index_put_(where, torch.stack((k, v)))  # (2, N, nkv, hs)
     if layout.slot_range is not None:
         first, end = layout.slot_range
         kv = cache[:, first:end, :, :kv_len]  # (2, B, nkv, kv, hs), a view
