@@ -27,6 +27,9 @@
 #            both targets; multisample exact at n = 8; the runner bench with matmul.WIDE_ROWS; a profile of the
 #            batched step at 32, exact and not (scripts/profile_batch.py); the exact server
 #            under load (.whl/ must carry fastapi, uvicorn, pydantic: see start-batch); pard on chat; the probe
+#   start-m5 start-m4 reordered for a 30-minute session: Qwen's EAGLE and PARD trained beside the CUDA tests; suffix
+#            on agentic and chat; multisample at n = 8; pard vs draft on code-chat; every method exact on both
+#            targets; multisample exact; pard on chat; then the batched profile and the runner bench if time is left
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log,
 #            and copy what it wrote so far to $OUT, as collect does
 #   collect  copy what the chain wrote (tar files, logs) to $OUT
@@ -305,9 +308,44 @@ m4_part() {  # what the 2026-12-02 runs left unmeasured, the most wanted first (
     exact_probe
 }
 
+m5_part() {  # 2026-12-02, third session: issue 19's first valid numbers, Qwen's EAGLE (16), every method exact (17)
+    set -e
+    mkdir -p $RES
+    local pard=$HOME/.cache/paradec/models/$Q15/heads/pard every=vanilla,pld,lookahead,jacobi,layerskip,suffix
+    prepare_exact
+    wait
+    # the trainings beside the CUDA tests (nothing is timed meanwhile); no Medusa for Qwen (it lost on SmolLM2)
+    (train $Q15 eagle $QWEN_TRAIN; tar cf $RES/q15-cards.tar --exclude=data-cache --exclude='*.safetensors' \
+        -C "$HOME/.cache/paradec/models" $Q15/heads || true) &
+    (train $Q15 pard $QWEN_TRAIN; tar cf $RES/pard.tar --exclude='*.safetensors' -C "$(dirname $pard)" pard || true) &
+    exact_tests
+    wait
+    CODE_PC=2 bench $Q15 agentic q15-agentic $DRAFT --methods vanilla,pld,suffix $QWEN_BENCH
+    bench $Q15 chat q15-chat-suffix --methods vanilla,pld,suffix $QWEN_BENCH
+    bench $Q15 samples q15-samples --per-category 2 --samples 8 --mode sample --temperature 0.7 \
+        --methods vanilla,multisample $QWEN_BENCH
+    if [ -f $pard/config.json ]; then
+        bench $Q15 code-chat q15-code-chat-pard --draft $pard --methods vanilla,pard $QWEN_BENCH
+        bench $Q15 code-chat q15-code-chat-draft $DRAFT --methods vanilla,draft $QWEN_BENCH
+    fi
+    bench $Q15 chat q15-chat--exact-every $DRAFT --methods "$(with_heads $Q15 $every,draft)" --exact $QWEN_BENCH
+    bench $SMOL chat smol-chat--exact-every --methods "$every,eagle,medusa" --exact $SMOL_BENCH
+    bench $Q15 samples q15-samples--exact --per-category 2 --samples 8 --methods vanilla,multisample --exact \
+        $QWEN_BENCH
+    [ -f $pard/config.json ] && bench $Q15 chat q15-chat-pard --draft $pard --methods vanilla,pard $QWEN_BENCH
+    echo "PROFILE BATCH $(date +%T)"
+    python3 "$SNAPSHOT/../scripts/profile_batch.py" --model $Q15 --batch 32 --exact both --out $RES/profile-batch \
+        > $RES/profile-batch.log 2>&1 || echo "profile exit $?"
+    echo "RUNNER $(date +%T)"  # the 128-row programs above M = 64 (matmul.WIDE_ROWS) against the fastest paths
+    (cd "$SNAPSHOT/.." && python3 scripts/bench_runner.py --shapes smol,q15,8b --hf "" \
+        --native graphs+compile,graphs+compile+exact,graphs+compile+exact-wide --out $RES/runner > $RES/runner.log 2>&1) \
+        || echo "runner exit $?"
+    echo "M5 DONE $(date +%T)"
+}
+
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
     export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain batch_part \
-        new_methods_part m2_chain exact_part prepare_exact exact_tests exact_benches exact_probe m3_part m4_part
+        new_methods_part m2_chain exact_part prepare_exact exact_tests exact_benches exact_probe m3_part m4_part m5_part
     snapshot
     rm -f $DONE
     # its own bash, so that `set -e` ends the part alone
@@ -321,9 +359,10 @@ stage)
     fi
     bash .gpu-chunks/stage.sh
     ;;
-start|start-new|start-batch|start-m2|start-exact|start-m3|start-m4)
+start|start-new|start-batch|start-m2|start-exact|start-m3|start-m4|start-m5)
     declare -A PART=([start]=chain [start-new]=new_methods_part [start-batch]=batch_part [start-m2]=m2_chain
-        [start-exact]=exact_part [start-m3]=m3_part [start-m4]=m4_part)
+        [start-exact]=exact_part [start-m3]=m3_part [start-m4]=m4_part
+        [start-m5]=m5_part)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     launch "${PART[$1]}"
     sleep 20
@@ -343,7 +382,7 @@ bench)
     tail -n 3 $LOG
     ;;
 *)
-    echo "usage: $0 stage|start|start-new|start-batch|start-m2|start-exact|start-m3|start-m4|wait|collect|bench" >&2
+    echo "usage: $0 stage|start|start-new|start-batch|start-m2|start-exact|start-m3|start-m4|start-m5|wait|collect|bench" >&2
     exit 2
     ;;
 esac

@@ -1,0 +1,166 @@
+"""Replay a token-only drafter (pld, suffix, ...) over a bench run's recorded greedy outputs: the τ it would reach on
+those outputs, exactly, without the target model.
+
+Under greedy decoding a step accepts the longest path of the proposal that spells the target's own continuation and
+then emits the target's next token; the target's continuation is vanilla's output, which `paradec bench` records
+(`results.json`, vanilla's `token_ids`). A drafter that reads only tokens (not hidden states or logits) therefore
+replays exactly: the same proposals, the same accepted lengths, the same steps, on any machine, in seconds. (Where
+the bench's own row of the method differs from vanilla's after a near-tie, the replay follows vanilla's text.) The
+prompts are rendered as the bench rendered them (its suite file and the model's tokenizer and chat template: give
+the model's directory). The prompts are replayed in the run's order, so a method's engine-lifetime state (suffix's
+trie of earlier outputs) grows as in the bench's timed pass.
+
+    python scripts/replay_drafter.py bench/results/m5-h200-2026-12-02/q15-agentic \
+        --model ~/.cache/paradec/models/qwen2.5-coder-1.5b-instruct --method pld --method suffix \
+        --method suffix:min_match=1,recent=8
+
+Prints, per category and overall: τ (tokens per target step), draft tokens scored per step, and the share of those
+accepted. Speed is not replayed: a step's cost depends on the card (see the bench's ms per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+from paradec.bench.prompts import DATA_DIR, BenchPrompt, Rendering, load_prompts
+from paradec.chat import chat_text
+from paradec.config import SamplingParams
+from paradec.drafters import get_drafter
+from paradec.drafters.base import DecodeState, parse_options
+from paradec.types import Verdict
+
+MAX_PROPOSAL = 127  # the native runner's largest step bucket (128 inputs) less the pending token
+
+
+def accept(tokens: list[int], parents: tuple[int, ...] | None, truth: list[int]) -> list[int]:
+    """The proposal nodes greedy verification accepts: the deepest path whose tokens equal `truth`'s prefix."""
+    if parents is None:
+        parents = tuple(range(-1, len(tokens) - 1))
+    children: dict[int, list[int]] = defaultdict(list)
+    for index, parent in enumerate(parents):
+        children[parent].append(index)
+    path, node = [], -1
+    for want in truth:
+        node = next((child for child in children[node] if tokens[child] == want), None)
+        if node is None:
+            break
+        path.append(node)
+    return path
+
+
+def replay(method, options, prompt_ids: list[int], output: list[int], max_new_tokens: int) -> tuple[int, int, int]:
+    """(target steps, draft tokens scored, draft tokens accepted) of one generation of `output` after `prompt_ids`
+    under the limit of `max_new_tokens` (a step drafts at most what the limit leaves after its pending token, as
+    the decode loop does). The first step is the prefill's, which drafts from the prompt alone, as in the loop."""
+    drafter = method.open(options)
+    state = DecodeState(
+        tokens=list(prompt_ids),  # the prompt's last token is the first step's pending input (the prefill drafts too)
+        prompt_len=len(prompt_ids),
+        sampling=SamplingParams(),
+        generator=None,
+        device="cpu",
+        vocab_size=1 << 20,
+    )
+    drafter.begin(state)
+    steps = proposed = accepted = emitted = 0
+    while emitted < len(output):
+        tokens, parents = drafter.draft(state, min(MAX_PROPOSAL, max_new_tokens - emitted - 1))
+        truth = output[emitted:]
+        path = accept(tokens, parents, truth)
+        new = [tokens[i] for i in path] + truth[len(path) : len(path) + 1]
+        state.tokens.extend(new)
+        emitted += len(new)
+        steps += 1
+        proposed += len(tokens)
+        accepted += len(path)
+        depth = len(tokens) if parents is None else max((_depth(parents, i) for i in range(len(tokens))), default=0)
+        drafter.update(state, Verdict(path=path, tokens=new, proposed=len(tokens), depth=depth))
+    drafter.close()
+    return steps, proposed, accepted
+
+
+def _depth(parents: tuple[int, ...], node: int) -> int:
+    depth = 1
+    while parents[node] >= 0:
+        node, depth = parents[node], depth + 1
+    return depth
+
+
+def parse_method(text: str) -> tuple[str, dict[str, str]]:
+    name, _, rest = text.partition(":")
+    options = dict(item.split("=", 1) for item in rest.split(",") if item)
+    return name, options
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="a `paradec bench` output folder (its results.json)")
+    parser.add_argument("--model", required=True, help="the target's directory (its tokenizer and chat template)")
+    parser.add_argument("--method", action="append", required=True, help="NAME[:opt=value,...]; repeatable")
+    parser.add_argument("--per-prompt", action="store_true", help="also print each prompt's τ")
+    args = parser.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    results = json.loads((args.results / "results.json").read_text())
+    meta = results["meta"]
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    records = [r for r in results["records"] if r["method"] == "vanilla" and r["batch_size"] == 1]
+    if not records:
+        print(f"{args.results}: no vanilla batch-1 rows to replay", file=sys.stderr)
+        return 2
+    by_id = {p.id: p for p in _suite_prompts(meta)}
+    rendering = Rendering(chat=meta.get("chat", "auto"), turns="first", template=tokenizer.chat_template is not None)
+
+    def encode(prompt: BenchPrompt) -> list[int]:
+        if rendering.templated(prompt):
+            text = chat_text(tokenizer, prompt.conversation(()))
+            return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(tokenizer(prompt.text)["input_ids"])
+
+    encoded = [(r, encode(by_id[r["prompt_ids"][0]])) for r in records]
+    resources = SimpleNamespace(target=SimpleNamespace(max_length=1 << 30, vocab_size=1 << 20, max_step_inputs=128))
+    print(f"{args.results}: {len(records)} prompts, {sum(len(r['token_ids']) for r in records)} vanilla tokens")
+    print("| method | category | τ | draft tokens / step | accepted share |")
+    print("|---|---|---:|---:|---:|")
+    for spec in args.method:
+        name, values = parse_method(spec)
+        cls = get_drafter(name)
+        method = cls.method_class(resources, cls)
+        options = parse_options(cls, values)
+        totals: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+        for record, prompt_ids in encoded:
+            output = record["token_ids"]
+            steps, proposed, accepted = replay(method, options, prompt_ids, output, meta["max_new_tokens"])
+            for key in ("all", record["category"]):
+                t = totals[key]
+                t[0], t[1], t[2], t[3] = t[0] + len(output), t[1] + steps, t[2] + proposed, t[3] + accepted
+            if args.per_prompt:
+                print(
+                    f"| {spec} | {record['prompt_ids'][0]} | {len(output) / steps:.2f} | {proposed / steps:.1f} | "
+                    f"{accepted / max(proposed, 1):.2f} |"
+                )
+        for key, (tokens, steps, proposed, accepted) in sorted(totals.items(), key=lambda kv: kv[0] != "all"):
+            print(
+                f"| {spec} | {key} | {tokens / steps:.2f} | {proposed / steps:.1f} | {accepted / max(proposed, 1):.2f} |"
+            )
+    return 0
+
+
+def _suite_prompts(meta: dict) -> list[BenchPrompt]:
+    """The run's prompt records: the file its report names (a path on the machine that ran it), found by its name
+    among this package's suite files."""
+    source = str(meta.get("prompts_source", "")).split(" ")[0]
+    local = DATA_DIR / Path(source).name
+    if not source or not local.exists():
+        raise SystemExit(f"cannot find the run's prompt file ({source!r}) among {DATA_DIR}")
+    return load_prompts(local)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
