@@ -196,7 +196,7 @@ def test_turn_two_is_asked_after_the_methods_own_first_answer(engine):
     # pld's first answer is corrupted: its second turn must carry that answer, not vanilla's
     first_turn = engine.encode_chat([{"role": "user", "content": "def fibonacci(n):"}])
     recording = Recording(engine, corrupt=lambda method, ids: method == "pld" and ids == first_turn)
-    bench = Bench(recording, TURNS, plan(turns="all"), progress=False)
+    bench = Bench(recording, TURNS, plan(turns="all", drift=False), progress=False)  # vanilla timed once
     bench.run()
     assert [r.prompt_ids for r in bench.records if r.method == "draft"] == [["conv"], ["conv/turn-2"], ["single"]]
     timed = [(m, ids, out) for m, ids, n, out in recording.calls if n == NEW_TOKENS]
@@ -289,3 +289,13 @@ def test_cli_turns_all(chat_dir, model_dirs, tmp_path, capsys):
     assert "--turns all" in data["meta"]["command"]
     assert main([*common, "--model", str(model_dirs["llama"])]) == 2
     assert "paradec: error: --turns all" in capsys.readouterr().err
+
+
+def test_the_drift_check_re_times_every_turn_in_its_own_context(engine):
+    recording = Recording(engine)
+    bench = Bench(recording, TURNS, plan(("vanilla", "pld"), turns="all"), progress=False)
+    bench.run()
+    first = [r for r in bench.records if r.method == "vanilla"]
+    assert len(first) == 3 and bench.drift["tokens"] == sum(r.new_tokens for r in first)
+    vanilla = [ids for m, ids, n, _ in recording.calls if m == "vanilla" and n == NEW_TOKENS]
+    assert vanilla[3:] == vanilla[:3]  # the same contexts again, turn 2 after vanilla's own first answer

@@ -383,3 +383,27 @@ def test_the_timed_pass_does_not_replay_the_warm_up(model_dirs):
     replayed = [engine.generate(engine.encode(p.text), method="suffix", max_new_tokens=24).stats.steps
                 for p in BENCH_PROMPTS]  # fmt: skip
     assert sum(replayed) < sum(cold)  # the test would see a replay
+
+
+def test_vanilla_is_re_timed_after_the_other_methods_and_the_drift_reported(engine, monkeypatch):
+    """The card's speed can move during a run (the H200 once ran vanilla 10% slower at the start than a method
+    doing the same work later): vanilla is timed again at the end, and the report says how far it moved."""
+    walls = iter([1.0, 1.0, 0.5, 0.5, 1.2, 1.2])  # vanilla's two prompts, pld's two, vanilla's two again
+    bench = Bench(engine, BENCH_PROMPTS, plan(("vanilla", "pld")), progress=False)
+    monkeypatch.setattr(bench, "_timed", lambda fn: (fn(), next(walls)))
+    bench.run()
+    assert next(walls, None) is None  # vanilla ran twice per prompt, pld once
+    assert bench.drift["ratio"] == pytest.approx(1.2)
+    data = report.results(bench, meta(engine, bench.plan), complete=True)
+    assert data["drift"]["again_seconds"] == pytest.approx(2.4)
+    assert "moved by 20% during the run" in report.markdown(data)
+    # the ratios stay against vanilla's first pass
+    assert data["summary"]["all prompts"]["pld"]["speedup"] == pytest.approx(2.0)
+
+
+def test_no_drift_check_when_asked_or_with_vanilla_alone(engine):
+    for methods, drift in ((("vanilla", "pld"), False), (("vanilla",), True)):
+        bench = Bench(engine, BENCH_PROMPTS, plan(methods, drift=drift), progress=False)
+        bench.run()
+        assert bench.drift is None
+        assert sum(r.method == "vanilla" for r in bench.records) == len(BENCH_PROMPTS)

@@ -117,6 +117,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     bench.add_argument("--repeats", type=int, default=1, help="timed repeats per prompt, median kept (default 1)")
     bench.add_argument(
+        "--drift-check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time vanilla again after the other batch-1 methods and report how far the card's speed moved "
+        "(default on; it needs vanilla and one more method)",
+    )
+    bench.add_argument(
         "--out", type=Path, default=Path(DEFAULT_OUT), help=f"output directory (default ./{DEFAULT_OUT})"
     )
     bench.add_argument("--quiet", action="store_true", help="no progress bar, no table on stdout")
@@ -304,6 +311,7 @@ def _bench(args: argparse.Namespace) -> int:
         chat=args.chat,
         turns=args.turns,
         samples=samples,
+        drift=args.drift_check,
     )
     meta = report.metadata(
         engine,

@@ -61,6 +61,7 @@ class BenchPlan:
     chat: str = "auto"  # --chat: how records are rendered (`paradec.bench.prompts.Rendering`)
     turns: str = "first"  # --turns: the first user turn, or every turn after the row's own earlier answers
     samples: int = 1  # --samples: n samples of each prompt decoded together (one request of n; batch size 1 only)
+    drift: bool = True  # re-time vanilla after the other batch-1 methods (`Bench.drift`)
 
 
 @dataclass
@@ -138,6 +139,9 @@ def _options_dict(options: Any) -> dict:
     return dataclasses.asdict(options) if dataclasses.is_dataclass(options) else {}
 
 
+DRIFT_WARN = 0.05  # vanilla's re-timed speed this far from its first: the run warns
+
+
 class Bench:
     """Runs a `BenchPlan` over prompts with one engine; `records` and `outcomes` grow as it goes."""
 
@@ -163,6 +167,8 @@ class Bench:
         self.vanilla_tokens: dict[str, list[int]] = {}  # turn id -> vanilla's new tokens
         self.vanilla_prompts: dict[str, list[int]] = {}  # turn id -> the prompt ids vanilla answered
         self.not_compared: list[dict] = []  # {method, batch_size, prompt}: later turns whose context differs
+        # vanilla re-timed after the other batch-1 methods: {first_seconds, again_seconds, tokens, ratio}
+        self.drift: dict | None = None
         self._progress = progress
         self._bar: tqdm | None = None
 
@@ -236,6 +242,8 @@ class Bench:
     def _total(self) -> int:
         plan = self.plan
         total = len(plan.methods) * sum(self._method_ticks(size) for size in plan.batch_sizes)
+        if 1 in plan.batch_sizes and self._drift_checked():
+            total += sum(self.turn_counts)  # vanilla re-timed
         for peer in plan.peers:
             for size in self._peer_batch_sizes(peer):
                 total += plan.warmup + self._peer_generations(size) * plan.repeats
@@ -275,6 +283,9 @@ class Bench:
                     bar.set_description(method if size == 1 else f"{method}@bs{size}")
                     run = self._run_method if size == 1 else self._run_batched
                     self._guarded(self._outcome(method, "paradec", size), run)
+                if size == 1 and self._drift_checked():
+                    bar.set_description("vanilla again")
+                    self._retime_vanilla()
             peers = self._make_peers() if self.plan.peers else None
             for peer in self.plan.peers:
                 for size in self._peer_batch_sizes(peer):
@@ -444,6 +455,39 @@ class Bench:
             self._remember_vanilla(record, [prompt_ids], [first[0].token_ids])
             self._compare(record, [prompt_ids], [r.token_ids for results in runs for r in results])
             self.records.append(record)
+
+    def _drift_checked(self) -> bool:
+        plan = self.plan
+        return plan.drift and plan.samples == 1 and "vanilla" in plan.methods and len(plan.methods) > 1
+
+    def _retime_vanilla(self) -> None:
+        """Time vanilla once more on every context it answered, after the other methods: how far the card's speed
+        moved during the run (clocks, heat, a neighbour), which every ratio of the run carries. No warm-up: its
+        shapes are compiled and captured already."""
+        first = [r for r in self.records if r.method == "vanilla" and r.batch_size == 1]
+        if not first:
+            return
+        index_of = {p.id: i for i, p in enumerate(self.prompts)}
+        again, tokens = 0.0, 0
+        for record in first:
+            pid = record.prompt_ids[0]
+            index = index_of[pid.split("/turn-")[0]]
+            checked = self._request("vanilla", index, self.vanilla_prompts[pid], self.plan.max_new_tokens)
+            result, wall = self._timed(lambda checked=checked: self.engine.generate(checked))
+            again += wall
+            tokens += result.stats.new_tokens
+            self._tick()
+        first_seconds = sum(r.wall_seconds for r in first)
+        first_tokens = sum(r.new_tokens for r in first)
+        # seconds per token, again / first: 1.10 means vanilla ran 10% slower at the end than at the start
+        ratio = (again / tokens) / (first_seconds / first_tokens) if tokens and first_tokens else None
+        self.drift = {"first_seconds": first_seconds, "again_seconds": again, "tokens": tokens, "ratio": ratio}
+        if ratio is not None and abs(ratio - 1) > DRIFT_WARN:
+            tqdm.write(
+                f"paradec bench: vanilla re-timed after the other methods took {ratio:.2f}x its first time per "
+                "token: the card's speed moved during the run, and every ratio carries that",
+                file=sys.stderr,
+            )
 
     def _forget(self, method: str) -> None:
         """Before a timed pass: the method forgets the warm-up's text (`Method.forget`), which holds the very answers
