@@ -12,7 +12,7 @@ import paradec
 from conftest import counting, hf_greedy
 from paradec.cli import main
 from paradec.errors import ParadecError
-from paradec.train.pard import choose_mask_token, pard_batch, splits
+from paradec.train.pard import choose_mask_token, many_splits, parallel_batch, pard_batch, run_masked, splits
 
 PROMPTS = [[5, 9, 2, 7, 5, 9], [11, 3], [7] * 9, [40, 41, 42, 43, 44, 45, 46]]
 
@@ -131,11 +131,14 @@ def test_train_pard_end_to_end(model_dirs, tmp_path, capsys, hf_models):
         card["kind"] == "pard" and card["fit"]["steps"] == 3 and len(card["validation"]["top1_by_position_after"]) == 4
     )
     assert card["validation_acceptance"]["method"] == "pard"
+    assert card["pard"]["splits_per_window"] == 16  # the parallel layout (`parallel_batch`) by default
     engine = paradec.load(model_dirs["llama"], out, runner="native", dtype="float32")
     reference = hf_greedy(hf_models("llama"), PROMPTS[3], 16)
     assert engine.generate(PROMPTS[3], method="pard", max_new_tokens=16).token_ids == reference
     assert main([*args[:-3], "--k", "0", "--out", str(tmp_path / "bad"), "--quiet"]) == 2
     assert "pard-k must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert main([*args[:-3], "--splits", "0", "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+    assert "pard-splits must be an integer >= 1, got 0" in capsys.readouterr().err
 
 
 def test_a_spare_mask_row_holding_nan_is_reset_and_a_diverging_fit_stops(model_dirs):
@@ -176,7 +179,7 @@ def test_padding_features_do_not_reach_the_loss(model_dirs):
     make the loss or its gradient non-finite, and the loss must not depend on them at all."""
     from transformers import AutoModelForCausalLM
 
-    from paradec.train.pard import pard_loss
+    from paradec.train.pard import pard_loss, parallel_loss
 
     torch.manual_seed(0)
     draft = AutoModelForCausalLM.from_pretrained(model_dirs["llama-draft"])
@@ -194,3 +197,56 @@ def test_padding_features_do_not_reach_the_loss(model_dirs):
     poisoned.backward()
     assert torch.isfinite(poisoned) and torch.equal(clean, poisoned)
     assert all(torch.isfinite(p.grad).all() for p in draft.parameters() if p.grad is not None)
+    # the parallel layout too: splits 4 and 5 of the second row put masks past its end
+    draft.zero_grad()
+    many = torch.tensor([[2, 4, 6], [3, 4, 5]])
+    features[1, 7:] = 0.0
+    clean = parallel_loss(draft, lm_head, tokens, features, valid, many, 4, vocab - 1)
+    features[1, 7:] = float("nan")
+    poisoned = parallel_loss(draft, lm_head, tokens, features, valid, many, 4, vocab - 1)
+    poisoned.backward()
+    assert torch.isfinite(poisoned) and torch.equal(clean, poisoned)
+    assert all(torch.isfinite(p.grad).all() for p in draft.parameters() if p.grad is not None)
+
+
+def test_many_splits_are_distinct_sorted_answer_positions():
+    valid = torch.ones(3, 30, dtype=torch.bool)
+    valid[1, 12:] = False  # an answer of positions 7 .. 10: four splits at most
+    s = many_splits(valid, prompt_len=8, count=6, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (3, 6)
+    for row in s.tolist():
+        kept = [t for t in row if t >= 0]
+        assert kept == sorted(set(kept)) and all(7 <= t <= 28 for t in kept)
+    assert sorted(t for t in s[1].tolist() if t >= 0) == [7, 8, 9, 10] and s[1].tolist().count(-1) == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_parallel_layout_gives_each_splits_single_row_outputs(model_dirs, arch):
+    """One forward of `parallel_batch` (m splits per row) = m forwards of `pard_batch` (one split each), output for
+    output, and the scored outputs are the ones `pard_batch` scores: PARD's parallel training is the same loss."""
+    from transformers import AutoModelForCausalLM
+
+    draft = AutoModelForCausalLM.from_pretrained(model_dirs[f"{arch}-draft"], dtype=torch.float32).eval()
+    k, mask, T = 4, 3, 16
+    tokens = torch.randint(5, 60, (2, T), generator=torch.Generator().manual_seed(1))
+    valid = torch.ones(2, T, dtype=torch.bool)
+    valid[1, 13:] = False
+    split = torch.tensor([[4, 7, 12], [5, 10, -1]])
+    inputs, positions, allowed, rows, where, sources = parallel_batch(tokens, valid, split, k, mask)
+    with torch.no_grad():
+        hidden = run_masked(draft, inputs, positions, allowed)
+        for b in range(2):
+            for j, t in enumerate(split[b].tolist()):
+                if t < 0:
+                    continue
+                single, attention, *_ = pard_batch(tokens[b : b + 1], torch.tensor([t]), k, mask, pad=0)
+                alone = draft.base_model(input_ids=single, attention_mask=attention).last_hidden_state[0]
+                for i in range(k):  # the split's last real token (i = 0), then its masks
+                    at = t if i == 0 else T + (i - 1) * split.shape[1] + j
+                    torch.testing.assert_close(hidden[b, at], alone[t + i], rtol=1e-5, atol=1e-5)
+    scored = set(zip(rows.tolist(), where.tolist(), sources.tolist(), strict=True))
+    # every real position with a real next token, and each mask with a real label
+    assert (0, 0, 0) in scored and (1, 11, 11) in scored and (1, 12, 12) not in scored
+    assert (0, T + 2 * 3 + 2, 12 + 3) not in scored  # mask 3 of split 12 would predict token 16: past the row
+    assert (1, T + 0 * 3 + 1, 11) in scored and (1, T + 1 * 3 + 1, 12) not in scored  # row 1's label 13 is padding
+    assert all(w < T or inputs[r, w] == mask for r, w, _ in scored)

@@ -137,7 +137,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
     opt.add_argument("--batch-size", type=int, default=16, help="windows per step (default 16)")
     opt.add_argument(
-        "--lr", type=float, help="peak learning rate (default: medusa and eagle 3e-3, draft and pard 3e-4)"
+        "--lr", type=float, help="peak learning rate (default: medusa and eagle 3e-3, draft 3e-4, pard 5e-5)"
     )
     opt.add_argument("--warmup", type=int, default=100, help="warm-up steps (default 100)")
     opt.add_argument(
@@ -232,6 +232,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=8,
         help="tokens predicted per forward: the last real one and k - 1 masks (default 8)",
     )
+    pard.add_argument(
+        "--splits",
+        dest="pard_splits",
+        type=int,
+        default=16,
+        help="splits trained per window in one forward: each the window cut there and followed by k - 1 masks "
+        "(PARD's parallel layout; 1: one split per window in a row of its own, the former recipe; default 16)",
+    )
     pard.set_defaults(func=cmd_train)
 
 
@@ -283,6 +291,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         draft_vocab=getattr(args, "draft_vocab", None),
         feature_layers=getattr(args, "feature_layers", "auto"),
         pard_k=getattr(args, "pard_k", 8),
+        pard_splits=getattr(args, "pard_splits", 16),
     )
     out = run(
         args.kind,

@@ -75,6 +75,89 @@ def pard_batch(tokens: torch.Tensor, split: torch.Tensor, k: int, mask: int, pad
     return inputs, attention, torch.tensor(rows), torch.tensor(positions), torch.tensor(sources)
 
 
+def many_splits(valid: torch.Tensor, prompt_len: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` distinct splits per row [B, count], sorted, drawn uniformly from the answer's positions as `splits`
+    draws one (-1 where an answer has fewer positions than `count`)."""
+    B = valid.shape[0]
+    last = valid.long().cumsum(1).argmax(1)  # [B] the last valid position
+    low = prompt_len - 1
+    out = torch.full((B, count), -1, dtype=torch.long)
+    for b in range(B):
+        high = max(low, int(last[b]) - 1)  # splits in [low, high]
+        span = high - low + 1
+        pick = torch.randperm(span, generator=generator)[:count] + low
+        out[b, : pick.shape[0]] = pick.sort().values.clamp_min(0)
+    return out
+
+
+def parallel_batch(tokens: torch.Tensor, valid: torch.Tensor, split: torch.Tensor, k: int, mask: int):
+    """Every split of a row in one sequence (PARD's parallel training layout): the row's T tokens, then for each
+    mask level i = 1 .. k - 1 one mask token per split t_j (`split`: [B, m], -1 = none). Mask (i, j) stands where
+    mask i stands in `pard_batch`'s single-split row cut at t_j: position t_j + i, seeing the real tokens 0 .. t_j
+    and the masks (1 .. i, j). Real tokens see the real tokens before them (causal), never a mask. So one forward
+    gives the outputs of m single-split rows (up to rounding; tested).
+
+    Returns inputs [B, L], positions [B, L], allowed [B, L, L] (bool: query row sees key column) and the scored
+    outputs (rows, positions, sources): every real position whose next token is real (source: itself), and every
+    mask whose label is real (source t_j + i: the target's distribution i + 1 places after t_j)."""
+    B, T = tokens.shape
+    m = split.shape[1]
+    L = T + (k - 1) * m
+    index = torch.arange(L)
+    real = index < T
+    level = torch.where(real, 0, (index - T) // max(m, 1) + 1)  # [L] mask level (0: a real token)
+    column = torch.where(real, 0, (index - T) % max(m, 1))  # [L] which split a mask belongs to
+    inputs = torch.cat((tokens, torch.full((B, L - T), mask, dtype=tokens.dtype)), dim=1)
+    anchor = torch.where(real[None, :], index[None, :], split[:, column])  # [B, L] the last real token seen
+    positions = torch.where(real[None, :], index[None, :], anchor + level[None, :]).clamp_min(0)
+    sees_real = real[None, None, :] & (index[None, None, :] <= anchor[:, :, None])  # [B, L, L]
+    same_split = (column[:, None] == column[None, :]) & (level[None, :] <= level[:, None])  # [L, L]
+    sees_mask = (~real[:, None]) & (~real[None, :]) & same_split
+    allowed = sees_real | sees_mask[None]
+    # scored outputs: real p -> its next token; mask (i, j) -> token t_j + i + 1
+    source = torch.where(real[None, :], index[None, :], anchor + level[None, :])  # [B, L]
+    label = source + 1
+    has_label = (anchor >= 0) & (label < T)
+    has_label &= valid.gather(1, label.clamp_max(T - 1))
+    rows, where = has_label.nonzero(as_tuple=True)
+    return inputs, positions, allowed, rows, where, source[rows, where]
+
+
+def parallel_loss(
+    draft,
+    lm_head: torch.Tensor,  # [V, H] the target's LM head, frozen
+    tokens: torch.Tensor,  # [B, T]
+    features: torch.Tensor,  # [B, T, H] the target's hidden states (f_t predicts token t + 1)
+    valid: torch.Tensor,  # [B, T] bool
+    split: torch.Tensor,  # [B, m] (`many_splits`)
+    k: int,
+    mask: int,
+) -> torch.Tensor:
+    """`pard_loss` over m splits per row at once (`parallel_batch`): the mean KL(target || draft) of every scored
+    output, with the draft's LM head applied to the scored outputs only."""
+    device = features.device
+    inputs, positions, allowed, rows, where, sources = parallel_batch(tokens.cpu(), valid.cpu(), split, k, mask)
+    hidden = run_masked(draft, inputs.to(device), positions.to(device), allowed.to(device))
+    rows, where, sources = rows.to(device), where.to(device), sources.to(device)
+    logits = draft.get_output_embeddings()(hidden[rows, where])  # [M, Vd]
+    width = min(logits.shape[-1], lm_head.shape[0])
+    with torch.no_grad():
+        target_logp = F.log_softmax((features[rows, sources] @ lm_head[:width].t()).float(), -1)
+    logp = F.log_softmax(logits[..., :width].float(), -1)
+    kl = F.kl_div(logp, target_logp, log_target=True, reduction="none").sum(-1)  # [M]
+    return kl.sum() / max(1, kl.shape[0])
+
+
+def run_masked(draft, inputs: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """The draft's last hidden states [B, L, H] of `inputs` under a custom attention pattern (`allowed`, bool [B, L,
+    L]) and position ids: an additive 4D mask, which `transformers` takes as given (eager and SDPA alike)."""
+    dtype = draft.get_input_embeddings().weight.dtype
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    out = draft.base_model(input_ids=inputs, position_ids=positions, attention_mask=bias[:, None])
+    return out.last_hidden_state
+
+
 def pard_loss(
     draft,
     lm_head: torch.Tensor,  # [V, H] the target's LM head, frozen

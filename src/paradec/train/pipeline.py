@@ -55,12 +55,23 @@ from paradec.train.eagle import (
 )
 from paradec.train.loop import FitResult, TrainSettings, autocast, device_name, fit
 from paradec.train.medusa import medusa_accuracy, medusa_loss
-from paradec.train.pard import choose_mask_token, init_mask_embedding, pard_accuracy, pard_loss, splits
+from paradec.train.pard import (
+    choose_mask_token,
+    init_mask_embedding,
+    many_splits,
+    parallel_loss,
+    pard_accuracy,
+    pard_loss,
+    splits,
+)
 from paradec.train.selfchat import SelfChatSettings, self_chat_texts
 
 KINDS = ("medusa", "eagle", "draft", "pard")
-DEFAULT_STEPS = {"medusa": 1000, "eagle": 3000, "draft": 1000, "pard": 1500}
-DEFAULT_LR = {"medusa": 3e-3, "eagle": 3e-3, "draft": 3e-4, "pard": 3e-4}
+DEFAULT_STEPS = {"medusa": 1000, "eagle": 3000, "draft": 1000, "pard": 1000}
+# PARD: the whole draft is fine-tuned. At 3e-4 (H200, 2026-12-02) its first position lost top-1 agreement (0.67 ->
+# 0.52) and 39 of 1,500 steps were non-finite; PARD's own Qwen2.5-0.5B recipe uses 3e-5 over 4 epochs of a large
+# set (AMD-AGI/PARD, config/train/example_qwen.yaml). 5e-5 for our ~1,000 steps: not yet measured.
+DEFAULT_LR = {"medusa": 3e-3, "eagle": 3e-3, "draft": 3e-4, "pard": 5e-5}
 DRAFT_KINDS = ("draft", "pard")  # the kinds that train a draft model (--draft)
 ANSWER_TEMPERATURE = 1.0  # the temperature of the sampled answers, unless given
 SELF_CHAT_SAMPLED_SHARE = 0.25  # with self-chat, this share of the answers is sampled, unless given
@@ -137,9 +148,11 @@ class HeadSettings:
     # indices, or None (the last hidden state, EAGLE-1/2)
     feature_layers: str | tuple[int, ...] | None = "auto"
     pard_k: int = 8  # PARD: tokens the draft predicts from one forward (the last real token and k - 1 masks)
+    # PARD: splits of a window trained in one forward (`paradec.train.pard.parallel_batch`); 1: `pard_batch`'s rows
+    pard_splits: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("medusa_heads", "tree_nodes", "tree_ranks", "passes", "pard_k"):
+        for name in ("medusa_heads", "tree_nodes", "tree_ranks", "passes", "pard_k", "pard_splits"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ParadecError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
@@ -644,12 +657,16 @@ def _train_pard(job: Job) -> dict:
     draft.train()
     generator = torch.Generator().manual_seed(job.settings.seed)
 
+    count = job.heads.pard_splits
+
     def loss(index: torch.Tensor) -> torch.Tensor:
         valid = train_data.valid[index]
-        split = splits(valid.cpu(), prompt_len, k, generator)
-        return pard_loss(
-            draft, target.lm_head, train_data.tokens[index], train_data.features[index], valid, split, k, mask, pad
-        )
+        tokens, features = train_data.tokens[index], train_data.features[index]
+        if count == 1:
+            split = splits(valid.cpu(), prompt_len, k, generator)
+            return pard_loss(draft, target.lm_head, tokens, features, valid, split, k, mask, pad)
+        split = many_splits(valid.cpu(), prompt_len, count, generator)
+        return parallel_loss(draft, target.lm_head, tokens, features, valid, split, k, mask)
 
     result = job.fit(draft.parameters(), loss, "pard")
     draft.eval()
@@ -660,7 +677,7 @@ def _train_pard(job: Job) -> dict:
     return {
         "draft": str(job.draft_path),
         "parameters": sum(p.numel() for p in draft.parameters()),
-        "pard": {"mask_token_id": mask, "k": k},
+        "pard": {"mask_token_id": mask, "k": k, "splits_per_window": count},
         "fit": result.to_dict(),
         "validation": {"top1_by_position_before": before, "top1_by_position_after": after},
         "validation_acceptance": acceptance,
