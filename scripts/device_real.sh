@@ -22,14 +22,12 @@
 #   start-m3 start issue 19's chain, then start-exact's benches: PARD trained from the 0.5B beside the CUDA tests;
 #            suffix on the agentic and chat suites; multisample at n = 8 (suite `samples`, temperature 0.7);
 #            pard and draft (the stock 0.5B) on code-chat; start-exact's benches; pard and draft on chat; the probe
-#   start-m4 what start-m3 left unmeasured: Qwen's EAGLE + Medusa and PARD trained beside the CUDA tests; suffix on
-#            agentic and chat (the bench now forgets the warm-up); pard vs draft on code-chat; every method exact on
-#            both targets; multisample exact at n = 8; the runner bench with matmul.WIDE_ROWS; a profile of the
-#            batched step at 32, exact and not (scripts/profile_batch.py); the exact server
-#            under load (.whl/ must carry fastapi, uvicorn, pydantic: see start-batch); pard on chat; the probe
-#   start-m5 start-m4 reordered for a 30-minute session: Qwen's EAGLE and PARD trained beside the CUDA tests; suffix
-#            on agentic and chat; multisample at n = 8; pard vs draft on code-chat; every method exact on both
-#            targets; multisample exact; pard on chat; then the batched profile and the runner bench if time is left
+#   start-m5 the third 2026-12-02 session (bench/results/m5-h200-2026-12-02): Qwen's EAGLE and PARD trained beside
+#            the CUDA tests; suffix on agentic and chat; multisample at n = 8; pard vs draft on code-chat; every
+#            method exact on both targets' chat; multisample exact; pard on chat; the batched profile, the runner
+#   start-m6 the next session: PARD (parallel layout) and EAGLE trained beside the CUDA tests; suffix with the
+#            replayed defaults; pard vs draft on code-chat; Qwen's EAGLE on code-chat and at temperature 1;
+#            multisample; the batched profile and bench at 1, 8, 32; the runner; pard vs draft on chat
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log,
 #            and copy what it wrote so far to $OUT, as collect does
 #   collect  copy what the chain wrote (tar files, logs) to $OUT
@@ -271,81 +269,84 @@ m3_part() {  # issue 19's three methods first (PARD trained beside the CUDA test
     exact_probe
 }
 
-m4_part() {  # what the 2026-12-02 runs left unmeasured, the most wanted first (issues 19, 17, 18)
-    set -e
-    mkdir -p $RES
-    local pard=$HOME/.cache/paradec/models/$Q15/heads/pard every=vanilla,pld,lookahead,jacobi,layerskip,suffix
-    prepare_exact
-    wait
-    # the trainings beside the CUDA tests (nothing is timed meanwhile); medusa reuses eagle's self-chat windows
-    (train $Q15 eagle $QWEN_TRAIN; train $Q15 medusa $QWEN_TRAIN) &
-    (train $Q15 pard $QWEN_TRAIN; tar cf $RES/pard.tar --exclude='*.safetensors' -C "$(dirname $pard)" pard || true) &
+# the pieces of the chains below
+train_q15_beside_tests() {  # $@: the kinds to train for the 1.5B, one after another, beside the CUDA tests
+    local pard=$HOME/.cache/paradec/models/$Q15/heads/pard kind
+    (for kind in "$@"; do train $Q15 $kind $QWEN_TRAIN; done
+     tar cf $RES/q15-cards.tar --exclude=data-cache --exclude='*.safetensors' -C "$HOME/.cache/paradec/models" \
+        $Q15/heads || true) &
     exact_tests
     wait
-    tar cf $RES/q15-cards.tar --exclude=data-cache --exclude='*.safetensors' -C "$HOME/.cache/paradec/models" \
-        $Q15/heads || true
+}
+suffix_benches() {  # suffix against pld: the agentic suite (its target) and chat (never below 0.95x)
     CODE_PC=2 bench $Q15 agentic q15-agentic $DRAFT --methods vanilla,pld,suffix $QWEN_BENCH
     bench $Q15 chat q15-chat-suffix --methods vanilla,pld,suffix $QWEN_BENCH
-    if [ -f $pard/config.json ]; then
-        bench $Q15 code-chat q15-code-chat-pard --draft $pard --methods vanilla,pard $QWEN_BENCH
-        bench $Q15 code-chat q15-code-chat-draft $DRAFT --methods vanilla,draft $QWEN_BENCH
-    fi
-    bench $Q15 chat q15-chat--exact-every $DRAFT --methods "$(with_heads $Q15 $every,draft)" --exact $QWEN_BENCH
-    bench $SMOL chat smol-chat--exact-every --methods "$every,eagle,medusa" --exact $SMOL_BENCH
-    bench $Q15 samples q15-samples--exact --per-category 2 --samples 8 --methods vanilla,multisample --exact \
-        $QWEN_BENCH
-    echo "RUNNER $(date +%T)"  # the 128-row programs above M = 64 (matmul.WIDE_ROWS) against the fastest paths
+}
+pard_benches() {  # $1: suite; pard (the trained one) and draft (the stock 0.5B), each against vanilla
+    local pard=$HOME/.cache/paradec/models/$Q15/heads/pard
+    [ -f $pard/config.json ] || return 0
+    bench $Q15 $1 q15-$1-pard --draft $pard --methods vanilla,pard $QWEN_BENCH
+    bench $Q15 $1 q15-$1-draft $DRAFT --methods vanilla,draft $QWEN_BENCH
+}
+samples_bench() {  # $1: name suffix, then options: multisample at n = 8 against n = 8 vanilla
+    local name=$1
+    shift
+    bench $Q15 samples q15-samples$name --per-category 2 --samples 8 --methods vanilla,multisample "$@" $QWEN_BENCH
+}
+batch_profile() {
+    echo "PROFILE BATCH $(date +%T)"
+    python3 "$SNAPSHOT/../scripts/profile_batch.py" --model $Q15 --batch 32 --exact both --out $RES/profile-batch \
+        > $RES/profile-batch.log 2>&1 || echo "profile exit $?"
+}
+runner_wide() {  # the 128-row programs above M = 64 (matmul.WIDE_ROWS) against the fastest paths
+    echo "RUNNER $(date +%T)"
     (cd "$SNAPSHOT/.." && python3 scripts/bench_runner.py --shapes smol,q15,8b --hf "" \
         --native graphs+compile,graphs+compile+exact,graphs+compile+exact-wide --out $RES/runner > $RES/runner.log 2>&1) \
         || echo "runner exit $?"
-    echo "PROFILE BATCH $(date +%T)"  # why the default batched step was slower than the exact one (2026-12-02)
-    python3 "$SNAPSHOT/../scripts/profile_batch.py" --model $Q15 --batch 32 --exact both --out $RES/profile-batch \
-        > $RES/profile-batch.log 2>&1 || echo "profile exit $?"
-    echo "LOAD $(date +%T)"
-    pd bench --suite chat --per-category 4 --model $Q15 --methods vanilla,pld --concurrency 1,16,32 --exact \
-        --out $RES/q15-load--exact --quiet || echo "load exit $?"
-    [ -f $pard/config.json ] && bench $Q15 chat q15-chat-pard --draft $pard --methods vanilla,pard $QWEN_BENCH
-    exact_probe
 }
 
 m5_part() {  # 2026-12-02, third session: issue 19's first valid numbers, Qwen's EAGLE (16), every method exact (17)
     set -e
     mkdir -p $RES
-    local pard=$HOME/.cache/paradec/models/$Q15/heads/pard every=vanilla,pld,lookahead,jacobi,layerskip,suffix
+    local every=vanilla,pld,lookahead,jacobi,layerskip,suffix
     prepare_exact
     wait
-    # the trainings beside the CUDA tests (nothing is timed meanwhile); no Medusa for Qwen (it lost on SmolLM2)
-    (train $Q15 eagle $QWEN_TRAIN; tar cf $RES/q15-cards.tar --exclude=data-cache --exclude='*.safetensors' \
-        -C "$HOME/.cache/paradec/models" $Q15/heads || true) &
-    (train $Q15 pard $QWEN_TRAIN; tar cf $RES/pard.tar --exclude='*.safetensors' -C "$(dirname $pard)" pard || true) &
-    exact_tests
-    wait
-    CODE_PC=2 bench $Q15 agentic q15-agentic $DRAFT --methods vanilla,pld,suffix $QWEN_BENCH
-    bench $Q15 chat q15-chat-suffix --methods vanilla,pld,suffix $QWEN_BENCH
-    bench $Q15 samples q15-samples --per-category 2 --samples 8 --mode sample --temperature 0.7 \
-        --methods vanilla,multisample $QWEN_BENCH
-    if [ -f $pard/config.json ]; then
-        bench $Q15 code-chat q15-code-chat-pard --draft $pard --methods vanilla,pard $QWEN_BENCH
-        bench $Q15 code-chat q15-code-chat-draft $DRAFT --methods vanilla,draft $QWEN_BENCH
-    fi
+    train_q15_beside_tests eagle pard  # no Medusa for Qwen (it lost on SmolLM2)
+    suffix_benches
+    samples_bench "" --mode sample --temperature 0.7
+    pard_benches code-chat
     bench $Q15 chat q15-chat--exact-every $DRAFT --methods "$(with_heads $Q15 $every,draft)" --exact $QWEN_BENCH
     bench $SMOL chat smol-chat--exact-every --methods "$every,eagle,medusa" --exact $SMOL_BENCH
-    bench $Q15 samples q15-samples--exact --per-category 2 --samples 8 --methods vanilla,multisample --exact \
-        $QWEN_BENCH
-    [ -f $pard/config.json ] && bench $Q15 chat q15-chat-pard --draft $pard --methods vanilla,pard $QWEN_BENCH
-    echo "PROFILE BATCH $(date +%T)"
-    python3 "$SNAPSHOT/../scripts/profile_batch.py" --model $Q15 --batch 32 --exact both --out $RES/profile-batch \
-        > $RES/profile-batch.log 2>&1 || echo "profile exit $?"
-    echo "RUNNER $(date +%T)"  # the 128-row programs above M = 64 (matmul.WIDE_ROWS) against the fastest paths
-    (cd "$SNAPSHOT/.." && python3 scripts/bench_runner.py --shapes smol,q15,8b --hf "" \
-        --native graphs+compile,graphs+compile+exact,graphs+compile+exact-wide --out $RES/runner > $RES/runner.log 2>&1) \
-        || echo "runner exit $?"
+    samples_bench --exact --exact
+    pard_benches chat
+    batch_profile
+    runner_wide
     echo "M5 DONE $(date +%T)"
+}
+
+m6_part() {  # the next session: what the third 2026-12-02 session changed on the CPU, then what it did not reach
+    set -e
+    mkdir -p $RES
+    prepare_exact
+    wait
+    train_q15_beside_tests pard eagle  # PARD's parallel layout and lr first; EAGLE again for code-chat
+    suffix_benches  # the replayed defaults (min_match=1, match_factor=4), timed
+    pard_benches code-chat
+    bench $Q15 code-chat q15-code-chat-eagle --methods "$(with_heads $Q15 vanilla,pld)" $QWEN_BENCH
+    bench $Q15 chat q15-chat-eagle-sample --mode sample --temperature 1 --methods "$(with_heads $Q15 vanilla)" \
+        $QWEN_BENCH
+    samples_bench "" --mode sample --temperature 0.7
+    batch_profile
+    CHAT_PC=2 bench $Q15 chat q15-batch $DRAFT --methods vanilla,pld --batch-sizes 1,8,32 $QWEN_BENCH
+    runner_wide
+    pard_benches chat
+    echo "M6 DONE $(date +%T)"
 }
 
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
     export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain batch_part \
-        new_methods_part m2_chain exact_part prepare_exact exact_tests exact_benches exact_probe m3_part m4_part m5_part
+        new_methods_part m2_chain exact_part prepare_exact exact_tests exact_benches exact_probe m3_part m5_part m6_part \
+        train_q15_beside_tests suffix_benches pard_benches samples_bench batch_profile runner_wide
     snapshot
     rm -f $DONE
     # its own bash, so that `set -e` ends the part alone
@@ -359,10 +360,10 @@ stage)
     fi
     bash .gpu-chunks/stage.sh
     ;;
-start|start-new|start-batch|start-m2|start-exact|start-m3|start-m4|start-m5)
+start|start-new|start-batch|start-m2|start-exact|start-m3|start-m5|start-m6)
     declare -A PART=([start]=chain [start-new]=new_methods_part [start-batch]=batch_part [start-m2]=m2_chain
-        [start-exact]=exact_part [start-m3]=m3_part [start-m4]=m4_part
-        [start-m5]=m5_part)
+        [start-exact]=exact_part [start-m3]=m3_part [start-m5]=m5_part
+        [start-m6]=m6_part)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     launch "${PART[$1]}"
     sleep 20
@@ -382,7 +383,7 @@ bench)
     tail -n 3 $LOG
     ;;
 *)
-    echo "usage: $0 stage|start|start-new|start-batch|start-m2|start-exact|start-m3|start-m4|start-m5|wait|collect|bench" >&2
+    echo "usage: $0 stage|start|start-new|start-batch|start-m2|start-exact|start-m3|start-m5|start-m6|wait|collect|bench" >&2
     exit 2
     ;;
 esac

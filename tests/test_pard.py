@@ -179,7 +179,7 @@ def test_padding_features_do_not_reach_the_loss(model_dirs):
     make the loss or its gradient non-finite, and the loss must not depend on them at all."""
     from transformers import AutoModelForCausalLM
 
-    from paradec.train.pard import pard_loss, parallel_loss
+    from paradec.train.pard import pard_loss
 
     torch.manual_seed(0)
     draft = AutoModelForCausalLM.from_pretrained(model_dirs["llama-draft"])
@@ -201,9 +201,9 @@ def test_padding_features_do_not_reach_the_loss(model_dirs):
     draft.zero_grad()
     many = torch.tensor([[2, 4, 6], [3, 4, 5]])
     features[1, 7:] = 0.0
-    clean = parallel_loss(draft, lm_head, tokens, features, valid, many, 4, vocab - 1)
+    clean = pard_loss(draft, lm_head, tokens, features, valid, many, 4, vocab - 1, 0)
     features[1, 7:] = float("nan")
-    poisoned = parallel_loss(draft, lm_head, tokens, features, valid, many, 4, vocab - 1)
+    poisoned = pard_loss(draft, lm_head, tokens, features, valid, many, 4, vocab - 1, 0)
     poisoned.backward()
     assert torch.isfinite(poisoned) and torch.equal(clean, poisoned)
     assert all(torch.isfinite(p.grad).all() for p in draft.parameters() if p.grad is not None)

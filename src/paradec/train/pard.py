@@ -123,31 +123,6 @@ def parallel_batch(tokens: torch.Tensor, valid: torch.Tensor, split: torch.Tenso
     return inputs, positions, allowed, rows, where, source[rows, where]
 
 
-def parallel_loss(
-    draft,
-    lm_head: torch.Tensor,  # [V, H] the target's LM head, frozen
-    tokens: torch.Tensor,  # [B, T]
-    features: torch.Tensor,  # [B, T, H] the target's hidden states (f_t predicts token t + 1)
-    valid: torch.Tensor,  # [B, T] bool
-    split: torch.Tensor,  # [B, m] (`many_splits`)
-    k: int,
-    mask: int,
-) -> torch.Tensor:
-    """`pard_loss` over m splits per row at once (`parallel_batch`): the mean KL(target || draft) of every scored
-    output, with the draft's LM head applied to the scored outputs only."""
-    device = features.device
-    inputs, positions, allowed, rows, where, sources = parallel_batch(tokens.cpu(), valid.cpu(), split, k, mask)
-    hidden = run_masked(draft, inputs.to(device), positions.to(device), allowed.to(device))
-    rows, where, sources = rows.to(device), where.to(device), sources.to(device)
-    logits = draft.get_output_embeddings()(hidden[rows, where])  # [M, Vd]
-    width = min(logits.shape[-1], lm_head.shape[0])
-    with torch.no_grad():
-        target_logp = F.log_softmax((features[rows, sources] @ lm_head[:width].t()).float(), -1)
-    logp = F.log_softmax(logits[..., :width].float(), -1)
-    kl = F.kl_div(logp, target_logp, log_target=True, reduction="none").sum(-1)  # [M]
-    return kl.sum() / max(1, kl.shape[0])
-
-
 def run_masked(draft, inputs: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """The draft's last hidden states [B, L, H] of `inputs` under a custom attention pattern (`allowed`, bool [B, L,
     L]) and position ids: an additive 4D mask, which `transformers` takes as given (eager and SDPA alike)."""
@@ -164,20 +139,27 @@ def pard_loss(
     tokens: torch.Tensor,  # [B, T]
     features: torch.Tensor,  # [B, T, H] the target's hidden states (f_t predicts token t + 1)
     valid: torch.Tensor,  # [B, T] bool
-    split: torch.Tensor,  # [B]
+    split: torch.Tensor,  # [B]: a row per window cut there (`pard_batch`); [B, m]: m cuts in one row (`parallel_batch`)
     k: int,
     mask: int,
     pad: int,
 ) -> torch.Tensor:
+    """The mean KL(target || draft) of every scored output of the windows cut at `split`."""
     device = features.device
-    inputs, attention, rows, positions, sources = pard_batch(tokens.cpu(), split.cpu(), k, mask, pad)
-    inputs, attention = inputs.to(device), attention.to(device)
-    rows, positions, sources = rows.to(device), positions.to(device), sources.to(device)
-    # only where the label token is real (not past the target's end of text): the target's features there are
-    # padding, and a non-finite one would turn the whole loss to NaN even times a zero weight
-    keep = valid[rows, sources + 1].nonzero().squeeze(1)
-    rows, positions, sources = rows[keep], positions[keep], sources[keep]
-    logits = draft(input_ids=inputs, attention_mask=attention).logits[rows, positions]  # [M, Vd]
+    if split.dim() == 2:
+        inputs, positions, allowed, rows, where, sources = parallel_batch(tokens.cpu(), valid.cpu(), split, k, mask)
+        hidden = run_masked(draft, inputs.to(device), positions.to(device), allowed.to(device))
+        rows, where, sources = rows.to(device), where.to(device), sources.to(device)
+        logits = draft.get_output_embeddings()(hidden[rows, where])  # [M, Vd]: the LM head on scored rows only
+    else:
+        inputs, attention, rows, where, sources = pard_batch(tokens.cpu(), split.cpu(), k, mask, pad)
+        inputs, attention = inputs.to(device), attention.to(device)
+        rows, where, sources = rows.to(device), where.to(device), sources.to(device)
+        # only where the label token is real (not past the target's end of text): the target's features there are
+        # padding, and a non-finite one would turn the whole loss to NaN even times a zero weight
+        keep = valid[rows, sources + 1].nonzero().squeeze(1)
+        rows, where, sources = rows[keep], where[keep], sources[keep]
+        logits = draft(input_ids=inputs, attention_mask=attention).logits[rows, where]  # [M, Vd]
     width = min(logits.shape[-1], lm_head.shape[0])
     with torch.no_grad():
         target_logp = F.log_softmax((features[rows, sources] @ lm_head[:width].t()).float(), -1)

@@ -59,7 +59,6 @@ from paradec.train.pard import (
     choose_mask_token,
     init_mask_embedding,
     many_splits,
-    parallel_loss,
     pard_accuracy,
     pard_loss,
     splits,
@@ -664,9 +663,9 @@ def _train_pard(job: Job) -> dict:
         tokens, features = train_data.tokens[index], train_data.features[index]
         if count == 1:
             split = splits(valid.cpu(), prompt_len, k, generator)
-            return pard_loss(draft, target.lm_head, tokens, features, valid, split, k, mask, pad)
-        split = many_splits(valid.cpu(), prompt_len, count, generator)
-        return parallel_loss(draft, target.lm_head, tokens, features, valid, split, k, mask)
+        else:
+            split = many_splits(valid.cpu(), prompt_len, count, generator)
+        return pard_loss(draft, target.lm_head, tokens, features, valid, split, k, mask, pad)
 
     result = job.fit(draft.parameters(), loss, "pard")
     draft.eval()
