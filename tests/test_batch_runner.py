@@ -487,3 +487,18 @@ def test_bucketed_steps_pad_without_touching_other_slots(models, arch, shapes):
         got.logits[4:], native(model, torch.cat([prefixes[0], inputs[0]])).forward(follow[1], build_tree(TREE)).logits
     )
     assert [runner.length(s) for s in slots] == [8, 8, 6, 13]
+
+
+def test_step_split_gives_each_sequence_its_rows():
+    """`Step.split`: sequence b's rows of a forward's output are `rows(b)`'s, the same views, for steps of one and
+    of many sequences (an empty proposal, a chain, a tree)."""
+    pending = torch.tensor([7])
+    proposals = [Proposal.empty("cpu"), Proposal(tokens=torch.tensor([1, 2])), Proposal(torch.tensor([3, 4]), (-1, -1))]
+    step = Step([SeqInputs.of(slot, pending, p, "cpu") for slot, p in enumerate(proposals)])
+    out = torch.arange(step.size * 2).view(step.size, 2)
+    split = step.split(out)
+    assert step.sizes == (1, 3, 3) and len(split) == len(step)
+    for b, rows in enumerate(split):
+        assert torch.equal(rows, out[step.rows(b)]) and rows.data_ptr() == out[step.rows(b)].data_ptr()
+    (alone,) = Step.single(pending, proposals[1], "cpu").split(out[:3])
+    assert alone is not None and torch.equal(alone, out[:3])

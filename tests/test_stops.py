@@ -126,3 +126,37 @@ def test_one_generation_at_a_time(copy_engine):
         copy_engine.generate(PROMPT, max_new_tokens=5)
     first.close()
     assert copy_engine.generate(PROMPT, max_new_tokens=5).finish_reason == "length"
+
+
+class _OwnDecode:
+    """A tokenizer whose class overrides `decode` (as some transformers tokenizers do): it must be called."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    def decode(self, ids, **kwargs) -> str:
+        self.calls += 1
+        return "<" + self.inner.decode(ids, **kwargs) + ">"
+
+
+def test_text_decoder_is_the_tokenizers_decode(tokenizer_dir):
+    """`detok.text_decoder` calls a plain tokenizers-backed tokenizer's backend directly: it must give what
+    `tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)` gives (special tokens,
+    broken UTF-8, empty lists), and a tokenizer of its own `decode` keeps it."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from paradec.detok import _plain_backend, text_decoder
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert _plain_backend(type(tok))  # the direct call is what is checked
+    decode = text_decoder(tok)
+    rng = random.Random(0)
+    special = tok.convert_tokens_to_ids("<|endoftext|>")
+    lists = [[], [special], *([rng.randrange(len(tok)) for _ in range(rng.randint(1, 12))] for _ in range(300))]
+    for ids in lists:
+        assert decode(ids) == tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False), ids
+    own = _OwnDecode(tok)
+    assert text_decoder(own)([special, 65]) == "<" + tok.decode([65]) + ">" and own.calls == 1

@@ -180,3 +180,14 @@ def test_greedy_batch_verdicts_equal_each_sequence_verified_alone(seed):
     for g, e in zip(got, expected, strict=True):
         assert (g.path, g.tokens, g.proposed, g.depth) == (e.path, e.tokens, e.proposed, e.depth)
         assert torch.equal(g.final_device, e.final_device)
+
+
+def test_a_chain_proposal_takes_the_chain_tree_by_length():
+    """`Proposal.tree` of a chain comes from `chain_tree` (looked up by length): the buffers of its parents."""
+    from paradec.tree import chain_parents, chain_tree
+
+    for n in (0, 1, 5):
+        built = build_tree(chain_parents(n))
+        tree = Proposal(tokens=torch.arange(n)).tree("cpu")
+        assert tree is chain_tree(n, "cpu") and tree.parents == built.parents == chain_parents(n)
+        assert torch.equal(tree.depth, built.depth) and torch.equal(tree.mask, built.mask) and tree.is_chain

@@ -199,18 +199,21 @@ class SpeculationPolicy:
         self.mode = mode
         self.samples: deque[tuple[int, float]] = deque(maxlen=self.window)  # (inputs, seconds)
         self.off_steps = 0
+        self._fit: tuple[float, float] | None = None  # (intercept, slope) of the samples, until the next one
 
     def cost(self, inputs: int) -> float | None:
         """The fitted seconds of a step of `inputs` inputs (None until enough steps were timed)."""
         if len(self.samples) < self.min_samples:
             return None
-        xs = [float(n) for n, _ in self.samples]
-        ys = [t for _, t in self.samples]
-        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-        var = sum((x - mean_x) ** 2 for x in xs)
-        slope = 0.0 if var == 0 else sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var
-        slope = max(slope, 0.0)
-        intercept = max(mean_y - slope * mean_x, 1e-9)
+        if self._fit is None:
+            xs = [float(n) for n, _ in self.samples]
+            ys = [t for _, t in self.samples]
+            mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+            var = sum((x - mean_x) ** 2 for x in xs)
+            slope = 0.0 if var == 0 else sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var
+            slope = max(slope, 0.0)
+            self._fit = (max(mean_y - slope * mean_x, 1e-9), slope)
+        intercept, slope = self._fit
         return intercept + slope * inputs
 
     def speculate(self, taus: list[float], proposed: list[float]) -> bool:
@@ -230,6 +233,7 @@ class SpeculationPolicy:
 
     def observe(self, inputs: int, seconds: float) -> None:
         self.samples.append((inputs, seconds))
+        self._fit = None
 
 
 def speculative_rates(items: list[BatchItem]) -> tuple[list[float], list[float]]:
@@ -485,13 +489,13 @@ class BatchDecoder:
     def _verify(self, step: Step, group: list[BatchItem], logits: torch.Tensor) -> list[Verdict]:
         """Every sequence's verdict, with one host copy for the step. A step of greedy sequences only (on the
         standard verifier) is verified in one go (`verify_greedy_all`: one argmax, walks on the host)."""
+        rows = step.split(logits)
         if self.verifier is verify_deferred and all(it.decoding.sampling.greedy for it in group):
-            for b, it in enumerate(group):
-                it.decoding.state.target_logits = logits[step.rows(b)]  # as `Decoding.verdict` leaves it
-            return verify_greedy_all(
-                logits, [(step.offsets[b], step.proposal(b), step.tree(b)) for b in range(len(step))]
-            )
-        return verify_all([it.decoding.verdict(step, b, logits) for b, it in enumerate(group)])
+            for it, seq_rows in zip(group, rows, strict=True):
+                it.decoding.state.target_logits = seq_rows  # as `Decoding.verdict` leaves it
+            offsets = step.offsets
+            return verify_greedy_all(logits, [(offsets[b], s.proposal, s.tree) for b, s in enumerate(step.seqs)])
+        return verify_all([it.decoding.verdict(step, b, r) for b, (it, r) in enumerate(zip(group, rows, strict=True))])
 
     def run(self, items: Iterable[BatchItem] | None = None) -> Iterator[BatchItem]:
         """Step until every submitted item (or those of `items`) is done; yields items as they get text or finish."""

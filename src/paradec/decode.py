@@ -137,10 +137,9 @@ class Decoding:
             )
         return inputs
 
-    def verdict(self, step: Step, b: int, logits: torch.Tensor) -> Verdict | Deferred:
-        """Verify this sequence's proposal on its rows of the step's `logits`; `state.target_logits` becomes its
-        rows (aux inputs included)."""
-        rows = logits[step.rows(b)] if len(step) > 1 else logits
+    def verdict(self, step: Step, b: int, rows: torch.Tensor) -> Verdict | Deferred:
+        """Verify this sequence's proposal on `rows`, its rows of the step's logits (aux inputs included: all the
+        logits of a one-sequence step, else `Step.split`'s b-th), which `state.target_logits` becomes."""
         self.state.target_logits = rows
         proposal = step.proposal(b)
         return self.verifier(proposal, rows[: proposal.size + 1], self.sampling, self.state.generator, step.tree(b))

@@ -7,6 +7,9 @@ SentencePiece-style tokenizers, and holding back a trailing U+FFFD waits for the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cache
+
 _CONTEXT_TOKENS = 5  # prompt tokens decoded as left context for the first generated tokens
 
 
@@ -17,6 +20,7 @@ class IncrementalDetokenizer:
         self.prefix = 0
         self.read = len(self.ids)
         self.text = ""  # decoded generated text so far
+        self._decode = text_decoder(tokenizer)
 
     def push(self, token_id: int) -> str:
         """Add one token; return the newly decodable text (may be empty)."""
@@ -39,8 +43,32 @@ class IncrementalDetokenizer:
         self.text += piece
         return piece
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+def text_decoder(tokenizer) -> Callable[[list[int]], str]:
+    """ids -> text as `tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)` gives it.
+    For a `tokenizers`-backed transformers tokenizer whose class overrides neither `decode` nor `_decode`, that call
+    is exactly its backend's decode, called here directly: transformers' argument handling around it is most of a
+    call's cost, and a streamed token costs two calls (per sequence of a batch, per step)."""
+    if _plain_backend(type(tokenizer)):
+        backend = getattr(tokenizer, "_tokenizer", None)  # what `_decode` calls
+        decode = getattr(backend, "decode", None)
+        if decode is not None:
+            return lambda ids: decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+@cache
+def _plain_backend(cls: type) -> bool:
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: go through its decode
+        return False
+    return (
+        issubclass(cls, TokenizersBackend)
+        and cls.decode is PreTrainedTokenizerBase.decode
+        and cls._decode is TokenizersBackend._decode
+    )
 
 
 class StopStrings:

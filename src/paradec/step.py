@@ -13,7 +13,7 @@ or cache. Row `offsets[b] + j` of the forward's logits (and hidden states) belon
 Who reads what (nobody else does the arithmetic):
 - the runner: `tokens`, `depth`, `offsets`, `slots`, `masks` (its forward); `keeps` (its commit);
 - the verifier: `verify_rows(b)` (the pending token and the nodes: the rows a verdict is decided on), `tree(b)`;
-- the drafters: `rows(b)` (every row of the sequence, aux inputs included: `DecodeState.target_logits`) and
+- the drafters: `rows(b)` / `split` (every row of the sequence, aux inputs included: `DecodeState.target_logits`) and
   `kept_rows(b, verdict)` (the committed inputs' rows: `DecodeState.target_hidden`);
 - the decode loops: `keep(verdict)` (the input indices a verdict commits, per sequence).
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import accumulate
 
 import torch
 
@@ -66,10 +67,8 @@ class Step:
         if len(set(slots)) != len(slots):
             raise ValueError(f"a step scores each cache slot once, got slots {slots}")
         self.seqs = tuple(seqs)
-        offsets = [0]
-        for s in seqs:
-            offsets.append(offsets[-1] + s.size)
-        self.offsets = tuple(offsets)
+        self.sizes: tuple[int, ...] = tuple(s.size for s in seqs)  # n_b: each sequence's inputs
+        self.offsets = (0, *accumulate(self.sizes))
 
     @staticmethod
     def single(pending: torch.Tensor, proposal: Proposal, device: torch.device | str, slot: int = 0) -> Step:
@@ -86,10 +85,6 @@ class Step:
     @property
     def slots(self) -> tuple[int, ...]:
         return tuple(s.slot for s in self.seqs)
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        return tuple(s.size for s in self.seqs)
 
     @cached_property
     def tokens(self) -> torch.Tensor:
@@ -115,6 +110,10 @@ class Step:
     def rows(self, b: int) -> slice:
         """Sequence b's rows of the forward's outputs: every input, aux inputs included."""
         return slice(self.offsets[b], self.offsets[b + 1])
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every sequence's rows of a forward's output ([N, ...]), as `rows(b)` slices them: views, in one call."""
+        return (rows,) if len(self.seqs) == 1 else rows[: self.size].split(self.sizes)
 
     def verify_rows(self, b: int) -> slice:
         """Sequence b's rows the verifier decides on: the pending token and the proposal nodes."""

@@ -117,6 +117,12 @@ def chain_parents(n: int) -> tuple[int, ...]:
     return tuple(range(-1, n - 1))
 
 
+@lru_cache(maxsize=256)
+def chain_tree(nodes: int, device: torch.device | str = "cpu") -> TreeBuffers:
+    """`build_tree(chain_parents(nodes), device)`, looked up by length (a chain proposal's tree, every step)."""
+    return build_tree(chain_parents(nodes), device)
+
+
 @lru_cache(maxsize=1024)
 def _build(parents: tuple[int, ...], device: str) -> TreeBuffers:
     n1 = len(parents) + 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from paradec.tree import TreeBuffers, build_tree
+from paradec.tree import TreeBuffers, build_tree, chain_tree
 
 
 @dataclass
@@ -69,7 +69,9 @@ class Proposal:
 
     def tree(self, device: torch.device | str) -> TreeBuffers:
         """The tree's buffers: the drafter's own layout, or built (cached per shape) from the host parents."""
-        return self.layout if self.layout is not None else build_tree(self.parent_list(), device)
+        if self.layout is not None:
+            return self.layout
+        return chain_tree(self.size, device) if self.parents is None else build_tree(self.parents, device)
 
     @staticmethod
     def empty(device: torch.device | str) -> Proposal:

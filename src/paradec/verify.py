@@ -103,11 +103,26 @@ def verify_greedy_all(
     logits: torch.Tensor,  # [N, V] float32: the rows of every sequence of one forward, back to back
     seqs: Sequence[tuple[int, Proposal, TreeBuffers]],  # (first row, proposal, tree) of each sequence
 ) -> list[Verdict]:
-    """Greedy verdicts of many sequences scored in one forward: one argmax over all rows, then each sequence's
-    walk (`_walk`: views of the picks, its host values copied with everyone's in one go). Per sequence,
-    `verify_deferred` would queue an argmax of its own."""
+    """Greedy verdicts of many sequences scored in one forward: one argmax over all rows, one host copy of the
+    picks with every draft token (and device trees' parents), then each sequence's walk on the host
+    (`_greedy_verdict`, as `_walk` does). Per sequence, `verify_deferred` would queue an argmax of its own."""
     picks = logits.argmax(-1)  # [N]
-    return verify_all([_walk(p, picks[first : first + p.size + 1], tree) for first, p, tree in seqs])
+    pieces, sizes = [picks], [proposal.size for _, proposal, _ in seqs]
+    for (_, proposal, tree), n in zip(seqs, sizes, strict=True):
+        if n:
+            pieces.append(proposal.tokens)
+            if not tree.on_host:  # a device-built tree: its shape travels with the verdict
+                pieces.append(tree.parent[1 : n + 1])
+    host = _joined(pieces).tolist()  # one sync
+    verdicts, at = [], picks.shape[0]
+    for (first, _, tree), n in zip(seqs, sizes, strict=True):
+        draft, parents = host[at : at + n], tree.parents
+        at += n
+        if parents is None:
+            parents = [p - 1 for p in host[at : at + n]]
+            at += n
+        verdicts.append(_greedy_verdict(host[first : first + n + 1], draft, parents, tree, picks, first))
+    return verdicts
 
 
 def verify_deferred(
@@ -140,26 +155,35 @@ def _walk(proposal: Proposal, picks: torch.Tensor, tree: TreeBuffers) -> Deferre
         host += (tree.parent[1 : n + 1],)
 
     def finish(values: list[int]) -> Verdict:
-        pick, draft = values[: n + 1], values[n + 1 : 2 * n + 1]
         parents = tree.parents if tree.on_host else [p - 1 for p in values[2 * n + 1 :]]
-        accepted, depth, best = [True] + [False] * n, [0] * (n + 1), 0
-        for i in range(n):  # node i is input i + 1; its parent input parents[i] + 1 precedes it
-            j = parents[i] + 1
-            depth[i + 1] = depth[j] + 1
-            if accepted[j] and draft[i] == pick[j]:
-                accepted[i + 1] = True
-                if depth[i + 1] > depth[best]:  # accepted inputs form one root path: its deepest
-                    best = i + 1
-        path = _path_to(parents, best)
-        return Verdict(
-            path=path,
-            tokens=[draft[i] for i in path] + [pick[best]],
-            proposed=n,
-            depth=tree.max_depth if tree.on_host else max(depth),
-            final_device=picks[best : best + 1],
-        )
+        return _greedy_verdict(values[: n + 1], values[n + 1 : 2 * n + 1], parents, tree, picks)
 
     return Deferred(host, finish)
+
+
+def _greedy_verdict(
+    pick: list[int], draft: list[int], parents: Sequence[int], tree: TreeBuffers, picks: torch.Tensor, first: int = 0
+) -> Verdict:
+    """The walk on host values: `pick[j]` the target's token after input j ([n+1]), `draft` the n node tokens,
+    `parents` their parents. `picks` holds the picks on the device, this sequence's input 0 at row `first` (the
+    verdict's `final_device` is a view of it)."""
+    n = len(draft)
+    accepted, depth, best = [True] + [False] * n, [0] * (n + 1), 0
+    for i in range(n):  # node i is input i + 1; its parent input parents[i] + 1 precedes it
+        j = parents[i] + 1
+        depth[i + 1] = depth[j] + 1
+        if accepted[j] and draft[i] == pick[j]:
+            accepted[i + 1] = True
+            if depth[i + 1] > depth[best]:  # accepted inputs form one root path: its deepest
+                best = i + 1
+    path = _path_to(parents, best)
+    return Verdict(
+        path=path,
+        tokens=[draft[i] for i in path] + [pick[best]],
+        proposed=n,
+        depth=tree.max_depth if tree.on_host else max(depth),
+        final_device=picks[first + best : first + best + 1],
+    )
 
 
 def _path_to(parents: Sequence[int], input_index: int) -> list[int]:

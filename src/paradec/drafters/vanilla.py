@@ -10,6 +10,9 @@ from paradec.types import Proposal
 @register
 class Vanilla(Drafter):
     name = "vanilla"
+    _empty: Proposal | None = None  # its one proposal, made on first use (each step would make the same again)
 
     def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
-        return Proposal.empty(state.device)
+        if self._empty is None:
+            self._empty = Proposal.empty(state.device)
+        return self._empty
