@@ -1,7 +1,8 @@
 """Where a batched decode step's time goes (not a test): B chat prompts decoded together by `Engine.batch_decoder`,
 one warm-up pass to its end (compiles, captures the graphs), then a second pass whose first `--steps` steps run
-under torch.profiler. Reports the step's wall ms, the device time by kernel (the top `--top`), and the share of the
-step the device was busy, for each `--exact` setting asked; `--out DIR` writes profile-batch.json.
+under torch.profiler. Reports the step's wall ms, the device time by kernel (the top `--top`), the share of the
+step the device was busy, and the host's ops and runtime calls by their own CPU time (what the device's idle gaps
+are made of), for each `--exact` setting asked; `--out DIR` writes profile-batch.json.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=src python3 scripts/profile_batch.py --model qwen2.5-coder-1.5b-instruct \
         --batch 32 --exact both --out $OUT/profile-batch
@@ -60,6 +61,9 @@ def measure(model: str, exact: bool, batch: int, method: str, new_tokens: int, s
     rows = [e for e in events if e.device_type.name == "CUDA"] if cuda else list(events)
     kernels = sorted(rows, key=lambda e: getattr(e, key, 0.0), reverse=True)
     device_us = sum(getattr(e, key, 0.0) for e in rows) if cuda else 0
+    # the host's side: ops and runtime calls by their own CPU time (on a GPU: launches, copies, the one sync, and
+    # the Python between them, which the kernels' gaps are made of)
+    host = sorted((e for e in events if e.device_type.name == "CPU"), key=lambda e: e.self_cpu_time_total, reverse=True)
     return {
         "exact": exact,
         "batch": batch,
@@ -70,6 +74,10 @@ def measure(model: str, exact: bool, batch: int, method: str, new_tokens: int, s
         "top": [
             {"name": e.key[:120], "calls": e.count, "ms_per_step": getattr(e, key, 0.0) / 1e3 / max(done, 1)}
             for e in kernels[:top]
+        ],
+        "host_top": [
+            {"name": e.key[:120], "calls": e.count, "self_ms_per_step": e.self_cpu_time_total / 1e3 / max(done, 1)}
+            for e in host[:top]
         ],
     }
 
@@ -96,6 +104,9 @@ def main() -> None:
               + ("" if busy is None else f", device busy {100 * busy:.0f}%"), flush=True)  # fmt: skip
         for row in entry["top"]:
             print(f"  {row['ms_per_step']:8.3f} ms/step  x{row['calls']:<6} {row['name']}", flush=True)
+        print("  host, by own CPU time:", flush=True)
+        for row in entry["host_top"]:
+            print(f"  {row['self_ms_per_step']:8.3f} ms/step  x{row['calls']:<6} {row['name']}", flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "profile-batch.json").write_text(json.dumps({"model": args.model, "runs": results}, indent=1))
