@@ -16,7 +16,7 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/paradec generate --chat "Write a Python function that checks whether a number is prime." --method eagle --max-new-tokens 128
+	$(BIN)/paradec generate --chat "Write a Python function that checks whether a number is prime." --method suffix --max-new-tokens 128
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests scripts
