@@ -27,7 +27,8 @@
 #            method exact on both targets' chat; multisample exact; pard on chat; the batched profile, the runner
 #   start-m6 the next session: PARD (parallel layout) and EAGLE trained beside the CUDA tests; suffix with the
 #            replayed defaults; pard vs draft on code-chat; Qwen's EAGLE on code-chat and at temperature 1;
-#            multisample; the batched profile and bench at 1, 8, 32; the runner; pard vs draft on chat
+#            multisample; the batched profile and bench at 1, 8, 32; the batch policy's depth cuts
+#            (scripts/bench_policy.py); the runner; pard vs draft on chat
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log,
 #            and copy what it wrote so far to $OUT, as collect does
 #   collect  copy what the chain wrote (tar files, logs) to $OUT
@@ -338,6 +339,9 @@ m6_part() {  # the next session: what the third 2026-12-02 session changed on th
     samples_bench "" --mode sample --temperature 0.7
     batch_profile
     CHAT_PC=2 bench $Q15 chat q15-batch $DRAFT --methods vanilla,pld --batch-sizes 1,8,32 $QWEN_BENCH
+    echo "POLICY $(date +%T)"  # the depth cuts against the on/off policy alone, inside batches of 8 and 32
+    python3 "$SNAPSHOT/../scripts/bench_policy.py" --model $Q15 --batch 8 --batch 32 --method pld --method suffix \
+        > $RES/policy.log 2>&1 || echo "policy exit $?"
     runner_wide
     pard_benches chat
     echo "M6 DONE $(date +%T)"

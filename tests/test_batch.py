@@ -16,7 +16,7 @@ import torch
 
 import paradec
 from conftest import counting, hf_greedy
-from paradec.batch import BatchDecoder, SpeculationPolicy
+from paradec.batch import BatchDecoder, DepthRates, SpeculationPolicy, depth_rates
 from paradec.config import SamplingParams
 from paradec.errors import ParadecError
 from paradec.runners.native import BatchedNativeRunner
@@ -198,6 +198,9 @@ class Scripted(SpeculationPolicy):
         self.seen.append((list(taus), list(proposed)))
         return len(self.seen) <= self.on
 
+    def cap(self, taus, proposed, depths):
+        return None  # the drafters' own proposals whenever on
+
 
 def test_the_policy_weighs_the_speculative_steps_only(code_engine):
     """The tokens per step (and draft inputs per step) the policy weighs are those of the steps that speculated:
@@ -233,6 +236,63 @@ def test_policy_turns_speculation_off_when_verification_costs_more():
     assert SpeculationPolicy("never").speculate([5.0], [1.0]) is False
     with pytest.raises(ParadecError, match="speculate must be one of"):
         SpeculationPolicy("sometimes")
+
+
+class Capped(SpeculationPolicy):
+    """Speculation always on, every proposal cut to depth `depth` but one step in three left alone."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__("auto")
+        self.depth, self.calls = depth, 0
+
+    def speculate(self, taus, proposed) -> bool:
+        return True
+
+    def cap(self, taus, proposed, depths):
+        self.calls += 1
+        return None if self.calls % 3 == 0 else self.depth
+
+
+@pytest.mark.parametrize("method", ["pld", "draft", "lookahead", "eagle", "suffix"])
+def test_proposals_cut_to_a_depth_keep_the_output_and_the_estimates(code_engine, method):
+    decoder = code_engine.batch_decoder(3)
+    decoder.policy = Capped(1)
+    items = [decoder.submit(code_engine.request(p, method=method, max_new_tokens=NEW)) for p in PROMPTS[:3]]
+    for _ in decoder.run(items):
+        pass
+    for prompt, item in zip(PROMPTS, items, strict=False):
+        assert item.result.token_ids == alone(code_engine, prompt, method).token_ids
+        # the estimates count the uncapped steps only: a cut step accepts one draft token at most
+        assert item.spec_steps < item.decoding.stats.steps / 2
+        assert sum(item.spec_accepted) + item.spec_steps == item.spec_tokens
+
+
+def test_the_policy_cuts_proposals_when_their_tails_cost_more_than_they_give():
+    """Sequences that accept their first draft token but rarely the later ones, on a forward whose time grows
+    with its inputs: cut to one token per sequence, a step costs far less for nearly the same tokens."""
+    policy = SpeculationPolicy("auto")
+    tails = [DepthRates(accepted=[0.9, 0.1, 0.05] + [0.0] * 5, depth=[1.0] * 8)] * 8  # chains of 8
+    taus = [1 + sum(d.accepted) for d in tails]
+    assert policy.cap(taus, [8.0] * 8, tails) is None  # no timings yet: as the drafters propose
+    for inputs in range(8, 80, 4):
+        policy.observe(inputs, 0.001 + 0.0005 * inputs)  # each input costs half a step of one
+    assert policy.cap(taus, [8.0] * 8, tails) == 1
+    cuts = [policy.cap(taus, [8.0] * 8, tails) for _ in range(2 * policy.probe_every)]
+    assert cuts.count(None) == 2 and set(cuts) == {1, None}  # an uncapped step now and then refreshes the estimates
+    deep = [DepthRates(accepted=[0.95, 0.9, 0.9, 0.85, 0.8, 0.8, 0.75, 0.7], depth=[1.0] * 8)] * 8
+    deep_taus = [1 + sum(d.accepted) for d in deep]
+    assert policy.cap(deep_taus, [8.0] * 8, deep) == 2  # deep accepters, but inputs this dear: a cut still pays
+    mild = SpeculationPolicy("auto")
+    for inputs in range(8, 80, 4):
+        mild.observe(inputs, 0.004 + 0.00005 * inputs)  # an input costs 1/80 of a step
+    assert mild.cap(deep_taus, [8.0] * 8, deep) is None  # ... and here they keep every draft token
+    assert mild.cap(taus, [8.0] * 8, tails) == 1
+    flat = SpeculationPolicy("auto")
+    for inputs in range(8, 80, 4):
+        flat.observe(inputs, 0.002)  # launch-bound: the inputs cost nothing
+    assert flat.cap(taus, [8.0] * 8, tails) is None
+    assert SpeculationPolicy("always").cap(taus, [8.0] * 8, tails) is None
+    assert depth_rates([]) == []
 
 
 def test_sampled_sequences_of_a_batch_equal_their_solo_runs(code_engine):

@@ -27,7 +27,10 @@ Speculation policy (`SpeculationPolicy`): from the measured step times (a step t
 counted: it timed the capture) it fits t(N) = a + b·N (N: the forward's inputs) and keeps each sequence's tokens
 and draft inputs per speculative step (`speculative_rates`); each step it compares the expected tokens per second
 of speculating (Σ τ_b / t(N_spec)) with that of plain decoding (B / t(B)) and turns proposals off for the step when
-plain decoding wins (a large batch on a compute-bound forward), probing speculation again now and then.
+plain decoding wins (a large batch on a compute-bound forward), probing speculation again now and then. A step
+that speculates may also cut every proposal to a depth (`SpeculationPolicy.cap`: 8, 4, 2 or 1) when the shallower
+proposals promise more tokens per second: each sequence's acceptance and proposal depth by position, over its
+uncapped speculative steps (`depth_rates`), give the tokens and inputs expected at each depth.
 
 Samples of one request (`Request.n` > 1, `submit_samples`): n sequences of the batch, sample i seeded seed + i, in one
 `SampleGroup`. A sample's drafter may read its siblings' tokens, and nothing else of them, through its resources:
@@ -51,6 +54,7 @@ import torch
 from paradec.decode import Decoding, Result
 from paradec.drafters.base import Drafter
 from paradec.errors import ParadecError
+from paradec.metrics import bump
 from paradec.request import Request
 from paradec.step import Step
 from paradec.types import Verdict
@@ -76,10 +80,13 @@ class BatchItem:
     draft_slot: int | None = None
     group: SampleGroup | None = None  # the samples of its request, when it asked for n > 1
     sample: int = 0  # its index among them (its choice's index)
-    # its steps with speculation on (`SpeculationPolicy`), the tokens they emitted and the draft inputs they scored
+    # its steps with speculation on and uncapped (`SpeculationPolicy`), the tokens they emitted, the draft inputs
+    # they scored, and per draft position i the steps that accepted it and those whose proposal reached it
     spec_steps: int = 0
     spec_tokens: int = 0
     spec_inputs: int = 0
+    spec_accepted: list[int] = field(default_factory=list)
+    spec_depth: list[int] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -199,6 +206,7 @@ class SpeculationPolicy:
         self.mode = mode
         self.samples: deque[tuple[int, float]] = deque(maxlen=self.window)  # (inputs, seconds)
         self.off_steps = 0
+        self.capped_steps = 0
         self._fit: tuple[float, float] | None = None  # (intercept, slope) of the samples, until the next one
 
     def cost(self, inputs: int) -> float | None:
@@ -234,6 +242,69 @@ class SpeculationPolicy:
     def observe(self, inputs: int, seconds: float) -> None:
         self.samples.append((inputs, seconds))
         self._fit = None
+
+    def cap(self, taus: list[float], proposed: list[float], depths: list[DepthRates]) -> int | None:
+        """The depth this speculative step's proposals are cut to: None (as the drafters make them) or one of
+        `CAPS`, whichever the fitted step cost says emits the most tokens per second, from each sequence's uncapped
+        speculative steps (`depth_rates`): cut to depth c, a sequence is expected to emit 1 + Σ_{i<c} accepted[i]
+        tokens for its draft inputs times the share of its proposals' depth mass up to c. A cut wins only by
+        `CAP_GAIN`, and one capped step in `probe_every` runs uncapped, to keep the uncapped estimates fresh."""
+        if self.mode != "auto":
+            return None
+        batch = len(taus)
+        uncapped = self.cost(batch + round(sum(proposed)))
+        if uncapped is None:
+            return None
+        best, best_rate = None, sum(taus) / uncapped * CAP_GAIN
+        for c in CAPS:
+            tokens = sum(1.0 + sum(d.accepted[:c]) for d in depths)
+            inputs = sum(n * d.depth_share(c) for n, d in zip(proposed, depths, strict=True))
+            rate = tokens / self.cost(batch + round(inputs))
+            if rate > best_rate:
+                best, best_rate = c, rate
+        if best is None:
+            self.capped_steps = 0
+            return None
+        self.capped_steps += 1
+        return None if self.capped_steps % self.probe_every == 0 else best
+
+
+CAPS = (8, 4, 2, 1)  # the depths a speculative step may cut its proposals to (`SpeculationPolicy.cap`)
+CAP_GAIN = 1.02  # a cut must promise this many times the uncapped step's tokens per second
+
+
+@dataclass(frozen=True)
+class DepthRates:
+    """One sequence's uncapped speculative steps by draft position: `accepted[i]` the share that accepted draft
+    position i (and so every one before it), `depth[i]` the share whose proposal reached depth i + 1."""
+
+    accepted: list[float]
+    depth: list[float]
+
+    def depth_share(self, cap: int) -> float:
+        """The share of the proposals' depth mass at depths <= `cap`: for a chain, of its draft inputs."""
+        total = sum(self.depth)
+        return 1.0 if total == 0 else sum(self.depth[:cap]) / total
+
+
+def depth_rates(items: list[BatchItem]) -> list[DepthRates]:
+    """Per sequence, `DepthRates` over its uncapped speculative steps; a sequence without one takes the others'
+    mean (none has one: nothing accepted, nothing proposed)."""
+    rates = [
+        DepthRates([c / it.spec_steps for c in it.spec_accepted], [c / it.spec_steps for c in it.spec_depth])
+        if it.spec_steps
+        else None
+        for it in items
+    ]
+    known = [r for r in rates if r is not None]
+    default = DepthRates(_mean([r.accepted for r in known]), _mean([r.depth for r in known]))
+    return [default if r is None else r for r in rates]
+
+
+def _mean(rows: list[list[float]]) -> list[float]:
+    """The element-wise mean of lists of different lengths (a missing element counts 0)."""
+    width = max((len(r) for r in rows), default=0)
+    return [sum(r[i] for r in rows if i < len(r)) / len(rows) for i in range(width)] if rows else []
 
 
 def speculative_rates(items: list[BatchItem]) -> tuple[list[float], list[float]]:
@@ -440,7 +511,7 @@ class BatchDecoder:
         started = time.perf_counter()
         taus, proposed = speculative_rates(items)
         speculating = self.policy.speculate(taus, proposed)
-        cap = None if speculating else 0
+        cap = self.policy.cap(taus, proposed, depth_rates(items)) if speculating else 0
         captured = self.runner.graphs_captured
         # one forward per kind of hidden state the drafters need: those that need none join any group
         groups: dict[object, list[BatchItem]] = {}
@@ -466,11 +537,13 @@ class BatchDecoder:
                 continue
             inputs += step.size
             kept = _kept_hidden(step, verdicts, out.hidden)
-            if speculating:
+            if speculating and cap is None:  # what the drafters propose on their own: the policy's estimates
                 for it, verdict in zip(group, verdicts, strict=True):
                     it.spec_steps += 1
                     it.spec_tokens += len(verdict.tokens)
                     it.spec_inputs += verdict.proposed
+                    bump(it.spec_accepted, verdict.accepted)
+                    bump(it.spec_depth, verdict.depth)
             for b, it in enumerate(group):
                 piece = it.decoding.advance(step, b, verdicts[b], out.hidden, kept=kept[b])
                 if piece:

@@ -28,8 +28,8 @@ class GenerationStats:
         self.steps += 1
         self.proposed_tokens += proposed_size
         self.accepted_tokens += accepted
-        _bump(self.proposed_at, proposed_depth)
-        _bump(self.accepted_at, accepted)
+        bump(self.proposed_at, proposed_depth)
+        bump(self.accepted_at, accepted)
 
     @property
     def tau(self) -> float:
@@ -65,7 +65,7 @@ class GenerationStats:
         )
 
 
-def _bump(counts: list[int], upto: int) -> None:
+def bump(counts: list[int], upto: int) -> None:
     """counts[i] += 1 for i < upto."""
     if len(counts) < upto:
         counts.extend([0] * (upto - len(counts)))
