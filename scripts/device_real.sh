@@ -26,7 +26,7 @@
 #            the CUDA tests; suffix on agentic and chat; multisample at n = 8; pard vs draft on code-chat; every
 #            method exact on both targets' chat; multisample exact; pard on chat; the batched profile, the runner
 #   start-m6 the next session: PARD (parallel layout) and EAGLE trained beside the CUDA tests; suffix with the
-#            replayed defaults; pard vs draft on code-chat; Qwen's EAGLE on code-chat and at temperature 1;
+#            replayed defaults, first turns and every turn of agentic; pard vs draft on code-chat; Qwen's EAGLE on code-chat and at temperature 1;
 #            multisample; the batched profile and bench at 1, 8, 32; the batch policy's depth cuts
 #            (scripts/bench_policy.py); the runner; pard vs draft on chat
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log,
@@ -332,6 +332,8 @@ m6_part() {  # the next session: what the third 2026-12-02 session changed on th
     wait
     train_q15_beside_tests pard eagle  # PARD's parallel layout and lr first; EAGLE again for code-chat
     suffix_benches  # the replayed defaults (min_match=1, match_factor=4), timed
+    # every turn: the later turns rewrite the code or data after the method's own answer (suffix's workload)
+    CODE_PC=2 bench $Q15 agentic q15-agentic-turns --turns all --methods vanilla,pld,suffix $QWEN_BENCH
     pard_benches code-chat
     bench $Q15 code-chat q15-code-chat-eagle --methods "$(with_heads $Q15 vanilla,pld)" $QWEN_BENCH
     bench $Q15 chat q15-chat-eagle-sample --mode sample --temperature 1 --methods "$(with_heads $Q15 vanilla)" \

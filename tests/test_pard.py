@@ -132,6 +132,7 @@ def test_train_pard_end_to_end(model_dirs, tmp_path, capsys, hf_models):
     )
     assert card["validation_acceptance"]["method"] == "pard"
     assert card["pard"]["splits_per_window"] == 16  # the parallel layout (`parallel_batch`) by default
+    assert card["pard"]["parallel_agreement"] == 1.0  # checked before training on it (fp32: every mask agrees)
     engine = paradec.load(model_dirs["llama"], out, runner="native", dtype="float32")
     reference = hf_greedy(hf_models("llama"), PROMPTS[3], 16)
     assert engine.generate(PROMPTS[3], method="pard", max_new_tokens=16).token_ids == reference
@@ -250,3 +251,23 @@ def test_the_parallel_layout_gives_each_splits_single_row_outputs(model_dirs, ar
     assert (0, T + 2 * 3 + 2, 12 + 3) not in scored  # mask 3 of split 12 would predict token 16: past the row
     assert (1, T + 0 * 3 + 1, 11) in scored and (1, T + 1 * 3 + 1, 12) not in scored  # row 1's label 13 is padding
     assert all(w < T or inputs[r, w] == mask for r, w, _ in scored)
+
+
+def test_the_parallel_layout_is_checked_before_training_on_it(model_dirs, monkeypatch):
+    """`parallel_agreement` is 1 where the backend runs the layout as designed, and falls where it does not (here:
+    the 4D mask dropped, so every mask sees every earlier split's masks too)."""
+    from transformers import AutoModelForCausalLM
+
+    from paradec.train import pard
+
+    draft = AutoModelForCausalLM.from_pretrained(model_dirs["llama-draft"], dtype=torch.float32).eval()
+    tokens = torch.randint(5, 60, (2, 24), generator=torch.Generator().manual_seed(2))
+    valid = torch.ones(2, 24, dtype=torch.bool)
+    split = torch.tensor([[3, 9, 15], [6, 12, 18]])
+    assert pard.parallel_agreement(draft, tokens, valid, split, 4, 3) == 1.0
+
+    def unmasked(model, inputs, positions, allowed):
+        return model.base_model(input_ids=inputs, position_ids=positions).last_hidden_state
+
+    monkeypatch.setattr(pard, "run_masked", unmasked)
+    assert pard.parallel_agreement(draft, tokens, valid, split, 4, 3) < 0.9

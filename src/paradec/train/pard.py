@@ -169,6 +169,34 @@ def pard_loss(
 
 
 @torch.no_grad()
+def parallel_agreement(
+    draft, tokens: torch.Tensor, valid: torch.Tensor, split: torch.Tensor, k: int, mask: int
+) -> float:
+    """The share of `parallel_batch`'s scored outputs whose top-1 token equals that of the same output computed
+    from `pard_batch`'s single-split row: how faithfully this model and backend (attention kernel, `transformers`'
+    handling of a 4D mask) run the parallel layout, checked before training on it."""
+    device = tokens.device
+    inputs, positions, allowed, rows, where, _ = parallel_batch(tokens.cpu(), valid.cpu(), split, k, mask)
+    hidden = run_masked(draft, inputs.to(device), positions.to(device), allowed.to(device))
+    head = draft.get_output_embeddings()
+    T, m = tokens.shape[1], split.shape[1]
+    same = total = 0
+    for b in range(tokens.shape[0]):
+        for j, t in enumerate(split[b].tolist()):
+            if t < 0:
+                continue
+            single, attention, *_ = pard_batch(tokens[b : b + 1].cpu(), torch.tensor([t]), k, mask, pad=0)
+            alone = draft.base_model(input_ids=single.to(device), attention_mask=attention.to(device))
+            for i in range(1, k):  # the masks (i = 0 is the real token t, the same causal row in both)
+                at = T + (i - 1) * m + j
+                if not bool(((rows == b) & (where == at)).any()):
+                    continue  # past the window's end: not scored
+                total += 1
+                same += int(head(hidden[b, at]).argmax() == head(alone.last_hidden_state[0, t + i]).argmax())
+    return same / total if total else 1.0
+
+
+@torch.no_grad()
 def pard_accuracy(draft, lm_head: torch.Tensor, data, k: int, mask: int, pad: int, prompt_len: int) -> list[float]:
     """Top-1 agreement with the target's greedy token at each of the k prediction positions, on `data` cut at
     fixed (seeded) splits."""

@@ -59,6 +59,7 @@ from paradec.train.pard import (
     choose_mask_token,
     init_mask_embedding,
     many_splits,
+    parallel_agreement,
     pard_accuracy,
     pard_loss,
     splits,
@@ -71,6 +72,9 @@ DEFAULT_STEPS = {"medusa": 1000, "eagle": 3000, "draft": 1000, "pard": 1000}
 # 0.52) and 39 of 1,500 steps were non-finite; PARD's own Qwen2.5-0.5B recipe uses 3e-5 over 4 epochs of a large
 # set (AMD-AGI/PARD, config/train/example_qwen.yaml). 5e-5 for our ~1,000 steps: not yet measured.
 DEFAULT_LR = {"medusa": 3e-3, "eagle": 3e-3, "draft": 3e-4, "pard": 5e-5}
+# PARD: the least share of mask outputs whose top-1 token the parallel layout and single-split rows must share (in
+# bf16 the two differ by rounding: a near-tie may flip; a layout the backend mishandles agrees on few)
+PARALLEL_AGREEMENT = 0.9
 DRAFT_KINDS = ("draft", "pard")  # the kinds that train a draft model (--draft)
 ANSWER_TEMPERATURE = 1.0  # the temperature of the sampled answers, unless given
 SELF_CHAT_SAMPLED_SHARE = 0.25  # with self-chat, this share of the answers is sampled, unless given
@@ -657,6 +661,21 @@ def _train_pard(job: Job) -> dict:
     generator = torch.Generator().manual_seed(job.settings.seed)
 
     count = job.heads.pard_splits
+    agreement = None
+    if count > 1:  # the parallel layout must give what the single-split rows give, on this model and backend
+        check = job.val_data
+        rows = slice(0, min(4, check.tokens.shape[0]))
+        split = many_splits(check.valid[rows].cpu(), prompt_len, min(count, 4), generator)
+        draft.eval()
+        with job.autocast():
+            agreement = parallel_agreement(draft, check.tokens[rows], check.valid[rows], split, k, mask)
+        draft.train()
+        if agreement < PARALLEL_AGREEMENT:
+            raise ParadecError(
+                f"pard: the parallel training layout agrees with single-split rows on only {agreement:.0%} of the "
+                f"masks' top-1 tokens with this model and backend (at least {PARALLEL_AGREEMENT:.0%} expected): "
+                "train with --splits 1"
+            )
 
     def loss(index: torch.Tensor) -> torch.Tensor:
         valid = train_data.valid[index]
@@ -676,7 +695,7 @@ def _train_pard(job: Job) -> dict:
     return {
         "draft": str(job.draft_path),
         "parameters": sum(p.numel() for p in draft.parameters()),
-        "pard": {"mask_token_id": mask, "k": k, "splits_per_window": count},
+        "pard": {"mask_token_id": mask, "k": k, "splits_per_window": count, "parallel_agreement": agreement},
         "fit": result.to_dict(),
         "validation": {"top1_by_position_before": before, "top1_by_position_after": after},
         "validation_acceptance": acceptance,
