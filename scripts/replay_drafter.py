@@ -7,7 +7,8 @@ then emits the target's next token; the target's continuation is vanilla's outpu
 replays exactly: the same proposals, the same accepted lengths, the same steps, on any machine, in seconds. (Where
 the bench's own row of the method differs from vanilla's after a near-tie, the replay follows vanilla's text.) The
 prompts are rendered as the bench rendered them (its suite file and the model's tokenizer and chat template: give
-the model's directory). The prompts are replayed in the run's order, so a method's engine-lifetime state (suffix's
+the model's directory; with `--turns all`, a later turn after vanilla's own earlier answers, as the bench asked it).
+The prompts are replayed in the run's order, so a method's engine-lifetime state (suffix's
 trie of earlier outputs) grows as in the bench's timed pass.
 
     python scripts/replay_drafter.py bench/results/m5-h200-2026-12-02/q15-agentic \
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="the target's directory (its tokenizer and chat template)")
     parser.add_argument("--method", action="append", required=True, help="NAME[:opt=value,...]; repeatable")
     parser.add_argument("--per-prompt", action="store_true", help="also print each prompt's τ")
+    parser.add_argument(
+        "--prompts", type=Path, help="the run's prompt file (default: the suite file its report names, found here)"
+    )
     args = parser.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -114,16 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print(f"{args.results}: no vanilla batch-1 rows to replay", file=sys.stderr)
         return 2
-    by_id = {p.id: p for p in _suite_prompts(meta)}
+    by_id = {p.id: p for p in (load_prompts(args.prompts) if args.prompts else _suite_prompts(meta))}
     rendering = Rendering(chat=meta.get("chat", "auto"), turns="first", template=tokenizer.chat_template is not None)
+    outputs = {r["prompt_ids"][0]: r["token_ids"] for r in records}
 
-    def encode(prompt: BenchPrompt) -> list[int]:
+    def encode(turn: str) -> list[int]:
+        """Turn `id` or `id/turn-k`: its prompt ids as the bench built them, a later turn after vanilla's own
+        answers to the earlier ones (`--turns all`)."""
+        pid, _, k = turn.partition("/turn-")
+        prompt, asked = by_id[pid], int(k or 1) - 1
         if rendering.templated(prompt):
-            text = chat_text(tokenizer, prompt.conversation(()))
+            earlier = [pid] + [f"{pid}/turn-{j + 1}" for j in range(1, asked)]
+            answers = [tokenizer.decode(outputs[t], skip_special_tokens=True).strip() for t in earlier[:asked]]
+            text = chat_text(tokenizer, prompt.conversation(answers))
             return list(tokenizer(text, add_special_tokens=False)["input_ids"])
         return list(tokenizer(prompt.text)["input_ids"])
 
-    encoded = [(r, encode(by_id[r["prompt_ids"][0]])) for r in records]
+    encoded = [(r, encode(r["prompt_ids"][0])) for r in records]
     resources = SimpleNamespace(target=SimpleNamespace(max_length=1 << 30, vocab_size=1 << 20, max_step_inputs=128))
     print(f"{args.results}: {len(records)} prompts, {sum(len(r['token_ids']) for r in records)} vanilla tokens")
     print("| method | category | τ | draft tokens / step | accepted share |")

@@ -51,3 +51,48 @@ def test_replayed_steps_equal_the_decode_loop(engines, method, options):
         assert proposed == spec.stats.proposed_tokens
         total_steps, total_tokens = total_steps + steps, total_tokens + len(vanilla.token_ids)
     assert total_steps < total_tokens / 2  # the looping model repeats itself: much was accepted
+
+
+TEMPLATE = (
+    "{% for m in messages %}<|endoftext|>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}"
+)
+
+
+def test_the_script_replays_a_bench_run_turn_by_turn(loop_dirs, tmp_path, capsys):
+    """End to end: `paradec bench --turns all` on a looping chat model, then the script over its results.json
+    gives each turn's τ of the bench's own rows (a later turn rendered after vanilla's answers, as the bench did)."""
+    import json
+    import shutil
+
+    from paradec.cli import main
+
+    model = tmp_path / "loop-chat"
+    shutil.copytree(loop_dirs["llama"], model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    prompts = tmp_path / "turns.jsonl"
+    prompts.write_text(
+        json.dumps({"id": "conv", "turns": ["the cat sat on the mat", "and the cat sat again"]}) + "\n"
+        + json.dumps({"id": "one", "turns": ["1 2 3 4 1 2 3 4"]}) + "\n"
+    )  # fmt: skip
+    out = tmp_path / "out"
+    args = ["bench", "--device", "cpu", "--runner", "hf", "--model", str(model), "--prompts", str(prompts)]
+    args += ["--methods", "pld,suffix", "--peers", "none", "--max-new-tokens", "24", "--turns", "all"]
+    assert main([*args, "--out", str(out), "--quiet", "--no-drift-check"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    records = json.loads((out / "results.json").read_text())["records"]
+    replay = load_script()
+    assert replay.main([str(out), "--model", str(model), "--prompts", str(prompts), "--per-prompt",
+                        "--method", "pld", "--method", "suffix"]) == 0  # fmt: skip
+    printed = {}
+    for line in capsys.readouterr().out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 5 and "/" not in cells[0] and cells[1] in ("conv", "conv/turn-2", "one"):
+            printed[(cells[0], cells[1])] = float(cells[2])
+    bench = {
+        (r["method"], r["prompt_ids"][0]): r["new_tokens"] / r["steps"] for r in records if r["method"] != "vanilla"
+    }
+    assert set(printed) == set(bench) and len(bench) == 6
+    for key, tau in bench.items():
+        assert printed[key] == pytest.approx(tau, abs=0.005), key
