@@ -271,13 +271,13 @@ m3_part() {  # issue 19's three methods first (PARD trained beside the CUDA test
 }
 
 # the pieces of the chains below
-train_q15_beside_tests() {  # $@: the kinds to train for the 1.5B, one after another, beside the CUDA tests
-    local pard=$HOME/.cache/paradec/models/$Q15/heads/pard kind
-    (for kind in "$@"; do train $Q15 $kind $QWEN_TRAIN; done
-     tar cf $RES/q15-cards.tar --exclude=data-cache --exclude='*.safetensors' -C "$HOME/.cache/paradec/models" \
-        $Q15/heads || true) &
+train_q15_beside_tests() {  # $@: the kinds to train for the 1.5B, all at once, beside the CUDA tests
+    local kind
+    for kind in "$@"; do train $Q15 $kind $QWEN_TRAIN & done
     exact_tests
     wait
+    tar cf $RES/q15-cards.tar --exclude=data-cache --exclude='*.safetensors' -C "$HOME/.cache/paradec/models" \
+        $Q15/heads || true
 }
 suffix_benches() {  # suffix against pld: the agentic suite (its target) and chat (never below 0.95x)
     CODE_PC=2 bench $Q15 agentic q15-agentic $DRAFT --methods vanilla,pld,suffix $QWEN_BENCH
