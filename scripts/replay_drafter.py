@@ -15,8 +15,12 @@ trie of earlier outputs) grows as in the bench's timed pass.
         --model ~/.cache/paradec/models/qwen2.5-coder-1.5b-instruct --method pld --method suffix \
         --method suffix:min_match=1,recent=8
 
-Prints, per category and overall: τ (tokens per target step), draft tokens scored per step, and the share of those
-accepted. Speed is not replayed: a step's cost depends on the card (see the bench's ms per step).
+With `--samples n` (one request of n samples per prompt: the records keep each sample's tokens) the samples are
+replayed together, step by step as a batch decodes them, so `multisample` drafts from its siblings; the recorded
+samples being draws of the target, a sampled run replays in distribution (`replay_samples`).
+
+Prints, per category and overall: τ (tokens per target step, per sample), draft tokens scored per step, and the share
+of those accepted. Speed is not replayed: a step's cost depends on the card (see the bench's ms per step).
 """
 
 from __future__ import annotations
@@ -59,30 +63,91 @@ def replay(method, options, prompt_ids: list[int], output: list[int], max_new_to
     under the limit of `max_new_tokens` (a step drafts at most what the limit leaves after its pending token, as
     the decode loop does). The first step is the prefill's, which drafts from the prompt alone, as in the loop."""
     drafter = method.open(options)
-    state = DecodeState(
-        tokens=list(prompt_ids),  # the prompt's last token is the first step's pending input (the prefill drafts too)
-        prompt_len=len(prompt_ids),
+    state = _state(list(prompt_ids), len(prompt_ids))  # the prompt's last token: the first step's pending input
+    drafter.begin(state)
+    steps = proposed = accepted = emitted = 0
+    while emitted < len(output):
+        draft, parents = _draft(drafter, state, min(MAX_PROPOSAL, max_new_tokens - emitted - 1))
+        path, new = _take(draft, parents, output[emitted:])
+        state.tokens.extend(new)
+        emitted += len(new)
+        steps, proposed, accepted = steps + 1, proposed + len(draft), accepted + len(path)
+        drafter.update(state, _verdict(draft, parents, path, new))
+    drafter.close()
+    return steps, proposed, accepted
+
+
+def replay_samples(
+    method, options, prompt_ids: list[int], outputs: list[list[int]], max_new_tokens: int
+) -> tuple[int, int, int]:
+    """`replay` for the n samples of one request decoded together (`--samples`), in lockstep as a batch steps
+    them: every sample proposes from what all of them emitted by the end of the last step (a drafter that reads its
+    siblings, `multisample`, sees their tokens through `Siblings`), then each takes its verdict against its own
+    recorded output. Sampled outputs make this a replay in distribution: a point-mass draft token is accepted
+    exactly when it equals the target's sample there, which the recorded sample is a draw of. Totals over the
+    samples (steps per sample, as the bench counts them)."""
+    from paradec.batch import Siblings, TokenView
+
+    n, shared = len(outputs), {}
+    tokens = [list(prompt_ids) for _ in range(n)]
+    views = [TokenView(tokens[i], len(prompt_ids), i) for i in range(n)]
+
+    def lent(i: int) -> SimpleNamespace:
+        others = [views[j] for j in range(n) if j != i]
+        return SimpleNamespace(target=method.resources.target, siblings=lambda: Siblings(i, lambda: others, shared))
+
+    drafters, states = [], []
+    for i in range(n):
+        state = _state(tokens[i], len(prompt_ids))
+        drafter = method.open_for(lent(i), options)
+        drafter.begin(state)
+        drafters.append(drafter)
+        states.append(state)
+    emitted = [0] * n
+    steps = proposed = accepted = 0
+    while any(e < len(out) for e, out in zip(emitted, outputs, strict=True)):
+        live = [i for i in range(n) if emitted[i] < len(outputs[i])]
+        drafts = {i: _draft(drafters[i], states[i], min(MAX_PROPOSAL, max_new_tokens - emitted[i] - 1)) for i in live}
+        for i in live:
+            draft, parents = drafts[i]
+            path, new = _take(draft, parents, outputs[i][emitted[i] :])
+            states[i].tokens.extend(new)
+            emitted[i] += len(new)
+            steps, proposed, accepted = steps + 1, proposed + len(draft), accepted + len(path)
+            drafters[i].update(states[i], _verdict(draft, parents, path, new))
+    for drafter in drafters:
+        drafter.close()
+    return steps, proposed, accepted
+
+
+def _state(tokens: list[int], prompt_len: int) -> DecodeState:
+    return DecodeState(
+        tokens=tokens,
+        prompt_len=prompt_len,
         sampling=SamplingParams(),
         generator=None,
         device="cpu",
         vocab_size=1 << 20,
     )
-    drafter.begin(state)
-    steps = proposed = accepted = emitted = 0
-    while emitted < len(output):
-        tokens, parents = drafter.draft(state, min(MAX_PROPOSAL, max_new_tokens - emitted - 1))
-        truth = output[emitted:]
-        path = accept(tokens, parents, truth)
-        new = [tokens[i] for i in path] + truth[len(path) : len(path) + 1]
-        state.tokens.extend(new)
-        emitted += len(new)
-        steps += 1
-        proposed += len(tokens)
-        accepted += len(path)
-        depth = len(tokens) if parents is None else max((_depth(parents, i) for i in range(len(tokens))), default=0)
-        drafter.update(state, Verdict(path=path, tokens=new, proposed=len(tokens), depth=depth))
-    drafter.close()
-    return steps, proposed, accepted
+
+
+def _draft(drafter, state: DecodeState, max_tokens: int) -> tuple[list[int], tuple[int, ...] | None]:
+    """A host drafter's draft, or a drafter's proposal as host lists."""
+    if hasattr(drafter, "draft"):
+        return drafter.draft(state, max_tokens)
+    proposal = drafter.propose(state, max_tokens)
+    return proposal.tokens.tolist(), proposal.parents
+
+
+def _take(draft: list[int], parents, truth: list[int]) -> tuple[list[int], list[int]]:
+    """(accepted node indices, emitted tokens) of a greedy-style verdict against `truth`."""
+    path = accept(draft, parents, truth)
+    return path, [draft[i] for i in path] + truth[len(path) : len(path) + 1]
+
+
+def _verdict(draft: list[int], parents, path: list[int], new: list[int]) -> Verdict:
+    depth = len(draft) if parents is None else max((_depth(parents, i) for i in range(len(draft))), default=0)
+    return Verdict(path=path, tokens=new, proposed=len(draft), depth=depth)
 
 
 def _depth(parents: tuple[int, ...], node: int) -> int:
@@ -114,13 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads((args.results / "results.json").read_text())
     meta = results["meta"]
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    records = [r for r in results["records"] if r["method"] == "vanilla" and r["batch_size"] == 1]
+    samples = meta.get("samples", 1) > 1  # `--samples n`: each record holds its n samples' tokens
+    records = [
+        r
+        for r in results["records"]
+        if r["method"] == "vanilla" and (r.get("sample_token_ids") if samples else r["batch_size"] == 1)
+    ]
     if not records:
-        print(f"{args.results}: no vanilla batch-1 rows to replay", file=sys.stderr)
+        print(f"{args.results}: no vanilla rows with recorded tokens to replay", file=sys.stderr)
         return 2
     by_id = {p.id: p for p in (load_prompts(args.prompts) if args.prompts else _suite_prompts(meta))}
     rendering = Rendering(chat=meta.get("chat", "auto"), turns="first", template=tokenizer.chat_template is not None)
-    outputs = {r["prompt_ids"][0]: r["token_ids"] for r in records}
+    outputs = {r["prompt_ids"][0]: r["token_ids"] for r in records}  # (None for samples: first turns only)
 
     def encode(turn: str) -> list[int]:
         """Turn `id` or `id/turn-k`: its prompt ids as the bench built them, a later turn after vanilla's own
@@ -136,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
 
     encoded = [(r, encode(r["prompt_ids"][0])) for r in records]
     resources = SimpleNamespace(target=SimpleNamespace(max_length=1 << 30, vocab_size=1 << 20, max_step_inputs=128))
-    print(f"{args.results}: {len(records)} prompts, {sum(len(r['token_ids']) for r in records)} vanilla tokens")
+    truths = {id(r): r["sample_token_ids"] if samples else [r["token_ids"]] for r in records}
+    total = sum(len(t) for r in records for t in truths[id(r)])
+    print(f"{args.results}: {len(records)} prompts, {total} vanilla tokens")
     print("| method | category | τ | draft tokens / step | accepted share |")
     print("|---|---|---:|---:|---:|")
     for spec in args.method:
@@ -146,14 +218,18 @@ def main(argv: list[str] | None = None) -> int:
         options = parse_options(cls, values)
         totals: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
         for record, prompt_ids in encoded:
-            output = record["token_ids"]
-            steps, proposed, accepted = replay(method, options, prompt_ids, output, meta["max_new_tokens"])
+            outs, limit = truths[id(record)], meta["max_new_tokens"]
+            if samples:
+                steps, proposed, accepted = replay_samples(method, options, prompt_ids, outs, limit)
+            else:
+                steps, proposed, accepted = replay(method, options, prompt_ids, outs[0], limit)
+            emitted = sum(len(o) for o in outs)
             for key in ("all", record["category"]):
                 t = totals[key]
-                t[0], t[1], t[2], t[3] = t[0] + len(output), t[1] + steps, t[2] + proposed, t[3] + accepted
+                t[0], t[1], t[2], t[3] = t[0] + emitted, t[1] + steps, t[2] + proposed, t[3] + accepted
             if args.per_prompt:
                 print(
-                    f"| {spec} | {record['prompt_ids'][0]} | {len(output) / steps:.2f} | {proposed / steps:.1f} | "
+                    f"| {spec} | {record['prompt_ids'][0]} | {emitted / steps:.2f} | {proposed / steps:.1f} | "
                     f"{accepted / max(proposed, 1):.2f} |"
                 )
         for key, (tokens, steps, proposed, accepted) in sorted(totals.items(), key=lambda kv: kv[0] != "all"):

@@ -339,6 +339,7 @@ def test_samples_rows_decode_each_prompt_as_one_request_of_n(tmp_path):
     again = engine.generate(engine.encode(prompts[1].text), sampling=SamplingParams(temperature=0.9, seed=14),
                             max_new_tokens=8, n=3)  # fmt: skip
     assert read["new_tokens"] == sum(r.stats.new_tokens for r in again)
+    assert read["sample_token_ids"] == [r.token_ids for r in again]  # each sample's tokens, for an offline replay
     assert "sample j of prompt i sampled with seed 11 + 3·i + j" in (tmp_path / "s" / "results.md").read_text()
 
 

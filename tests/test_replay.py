@@ -96,3 +96,22 @@ def test_the_script_replays_a_bench_run_turn_by_turn(loop_dirs, tmp_path, capsys
     assert set(printed) == set(bench) and len(bench) == 6
     for key, tau in bench.items():
         assert printed[key] == pytest.approx(tau, abs=0.005), key
+
+
+@pytest.mark.parametrize("method", ["multisample", "pld"])
+def test_samples_replay_in_lockstep_like_a_batch(engines, method):
+    """n greedy samples of one request (all equal): the lockstep replay takes the batch's steps, sample by sample,
+    and `multisample` drafts from its siblings there as in the batch."""
+    replay = load_script()
+    engine = engines("loop-llama", runner="native")
+    cls = get_drafter(method)
+    resources = SimpleNamespace(target=SimpleNamespace(max_length=1 << 30, vocab_size=1 << 20, max_step_inputs=128))
+    for prompt in PROMPTS:
+        ids = engine.encode(prompt)
+        results = engine.generate(ids, method=method, max_new_tokens=40, n=3, speculate="always")
+        outputs = [r.token_ids for r in results]
+        fresh = cls.method_class(resources, cls)
+        steps, proposed, accepted = replay.replay_samples(fresh, parse_options(cls, {}), ids, outputs, 40)
+        assert steps == sum(r.stats.steps for r in results), (method, prompt)
+        assert accepted == sum(r.stats.accepted_tokens for r in results)
+        assert proposed == sum(r.stats.proposed_tokens for r in results)

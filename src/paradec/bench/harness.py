@@ -452,6 +452,7 @@ class Bench:
             first = runs[0]
             pid = self.prompts[index].id
             record = _summed_record(method, self.prompts[index].category, [pid], first, walls, n)
+            record.sample_token_ids = [list(r.token_ids) for r in first]  # what an offline replay needs
             self._remember_vanilla(record, [prompt_ids], [first[0].token_ids])
             self._compare(record, [prompt_ids], [r.token_ids for results in runs for r in results])
             self.records.append(record)

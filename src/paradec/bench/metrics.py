@@ -34,6 +34,7 @@ class RunRecord:
     prefill_seconds: float | None = None
     finish_reason: str = ""
     token_ids: list[int] | None = None  # new tokens (batch size 1)
+    sample_token_ids: list[list[int]] | None = None  # each sample's new tokens (`--samples`: one request of n)
     equals_vanilla: bool | None = None  # greedy mode only
     first_mismatch: int | None = None  # index of the first new token that differs from vanilla's
     mismatch_prompt: str | None = None  # the prompt of that token (the first differing one of a batch)
