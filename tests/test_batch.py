@@ -291,6 +291,15 @@ def test_the_policy_cuts_proposals_when_their_tails_cost_more_than_they_give():
     for inputs in range(8, 80, 4):
         flat.observe(inputs, 0.002)  # launch-bound: the inputs cost nothing
     assert flat.cap(taus, [8.0] * 8, tails) is None
+    # trees that keep their width when cut (a drafter spends its node budget at depth 1): once measured, the cut's
+    # real inputs decide, and cutting wide trees to depth 1 no longer looks cheap
+    wide = SpeculationPolicy("auto")
+    for inputs in range(8, 80, 4):
+        wide.observe(inputs, 0.004 + 0.00005 * inputs)
+    assert wide.cap(taus, [8.0] * 8, tails) == 1
+    for _ in range(3):
+        wide.observe_cut(1, 8.0)  # cut to depth 1, each sequence still scored 8 draft inputs
+    assert wide.cap(taus, [8.0] * 8, tails) == 2
     assert SpeculationPolicy("always").cap(taus, [8.0] * 8, tails) is None
     assert depth_rates([]) == []
 

@@ -207,6 +207,9 @@ class SpeculationPolicy:
         self.samples: deque[tuple[int, float]] = deque(maxlen=self.window)  # (inputs, seconds)
         self.off_steps = 0
         self.capped_steps = 0
+        # per depth cut: (draft inputs per sequence, steps) measured on the steps cut there; a tree cut to depth c
+        # may keep more nodes than its depth share (a drafter spends its node budget where it may)
+        self.cut_inputs: dict[int, tuple[float, int]] = {}
         self._fit: tuple[float, float] | None = None  # (intercept, slope) of the samples, until the next one
 
     def cost(self, inputs: int) -> float | None:
@@ -243,11 +246,17 @@ class SpeculationPolicy:
         self.samples.append((inputs, seconds))
         self._fit = None
 
+    def observe_cut(self, cap: int, draft_inputs_per_sequence: float) -> None:
+        """A step cut to depth `cap` scored this many draft inputs per sequence (a running mean per depth)."""
+        mean, steps = self.cut_inputs.get(cap, (0.0, 0))
+        self.cut_inputs[cap] = ((mean * steps + draft_inputs_per_sequence) / (steps + 1), steps + 1)
+
     def cap(self, taus: list[float], proposed: list[float], depths: list[DepthRates]) -> int | None:
         """The depth this speculative step's proposals are cut to: None (as the drafters make them) or one of
         `CAPS`, whichever the fitted step cost says emits the most tokens per second, from each sequence's uncapped
         speculative steps (`depth_rates`): cut to depth c, a sequence is expected to emit 1 + Σ_{i<c} accepted[i]
-        tokens for its draft inputs times the share of its proposals' depth mass up to c. A cut wins only by
+        tokens for its draft inputs times the share of its proposals' depth mass up to c (once steps were cut to
+        c, the draft inputs measured there: a tree keeps more nodes than its depth share). A cut wins only by
         `CAP_GAIN`, and one capped step in `probe_every` runs uncapped, to keep the uncapped estimates fresh."""
         if self.mode != "auto":
             return None
@@ -258,7 +267,11 @@ class SpeculationPolicy:
         best, best_rate = None, sum(taus) / uncapped * CAP_GAIN
         for c in CAPS:
             tokens = sum(1.0 + sum(d.accepted[:c]) for d in depths)
-            inputs = sum(n * d.depth_share(c) for n, d in zip(proposed, depths, strict=True))
+            measured, steps = self.cut_inputs.get(c, (0.0, 0))
+            if steps >= MEASURED_CUT_STEPS:
+                inputs = batch * measured
+            else:
+                inputs = sum(n * d.depth_share(c) for n, d in zip(proposed, depths, strict=True))
             rate = tokens / self.cost(batch + round(inputs))
             if rate > best_rate:
                 best, best_rate = c, rate
@@ -271,6 +284,7 @@ class SpeculationPolicy:
 
 CAPS = (8, 4, 2, 1)  # the depths a speculative step may cut its proposals to (`SpeculationPolicy.cap`)
 CAP_GAIN = 1.02  # a cut must promise this many times the uncapped step's tokens per second
+MEASURED_CUT_STEPS = 3  # steps cut to a depth after which its measured draft inputs replace the estimate
 
 
 @dataclass(frozen=True)
@@ -520,7 +534,7 @@ class BatchDecoder:
         if False in groups and len(groups) > 1:
             plain = groups.pop(False)
             groups[next(iter(groups))] += plain
-        touched, inputs = [], 0
+        touched, inputs, stepped = [], 0, 0
         for needs, group in groups.items():
             try:
                 proposals = _propose(group, cap)
@@ -536,6 +550,7 @@ class BatchDecoder:
                 touched += group
                 continue
             inputs += step.size
+            stepped += len(group)
             kept = _kept_hidden(step, verdicts, out.hidden)
             if speculating and cap is None:  # what the drafters propose on their own: the policy's estimates
                 for it, verdict in zip(group, verdicts, strict=True):
@@ -555,6 +570,8 @@ class BatchDecoder:
         self.steps += 1
         self.batch_sizes.append(len(items))
         self.step_inputs.append(inputs)
+        if cap and stepped:  # a cut step: what the drafters proposed under it
+            self.policy.observe_cut(cap, (inputs - stepped) / stepped)
         if self.runner.graphs_captured == captured:  # a step that captured a graph timed the capture, not the step
             self.policy.observe(inputs, time.perf_counter() - started)
         return touched
