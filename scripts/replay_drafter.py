@@ -8,12 +8,12 @@ replays exactly: the same proposals, the same accepted lengths, the same steps, 
 the bench's own row of the method differs from vanilla's after a near-tie, the replay follows vanilla's text.) The
 prompts are rendered as the bench rendered them (its suite file and the model's tokenizer and chat template: give
 the model's directory; with `--turns all`, a later turn after vanilla's own earlier answers, as the bench asked it).
-The prompts are replayed in the run's order, so a method's engine-lifetime state (suffix's
-trie of earlier outputs) grows as in the bench's timed pass.
+The prompts are replayed in the run's order, so a method's engine-lifetime state (suffix's trie of earlier outputs)
+grows as in the bench's timed pass.
 
     python scripts/replay_drafter.py bench/results/m5-h200-2026-12-02/q15-agentic \
         --model ~/.cache/paradec/models/qwen2.5-coder-1.5b-instruct --method pld --method suffix \
-        --method suffix:min_match=1,recent=8
+        --method suffix:min_match=2,match_factor=2
 
 With `--samples n` (one request of n samples per prompt: the records keep each sample's tokens) the samples are
 replayed together, step by step as a batch decodes them, so `multisample` drafts from its siblings; the recorded
