@@ -10,14 +10,13 @@ outputs must equal `never`'s (greedy): the script checks.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+from profile_batch_host import prompts as code_prompts  # this folder: the same code prompts, cycled
 
 import paradec
 from paradec.batch import SpeculationPolicy
-from paradec.zoo import dev_prompts_path
 
 
 class Counting(SpeculationPolicy):
@@ -67,13 +66,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
     engine = paradec.load(args.model, device=args.device)
-    lines = [ln for ln in dev_prompts_path().read_text().splitlines() if ln.strip()]
-    texts = [json.loads(ln)["prompt"] for ln in lines]
     print("| method | batch | policy | tok/s | vs never | steps |")
     print("|---|---:|---|---:|---:|---|")
     for method in args.method or ["pld"]:
         for batch in args.batch or [8, 32]:
-            prompts = [texts[i % len(texts)] for i in range(batch)]
+            prompts = code_prompts(batch)
             decode(engine, prompts, method, args.new_tokens, Counting("always"))  # warm-up: every shape met
             reference, base = decode(engine, prompts, method, args.new_tokens, Counting("never"))
             for name, policy in (

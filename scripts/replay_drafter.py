@@ -37,6 +37,7 @@ from paradec.chat import chat_text
 from paradec.config import SamplingParams
 from paradec.drafters import get_drafter
 from paradec.drafters.base import DecodeState, parse_options
+from paradec.tree import build_tree, chain_parents
 from paradec.types import Verdict
 
 MAX_PROPOSAL = 127  # the native runner's largest step bucket (128 inputs) less the pending token
@@ -45,7 +46,7 @@ MAX_PROPOSAL = 127  # the native runner's largest step bucket (128 inputs) less 
 def accept(tokens: list[int], parents: tuple[int, ...] | None, truth: list[int]) -> list[int]:
     """The proposal nodes greedy verification accepts: the deepest path whose tokens equal `truth`'s prefix."""
     if parents is None:
-        parents = tuple(range(-1, len(tokens) - 1))
+        parents = chain_parents(len(tokens))
     children: dict[int, list[int]] = defaultdict(list)
     for index, parent in enumerate(parents):
         children[parent].append(index)
@@ -146,15 +147,8 @@ def _take(draft: list[int], parents, truth: list[int]) -> tuple[list[int], list[
 
 
 def _verdict(draft: list[int], parents, path: list[int], new: list[int]) -> Verdict:
-    depth = len(draft) if parents is None else max((_depth(parents, i) for i in range(len(draft))), default=0)
+    depth = len(draft) if parents is None else build_tree(parents).max_depth
     return Verdict(path=path, tokens=new, proposed=len(draft), depth=depth)
-
-
-def _depth(parents: tuple[int, ...], node: int) -> int:
-    depth = 1
-    while parents[node] >= 0:
-        node, depth = parents[node], depth + 1
-    return depth
 
 
 def parse_method(text: str) -> tuple[str, dict[str, str]]:

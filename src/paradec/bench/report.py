@@ -329,7 +329,7 @@ def markdown(data: dict) -> str:
             + (
                 f" (**the card's speed moved by {abs(ratio - 1):.0%} during the run: every ratio here carries that**)"
                 if abs(ratio - 1) > DRIFT_WARN
-                else " (within 5%: the card's speed held)"
+                else f" (within {DRIFT_WARN:.0%}: the card's speed held)"
             )
         )
     lines.append("")
