@@ -26,8 +26,8 @@ class Counting(SpeculationPolicy):
         super().__init__(mode)
         self.cuts, self.decisions = cuts, {}
 
-    def speculate(self, taus, proposed) -> bool:
-        on = super().speculate(taus, proposed)
+    def speculate(self, taus, proposed, **kw) -> bool:
+        on = super().speculate(taus, proposed, **kw)
         if not on:
             self._count("plain")
         return on

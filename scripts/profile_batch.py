@@ -1,8 +1,8 @@
 """Where a batched decode step's time goes (not a test): B chat prompts decoded together by `Engine.batch_decoder`,
 one warm-up pass to its end (compiles, captures the graphs), then a second pass whose first `--steps` steps run
-under torch.profiler. Reports the step's wall ms, the device time by kernel (the top `--top`), the share of the
-step the device was busy, and the host's ops and runtime calls by their own CPU time (what the device's idle gaps
-are made of), for each `--exact` setting asked; `--out DIR` writes profile-batch.json.
+under torch.profiler (after the prompts' prefill). Reports the step's wall ms, the device time by kernel (the top `--top`), the share of the
+step the device was busy, the host's ops and runtime calls by their own CPU time (what the device's idle gaps
+are made of) and, from the same steps run again under cProfile, the Python functions by their own time, for each `--exact` setting asked; `--out DIR` writes profile-batch.json.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=src python3 scripts/profile_batch.py --model qwen2.5-coder-1.5b-instruct \
         --batch 32 --exact both --out $OUT/profile-batch
@@ -11,7 +11,11 @@ are made of), for each `--exact` setting asked; `--out DIR` writes profile-batch
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
+import io
 import json
+import pstats
 import time
 from pathlib import Path
 
@@ -28,16 +32,22 @@ def prompts_of(engine, count: int) -> list[list[int]]:
     return [engine.encode_chat([{"role": "user", "content": records[i % len(records)].turns[0]}]) for i in range(count)]
 
 
-def run(engine, prompts: list[list[int]], method: str, new_tokens: int, steps: int | None = None):
-    """Decode the prompts as one batch; with `steps`, stop after that many steps. Returns (steps, seconds)."""
+def run(engine, prompts: list[list[int]], method: str, new_tokens: int, steps: int | None = None, profiler=None):
+    """Decode the prompts as one batch; with `steps`, stop after that many decode steps, timed (and profiled under
+    `profiler`, a context manager) once every prompt is prefilled. Returns (steps, seconds)."""
     decoder = engine.batch_decoder(len(prompts))
     items = [decoder.submit(engine.request(p, method=method, max_new_tokens=new_tokens)) for p in prompts]
-    done, started = 0, time.perf_counter()
-    while not all(item.done for item in items) and (steps is None or done < steps):
-        decoder.step()
-        done += 1
+    while steps is not None and not all(item.prefilled or item.done for item in items):
+        decoder.step()  # the prompts' prefill: not a decode step
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    done, started = 0, time.perf_counter()
+    with profiler if profiler is not None else contextlib.nullcontext():
+        while not all(item.done for item in items) and (steps is None or done < steps):
+            decoder.step()
+            done += 1
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     for item in items:
         if not item.done:
@@ -53,8 +63,15 @@ def measure(model: str, exact: bool, batch: int, method: str, new_tokens: int, s
     run(engine, prompts, method, new_tokens)  # warm-up: every bucket the pass meets is compiled and captured
     cuda = torch.cuda.is_available()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        done, seconds = run(engine, prompts, method, new_tokens, steps)
+    prof = profile(activities=activities)
+    done, seconds = run(engine, prompts, method, new_tokens, steps, profiler=prof)
+    # the same steps again under cProfile: which Python functions the host's time is spent in (without the
+    # torch profiler's own cost; cProfile's is paid here instead, so read its shares, not its absolute times)
+    python = cProfile.Profile()
+    run(engine, prompts, method, new_tokens, steps, profiler=python)
+    plain_steps, plain_seconds = run(engine, prompts, method, new_tokens, steps)  # no profiler at all
+    text = io.StringIO()
+    pstats.Stats(python, stream=text).sort_stats("tottime").print_stats(top)
     events = prof.key_averages()
     key = "device_time_total" if cuda else "cpu_time_total"
     # on a GPU the kernels themselves (the ops that launch them would count their time again); on the CPU the ops
@@ -70,11 +87,13 @@ def measure(model: str, exact: bool, batch: int, method: str, new_tokens: int, s
         "method": method,
         "steps": done,
         "step_ms": 1e3 * seconds / max(done, 1),
+        "step_ms_unprofiled": 1e3 * plain_seconds / max(plain_steps, 1),
         "device_busy_share": (device_us / 1e6) / seconds if cuda and seconds else None,
         "top": [
             {"name": e.key[:120], "calls": e.count, "ms_per_step": getattr(e, key, 0.0) / 1e3 / max(done, 1)}
             for e in kernels[:top]
         ],
+        "python_top": text.getvalue(),
         "host_top": [
             {"name": e.key[:120], "calls": e.count, "self_ms_per_step": e.self_cpu_time_total / 1e3 / max(done, 1)}
             for e in host[:top]
@@ -101,12 +120,15 @@ def main() -> None:
         results.append(entry)
         busy = entry["device_busy_share"]
         print(f"exact={exact} batch {args.batch}: {entry['step_ms']:.2f} ms/step over {entry['steps']} steps"
+              f" ({entry['step_ms_unprofiled']:.2f} unprofiled)"
               + ("" if busy is None else f", device busy {100 * busy:.0f}%"), flush=True)  # fmt: skip
         for row in entry["top"]:
             print(f"  {row['ms_per_step']:8.3f} ms/step  x{row['calls']:<6} {row['name']}", flush=True)
         print("  host, by own CPU time:", flush=True)
         for row in entry["host_top"]:
             print(f"  {row['self_ms_per_step']:8.3f} ms/step  x{row['calls']:<6} {row['name']}", flush=True)
+        print("  host, Python functions by own time (cProfile, the same steps again):", flush=True)
+        print(entry["python_top"], flush=True)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "profile-batch.json").write_text(json.dumps({"model": args.model, "runs": results}, indent=1))

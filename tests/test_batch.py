@@ -134,6 +134,80 @@ def test_sequences_join_and_leave(code_engine):
     assert decoder.runner.free == decoder.runner.slots  # every slot came back
 
 
+class Overlaps:
+    """Records, per decode step of a `BatchDecoder`, when it was launched and landed (`_launch_plain`, `_land`)."""
+
+    def __init__(self, decoder: BatchDecoder) -> None:
+        self.events: list[tuple[str, int]] = []
+        launch, land = decoder._launch_plain, decoder._land
+
+        def launching(items):
+            launched, touched = launch(items)
+            if launched is not None:
+                self.events.append(("launch", id(launched)))
+            return launched, touched
+
+        def landing(launched):
+            self.events.append(("land", id(launched)))
+            return land(launched)
+
+        decoder._launch_plain, decoder._land = launching, landing
+
+    @property
+    def overlapped(self) -> int:
+        """Steps launched while an earlier one was still to land."""
+        waiting, count = 0, 0
+        for kind, _ in self.events:
+            count += kind == "launch" and waiting > 0
+            waiting += 1 if kind == "launch" else -1
+        return count
+
+
+@pytest.mark.parametrize("method", ["vanilla", "pld", "suffix"])
+def test_steps_without_proposals_overlap_and_keep_the_output(code_engine, method):
+    """A step without proposals (vanilla; pld and suffix with speculation off) is launched before the step in flight
+    is landed: the device runs one while the host emits the other. Sequences end while a step holding them is in
+    flight (a stop string, EOS, max_new_tokens, a cancellation), others join on their slots, and each emits what it
+    emits alone, greedy and sampled."""
+    stop = alone(code_engine, PROMPTS[2], "vanilla").text[20:26]
+    asked = [
+        (PROMPTS[0], {"max_new_tokens": NEW}),
+        (PROMPTS[1], {"max_new_tokens": 7}),
+        (PROMPTS[2], {"max_new_tokens": NEW, "stop": stop}),
+        (PROMPTS[3], {"max_new_tokens": NEW, "sampling": {"temperature": 0.8, "seed": 3}}),
+        (PROMPTS[4], {"max_new_tokens": 40}),  # cancelled
+        (PROMPTS[1], {"max_new_tokens": NEW}),  # joins when a slot frees
+    ]
+    requests = [code_engine.request(p, method=method, **kw) for p, kw in asked]
+    decoder = code_engine.batch_decoder(5, speculate="never")
+    overlaps = Overlaps(decoder)
+    items = [decoder.submit(r) for r in requests]
+    for _ in range(6):
+        decoder.step()
+    assert decoder._inflight is not None and items[4] in decoder._inflight.items
+    decoder.cancel(items[4], "disconnect")
+    for _ in decoder.run(items):
+        pass
+    assert overlaps.overlapped > 20
+    assert isinstance(items[4].error, ParadecError) and "disconnect" in str(items[4].error)
+    for i, item in enumerate(items):
+        if i == 4:
+            continue
+        # speculation off draws what plain decoding draws: a sampled sequence follows vanilla's solo run
+        single = code_engine.generate(code_engine.request(asked[i][0], method="vanilla", **asked[i][1]))
+        assert item.result.token_ids == single.token_ids and item.result.text == single.text, (method, i)
+        assert item.result.finish_reason == single.finish_reason
+    assert items[2].result.finish_reason == "stop" and items[2].result.token_ids != items[0].result.token_ids
+    assert decoder.runner.free == decoder.runner.slots
+    serial = code_engine.batch_decoder(4, speculate="never")
+    serial.overlap = False
+    plain = Overlaps(serial)
+    again = [serial.submit(r) for r in requests[:4]]
+    for _ in serial.run(again):
+        pass
+    assert plain.events == [] and [i.result.token_ids for i in again] == [i.result.token_ids for i in items[:4]]
+
+
 def test_eagle_sequences_hold_their_own_workspaces(code_engine):
     decoder = code_engine.batch_decoder(3)
     items = [decoder.submit(code_engine.request(p, method="eagle", max_new_tokens=NEW)) for p in PROMPTS[:3]]
@@ -171,7 +245,7 @@ class Alternating(SpeculationPolicy):
         super().__init__("auto")
         self.calls = 0
 
-    def speculate(self, taus, proposed) -> bool:
+    def speculate(self, taus, proposed, **kw) -> bool:
         self.calls += 1
         return self.calls % 2 == 0
 
@@ -194,7 +268,7 @@ class Scripted(SpeculationPolicy):
         super().__init__("auto")
         self.on, self.seen = on, []
 
-    def speculate(self, taus, proposed) -> bool:
+    def speculate(self, taus, proposed, **kw) -> bool:
         self.seen.append((list(taus), list(proposed)))
         return len(self.seen) <= self.on
 
@@ -218,6 +292,25 @@ def test_the_policy_weighs_the_speculative_steps_only(code_engine):
     assert later == after_on  # twenty-odd steps without speculation changed neither estimate
     assert [it.spec_steps for it in items] == [10, 10], [it.spec_steps for it in items]
     assert items[0].decoding.stats.tau < after_on[0][0]  # the overall τ, which counts the plain steps, is lower
+
+
+def test_overlapped_plain_steps_are_timed_apart_and_probed_while_speculating():
+    """An overlapped plain step's period hides the host's work: it is kept apart from the fit over the steps the host
+    waited for, and is what plain decoding costs. While speculation wins on the fit alone, a plain probe (3 steps in
+    `plain_every`) times it, but only where plain steps would overlap."""
+    taus, proposed = [1.4] * 8, [5.0] * 8  # 8 sequences, 11.2 tokens for 48 inputs
+    policy = SpeculationPolicy("auto")
+    for inputs in range(8, 72, 4):  # waited-for steps: 4 ms + 0.02 ms per input
+        policy.observe(inputs, 0.004 + 0.00002 * inputs)
+    assert policy.plain_cost(8) == pytest.approx(policy.cost(8))
+    decisions = [policy.speculate(taus, proposed, overlap=True) for _ in range(policy.plain_every + 2)]
+    assert all(decisions[: policy.plain_every - 1]) and decisions[policy.plain_every - 1 :] == [False] * 3
+    never = [policy.speculate(taus, proposed) for _ in range(3 * policy.plain_every)]
+    assert all(never)  # plain steps that would not overlap cost what the fit says: no probe
+    policy.observe(8, 0.0025, overlapped=True)  # the probe's period: 2.5 ms for 8 tokens beats 2.26 tokens per ms
+    assert len(policy.samples) == 16 and policy.plain_cost(8) == pytest.approx(0.0025)
+    assert not policy.speculate(taus, proposed, overlap=True)
+    assert policy.speculate([3.0] * 8, proposed, overlap=True)  # τ 3: speculation still wins
 
 
 def test_policy_turns_speculation_off_when_verification_costs_more():
@@ -245,7 +338,7 @@ class Capped(SpeculationPolicy):
         super().__init__("auto")
         self.depth, self.calls = depth, 0
 
-    def speculate(self, taus, proposed) -> bool:
+    def speculate(self, taus, proposed, **kw) -> bool:
         return True
 
     def cap(self, taus, proposed, depths):

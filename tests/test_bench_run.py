@@ -309,6 +309,12 @@ def test_batched_rows_on_the_native_runner(tmp_path, capsys):
     assert overall["vanilla@bs2"]["speedup"] == pytest.approx(1.0)  # against itself: vanilla at the same size
     assert overall["pld@bs2"]["tau"] > 1.0 and overall["pld@bs2"]["matches"] == overall["pld@bs2"]["compared"] == 2
     assert data["exactness"]["ok"]
+    # each batched record says what its decode steps were: vanilla's all without proposals, overlapped but the first
+    steps = {r["method"]: r["batch_steps"] for r in batched if r["prompt_ids"] == ["fib", "stack"]}
+    assert steps["vanilla"]["plain"] == steps["vanilla"]["steps"] > 8 and steps["vanilla"]["speculative"] == 0
+    assert steps["vanilla"]["overlapped"] == steps["vanilla"]["plain"] - 1
+    assert steps["draft"]["speculative"] > 0 and steps["draft"]["plain"] == 0
+    assert "## Batched steps" in (tmp_path / "results.md").read_text()
 
 
 def test_samples_rows_decode_each_prompt_as_one_request_of_n(tmp_path):

@@ -32,6 +32,17 @@ that speculates may also cut every proposal to a depth (`SpeculationPolicy.cap`:
 proposals promise more tokens per second: each sequence's acceptance and proposal depth by position, over its
 uncapped speculative steps (`depth_rates`), give the tokens and inputs expected at each depth.
 
+Overlapped steps (`overlap`, default on): a step without any proposal (every sequence vanilla, or speculation off
+for sequences whose drafters may skip `propose` then: `Drafter.idle_skips_propose`, pld and suffix; none needing
+hidden states) knows each sequence's next input before the host reads it: the verifier's pick stays on the device
+(`Deferred.final`), the commit of one input per sequence needs no verdict, and the host values travel by an
+asynchronous copy. So the step is launched (`_launch_plain`: forward, picks, commit, copy queued) before the step in
+flight is landed (`_land`: its tokens emitted, stops checked, drafters updated), and the device runs one while the
+host lands the other (vLLM's "async scheduling" does the same). A sequence that ends with the landed step was already
+in the next one: its extra token is never emitted and its slot is freed (a stale entry, as after any release); one
+that reaches max_new_tokens is not launched again. A step with proposals needs the verdicts first: it lands the step
+in flight, then runs as before.
+
 Samples of one request (`Request.n` > 1, `submit_samples`): n sequences of the batch, sample i seeded seed + i, in one
 `SampleGroup`. A sample's drafter may read its siblings' tokens, and nothing else of them, through its resources:
 `_SeqResources.siblings()` gives a `Siblings`, whose `others()` are read-only `TokenView`s of the other samples'
@@ -57,8 +68,8 @@ from paradec.errors import ParadecError
 from paradec.metrics import bump
 from paradec.request import Request
 from paradec.step import Step
-from paradec.types import Verdict
-from paradec.verify import verify_all, verify_deferred, verify_greedy_all
+from paradec.types import Proposal, Verdict
+from paradec.verify import Deferred, verify_all, verify_deferred, verify_greedy_all
 
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens a joining sequence feeds per step
 SPECULATE = ("auto", "always", "never")
@@ -91,6 +102,33 @@ class BatchItem:
     @property
     def done(self) -> bool:
         return self.result is not None or self.error is not None
+
+
+@dataclass
+class StepCounts:
+    """What a `BatchDecoder`'s decode steps were (the bench reports them for its batched rows)."""
+
+    steps: int = 0  # decode steps landed
+    speculative: int = 0  # steps the speculation policy let propose (a drafter of the step drafts)
+    capped: int = 0  # of those, steps whose proposals it cut to a depth
+    plain: int = 0  # steps without proposals launched ahead of their landing (`_launch_plain`)
+    overlapped: int = 0  # of those, steps launched while an earlier one was still to land
+    drained: int = 0  # steps in flight landed first because the next step had proposals
+    captured: int = 0  # steps during which a CUDA graph was captured (their time is the capture's)
+    capture_seconds: float = 0.0  # the time of those steps
+
+
+@dataclass
+class _Launched:
+    """A step `BatchDecoder._launch_plain` queued, for `_land` to finish."""
+
+    step: Step
+    items: list[BatchItem]
+    rows: tuple[torch.Tensor, ...]  # each sequence's logits rows (its `DecodeState.target_logits` once landed)
+    finals: Sequence[torch.Tensor]  # each sequence's emitted token on the device ([1]): its next pending input
+    deferred: list[Deferred] | None  # the verifier's verdicts to finish (None: every sequence greedy, one pick each)
+    host: torch.Tensor  # the verdicts' host values: the picks, or the deferred verdicts' values back to back
+    ready: torch.cuda.Event | None  # recorded after the host copy was queued (None: no device to wait for)
 
 
 class TokenView(Sequence[int]):
@@ -199,13 +237,20 @@ class SpeculationPolicy:
     window = 64  # step timings kept for the fit
     min_samples = 8  # speculate always until this many steps were timed
     probe_every = 16  # while off, speculate one step in this many to refresh the estimates
+    plain_every = 64  # while on and plain steps would overlap, probe them after this many steps untimed
+
+    plain_probe = 3  # steps a plain probe runs (two are needed for one overlapped period)
 
     def __init__(self, mode: str = "auto") -> None:
         if mode not in SPECULATE:
             raise ParadecError(f"speculate must be one of {', '.join(SPECULATE)}, got {mode!r}", param="speculate")
         self.mode = mode
-        self.samples: deque[tuple[int, float]] = deque(maxlen=self.window)  # (inputs, seconds)
+        self.samples: deque[tuple[int, float]] = deque(maxlen=self.window)  # (inputs, seconds) of waited-for steps
+        # (inputs, seconds) of overlapped plain steps: their period, which hides the host's work behind the device's
+        self.plain_samples: deque[tuple[int, float]] = deque(maxlen=self.window // 4)
         self.off_steps = 0
+        self.on_steps = 0  # speculative steps since plain steps were last timed
+        self._probing = 0  # plain steps still to run in a plain probe
         self.capped_steps = 0
         # per depth cut: (draft inputs per sequence, steps) measured on the steps cut there; a tree cut to depth c
         # may keep more nodes than its depth share (a drafter spends its node budget where it may)
@@ -227,22 +272,48 @@ class SpeculationPolicy:
         intercept, slope = self._fit
         return intercept + slope * inputs
 
-    def speculate(self, taus: list[float], proposed: list[float]) -> bool:
+    def plain_cost(self, inputs: int) -> float | None:
+        """The seconds of a plain step of `inputs` inputs: the overlapped plain steps' measured period when there is
+        one (scaled to `inputs` by the fit), else the fit's cost."""
+        fitted = self.cost(inputs)
+        if not self.plain_samples:
+            return fitted
+        seconds = sum(t for _, t in self.plain_samples) / len(self.plain_samples)
+        mean_inputs = round(sum(n for n, _ in self.plain_samples) / len(self.plain_samples))
+        at = self.cost(mean_inputs)
+        return seconds if fitted is None or at is None else seconds * fitted / at
+
+    def speculate(self, taus: list[float], proposed: list[float], *, overlap: bool = False) -> bool:
         """Whether this step speculates, for sequences expected to emit `taus` tokens per speculative step with
-        `proposed` draft inputs each."""
+        `proposed` draft inputs each. `overlap`: plain steps of these sequences would overlap (`BatchDecoder`);
+        then, while speculating wins, a short plain probe every `plain_every` steps times them (overlapped, a plain
+        step costs less than the fit over the steps the host waited for says)."""
         if self.mode != "auto":
             return self.mode == "always"
+        if self._probing:
+            self._probing -= 1
+            return False
         batch = len(taus)
-        spec, plain = self.cost(batch + round(sum(proposed))), self.cost(batch)
+        spec, plain = self.cost(batch + round(sum(proposed))), self.plain_cost(batch)
         if spec is None or plain is None:
             return True
         if sum(taus) / spec >= batch / plain:
             self.off_steps = 0
+            self.on_steps += 1
+            if overlap and self.on_steps % self.plain_every == 0:
+                self._probing = self.plain_probe - 1
+                return False
             return True
         self.off_steps += 1
         return self.off_steps % self.probe_every == 0
 
-    def observe(self, inputs: int, seconds: float) -> None:
+    def observe(self, inputs: int, seconds: float, *, overlapped: bool = False) -> None:
+        """A step of `inputs` inputs took `seconds`; `overlapped`: a plain step's period, launched before the step
+        in flight landed (timed apart: the fit is over steps the host waited for)."""
+        if overlapped:
+            self.plain_samples.append((inputs, seconds))
+            self.on_steps = 0
+            return
         self.samples.append((inputs, seconds))
         self._fit = None
 
@@ -374,6 +445,7 @@ class BatchDecoder:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         speculate: str = "auto",
         draft_runner=None,
+        overlap: bool = True,
     ) -> None:
         if not isinstance(max_running, int) or not 1 <= max_running <= runner.slots:
             raise ParadecError(
@@ -392,8 +464,14 @@ class BatchDecoder:
         self.waiting: deque[BatchItem] = deque()
         self.running: list[BatchItem] = []
         self.steps = 0
-        self.batch_sizes: list[int] = []  # sequences per decode step, for metrics
-        self.step_inputs: list[int] = []  # inputs per decode step
+        # per decode step, as it lands (for metrics; a reader may clear them): sequences, inputs, tokens emitted
+        self.batch_sizes: list[int] = []
+        self.step_inputs: list[int] = []
+        self.step_tokens: list[int] = []
+        self.counts = StepCounts()
+        self.overlap = overlap  # steps without proposals launch before the step in flight is landed (`_plain`)
+        self._inflight: _Launched | None = None  # such a step, queued on the device, its verdicts not advanced yet
+        self._empty: Proposal | None = None  # the proposal of those steps
 
     # --- membership ---------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> BatchItem:
@@ -519,14 +597,43 @@ class BatchDecoder:
                 touched.append(item)
         if decoding:
             touched += self._decode(decoding)
+        elif self._inflight is not None:  # its sequences ended or were cancelled: nothing more to launch
+            touched += self._land(self._inflight)
+            self._inflight = None
         return touched
 
     def _decode(self, items: list[BatchItem]) -> list[BatchItem]:
         started = time.perf_counter()
         taus, proposed = speculative_rates(items)
-        speculating = self.policy.speculate(taus, proposed)
+        speculating = self.policy.speculate(taus, proposed, overlap=self._plain(items, speculating=False))
         cap = self.policy.cap(taus, proposed, depth_rates(items)) if speculating else 0
         captured = self.runner.graphs_captured
+        inflight, self._inflight = self._inflight, None
+        touched: list[BatchItem] = []
+        counts = self.counts
+        if self._plain(items, speculating):
+            # launch this step before the one in flight is landed: the device runs it while the host lands that one
+            launching = [it for it in items if it.decoding.remaining > 0]  # (the rest end with the step in flight)
+            if launching:
+                self._inflight, touched = self._launch_plain(launching)
+                counts.plain += 1
+                counts.overlapped += inflight is not None
+            if inflight is not None:
+                touched += self._land(inflight)
+            # one step's period: this one's launch to the last one's landing
+            if self._timed(captured, started) and inflight is not None:
+                self.policy.observe(inflight.step.size, time.perf_counter() - started, overlapped=True)
+            return touched
+        proposing = speculating and any(it.decoding.drafter.drafts for it in items)
+        counts.speculative += proposing
+        counts.capped += bool(proposing and cap)
+        if inflight is not None:  # this step's proposals need the verdicts in flight
+            counts.drained += 1
+            touched += self._land(inflight)
+            items = [it for it in items if not it.done]
+            if not items:
+                return touched
+            started, captured = time.perf_counter(), self.runner.graphs_captured
         # one forward per kind of hidden state the drafters need: those that need none join any group
         groups: dict[object, list[BatchItem]] = {}
         for it in items:
@@ -534,7 +641,7 @@ class BatchDecoder:
         if False in groups and len(groups) > 1:
             plain = groups.pop(False)
             groups[next(iter(groups))] += plain
-        touched, inputs, stepped = [], 0, 0
+        inputs, stepped, emitted = 0, 0, 0
         for needs, group in groups.items():
             try:
                 proposals = _propose(group, cap)
@@ -543,11 +650,7 @@ class BatchDecoder:
                 verdicts = self._verify(step, group, out.logits)
                 self.runner.commit([Step.keep(v) for v in verdicts])
             except Exception as exc:  # a failed forward fails the sequences in it; the others go on
-                self.runner.cancel()  # the step's provisional entries (if its forward ran), so the slots can go
-                for it in group:
-                    self.running.remove(it)
-                    self._finish(it, exc)
-                touched += group
+                touched += self._fail(group, exc)
                 continue
             inputs += step.size
             stepped += len(group)
@@ -559,22 +662,134 @@ class BatchDecoder:
                     it.spec_inputs += verdict.proposed
                     bump(it.spec_accepted, verdict.accepted)
                     bump(it.spec_depth, verdict.depth)
-            for b, it in enumerate(group):
-                piece = it.decoding.advance(step, b, verdicts[b], out.hidden, kept=kept[b])
-                if piece:
-                    it.pieces.append(piece)
-                if it.decoding.finish:
-                    self.running.remove(it)
-                    self._finish(it)
-                touched.append(it)
-        self.steps += 1
-        self.batch_sizes.append(len(items))
-        self.step_inputs.append(inputs)
+            advanced, tokens = self._advance(step, group, verdicts, out.hidden, kept)
+            touched += advanced
+            emitted += tokens
+        self._count(len(items), inputs, emitted)
         if cap and stepped:  # a cut step: what the drafters proposed under it
             self.policy.observe_cut(cap, (inputs - stepped) / stepped)
-        if self.runner.graphs_captured == captured:  # a step that captured a graph timed the capture, not the step
+        if self._timed(captured, started):  # a step that captured a graph timed the capture, not the step
             self.policy.observe(inputs, time.perf_counter() - started)
         return touched
+
+    def _timed(self, captured: int, started: float) -> bool:
+        """Whether the step begun at `started` (with `captured` graphs then) captured none, so that its time is a
+        step's; one that did is counted in `counts` instead."""
+        if self.runner.graphs_captured == captured:
+            return True
+        self.counts.captured += 1
+        self.counts.capture_seconds += time.perf_counter() - started
+        return False
+
+    def _plain(self, items: list[BatchItem], speculating: bool) -> bool:
+        """Whether this step goes without any proposal and may overlap with the next (`overlap`): every sequence's
+        drafter never drafts, or speculation is off and its propose may be skipped (`Drafter.idle_skips_propose`),
+        and none needs hidden states (a step's hidden rows live in static buffers the next step overwrites)."""
+        if not self.overlap or self.verifier is not verify_deferred:
+            return False
+        for it in items:
+            drafter = it.decoding.drafter
+            if drafter.needs_hidden or not (not drafter.drafts or (not speculating and drafter.idle_skips_propose)):
+                return False
+        return True
+
+    def _launch_plain(self, items: list[BatchItem]) -> tuple[_Launched | None, list[BatchItem]]:
+        """Queue a step without proposals: the forward, the verifier's device work (one argmax when every sequence
+        is greedy), the commit of each pending token, each sequence's next pending token left on the device
+        (`Decoding.launched`) and the copy of the verdicts' host values. Nothing here waits for the device; `_land`
+        finishes the verdicts. A failed forward fails its sequences (the second value: those it touched)."""
+        if self._empty is None:
+            self._empty = Proposal.empty(self.runner.device)
+        greedy = all(it.decoding.sampling.greedy for it in items)
+        deferred: list[Deferred] | None = None
+        try:
+            step = Step([it.decoding.inputs(it.slot, proposal=self._empty) for it in items])
+            logits = self.runner.forward(step, logits="all").logits  # [B, V]: one row per sequence
+            rows = step.split(logits)
+            if greedy:
+                values = logits.argmax(-1)
+                finals = values.split(1)
+            else:
+                deferred = [it.decoding.verdict(step, b, r) for b, (it, r) in enumerate(zip(items, rows, strict=True))]
+                finals = [d.final for d in deferred]  # (a walk without draft tokens knows its token on the device)
+                values = torch.cat([piece for d in deferred for piece in d.host])
+            self.runner.commit([[0]] * len(items))
+        except Exception as exc:
+            return None, self._fail(items, exc)
+        for it, final in zip(items, finals, strict=True):
+            it.decoding.launched(final)
+        host = values.to("cpu", non_blocking=True)  # pinned, and asynchronous, from a GPU
+        ready = None
+        if values.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        return _Launched(step, items, rows, finals, deferred, host, ready), []
+
+    def _land(self, launched: _Launched) -> list[BatchItem]:
+        """The verdicts of a step `_launch_plain` queued (its host copy waited for), advanced for its sequences that
+        still run: one may have ended at the step before (a stop string or EOS) or been cancelled since."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        values = launched.host.tolist()
+        if launched.deferred is None:
+            verdicts = [
+                Verdict(path=[], tokens=[value], proposed=0, final_device=final)
+                for value, final in zip(values, launched.finals, strict=True)
+            ]
+        else:
+            verdicts, start = [], 0
+            for d in launched.deferred:
+                verdicts.append(d.finish(values[start : start + d.count]))
+                start += d.count
+        for it, rows in zip(launched.items, launched.rows, strict=True):
+            it.decoding.state.target_logits = rows  # (the launch of a later step set its own)
+        touched, tokens = self._advance(launched.step, launched.items, verdicts, None, [None] * len(verdicts))
+        self._count(len(launched.items), launched.step.size, tokens)
+        return touched
+
+    def _advance(
+        self,
+        step: Step,
+        group: list[BatchItem],
+        verdicts: list[Verdict],
+        hidden: torch.Tensor | None,
+        kept: list[torch.Tensor | None],
+    ) -> tuple[list[BatchItem], int]:
+        """Each sequence of `step` emits its verdict's tokens, checks its stops and updates its drafter; a finished one
+        leaves the batch. A sequence that ended while its step was in flight is passed over. Returns the sequences
+        advanced and the tokens they emitted."""
+        touched, tokens = [], 0
+        for b, it in enumerate(group):
+            if it.done:
+                continue
+            before = len(it.decoding.new_ids)
+            piece = it.decoding.advance(step, b, verdicts[b], hidden, kept=kept[b])
+            tokens += len(it.decoding.new_ids) - before
+            if piece:
+                it.pieces.append(piece)
+            if it.decoding.finish:
+                self.running.remove(it)
+                self._finish(it)
+            touched.append(it)
+        return touched, tokens
+
+    def _fail(self, group: list[BatchItem], exc: BaseException) -> list[BatchItem]:
+        """A failed step fails the sequences in it (the forward's provisional entries dropped, so the slots can go)."""
+        self.runner.cancel()
+        for it in group:
+            if it in self.running:
+                self.running.remove(it)
+            if not it.done:
+                self._finish(it, exc)
+        return group
+
+    def _count(self, sequences: int, inputs: int, tokens: int) -> None:
+        """A decode step landed: `sequences` in its forward of `inputs` inputs emitted `tokens`."""
+        self.steps += 1
+        self.counts.steps += 1
+        self.batch_sizes.append(sequences)
+        self.step_inputs.append(inputs)
+        self.step_tokens.append(tokens)
 
     def _verify(self, step: Step, group: list[BatchItem], logits: torch.Tensor) -> list[Verdict]:
         """Every sequence's verdict, with one host copy for the step. A step of greedy sequences only (on the

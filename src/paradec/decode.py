@@ -87,6 +87,7 @@ class Decoding:
         self._fed = 0  # prompt tokens prefilled so far (`start` in chunks)
         self._hidden: list[torch.Tensor] = []  # the prefill's hidden states, chunk by chunk
         self.pending: torch.Tensor | None = None  # [1] the last token, not yet in the target cache
+        self.ahead = 0  # steps launched whose verdicts were not advanced yet (`launched`)
         self._detok: IncrementalDetokenizer | None = None
         self._streamed = 0  # characters of the text already handed out
         self._cut = -1  # where a stop string starts in the text
@@ -118,6 +119,19 @@ class Decoding:
             self._detok = IncrementalDetokenizer(self.tokenizer, self.prompt_ids)
         self.pending = torch.tensor([state.tokens[-1]], device=state.device)
         return True
+
+    def launched(self, pending: torch.Tensor) -> None:
+        """A step of this sequence was launched whose next pending token is already on the device (`pending`, [1]:
+        a step without draft tokens), so the next step may be launched before this one's verdict is advanced (a batch
+        overlapping steps, `paradec.batch`). `advance` then keeps this pending token until it has advanced every
+        launched step."""
+        self.pending = pending
+        self.ahead += 1
+
+    @property
+    def remaining(self) -> int:
+        """Tokens it may still emit under max_new_tokens, one per launched step not yet advanced counted as emitted."""
+        return self.max_new_tokens - len(self.new_ids) - self.ahead
 
     def max_tokens(self, cap: int | None = None) -> int:
         """Draft tokens this step can use: those still allowed after the pending token, at most `cap` (a batch's
@@ -157,10 +171,13 @@ class Decoding:
             rows = torch.tensor(step.kept_rows(b, verdict)).to(state.device, non_blocking=True)
             state.target_hidden = hidden.index_select(0, rows)
         stats.record_step(verdict.depth, step.proposal(b).size, verdict.accepted)
-        pending = verdict.final_device
-        if pending is None:  # a verifier that returned host values only
-            pending = torch.tensor(verdict.tokens[-1:], device=state.device)
-        self.pending = pending
+        if self.ahead:
+            self.ahead -= 1
+        if not self.ahead:  # (else a later launched step set the pending token: `launched`)
+            pending = verdict.final_device
+            if pending is None:  # a verifier that returned host values only
+                pending = torch.tensor(verdict.tokens[-1:], device=state.device)
+            self.pending = pending
         detok = self._detok
         for token in verdict.tokens:
             self.new_ids.append(token)

@@ -61,6 +61,7 @@ class Engine:
         self._methods: dict[str, Method] = {}  # one per method name, made on first use
         self._methods_lock = threading.Lock()  # requests may be built on several threads
         self._batched = None  # the batched runner over the target's weights (`batch_decoder`), made on first use
+        self.last_batch_counts = None  # the steps of the last `generate_batch` (`paradec.batch.StepCounts`)
         self._batched_draft = None  # ... and over the draft model's
 
     # --- resources lent to drafters -------------------------------------------------------------------------
@@ -205,6 +206,7 @@ class Engine:
         items = decoder.submit_samples(request)
         for _ in decoder.run(items):
             pass
+        self.last_batch_counts = decoder.counts  # what its steps were (`paradec.batch.StepCounts`), for reports
         for item in items:
             if item.error is not None:
                 raise item.error
@@ -361,6 +363,7 @@ class Engine:
         items = [item for group in groups for item in group]
         for _ in decoder.run(items):
             pass
+        self.last_batch_counts = decoder.counts  # what its steps were (`paradec.batch.StepCounts`), for reports
         for item in items:
             if item.error is not None:
                 raise item.error

@@ -49,13 +49,21 @@ from paradec.types import Proposal, Verdict
 class Deferred:
     """A verdict whose device work is queued: the int64 tensors `host` hold, in order, every value the host needs,
     and `finish` turns those values (one list, once copied) into the `Verdict`. A batch of them needs one copy for
-    all (`verify_all`)."""
+    all (`verify_all`). `final`: the verdict's last token on the device ([1], the next step's pending input) when it
+    is known before the copy (a step without draft tokens), else None; a batch may then launch the next step first
+    (`paradec.batch`)."""
 
-    __slots__ = ("finish", "host")
+    __slots__ = ("final", "finish", "host")
 
-    def __init__(self, host: tuple[torch.Tensor, ...], finish: Callable[[list[int]], Verdict]) -> None:
+    def __init__(
+        self,
+        host: tuple[torch.Tensor, ...],
+        finish: Callable[[list[int]], Verdict],
+        final: torch.Tensor | None = None,
+    ) -> None:
         self.host = host
         self.finish = finish
+        self.final = final
 
     @property
     def count(self) -> int:
@@ -158,7 +166,7 @@ def _walk(proposal: Proposal, picks: torch.Tensor, tree: TreeBuffers) -> Deferre
         parents = tree.parents if tree.on_host else [p - 1 for p in values[2 * n + 1 :]]
         return _greedy_verdict(values[: n + 1], values[n + 1 : 2 * n + 1], parents, tree, picks)
 
-    return Deferred(host, finish)
+    return Deferred(host, finish, picks[:1] if n == 0 else None)
 
 
 def _greedy_verdict(

@@ -401,11 +401,12 @@ class Bench:
                 requests = [
                     self._request(method, index, ids, plan.max_new_tokens) for index, ids in zip(asked, contexts)
                 ]
-                runs, walls = [], []
+                runs, walls, counts = [], [], []
                 for _ in range(plan.repeats if timed else 1):
                     results, wall = self._timed(lambda: engine.generate_batch(requests, max_batch=size))
                     runs.append(results)
                     walls.append(wall)
+                    counts.append(engine.last_batch_counts)
                     self._tick()
                 first = runs[0]
                 if not timed:
@@ -414,6 +415,8 @@ class Bench:
                 category = categories.pop() if len(categories) == 1 else MIXED
                 prompt_ids = [turn_id(self.prompts[i].id, turn) for i in asked]
                 record = _summed_record(method, category, prompt_ids, first, walls, size)
+                if counts[0] is not None:
+                    record.batch_steps = dataclasses.asdict(counts[0])
                 self._remember_vanilla(record, contexts, [r.token_ids for r in first])
                 self._compare(record, contexts, [r.token_ids for r in first])
                 self.records.append(record)

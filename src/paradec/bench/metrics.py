@@ -39,6 +39,7 @@ class RunRecord:
     first_mismatch: int | None = None  # index of the first new token that differs from vanilla's
     mismatch_prompt: str | None = None  # the prompt of that token (the first differing one of a batch)
     ruling: dict | None = None  # the referee's view of that token (`paradec.bench.referee.Ruling`, near_tie added)
+    batch_steps: dict | None = None  # a batched run's decode steps by kind (`paradec.batch.StepCounts`), timed pass
 
 
 @dataclass

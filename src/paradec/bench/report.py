@@ -287,6 +287,36 @@ def _table(rows: dict[str, Summary], outcomes: dict[str, dict], greedy: bool) ->
     return lines
 
 
+def _batch_steps_lines(records: list[dict]) -> list[str]:
+    """The batched rows' decode steps by kind (`paradec.batch.StepCounts`, timed passes summed), if any."""
+    rows: dict[str, dict] = {}
+    for r in records:
+        counts = r.get("batch_steps")
+        if counts:
+            total = rows.setdefault(label(r["method"], r["batch_size"]), dict.fromkeys(counts, 0))
+            for key, value in counts.items():
+                total[key] += value
+    if not rows:
+        return []
+    lines = [
+        "## Batched steps",
+        "",
+        "Decode steps of the timed batched runs by kind: speculative (the policy let the drafters propose; capped: cut "
+        "to a depth), without proposals (launched before the step in flight landed: overlapped), drained (a step in "
+        "flight landed early because the next one had proposals), and those that captured a CUDA graph (their time "
+        "is the capture's, inside the row's wall time).",
+        "",
+        "| row | steps | speculative | capped | without proposals | overlapped | drained | captured (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, c in rows.items():
+        lines.append(
+            f"| {name} | {c['steps']} | {c['speculative']} | {c['capped']} | {c['plain']} | {c['overlapped']} | "
+            f"{c['drained']} | {c['captured']} ({c['capture_seconds']:.2f}) |"
+        )
+    return [*lines, ""]
+
+
 def markdown(data: dict) -> str:
     meta, greedy = data["meta"], data["exactness"]["checked"]
     outcomes = {label(o["method"], o["batch_size"]): o for o in data["rows"]}
@@ -372,6 +402,7 @@ def markdown(data: dict) -> str:
         lines += [f"## {group} ({heading})", ""]
         lines += _table({name: Summary(**s) for name, s in rows.items()}, outcomes, greedy)
         lines.append("")
+    lines += _batch_steps_lines(data.get("records", []))
     lines += ["## Rows", ""]
     for name, o in outcomes.items():
         settings = ", ".join(f"{k}={v}" for k, v in o["options"].items()) or "defaults"
@@ -392,9 +423,9 @@ def markdown(data: dict) -> str:
         "- = vanilla: outputs identical to our vanilla's token ids (greedy only). For HF peers this is informational: "
         "`transformers` runs its own kernels and cache and may round differently, so a differing token there is not "
         "a paradec error.",
-        "- batch: paradec decodes one sequence at a time (batch size 1; batched speculative decoding is future work). "
-        "Rows at batch size > 1 are `transformers` `generate` peers (left-padded, same prompts), whose tokens/s is "
-        "throughput over the batch.",
+        "- batch: rows at batch size > 1 (`@bsN`) decode their prompts N at a time (paradec's continuous batching, or "
+        "`transformers` `generate` peers, left-padded); tokens/s is throughput over the batch, speedups are against "
+        "our vanilla at the same batch size, and τ is per sequence.",
     ]
     if meta["turns"] == "all":
         lines.append(

@@ -175,6 +175,11 @@ class Drafter(ABC):
     # runs inside a batch (`paradec.batch`): False for drafters whose method keeps engine-wide state that serves one
     # sequence at a time (layerskip's views of the target)
     batchable: ClassVar[bool] = True
+    # proposes at all (False: vanilla, whose every proposal is empty)
+    drafts: ClassVar[bool] = True
+    # a batch step with speculation off may skip its `propose` (and so overlap that step with the next one,
+    # `paradec.batch`): its propose with max_tokens = 0 proposes nothing and changes nothing `update` relies on
+    idle_skips_propose: ClassVar[bool] = False
 
     def __init__(self, resources: Resources, options: Any) -> None:
         self.resources = resources

@@ -74,6 +74,7 @@ class NgramIndex:
 @register
 class PromptLookup(HostDrafter):
     name = "pld"
+    idle_skips_propose = True  # its draft with max_tokens = 0 is empty; update reads the tokens alone
     options_class = PLDOptions
     draft_token_cost = 0.02  # prior cost of scoring one more token relative to a step (until steps are timed)
 

@@ -260,6 +260,7 @@ class SuffixMethod(Method):
 @register
 class SuffixDrafter(HostDrafter):
     name = "suffix"
+    idle_skips_propose = True  # its draft with max_tokens = 0 is empty; update reads the tokens alone
     options_class = SuffixOptions
     method_class = SuffixMethod
     draft_token_cost = 0.02  # prior cost of scoring one more token relative to a step (adaptive, until timed)

@@ -10,6 +10,8 @@ from paradec.types import Proposal
 @register
 class Vanilla(Drafter):
     name = "vanilla"
+    drafts = False
+    idle_skips_propose = True
     _empty: Proposal | None = None  # its one proposal, made on first use (each step would make the same again)
 
     def propose(self, state: DecodeState, max_tokens: int) -> Proposal:

@@ -251,13 +251,12 @@ class BatchWorker:
                 for item in seq.items:
                     if not item.cancelled:
                         self.decoder.cancel(item, seq.handle.cancel_reason)
-        before = {id(seq): _emitted(seq) for seq in seqs}
         try:
             self.decoder.step()
         except Exception as exc:  # a bug outside any one sequence: fail the batch, keep serving
             self._fail_batch(seqs, exc)
             return
-        self._observe_step(sum(_emitted(seq) - before[id(seq)] for seq in seqs))
+        self._observe_steps()
         for seq in seqs:
             handle = seq.handle
             for item in seq.items:
@@ -276,21 +275,23 @@ class BatchWorker:
                         seq.closed.add(item.sample)
                         handle.push(ChoiceDone(item.sample, item.result))
 
-    def _observe_step(self, tokens: int) -> None:
-        """Read (and clear, so they stay small) the decoder's per-step records."""
-        sizes, inputs = self.decoder.batch_sizes, self.decoder.step_inputs
-        if not sizes:
-            return  # the call only prefilled
-        report = StepReport(sequences=sizes[-1], inputs=inputs[-1] if inputs else 0, tokens=tokens)
-        sizes.clear()
-        inputs.clear()
-        self.steps += 1
-        self.largest_batch = max(self.largest_batch, report.sequences)
-        if self.on_step is not None:
-            try:
-                self.on_step(report)
-            except Exception:  # metrics must never take the worker down
-                log.exception("reporting a batch step failed")
+    def _observe_steps(self) -> None:
+        """Report (and clear, so they stay small) the decoder's records of the steps that landed in this call: none
+        when it only prefilled, two when it landed an overlapped step and then ran one with proposals."""
+        decoder = self.decoder
+        records = list(zip(decoder.batch_sizes, decoder.step_inputs, decoder.step_tokens, strict=True))
+        decoder.batch_sizes.clear()
+        decoder.step_inputs.clear()
+        decoder.step_tokens.clear()
+        for sequences, inputs, tokens in records:
+            report = StepReport(sequences=sequences, inputs=inputs, tokens=tokens)
+            self.steps += 1
+            self.largest_batch = max(self.largest_batch, sequences)
+            if self.on_step is not None:
+                try:
+                    self.on_step(report)
+                except Exception:  # metrics must never take the worker down
+                    log.exception("reporting a batch step failed")
 
     def _finish(self, seq: _Seq) -> None:
         handle, job, items = seq.handle, seq.handle.job, seq.items
