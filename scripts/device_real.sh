@@ -29,8 +29,17 @@
 #            replayed defaults, first turns and every turn of agentic; pard vs draft on code-chat; Qwen's EAGLE on code-chat and at temperature 1;
 #            multisample; the batched profile and bench at 1, 8, 32; the batch policy's depth cuts
 #            (scripts/bench_policy.py); the runner; pard vs draft on chat
+#   start-m7 the fourth 2026-12-02 session: PARD trained alone; the batched step's host profile at 32; suffix on
+#            agentic (first turns and every turn) and chat; pard vs draft on code-chat; multisample; the batched bench
+#            at 1, 8, 32; the batch policy's depth cuts; the CUDA-only tests; pard vs draft on chat
+#   start-m8 the next session: the batched bench at 1, 8, 32, 64 (vanilla, pld, suffix; each row's steps by kind), the
+#            batched profile (decode steps only), the server under 1, 16, 32 clients and one at a time, the batch
+#            policy's depth cuts, multisample, the exact batched bench, the CUDA-only tests
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log,
 #            and copy what it wrote so far to $OUT, as collect does
+#            (a scripts/gpu_next.sh in the tree of a `wait` call replaces the chain once its log shows NEXT_AT,
+#            default the multisample bench: the chain is killed and the follow-up runs from a snapshot of that tree;
+#            this is how a session measures what it changed while the chain ran. Not committed: one per session)
 #   collect  copy what the chain wrote (tar files, logs) to $OUT
 #   bench    replace a running chain by its bench part alone (when time runs short; what was trained is kept)
 # The chain: the CUDA-only tests beside the conversions; SmolLM2-135M-Instruct's EAGLE then Medusa (the second reuses
@@ -349,9 +358,53 @@ m6_part() {  # the next session: what the third 2026-12-02 session changed on th
     echo "M6 DONE $(date +%T)"
 }
 
+m7_part() {  # 2026-12-02, fourth session: the batched step's host profile first, then the last session's CPU changes
+    set -e
+    mkdir -p $RES
+    prepare_exact
+    wait
+    train $Q15 pard $QWEN_TRAIN  # alone: the parallel layout, its agreement check and lr 5e-5, timed
+    tar cf $RES/q15-cards.tar --exclude=data-cache --exclude='*.safetensors' -C "$HOME/.cache/paradec/models" \
+        $Q15/heads || true
+    batch_profile
+    suffix_benches  # the replayed defaults (min_match=1, match_factor=4), timed
+    CODE_PC=2 bench $Q15 agentic q15-agentic-turns --turns all --methods vanilla,pld,suffix $QWEN_BENCH
+    pard_benches code-chat
+    samples_bench "" --mode sample --temperature 0.7
+    CHAT_PC=2 bench $Q15 chat q15-batch $DRAFT --methods vanilla,pld --batch-sizes 1,8,32 $QWEN_BENCH
+    echo "POLICY $(date +%T)"  # the depth cuts against the on/off policy alone, inside batches of 8 and 32
+    python3 "$SNAPSHOT/../scripts/bench_policy.py" --model $Q15 --batch 8 --batch 32 --method pld --method suffix \
+        > $RES/policy.log 2>&1 || echo "policy exit $?"
+    exact_tests
+    pard_benches chat
+    echo "M7 DONE $(date +%T)"
+}
+
+m8_part() {  # the next session: issue 18 with overlapped steps (the step counts of every batched row, the policy's
+    # plain probes), the server under load, then what the fourth 2026-12-02 session did not reach
+    set -e
+    mkdir -p $RES
+    prepare_exact
+    wait
+    CHAT_PC=6 bench $Q15 chat q15-batch --methods vanilla,pld,suffix --batch-sizes 1,8,32,64 $QWEN_BENCH
+    batch_profile
+    echo "LOAD $(date +%T)"
+    pd bench --suite chat --per-category 4 --model $Q15 --methods vanilla,pld --concurrency 1,16,32 \
+        --out $RES/q15-load --quiet || echo "load exit $?"
+    pd bench --suite chat --per-category 4 --model $Q15 --methods vanilla --concurrency 32 --server-batch 1 \
+        --out $RES/q15-load-serial --quiet || echo "load exit $?"
+    echo "POLICY $(date +%T)"
+    python3 "$SNAPSHOT/../scripts/bench_policy.py" --model $Q15 --batch 8 --batch 32 --method pld --method suffix \
+        > $RES/policy.log 2>&1 || echo "policy exit $?"
+    samples_bench "" --mode sample --temperature 0.7
+    CHAT_PC=2 bench $Q15 chat q15-batch-exact --methods vanilla,pld --batch-sizes 8,32 --exact $QWEN_BENCH
+    exact_tests
+    echo "M8 DONE $(date +%T)"
+}
+
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
     export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain batch_part \
-        new_methods_part m2_chain exact_part prepare_exact exact_tests exact_benches exact_probe m3_part m5_part m6_part \
+        new_methods_part m2_chain exact_part prepare_exact exact_tests exact_benches exact_probe m3_part m5_part m6_part m7_part m8_part \
         train_q15_beside_tests suffix_benches pard_benches samples_bench batch_profile runner_wide
     snapshot
     rm -f $DONE
@@ -366,16 +419,31 @@ stage)
     fi
     bash .gpu-chunks/stage.sh
     ;;
-start|start-new|start-batch|start-m2|start-exact|start-m3|start-m5|start-m6)
+start|start-new|start-batch|start-m2|start-exact|start-m3|start-m5|start-m6|start-m7|start-m8)
     declare -A PART=([start]=chain [start-new]=new_methods_part [start-batch]=batch_part [start-m2]=m2_chain
         [start-exact]=exact_part [start-m3]=m3_part [start-m5]=m5_part
-        [start-m6]=m6_part)
+        [start-m6]=m6_part [start-m7]=m7_part [start-m8]=m8_part)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     launch "${PART[$1]}"
     sleep 20
     tail -n 5 $LOG
     ;;
 wait|collect)  # both copy what the chain has written so far to $OUT: a machine that goes back loses nothing collected
+    # a follow-up (scripts/gpu_next.sh in the tree of this call) replaces the chain once it reached NEXT_AT; a
+    # later call hands the running follow-up this tree's profiler script
+    [ -f "$HOME/next.started" ] && [ -d "$HOME/paradec-next/scripts" ] && cp scripts/profile_batch.py "$HOME/paradec-next/scripts/"
+    if [ -f scripts/gpu_next.sh ] && [ ! -f "$HOME/next.started" ]; then
+        until grep -q "${NEXT_AT:-BENCH qwen2.5-coder-1.5b-instruct samples}" $LOG 2>/dev/null || [ -f $DONE ] \
+            || [ "$SECONDS" -gt "${WAIT:-540}" ]; do sleep 2; done
+        if grep -q "${NEXT_AT:-BENCH qwen2.5-coder-1.5b-instruct samples}" $LOG || [ -f $DONE ]; then
+            touch "$HOME/next.started"
+            pkill -f "bash -c m7_part"; pkill -f "python3 -m paradec"; sleep 2
+            rm -f $DONE
+            rm -rf "$HOME/paradec-next" && mkdir -p "$HOME/paradec-next" && cp -r src scripts "$HOME/paradec-next/"
+            echo "NEXT $(date +%T)" >> $LOG
+            (cd "$HOME/paradec-next" && setsid nohup bash scripts/gpu_next.sh >> $LOG 2>&1 < /dev/null; echo $? > $DONE) &
+        fi
+    fi
     if [ "$1" = wait ]; then wait_chain "${WAIT:-540}"; else wait_chain "${WAIT:-60}"; fi
     cp $LOG "$OUT/chain.log"
     tar cf "$OUT/results.tar" -C $RES --exclude='*.tar' . 2>/dev/null
@@ -389,7 +457,7 @@ bench)
     tail -n 3 $LOG
     ;;
 *)
-    echo "usage: $0 stage|start|start-new|start-batch|start-m2|start-exact|start-m3|start-m5|start-m6|wait|collect|bench" >&2
+    echo "usage: $0 stage|start|start-new|start-batch|start-m2|start-exact|start-m3|start-m5|start-m6|start-m7|start-m8|wait|collect|bench" >&2
     exit 2
     ;;
 esac
