@@ -5,7 +5,8 @@
 # --keep-gguf gguf/` for each model, `scripts/stage_lean.sh on`, `../shared/gpu/chunk.sh gguf/*.gguf`, one `stage`
 # call carrying .whl/ alone (a chunk fills what the checkout leaves: with the wheels beside it the call is refused),
 # one `stage` call per chunk, `scripts/stage_lean.sh off`, then `start`. Run from the repo root:
-#   stage    append the carried chunks (.gpu-chunks/stage.sh); installs the carried .whl/ wheels (gguf) once
+#   stage    append the carried chunks (.gpu-chunks/stage.sh), in order, whatever order they came in (a chunk that
+#            came early waits in $STAGE/parts); installs the carried .whl/ wheels (gguf) once
 #   start    start the chain in the background (it waits for the files it needs) and return
 #   start-new  start the new methods' chain instead (the Qwen pair only: `suffix` on the agentic and chat suites,
 #            `pard` trained from the 0.5B, on code-chat and chat)
@@ -386,7 +387,7 @@ m8_part() {  # the next session: issue 18 with overlapped steps (the step counts
     mkdir -p $RES
     prepare_exact
     wait
-    CHAT_PC=6 bench $Q15 chat q15-batch --methods vanilla,pld,suffix --batch-sizes 1,8,32,64 $QWEN_BENCH
+    CHAT_PC=6 bench $Q15 chat q15-batch $DRAFT --methods vanilla,pld,suffix,draft --batch-sizes 1,8,32,64 $QWEN_BENCH
     batch_profile
     echo "LOAD $(date +%T)"
     pd bench --suite chat --per-category 4 --model $Q15 --methods vanilla,pld --concurrency 1,16,32 \
@@ -417,7 +418,18 @@ stage)
     if [ -d .whl ] && [ ! -d "$HOME/site/gguf" ]; then
         pip install -q --no-index --no-deps --target "$HOME/site" .whl/*.whl 2>&1 | tail -n 2
     fi
+    # chunks may come out of order (a refused call, resent later): each one waits in $STAGE/parts until the ones
+    # before it are appended; stage.sh appends, in order, every chunk in .gpu-chunks
+    mkdir -p "$STAGE/parts" .gpu-chunks
+    for c in .gpu-chunks/*.[0-9][0-9][0-9]; do
+        [ -f "$c" ] && [ ! -f "$STAGE/$(basename "$c").done" ] && cp "$c" "$STAGE/parts/"
+    done
+    cp .gpu-chunks/*.manifest "$STAGE/parts/" 2>/dev/null
+    for c in "$STAGE"/parts/*; do
+        [ -f "$c" ] && [ ! -e ".gpu-chunks/$(basename "$c")" ] && ln -s "$c" .gpu-chunks/
+    done
     bash .gpu-chunks/stage.sh
+    for c in "$STAGE"/parts/*.[0-9][0-9][0-9]; do [ -f "$STAGE/$(basename "$c").done" ] && rm -f "$c"; done
     ;;
 start|start-new|start-batch|start-m2|start-exact|start-m3|start-m5|start-m6|start-m7|start-m8)
     declare -A PART=([start]=chain [start-new]=new_methods_part [start-batch]=batch_part [start-m2]=m2_chain

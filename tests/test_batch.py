@@ -199,8 +199,7 @@ def test_steps_without_proposals_overlap_and_keep_the_output(code_engine, method
         assert item.result.finish_reason == single.finish_reason
     assert items[2].result.finish_reason == "stop" and items[2].result.token_ids != items[0].result.token_ids
     assert decoder.runner.free == decoder.runner.slots
-    serial = code_engine.batch_decoder(4, speculate="never")
-    serial.overlap = False
+    serial = code_engine.batch_decoder(4, speculate="never", overlap=False)
     plain = Overlaps(serial)
     again = [serial.submit(r) for r in requests[:4]]
     for _ in serial.run(again):

@@ -288,10 +288,18 @@ class Engine:
         )
 
     # --- batches ------------------------------------------------------------------------------------------------
-    def batch_decoder(self, max_running: int = 16, *, speculate: str = "auto", prefill_chunk: int | None = None):
+    def batch_decoder(
+        self,
+        max_running: int = 16,
+        *,
+        speculate: str = "auto",
+        prefill_chunk: int | None = None,
+        overlap: bool = True,
+    ):
         """A `paradec.batch.BatchDecoder` over this engine's batched runner (made on first use with `max_running`
         cache slots, sharing the target's weights; a later call may ask for at most as many). Needs the native
-        runner; the generic HF runner decodes one sequence at a time."""
+        runner; the generic HF runner decodes one sequence at a time. `overlap`: steps without proposals launch
+        before the step in flight lands (`BatchDecoder`)."""
         from paradec.batch import DEFAULT_PREFILL_CHUNK, BatchDecoder
         from paradec.runners.native import BatchedNativeRunner, NativeRunner
 
@@ -325,6 +333,7 @@ class Engine:
             prefill_chunk=prefill_chunk or DEFAULT_PREFILL_CHUNK,
             speculate=speculate,
             draft_runner=draft_runner,
+            overlap=overlap,
         )
 
     def generate_batch(
