@@ -308,7 +308,7 @@ class Bench:
             return
         judge = None
         for record in self._lossless_mismatches():
-            out = record.token_ids
+            out = record.token_ids if record.mismatch_ids is None else record.mismatch_ids
             i = record.first_mismatch
             reference = self.vanilla_tokens[record.mismatch_prompt or record.prompt_ids[0]]
             if out is None or i is None or i >= min(len(out), len(reference)):
@@ -581,6 +581,7 @@ class Bench:
         for pid, out, ref in zip(prompts, outputs, references):
             if out != ref:  # the first differing row (a repeat, or a prompt of the batch) and its first token
                 record.first_mismatch, record.mismatch_prompt = first_mismatch(out, ref), pid
+                record.mismatch_ids = list(out)  # what the referee rules on
                 break
 
     def _make_peers(self) -> HFPeers:

@@ -38,6 +38,7 @@ class RunRecord:
     equals_vanilla: bool | None = None  # greedy mode only
     first_mismatch: int | None = None  # index of the first new token that differs from vanilla's
     mismatch_prompt: str | None = None  # the prompt of that token (the first differing one of a batch)
+    mismatch_ids: list[int] | None = None  # the new tokens of that differing output (a repeat's, a batch row's)
     ruling: dict | None = None  # the referee's view of that token (`paradec.bench.referee.Ruling`, near_tie added)
     batch_steps: dict | None = None  # a batched run's decode steps by kind (`paradec.batch.StepCounts`), timed pass
 
