@@ -304,6 +304,14 @@ samples_bench() {  # $1: name suffix, then options: multisample at n = 8 against
     shift
     bench $Q15 samples q15-samples$name --per-category 2 --samples 8 --methods vanilla,multisample "$@" $QWEN_BENCH
 }
+agentic_turns() {  # every turn: the later turns rewrite the code or data after the method's own answer (suffix's)
+    CODE_PC=2 bench $Q15 agentic q15-agentic-turns --turns all --methods vanilla,pld,suffix $QWEN_BENCH
+}
+policy_bench() {  # the policy's choices (never, always, auto without and with depth cuts) inside batches of 8 and 32
+    echo "POLICY $(date +%T)"
+    python3 "$SNAPSHOT/../scripts/bench_policy.py" --model $Q15 --batch 8 --batch 32 --method pld --method suffix \
+        > $RES/policy.log 2>&1 || echo "policy exit $?"
+}
 batch_profile() {
     echo "PROFILE BATCH $(date +%T)"
     python3 "$SNAPSHOT/../scripts/profile_batch.py" --model $Q15 --batch 32 --exact both --out $RES/profile-batch \
@@ -342,8 +350,7 @@ m6_part() {  # the next session: what the third 2026-12-02 session changed on th
     wait
     train_q15_beside_tests pard eagle  # PARD's parallel layout and lr first; EAGLE again for code-chat
     suffix_benches  # the replayed defaults (min_match=1, match_factor=4), timed
-    # every turn: the later turns rewrite the code or data after the method's own answer (suffix's workload)
-    CODE_PC=2 bench $Q15 agentic q15-agentic-turns --turns all --methods vanilla,pld,suffix $QWEN_BENCH
+    agentic_turns
     pard_benches code-chat
     bench $Q15 code-chat q15-code-chat-eagle --methods "$(with_heads $Q15 vanilla,pld)" $QWEN_BENCH
     bench $Q15 chat q15-chat-eagle-sample --mode sample --temperature 1 --methods "$(with_heads $Q15 vanilla)" \
@@ -351,9 +358,7 @@ m6_part() {  # the next session: what the third 2026-12-02 session changed on th
     samples_bench "" --mode sample --temperature 0.7
     batch_profile
     CHAT_PC=2 bench $Q15 chat q15-batch $DRAFT --methods vanilla,pld --batch-sizes 1,8,32 $QWEN_BENCH
-    echo "POLICY $(date +%T)"  # the depth cuts against the on/off policy alone, inside batches of 8 and 32
-    python3 "$SNAPSHOT/../scripts/bench_policy.py" --model $Q15 --batch 8 --batch 32 --method pld --method suffix \
-        > $RES/policy.log 2>&1 || echo "policy exit $?"
+    policy_bench
     runner_wide
     pard_benches chat
     echo "M6 DONE $(date +%T)"
@@ -369,13 +374,11 @@ m7_part() {  # 2026-12-02, fourth session: the batched step's host profile first
         $Q15/heads || true
     batch_profile
     suffix_benches  # the replayed defaults (min_match=1, match_factor=4), timed
-    CODE_PC=2 bench $Q15 agentic q15-agentic-turns --turns all --methods vanilla,pld,suffix $QWEN_BENCH
+    agentic_turns
     pard_benches code-chat
     samples_bench "" --mode sample --temperature 0.7
     CHAT_PC=2 bench $Q15 chat q15-batch $DRAFT --methods vanilla,pld --batch-sizes 1,8,32 $QWEN_BENCH
-    echo "POLICY $(date +%T)"  # the depth cuts against the on/off policy alone, inside batches of 8 and 32
-    python3 "$SNAPSHOT/../scripts/bench_policy.py" --model $Q15 --batch 8 --batch 32 --method pld --method suffix \
-        > $RES/policy.log 2>&1 || echo "policy exit $?"
+    policy_bench
     exact_tests
     pard_benches chat
     echo "M7 DONE $(date +%T)"
@@ -394,9 +397,7 @@ m8_part() {  # the next session: issue 18 with overlapped steps (the step counts
         --out $RES/q15-load --quiet || echo "load exit $?"
     pd bench --suite chat --per-category 4 --model $Q15 --methods vanilla --concurrency 32 --server-batch 1 \
         --out $RES/q15-load-serial --quiet || echo "load exit $?"
-    echo "POLICY $(date +%T)"
-    python3 "$SNAPSHOT/../scripts/bench_policy.py" --model $Q15 --batch 8 --batch 32 --method pld --method suffix \
-        > $RES/policy.log 2>&1 || echo "policy exit $?"
+    policy_bench
     samples_bench "" --mode sample --temperature 0.7
     CHAT_PC=2 bench $Q15 chat q15-batch-exact --methods vanilla,pld --batch-sizes 8,32 --exact $QWEN_BENCH
     exact_tests
@@ -406,7 +407,8 @@ m8_part() {  # the next session: issue 18 with overlapped steps (the step counts
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
     export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain batch_part \
         new_methods_part m2_chain exact_part prepare_exact exact_tests exact_benches exact_probe m3_part m5_part m6_part m7_part m8_part \
-        train_q15_beside_tests suffix_benches pard_benches samples_bench batch_profile runner_wide
+        train_q15_beside_tests suffix_benches pard_benches samples_bench batch_profile runner_wide agentic_turns \
+        policy_bench
     snapshot
     rm -f $DONE
     # its own bash, so that `set -e` ends the part alone
