@@ -207,18 +207,31 @@ def test_steps_without_proposals_overlap_and_keep_the_output(code_engine, method
     assert plain.events == [] and [i.result.token_ids for i in again] == [i.result.token_ids for i in items[:4]]
 
 
-def test_eagle_sequences_hold_their_own_workspaces(code_engine):
-    decoder = code_engine.batch_decoder(3)
+def test_eagle_sequences_draft_together_one_head_forward_per_level(code_engine):
+    """A batch's EAGLE sequences hold the rows of their cache slots in one bank of workspaces, and one step over the
+    bank drafts all their trees: one head forward per level for the whole batch (alone: one per sequence). Each
+    drafts what it drafts alone: the same steps and accepted tokens, the same output."""
+    decoder = code_engine.batch_decoder(3, speculate="always")
     items = [decoder.submit(code_engine.request(p, method="eagle", max_new_tokens=NEW)) for p in PROMPTS[:3]]
     while not all(i.prefilled for i in items):
         decoder.step()
-    spaces = {id(i.decoding.drafter.ws) for i in items}
-    assert len(spaces) == 3 and id(code_engine.method("eagle").workspace) not in spaces
+    spaces = [i.decoding.drafter.ws for i in items]
+    assert len({id(ws.bank) for ws in spaces}) == 1 and [ws.index for ws in spaces] == [i.slot for i in items]
+    method = code_engine.method("eagle")
+    assert method.workspace not in spaces
+    with counting(method.head, "attend") as forwards:
+        decoder.step()
+    assert (
+        len(forwards) == items[0].decoding.drafter.options.depth
+    )  # adding the staged entries, then each level after the first
     for _ in decoder.run(items):
         pass
-    assert len(code_engine.method("eagle").pool) >= 3  # given back for the next sequences
     for prompt, item in zip(PROMPTS, items, strict=False):
-        assert item.result.token_ids == alone(code_engine, prompt, "eagle").token_ids
+        single = alone(code_engine, prompt, "eagle")
+        assert item.result.token_ids == single.token_ids
+        assert (item.result.stats.steps, item.result.stats.accepted_tokens) == (
+            single.stats.steps, single.stats.accepted_tokens
+        )  # fmt: skip
 
 
 def test_cancelling_one_sequence_leaves_the_others_unchanged(code_engine):

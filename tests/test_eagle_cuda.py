@@ -47,7 +47,8 @@ def test_graph_replay_equals_the_step_run_directly(dtype, compiled, draft_vocab)
         ws.keys.copy_(keys)
         ws.values.copy_(values)
         weights = (drafter.head, drafter.embed, drafter.lm_head, drafter.d2t)
-        tokens, depth, mask, parent = drafter.step(*weights, *ws.state(), ws.capacity, 3, 4, 10, True)  # directly
+        run = drafter.step(*weights, *ws.state(), ws.capacity, 3, 4, 10, True)  # directly: the workspace's row
+        tokens, depth, mask, parent = (t[0] for t in run)
         assert replayed.tokens.tolist() == tokens.tolist()
         if draft_vocab is not None:  # target ids of the draft vocabulary
             assert set(replayed.tokens.tolist()) <= set(head.d2t.tolist())
@@ -108,3 +109,21 @@ def test_fused_head_greedy_equals_transformers_on_cuda(deep_dirs, arch, compiled
             result = engine.generate(prompt, method="eagle", max_new_tokens=40)
             assert result.token_ids == reference and result.stats.proposed_tokens > 0
     assert engine.target.graphs_captured > 0
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_batch_of_eagle_sequences_drafts_in_one_captured_step(model_dirs, tmp_path, compiled):
+    """On CUDA the bank of a batch's EAGLE sequences replays one captured step for all of them, and each sequence
+    drafts and emits what it does alone (`tests/test_batch.py` checks the same eagerly on the CPU)."""
+    probe = paradec.load(model_dirs["llama"], runner="native", device="cuda", dtype="float32")
+    heads = random_heads_dir(tmp_path, 64, probe.target.vocab_size, seed=3)
+    engine = paradec.load(model_dirs["llama"], heads=heads, runner="native", device="cuda", dtype="float32")
+    engine.set_default_options("eagle", {"compile": compiled})
+    prompts = PROMPTS[:3]
+    results = engine.generate_batch(prompts, method="eagle", max_new_tokens=16, speculate="always")
+    bank = next(iter(engine.method("eagle").banks.values()))
+    assert bank.graphs  # the batched step was captured
+    for prompt, result in zip(prompts, results, strict=True):
+        single = engine.generate(prompt, method="eagle", max_new_tokens=16)
+        assert result.token_ids == single.token_ids
+        assert (result.stats.steps, result.stats.accepted_tokens) == (single.stats.steps, single.stats.accepted_tokens)

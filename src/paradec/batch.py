@@ -19,8 +19,9 @@ and generator are its own, and the verifier is the same function.
 Drafters run per sequence, behind the same seam as alone. A drafter that runs a model gets a slot of a batched
 runner of that model (the draft model: one slot of the engine's batched draft runner), and the drafters of one
 class propose together (`Drafter.propose_all`): the draft model runs one forward per draft level for every
-`draft` sequence of the step. EAGLE gives each sequence a workspace of its own (the head's KV cache and graphs,
-pooled by the engine) and drafts its tree per sequence. Layerskip runs the target's own layers through views that
+`draft` sequence of the step; EAGLE sequences hold the rows of their cache slots in one bank of workspaces (the
+head's KV caches) and one step over the bank grows every tree: one head forward per level for all of them, one CUDA
+graph (`paradec.drafters.eagle.WorkspaceBank`). Layerskip runs the target's own layers through views that
 serve one sequence, so it is not batched yet (`Drafter.batchable`): a batch refuses it with a clear error.
 
 Speculation policy (`SpeculationPolicy`): from the measured step times (a step that captured a CUDA graph is not

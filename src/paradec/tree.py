@@ -158,16 +158,17 @@ def device_tree(parents: torch.Tensor, max_depth: int) -> TreeBuffers:
 
 def device_tree_tensors(parents: torch.Tensor, max_depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(depth [n+1], mask [n+1, n+1], parent [n+1]) of `device_tree`, as plain tensors (so a compiled drafter
-    can build them inside its own graph). The mask is filled by walking every input up `max_depth` times at once
-    (the root is its own parent, so finished walks stay on it)."""
-    device = parents.device
-    n1 = int(parents.shape[0]) + 1
-    parent = torch.cat([parents.new_full((1,), -1), parents + 1])  # input-index parents
+    can build them inside its own graph); parents [..., n] give them for each tree of a batch ([..., n+1], ...).
+    The mask is filled by walking every input up `max_depth` times at once (the root is its own parent, so finished
+    walks stay on it)."""
+    device, lead = parents.device, parents.shape[:-1]
+    n1 = int(parents.shape[-1]) + 1
+    parent = torch.cat([parents.new_full((*lead, 1), -1), parents + 1], -1)  # input-index parents
     up = parent.clamp_min(0)  # the root's "parent" is itself
-    columns = torch.arange(n1, device=device)[None, :]
-    mask = torch.arange(n1, device=device)[:, None] == columns  # every input attends to itself
+    columns = torch.arange(n1, device=device)
+    mask = (columns[:, None] == columns).expand(*lead, n1, n1).clone()  # every input attends to itself
     ancestor = up
     for _ in range(max_depth):
-        mask |= ancestor[:, None] == columns
-        ancestor = up[ancestor]
+        mask |= ancestor[..., None] == columns
+        ancestor = up.gather(-1, ancestor)
     return mask.sum(-1) - 1, mask, parent

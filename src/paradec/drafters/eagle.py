@@ -25,6 +25,12 @@ past max_new_tokens). The tree's buffers (mask, depth, parents) are built inside
 graph, the target's tree forward and the verification back to back, and the tree's shape reaches the host with
 the verdict.
 
+Inside a batch (`paradec.batch`): the workspaces are the rows of one `WorkspaceBank`, a row per cache slot of the
+batch, and `Eagle.propose_all` runs the same `draft_step` over every row at once (every op is per row, with the rows
+as its batch dimension; one sequence alone is a bank of one): one head forward per level and one CUDA graph for all
+the batch's EAGLE sequences, where each replayed a graph of its own before. A row nobody holds computes its stale
+inputs into itself only; adding a row's staged entries again writes the same values, so every row can run.
+
 Reduced draft vocabulary (EAGLE-3): a head trained with one scores only its N draft ids (its own LM head [N, H],
 the biggest matmul and top-k of a level shrunk from the target's V). The ids each level picks are mapped through the
 head's `d2t` [N] buffer (draft id -> target id: one gather, on the device, inside the captured graph) before they go
@@ -63,7 +69,6 @@ from paradec.tree import TreeBuffers, device_tree_tensors
 from paradec.types import Proposal, Verdict
 
 log = logging.getLogger(__name__)
-POOL_KEPT = 64  # free workspaces an engine keeps for batched sequences (each one head-sized KV cache and its graphs)
 
 
 @dataclass(frozen=True)
@@ -78,37 +83,69 @@ class EagleOptions(Options):
     compile: bool | None = field(default=None, metadata=engine_setting())
 
 
-class Workspace:
-    """Static buffers for decoding one sequence with an EAGLE head: its KV cache, a step's inputs, the running
-    prediction, and the CUDA graphs captured over them. Reused by the generations of one engine (which runs one
-    at a time) while the shape settings stay the same."""
+class WorkspaceBank:
+    """The static buffers of `slots` workspaces, each a `Workspace` (a view of one row): a sequence decoded alone has
+    a bank of one; a batch's EAGLE sequences share one bank, a row per cache slot of the batch, so that one step
+    (`draft_step_batched`) adds every row's staged entries and grows every row's tree: one head forward per level
+    for the whole batch. A row no sequence holds computes stale inputs into its own row only."""
 
-    def __init__(self, head: EagleHead, options: EagleOptions, capacity: int) -> None:
+    def __init__(self, head: EagleHead, options: EagleOptions, capacity: int, slots: int = 1) -> None:
         config = head.config
         device, dtype = head.fc.weight.device, head.fc.weight.dtype
         self.options = options
-        self.capacity = capacity  # committed slots; draft slots follow
+        self.capacity = capacity  # committed slots of each row's KV cache; draft slots follow
+        self.slots = slots
         self.rows = options.depth + 1  # most entries a step commits: the pending token and every draft level
         self.draft_slots = (options.depth - 1) * options.topk
         size = capacity + self.draft_slots
-        self.keys = torch.zeros(1, config.num_heads, size, config.head_dim, device=device, dtype=dtype)
+        self.keys = torch.zeros(slots, config.num_heads, size, config.head_dim, device=device, dtype=dtype)
         self.values = torch.zeros_like(self.keys)
-        self.slots = torch.arange(size, device=device)
-        # a step's inputs, uploaded with one copy: x_{t+1} of the new entries, their count (<= rows), the first's slot
-        self.inputs = torch.zeros(self.rows + 2, dtype=torch.long, device=device)
+        self.columns = torch.arange(size, device=device)  # the KV cache's slot indices
+        # per row, a step's inputs, uploaded with one copy: x_{t+1} of the new entries, their count, the first's slot
+        self.inputs = torch.zeros(slots, self.rows + 2, dtype=torch.long, device=device)
+        self.features = torch.zeros(slots, self.rows, config.feature_size, device=device, dtype=dtype)
+        self.length = torch.zeros(slots, dtype=torch.long, device=device)  # committed entries per row
+        self.root = torch.zeros(slots, config.hidden_size, device=device, dtype=dtype)  # the pendings' predictions
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}  # batched, by tree size
+        self.workspaces = [Workspace(self, i) for i in range(slots)]
+
+    def state(self) -> tuple[torch.Tensor, ...]:
+        """Every row's tensors, in `draft_step_batched`'s order."""
+        rows = self.rows
+        return self.keys, self.values, self.columns, self.inputs[:, :rows], self.features, self.inputs[:, -2], \
+            self.inputs[:, -1], self.length, self.root  # fmt: skip
+
+
+class Workspace:
+    """The buffers for decoding one sequence with an EAGLE head (row `index` of a `WorkspaceBank`): its KV cache, a
+    step's inputs, the running prediction, and the CUDA graphs captured over them. Reused by later sequences (of one
+    engine, which runs one generation at a time; of a batch's cache slot) while the shape settings stay the same."""
+
+    def __init__(self, bank: WorkspaceBank, index: int) -> None:
+        self.bank, self.index = bank, index
+        self.options, self.capacity, self.rows = bank.options, bank.capacity, bank.rows
+        self.draft_slots = bank.draft_slots
+        self.keys, self.values = bank.keys[index : index + 1], bank.values[index : index + 1]  # [1, nh, size, hd]
+        self.slots = bank.columns
+        self.inputs = bank.inputs[index]
         self.tokens, self.count, self.start = self.inputs[: self.rows], self.inputs[-2], self.inputs[-1]
-        self.features = torch.zeros(self.rows, config.feature_size, device=device, dtype=dtype)  # [rows, k * H] f_t
-        self.length = torch.zeros((), dtype=torch.long, device=device)  # committed entries
-        self.root = torch.zeros(config.hidden_size, device=device, dtype=dtype)  # predicted hidden of the pending
+        self.features = bank.features[index]  # [rows, k * H] f_t
+        self.length = bank.length[index]  # committed entries
+        self.root = bank.root[index]  # predicted hidden of the pending token
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}  # by tree size
+
+    @staticmethod
+    def alone(head: EagleHead, options: EagleOptions, capacity: int) -> Workspace:
+        return WorkspaceBank(head, options, capacity).workspaces[0]
 
     def fits(self, options: EagleOptions, length: int) -> bool:
         return options == self.options and length + self.rows <= self.capacity
 
     def state(self) -> tuple[torch.Tensor, ...]:
-        """The tensors a step reads and writes, in `draft_step`'s order."""
-        return self.keys, self.values, self.slots, self.tokens, self.features, self.count, self.start, self.length, \
-            self.root  # fmt: skip
+        """The tensors a step reads and writes, in `draft_step`'s order: the bank's, row `index` alone (B = 1)."""
+        i, rows, bank = self.index, self.rows, self.bank
+        return self.keys, self.values, self.slots, bank.inputs[i : i + 1, :rows], bank.features[i : i + 1], \
+            bank.inputs[i : i + 1, -2], bank.inputs[i : i + 1, -1], bank.length[i : i + 1], bank.root[i : i + 1]  # fmt: skip
 
 
 # A step's math as plain functions of (head, weights, tensors, static ints), so that one `torch.compile` of
@@ -116,9 +153,10 @@ class Workspace:
 # of the default shape is ~600 small kernels, whose latency (not their launch, which the CUDA graph removes) costs
 # more than the 115M bench target's own forward; compiled, the elementwise work between the matrix products fuses.
 def entries(head: EagleHead, embed: torch.Tensor, tokens: torch.Tensor, features: torch.Tensor, positions):
-    """Entries (tokens [T], features [T, H]) at positions [T] -> layer inputs (1, T, H), q, k, v (1, nh, T, hd)."""
-    x = head.inputs(F.embedding(tokens, embed), features)[None]
-    return (x, *head.project(x, positions))
+    """Entries (tokens [B, T], features [B, T, H]) at positions [B, T] -> layer inputs (B, T, H), q, k, v
+    (B, nh, T, hd); one sequence's (tokens [T], features [T, H], positions [T]) as B = 1."""
+    x = head.inputs(F.embedding(tokens, embed), features)
+    return (x[None] if x.dim() == 2 else x, *head.project(x[None] if x.dim() == 2 else x, positions))
 
 
 def top_children(
@@ -157,69 +195,99 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, attn_ma
 
 
 def extend(head, embed, keys, values, slots, tokens, features, count, start, length, root, capacity: int) -> None:
-    """Add the staged entries (`count` of them, padded to tokens' length) at slots start, start + 1, ...; set
-    `root` to the last one's prediction and `length` to the committed entries. Padding rows read stale inputs and
-    write slots past the new committed length, which no query sees before they are overwritten."""
-    rows = slots[: tokens.shape[0]] + start
-    x, q, k, v = entries(head, embed, tokens, head.fuse(features), rows)  # features [rows, k * H] -> [rows, H]
-    keys.index_copy_(2, rows, k)
-    values.index_copy_(2, rows, v)
-    last = (count - 1).view(1)  # only the last entry's prediction is needed: one query row
-    mask = slots[None, :capacity] <= (start + last)[:, None]  # [1, capacity] causal over committed slots
+    """Add each row's staged entries (`count[b]` of them, padded to tokens' length) at slots start[b], start[b] + 1,
+    ...; set `root[b]` to the last one's prediction and `length[b]` to the committed entries (a row with count 0 keeps
+    both). Padding rows read stale inputs and write slots past the new committed length, which no query sees before
+    they are overwritten. Adding the same staged entries again writes the same values (idempotent)."""
+    rows = slots[: tokens.shape[1]] + start[:, None]  # [B, R]
+    x, q, k, v = entries(head, embed, tokens, head.fuse(features), rows)  # features [B, R, k * H] -> [B, R, H]
+    index = rows[:, None, :, None].expand_as(k)
+    keys.scatter_(2, index, k)
+    values.scatter_(2, index, v)
+    last = (count - 1).clamp_min(0)[:, None]  # [B, 1]: only the last entry's prediction is needed, one query row
+    mask = slots[:capacity] <= (start[:, None] + last)  # [B, capacity] causal over committed slots
     out = head.attend(
-        x.index_select(1, last), q.index_select(2, last), keys[:, :, :capacity], values[:, :, :capacity], mask
-    )
-    root.copy_(out[0, 0])
-    length.copy_(start + count)
+        x.gather(1, last[..., None].expand(-1, -1, x.shape[-1])),
+        q.gather(2, last[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[-1])),
+        keys[:, :, :capacity], values[:, :, :capacity], mask[:, None, None, :],
+    )  # fmt: skip
+    staged = count > 0
+    root.copy_(torch.where(staged[:, None], out[:, 0], root))
+    length.copy_(torch.where(staged, start + count, length))
 
 
 def draft_step(
     head, embed, lm_head, d2t, keys, values, slots, tokens, features, count, start, length, root,
     capacity: int, topk: int, levels: int, nodes: int, staged: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """One drafter step: add the staged entries (if `staged`), then grow the EAGLE-2 tree from `root`; `lm_head` and
-    `d2t` are the draft vocabulary's (`top_children`). Returns the kept node tokens [nodes] (target ids) and the
-    tree's depth [nodes+1], mask and parent (`device_tree_tensors`)."""
+    """One drafter step for every row b of a `WorkspaceBank` (one sequence's workspace: B = 1): add the staged
+    entries (if `staged`), then grow each row's EAGLE-2 tree from `root[b]`; `lm_head` and `d2t` are the draft
+    vocabulary's (`top_children`). Returns the kept node tokens [B, nodes] (target ids) and each tree's depth
+    [B, nodes+1], mask and parent (`device_tree_tensors`). Rows never mix: every op is per row."""
     if staged:
         extend(head, embed, keys, values, slots, tokens, features, count, start, length, root, capacity)
-    k, device = topk, keys.device
-    front_scores, front_tokens = top_children(root, lm_head, d2t, k)  # [k] level-1 nodes (target ids)
-    front_ids = torch.arange(k, device=device)
-    front_features = root.expand(k, -1)  # [k, H] each node's parent prediction
-    scores, node_tokens, parents = [front_scores], [front_tokens], [torch.full((k,), -1, device=device)]
+    k, device, B = topk, keys.device, keys.shape[0]
+    front_scores, front_tokens = top_children(root, lm_head, d2t, k)  # [B, k] level-1 nodes (target ids)
+    front_ids = torch.arange(k, device=device).expand(B, k)
+    front_features = root[:, None].expand(B, k, root.shape[-1])  # [B, k, H] each node's parent prediction
+    scores, node_tokens, parents = [front_scores], [front_tokens], [torch.full((B, k), -1, device=device)]
     count_nodes = k
-    committed = (slots[:capacity] < length).expand(k, -1)  # [k, capacity]
+    committed = (slots[:capacity] < length[:, None])[:, None].expand(B, k, capacity)  # [B, k, capacity]
     # ancestry of the draft slots: row i = slot i and the slots of its ancestors
-    ancestry = torch.eye(keys.shape[2] - capacity, dtype=torch.bool, device=device)
+    draft = keys.shape[2] - capacity
+    ancestry = torch.eye(draft, dtype=torch.bool, device=device).expand(B, draft, draft).clone()
     for level in range(1, levels):
         first = (level - 1) * k  # this level's entries go to draft slots first ... first + k - 1
-        positions = (length - 1 + level).expand(k)
+        positions = (length - 1 + level)[:, None].expand(B, k)
         x, q, key, value = entries(head, embed, front_tokens, front_features, positions)
         keys[:, :, capacity + first : capacity + first + k] = key
         values[:, :, capacity + first : capacity + first + k] = value
-        mask = torch.cat([committed, ancestry[first : first + k]], 1)  # [k, capacity + draft slots]
-        out = head.attend(x, q, keys, values, mask, attention)[0]  # [k, H]
-        child_scores, child_tokens = top_children(out, lm_head, d2t, k)  # [k, k]
-        cum = (front_scores[:, None] + child_scores).reshape(-1)  # [k * k] cumulative log-probability
+        mask = torch.cat([committed, ancestry[:, first : first + k]], -1)  # [B, k, capacity + draft slots]
+        out = head.attend(x, q, keys, values, mask[:, None], attention)  # [B, k, H]
+        child_scores, child_tokens = top_children(out, lm_head, d2t, k)  # [B, k, k]
+        cum = (front_scores[:, :, None] + child_scores).reshape(B, -1)  # [B, k * k] cumulative log-probability
         scores.append(cum)
-        node_tokens.append(child_tokens.reshape(-1))
-        parents.append(front_ids[:, None].expand(k, k).reshape(-1))
+        node_tokens.append(child_tokens.reshape(B, -1))
+        parents.append(front_ids[:, :, None].expand(B, k, k).reshape(B, -1))
         if level < levels - 1:  # the next level expands the k best children
-            best = cum.topk(k).indices
+            best = cum.topk(k, -1).indices  # [B, k]
             parent_slot = best // k
-            ancestry[first + k : first + 2 * k] |= ancestry[first + parent_slot]
+            ancestry[:, first + k : first + 2 * k] |= ancestry.gather(
+                1, (first + parent_slot)[..., None].expand(-1, -1, draft)
+            )
             front_ids = count_nodes + best
-            front_tokens = child_tokens.reshape(-1)[best]
-            front_scores = cum[best]
-            front_features = out[parent_slot]
+            front_tokens = child_tokens.reshape(B, -1).gather(1, best)
+            front_scores = cum.gather(1, best)
+            front_features = out.gather(1, parent_slot[..., None].expand(-1, -1, out.shape[-1]))
         count_nodes += k * k
-    all_scores, all_tokens, all_parents = torch.cat(scores), torch.cat(node_tokens), torch.cat(parents)
-    keep = torch.sort(all_scores, descending=True, stable=True).indices[:nodes].sort().values  # parents first
-    index = torch.full((count_nodes,), -1, dtype=torch.long, device=device)
-    index[keep] = torch.arange(nodes, device=device)
-    kept_parents = all_parents[keep]
-    kept_parents = torch.where(kept_parents >= 0, index[kept_parents.clamp_min(0)], -1)  # -1 = the pending token
-    return (all_tokens[keep], *device_tree_tensors(kept_parents, levels))
+    all_scores, all_tokens, all_parents = torch.cat(scores, 1), torch.cat(node_tokens, 1), torch.cat(parents, 1)
+    keep = (
+        torch.sort(all_scores, dim=-1, descending=True, stable=True).indices[:, :nodes].sort(-1).values
+    )  # parents first
+    index = torch.full((B, count_nodes), -1, dtype=torch.long, device=device)
+    index.scatter_(1, keep, torch.arange(nodes, device=device).expand(B, nodes))
+    kept_parents = all_parents.gather(1, keep)
+    kept_parents = torch.where(kept_parents >= 0, index.gather(1, kept_parents.clamp_min(0)), -1)  # -1: the pending
+    return (all_tokens.gather(1, keep), *device_tree_tensors(kept_parents, levels))
+
+
+def captured(graphs: dict, key: int, run: Callable[[], tuple]) -> tuple[torch.Tensor, ...]:
+    """`run()`, a step over static buffers, replayed from its CUDA graph in `graphs` (captured under `key` on first
+    use, after a warm-up on a side stream: compilation and lazy allocations may not happen in a capture). The
+    outputs are the graph's buffers: valid until its next replay."""
+    if key not in graphs:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = run()
+        graphs[key] = (graph, outputs)
+    graph, outputs = graphs[key]
+    graph.replay()
+    return outputs
 
 
 @lru_cache(maxsize=4)
@@ -241,7 +309,7 @@ class EagleMethod(Method):
         if layers is not None and hasattr(target, "num_layers"):  # an EAGLE-3 head: the target must lend its layers
             layer_taps(layers, target.num_layers, f"the target of this EAGLE head (feature_layers {list(layers)})")
         self.workspace: Workspace | None = None
-        self.pool: list[Workspace] = []  # free workspaces of batched sequences (`acquire` / `give_back`)
+        self.banks: dict[EagleOptions, WorkspaceBank] = {}  # the rows of batched sequences, per shape options
         self.compile_failed = False
 
     def limits(self) -> dict[str, int]:
@@ -270,7 +338,7 @@ class EagleMethod(Method):
         replaces it for later generations)."""
         ws = self.workspace
         if ws is None or not ws.fits(options, length):
-            ws = Workspace(self.head, options, capacity=max(1024, 2 * (length + options.depth + 1)))
+            ws = Workspace.alone(self.head, options, capacity=max(1024, 2 * (length + options.depth + 1)))
             self.workspace = ws
         return ws
 
@@ -278,21 +346,20 @@ class EagleMethod(Method):
         return Eagle(self, options)
 
     def open_for(self, resources: Resources, options: EagleOptions) -> Eagle:
-        """A batched sequence's drafter: a workspace of its own from the pool (the head reads the target's hidden
+        """A batched sequence's drafter: the row of its cache slot in the bank of the batch's slots (`bank`), which
+        `Eagle.propose_all` steps for all the batch's EAGLE sequences at once (the head reads the target's hidden
         states and weights only)."""
-        return Eagle(self, options, pooled=True)
+        target = resources.target  # the sequence's slot of the batched runner (`SlotRunner`)
+        return Eagle(self, options, row=(target.batched.slots, target.slot))
 
-    def acquire(self, options: EagleOptions, length: int) -> Workspace:
-        """A free workspace that suits `options` and `length` (its graphs kept from earlier sequences), else a new
-        one; each batched sequence holds its own until `give_back`."""
-        for i, ws in enumerate(self.pool):
-            if ws.fits(options, length):
-                return self.pool.pop(i)
-        return Workspace(self.head, options, capacity=max(1024, 2 * (length + options.depth + 1)))
-
-    def give_back(self, ws: Workspace) -> None:
-        self.pool.append(ws)
-        del self.pool[:-POOL_KEPT]  # the oldest go first
+    def bank(self, options: EagleOptions, slots: int) -> WorkspaceBank:
+        """The workspaces of a batch's `slots` cache slots under `options` (a row per slot, each with room for the
+        whole context), made on first use; a larger batch makes a larger one (sequences on the old keep it)."""
+        bank = self.banks.get(options)
+        if bank is None or bank.slots < slots:
+            capacity = self.resources.target.max_length + options.depth + 1
+            bank = self.banks[options] = WorkspaceBank(self.head, options, capacity, slots)
+        return bank
 
 
 @register
@@ -302,10 +369,10 @@ class Eagle(Drafter):
     method_class = EagleMethod
     needs_hidden = True
 
-    def __init__(self, method: EagleMethod, options: EagleOptions, *, pooled: bool = False) -> None:
+    def __init__(self, method: EagleMethod, options: EagleOptions, *, row: tuple[int, int] | None = None) -> None:
         super().__init__(method.resources, options)
         self.method = method
-        self.pooled = pooled  # a batched sequence: its own workspace from the method's pool, returned by `close`
+        self.row = row  # a batched sequence: (the batch's slots, its slot), its row of the method's `bank`
         self.head = method.head
         self.needs_hidden = self.head.config.feature_layers or True  # the fused layers, or the last hidden state
         self.target = method.resources.target
@@ -337,32 +404,87 @@ class Eagle(Drafter):
             old, self.ws = self.ws, self._workspace(end)
             self.ws.keys[:, :, :start] = old.keys[:, :, :start]
             self.ws.values[:, :, :start] = old.values[:, :, :start]
-            if self.pooled:
-                self.method.give_back(old)
         self._stage(state.tokens[start + 1 : end + 1], features, start)
 
     def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
         """The full tree whenever the context has room for it, even when fewer than `depth` tokens may still be
         emitted (the decode loop drops what a step emits past max_new_tokens): then every step replays the one
         CUDA graph of the full tree, instead of growing smaller trees eagerly at the end of each generation."""
-        k = self.options.topk
-        # the forward scores 1 + n inputs after len(tokens) - 1 committed ones: stay inside the context
-        budget = min(self.options.nodes, self.target.max_length - len(state.tokens))
-        if self.committed == 0 or max_tokens < 1 or budget < 1:
+        n = self._tree_size(state, max_tokens)
+        if n == 0:
             return Proposal.empty(state.device)
-        tokens, layout = self._step(min(budget, k + (self.options.depth - 1) * k * k))
+        tokens, layout = self._step(n)
         return Proposal(tokens=tokens, layout=layout)
 
+    @classmethod
+    def propose_all(cls, drafters: list[Drafter], states: list[DecodeState], max_tokens: list[int]) -> list[Proposal]:
+        """The proposals of a batch step's EAGLE sequences: those of one bank that grow the full tree, in one step
+        over the bank (`draft_step` over every row: one head forward per level for all of them, one CUDA graph);
+        the others (a shrunk tree at the context's end, nothing to propose, a bank of their own) one by one."""
+        proposals: list[Proposal | None] = [None] * len(drafters)
+        banks: dict[int, list[int]] = {}
+        for i, (d, s, m) in enumerate(zip(drafters, states, max_tokens, strict=True)):
+            if d.row is not None and d.ws is not None and d._tree_size(s, m) == d._full_size():
+                banks.setdefault(id(d.ws.bank), []).append(i)
+        for members in banks.values():
+            if len(members) > 1:
+                for i, proposal in zip(members, drafters[members[0]]._step_bank([drafters[i] for i in members])):
+                    proposals[i] = proposal
+        return [
+            p if p is not None else d.propose(s, m)
+            for p, d, s, m in zip(proposals, drafters, states, max_tokens, strict=True)
+        ]
+
     def close(self) -> None:
-        if self.pooled and self.ws is not None:
-            self.method.give_back(self.ws)
         self.ws = None
 
     # --- decoding ---------------------------------------------------------------------------------------------
     def _workspace(self, length: int) -> Workspace:
-        if self.pooled:
-            return self.method.acquire(self.options, length)
+        if self.row is not None:
+            slots, slot = self.row
+            return self.method.bank(self.options, slots).workspaces[slot]
         return self.method.workspace_for(self.options, length)
+
+    def _tree_size(self, state: DecodeState, max_tokens: int) -> int:
+        """The nodes of this step's tree (0: nothing to propose)."""
+        k = self.options.topk
+        # the forward scores 1 + n inputs after len(tokens) - 1 committed ones: stay inside the context
+        budget = min(self.options.nodes, self.target.max_length - len(state.tokens))
+        if self.committed == 0 or max_tokens < 1 or budget < 1:
+            return 0
+        return min(budget, k + (self.options.depth - 1) * k * k)
+
+    def _full_size(self) -> int:
+        """The nodes of a full tree (the one a step's CUDA graph holds)."""
+        return min(self.options.nodes, self.options.topk * (1 + self.ws.draft_slots))
+
+    def _step_bank(self, members: list[Eagle]) -> list[Proposal]:
+        """One step over every row of this drafter's bank (`members`: the sequences on it that propose a full
+        tree, this one among them): every row adds its staged entries (a row whose entries were added adds them
+        again: the same writes) and grows its tree; each member's proposal is its row's."""
+        bank, options, n = self.ws.bank, self.options, self._full_size()
+        weights = (self.head, self.embed, self.lm_head, self.d2t)
+        step = self.step
+        try:
+            run = partial(step, *weights, *bank.state(), bank.capacity, options.topk, options.depth, n, True)
+            outputs = captured(bank.graphs, n, run) if bank.keys.device.type == "cuda" else run()
+        except Exception as exc:  # compiling failed: draft eagerly from now on (as `_step`)
+            if step is draft_step:
+                raise
+            self.method.compile_failed = True
+            for d in members:
+                d.step = draft_step
+            log.warning("compiling the batched EAGLE draft step failed, drafting eagerly: %s", type(exc).__name__)
+            run = partial(draft_step, *weights, *bank.state(), bank.capacity, options.topk, options.depth, n, True)
+            outputs = run()
+        tokens, depth, mask, parent = outputs
+        proposals = []
+        for d in members:
+            d.staged = False
+            b = d.ws.index
+            tree = TreeBuffers(parents=None, depth=depth[b], mask=mask[b], parent=parent[b], max_depth=options.depth)
+            proposals.append(Proposal(tokens=tokens[b].clone(), layout=tree))
+        return proposals
 
     def _stage(self, tokens: list[int], features: torch.Tensor, start: int) -> None:
         """Put the entries (tokens[i], features[i]) at positions start + i into the input buffers: the next step
@@ -412,18 +534,9 @@ class Eagle(Drafter):
         ws, options = self.ws, self.options
         weights = (self.head, self.embed, self.lm_head, self.d2t)
         run = partial(step, *weights, *ws.state(), ws.capacity, options.topk, options.depth, n)
-        if not (staged and full and ws.keys.device.type == "cuda"):
-            return run(staged)
-        if n not in ws.graphs:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up and compilation
-                run(True)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outputs = run(True)
-            ws.graphs[n] = (graph, outputs)
-        graph, (tokens, *tree) = ws.graphs[n]
-        graph.replay()
-        return (tokens.clone(), *tree)  # the tree's buffers stay valid until the next replay, after this step
+        if staged and full and ws.keys.device.type == "cuda":
+            tokens, *tree = captured(ws.graphs, n, partial(run, True))
+        else:
+            tokens, *tree = run(staged)
+        # (the tree's buffers stay valid until the next replay, after this step)
+        return (tokens[0].clone(), *(t[0] for t in tree))

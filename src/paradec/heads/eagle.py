@@ -199,11 +199,14 @@ class EagleHead(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Layer inputs (B, T, H) at positions (T,) -> rotated queries, keys and values (B, nh, T, hd)."""
+        """Layer inputs (B, T, H) at positions (T,), or per row (B, T) -> rotated queries, keys and values
+        (B, nh, T, hd)."""
         B, T, _ = x.shape
         nh, hd = self.config.num_heads, self.config.head_dim
         q, k, v = self.qkv(self.attn_norm(x)).view(B, T, 3, nh, hd).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hd)
-        cos, sin = self.rope(positions, q.dtype)
+        cos, sin = self.rope(positions.reshape(-1), q.dtype)  # (T or B * T, hd)
+        if positions.dim() == 2:
+            cos, sin = cos.view(B, 1, T, hd), sin.view(B, 1, T, hd)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(
