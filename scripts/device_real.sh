@@ -33,9 +33,10 @@
 #   start-m7 the fourth 2026-12-02 session: PARD trained alone; the batched step's host profile at 32; suffix on
 #            agentic (first turns and every turn) and chat; pard vs draft on code-chat; multisample; the batched bench
 #            at 1, 8, 32; the batch policy's depth cuts; the CUDA-only tests; pard vs draft on chat
-#   start-m8 the next session: the batched bench at 1, 8, 32, 64 (vanilla, pld, suffix; each row's steps by kind), the
-#            batched profile (decode steps only), the server under 1, 16, 32 clients and one at a time, the batch
-#            policy's depth cuts, multisample, the exact batched bench, the CUDA-only tests
+#   start-m8 the next session: Qwen's EAGLE trained beside the CUDA-only tests; vanilla alone and vanilla, pld,
+#            suffix, draft, eagle at batch 8, 32, 64 on 72 chat prompts (each row's steps by kind), the batched profile
+#            (decode steps only), the server under 1, 16, 32 clients and one at a time, the batch policy's choices,
+#            multisample, the exact batched bench
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log,
 #            and copy what it wrote so far to $OUT, as collect does
 #            (a scripts/gpu_next.sh in the tree of a `wait` call replaces the chain once its log shows NEXT_AT,
@@ -232,7 +233,8 @@ prepare_exact() {  # the three models converted (the 1.5B in the background: `wa
 
 exact_tests() {
     echo "CUDA TESTS $(date +%T)"
-    (cd "$SNAPSHOT/.." && python3 -m pytest -q -o addopts="" -p no:cacheprovider -p no:logging --durations=15 tests/test_exact_cuda.py \
+    (cd "$SNAPSHOT/.." && python3 -m pytest -q -o addopts="" -p no:cacheprovider -p no:logging --durations=15 \
+        tests/test_exact_cuda.py tests/test_eagle_cuda.py \
         > $RES/exact-tests.log 2>&1) || echo "exact tests exit $?"
     tail -n 3 $RES/exact-tests.log
 }
@@ -390,7 +392,10 @@ m8_part() {  # the next session: issue 18 with overlapped steps (the step counts
     mkdir -p $RES
     prepare_exact
     wait
-    CHAT_PC=6 bench $Q15 chat q15-batch $DRAFT --methods vanilla,pld,suffix,draft --batch-sizes 1,8,32,64 $QWEN_BENCH
+    train_q15_beside_tests eagle  # Qwen's EAGLE-3 head for the batched EAGLE step, beside the CUDA-only tests
+    CHAT_PC=6 bench $Q15 chat q15-batch-1 --methods vanilla $QWEN_BENCH  # batch 1 on the batched rows' 72 prompts
+    CHAT_PC=6 bench $Q15 chat q15-batch $DRAFT --methods "$(with_heads $Q15 vanilla,pld,suffix,draft)" \
+        --batch-sizes 8,32,64 $QWEN_BENCH
     batch_profile
     echo "LOAD $(date +%T)"
     pd bench --suite chat --per-category 4 --model $Q15 --methods vanilla,pld --concurrency 1,16,32 \
@@ -400,7 +405,6 @@ m8_part() {  # the next session: issue 18 with overlapped steps (the step counts
     policy_bench
     samples_bench "" --mode sample --temperature 0.7
     CHAT_PC=2 bench $Q15 chat q15-batch-exact --methods vanilla,pld --batch-sizes 8,32 --exact $QWEN_BENCH
-    exact_tests
     echo "M8 DONE $(date +%T)"
 }
 
