@@ -234,6 +234,20 @@ def test_eagle_sequences_draft_together_one_head_forward_per_level(code_engine):
         )  # fmt: skip
 
 
+def test_medusa_sequences_share_one_head_forward_per_step(code_engine):
+    decoder = code_engine.batch_decoder(3, speculate="always")
+    items = [decoder.submit(code_engine.request(p, method="medusa", max_new_tokens=NEW)) for p in PROMPTS[:3]]
+    while not all(i.prefilled for i in items):
+        decoder.step()
+    with counting(code_engine.method("medusa").heads, "logits") as forwards:
+        decoder.step()
+    assert len(forwards) == 1 and forwards[0].shape[0] == 3  # the three last hidden states, in one forward
+    for _ in decoder.run(items):
+        pass
+    for prompt, item in zip(PROMPTS, items, strict=False):
+        assert item.result.token_ids == alone(code_engine, prompt, "medusa").token_ids
+
+
 def test_cancelling_one_sequence_leaves_the_others_unchanged(code_engine):
     decoder = code_engine.batch_decoder(3)
     prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[4]]

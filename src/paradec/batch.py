@@ -21,7 +21,7 @@ runner of that model (the draft model: one slot of the engine's batched draft ru
 class propose together (`Drafter.propose_all`): the draft model runs one forward per draft level for every
 `draft` sequence of the step; EAGLE sequences hold the rows of their cache slots in one bank of workspaces (the
 head's KV caches) and one step over the bank grows every tree: one head forward per level for all of them, one CUDA
-graph (`paradec.drafters.eagle.WorkspaceBank`). Layerskip runs the target's own layers through views that
+graph (`paradec.drafters.eagle.WorkspaceBank`); Medusa's heads run once for all its sequences. Layerskip runs the target's own layers through views that
 serve one sequence, so it is not batched yet (`Drafter.batchable`): a batch refuses it with a clear error.
 
 Speculation policy (`SpeculationPolicy`): from the measured step times (a step that captured a CUDA graph is not

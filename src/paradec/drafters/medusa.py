@@ -77,12 +77,28 @@ class Medusa(Drafter):
         self.nodes = method.limits()["tree"] if options.nodes is None else options.nodes
 
     def propose(self, state: DecodeState, max_tokens: int) -> Proposal:
-        hidden = state.target_hidden
-        # the forward scores 1 + n inputs after len(tokens) - 1 committed ones: stay inside the context
-        nodes = min(self.nodes, self.target.max_length - len(state.tokens))
-        if hidden is None or hidden.shape[0] == 0 or max_tokens < 1 or nodes < 1:
-            return Proposal.empty(state.device)
-        layout, flat = self.method.layout(max_tokens, nodes, state.device)
-        logits = self.heads.logits(hidden[-1], self.lm_head)  # [K, V]
-        top = logits.topk(layout.ranks, dim=-1).indices  # [K, ranks]
-        return Proposal(tokens=top.reshape(-1)[flat], parents=layout.parents)
+        return self.propose_all([self], [state], [max_tokens])[0]
+
+    @classmethod
+    def propose_all(cls, drafters: list[Drafter], states: list[DecodeState], max_tokens: list[int]) -> list[Proposal]:
+        """Every sequence's tree from its last hidden state; the sequences of one tree layout (and heads) in one
+        forward of the heads and one top-k for all of them (a batch's Medusa sequences: one head forward per step)."""
+        proposals: list[Proposal | None] = [None] * len(drafters)
+        groups: dict[tuple[int, int], tuple[TreeLayout, torch.Tensor, list[int]]] = {}
+        for i, (d, state, m) in enumerate(zip(drafters, states, max_tokens, strict=True)):
+            hidden = state.target_hidden
+            # the forward scores 1 + n inputs after len(tokens) - 1 committed ones: stay inside the context
+            nodes = min(d.nodes, d.target.max_length - len(state.tokens))
+            if hidden is None or hidden.shape[0] == 0 or m < 1 or nodes < 1:
+                proposals[i] = Proposal.empty(state.device)
+                continue
+            layout, flat = d.method.layout(m, nodes, state.device)
+            groups.setdefault((id(d.method), id(layout)), (layout, flat, []))[2].append(i)
+        for layout, flat, members in groups.values():
+            first = drafters[members[0]]
+            last = torch.stack([states[i].target_hidden[-1] for i in members])  # [B, H]
+            top = first.heads.logits(last, first.lm_head).topk(layout.ranks, dim=-1).indices  # [K, B, ranks]
+            tokens = top.transpose(0, 1).reshape(len(members), -1)[:, flat]  # [B, n]
+            for row, i in enumerate(members):
+                proposals[i] = Proposal(tokens=tokens[row], parents=layout.parents)
+        return proposals
