@@ -324,17 +324,19 @@ def test_batched_rows_on_the_native_runner(tmp_path, capsys):
     assert rows[("layerskip", 1)]["status"] == "ok" and rows[("layerskip", 2)]["status"] == "skipped"
     assert "does not run in a batch" in rows[("layerskip", 2)]["reason"]
     batched = [r for r in data["records"] if r["batch_size"] == 2]
-    assert {tuple(r["prompt_ids"]) for r in batched} == {("fib", "stack"), ("read",)}  # in file order
+    # every prompt in one queue, at most 2 decoding at once: one record per method, the prompts in file order
+    assert [r["prompt_ids"] for r in batched] == [["fib", "stack", "read"]] * 3
     assert all(r["equals_vanilla"] for r in batched if r["method"] != "vanilla")  # vanilla@bs2 too: vs alone
     assert all(r["equals_vanilla"] for r in batched if r["method"] == "vanilla")
     overall = data["summary"]["all prompts"]
     assert overall["vanilla@bs2"]["speedup"] == pytest.approx(1.0)  # against itself: vanilla at the same size
-    assert overall["pld@bs2"]["tau"] > 1.0 and overall["pld@bs2"]["matches"] == overall["pld@bs2"]["compared"] == 2
+    assert overall["pld@bs2"]["tau"] > 1.0 and overall["pld@bs2"]["matches"] == overall["pld@bs2"]["compared"] == 1
     assert data["exactness"]["ok"]
     # each batched record says what its decode steps were: vanilla's all without proposals, overlapped but the first
-    steps = {r["method"]: r["batch_steps"] for r in batched if r["prompt_ids"] == ["fib", "stack"]}
+    # (and one after a step that launched nothing: its one sequence ended at its length with the step in flight)
+    steps = {r["method"]: r["batch_steps"] for r in batched}
     assert steps["vanilla"]["plain"] == steps["vanilla"]["steps"] > 8 and steps["vanilla"]["speculative"] == 0
-    assert steps["vanilla"]["overlapped"] == steps["vanilla"]["plain"] - 1
+    assert steps["vanilla"]["plain"] - 3 <= steps["vanilla"]["overlapped"] < steps["vanilla"]["plain"]
     assert steps["draft"]["speculative"] > 0 and steps["draft"]["plain"] == 0
     assert "## Batched steps" in (tmp_path / "results.md").read_text()
 

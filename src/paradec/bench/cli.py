@@ -84,8 +84,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     bench.add_argument(
         "--batch-sizes",
         default="1",
-        help="comma list, e.g. 1,4,8: at a size above 1 each method decodes its prompts in batches of that size "
-        "(continuous batching, native runner; a method that cannot batch is skipped) and hf-vanilla runs padded "
+        help="comma list, e.g. 1,4,8: at a size above 1 each method decodes all its prompts, at most that many at "
+        "once (continuous batching, native runner; a method that cannot batch is skipped) and hf-vanilla runs padded "
         "batches; speedups are against our vanilla at the same size (default 1)",
     )
     bench.add_argument(

@@ -215,11 +215,13 @@ class Bench:
         return sp if sp.greedy or sp.seed is None else replace(sp, seed=sp.seed + index * self.plan.samples)
 
     def _batches(self, size: int, *, by_category: bool = True) -> list[list[int]]:
-        """Prompt indices in groups of `size`, in file order: each group inside one category (the padded batches of
-        the HF peers, whose rows should have alike lengths), or across categories (paradec's continuous batches,
-        where a finished sequence's slot goes to the next prompt)."""
+        """Prompt indices in groups of `size`, in file order, each group inside one category (the padded batches of
+        the HF peers, whose rows should have alike lengths); or, `by_category=False`, every prompt in one group:
+        paradec's continuous batching decodes at most `size` of them at once, and a finished sequence's slot goes to
+        the next prompt (until 2026-12-02: groups of `size`, each a batch of its own, whose slots emptied as its
+        answers ended)."""
         if not by_category:
-            return [list(range(s, min(s + size, len(self.prompts)))) for s in range(0, len(self.prompts), size)]
+            return [list(range(len(self.prompts)))]
         groups: dict[str, list[int]] = {}
         for i, prompt in enumerate(self.prompts):
             groups.setdefault(prompt.category, []).append(i)
