@@ -394,8 +394,9 @@ m8_part() {  # the next session: issue 18 with overlapped steps (the step counts
     wait
     train_q15_beside_tests eagle  # Qwen's EAGLE-3 head for the batched EAGLE step, beside the CUDA-only tests
     CHAT_PC=6 bench $Q15 chat q15-batch-1 --methods vanilla $QWEN_BENCH  # batch 1 on the batched rows' 72 prompts
+    # two warm-up passes: a policy that decides from timings meets other graph buckets in each pass
     CHAT_PC=6 bench $Q15 chat q15-batch $DRAFT --methods "$(with_heads $Q15 vanilla,pld,suffix,draft)" \
-        --batch-sizes 8,32,64 $QWEN_BENCH
+        --batch-sizes 8,32,64 --warmup 2 $QWEN_BENCH
     batch_profile
     echo "LOAD $(date +%T)"
     pd bench --suite chat --per-category 4 --model $Q15 --methods vanilla,pld --concurrency 1,16,32 \
