@@ -21,8 +21,8 @@ runner of that model (the draft model: one slot of the engine's batched draft ru
 class propose together (`Drafter.propose_all`): the draft model runs one forward per draft level for every
 `draft` sequence of the step; EAGLE sequences hold the rows of their cache slots in one bank of workspaces (the
 head's KV caches) and one step over the bank grows every tree: one head forward per level for all of them, one CUDA
-graph (`paradec.drafters.eagle.WorkspaceBank`); Medusa's heads run once for all its sequences. Layerskip runs the target's own layers through views that
-serve one sequence, so it is not batched yet (`Drafter.batchable`): a batch refuses it with a clear error.
+graph (`paradec.drafters.eagle.WorkspaceBank`); Medusa's heads run once for all its sequences. Layerskip runs the
+target's own layers through views that serve one sequence, so it is not batched yet (`Drafter.batchable`): a batch refuses it with a clear error.
 
 Speculation policy (`SpeculationPolicy`): from the measured step times (a step that captured a CUDA graph is not
 counted: it timed the capture) it fits t(N) = a + b·N (N: the forward's inputs) and keeps each sequence's tokens
@@ -239,7 +239,6 @@ class SpeculationPolicy:
     min_samples = 8  # speculate always until this many steps were timed
     probe_every = 16  # while off, speculate one step in this many to refresh the estimates
     plain_every = 64  # while on and plain steps would overlap, probe them after this many steps untimed
-
     plain_probe = 3  # steps a plain probe runs (two are needed for one overlapped period)
 
     def __init__(self, mode: str = "auto") -> None:
@@ -464,12 +463,11 @@ class BatchDecoder:
         self._draft_runner = draft_runner  # a batched runner of the draft model, or a callable making one
         self.waiting: deque[BatchItem] = deque()
         self.running: list[BatchItem] = []
-        self.steps = 0
         # per decode step, as it lands (for metrics; a reader may clear them): sequences, inputs, tokens emitted
         self.batch_sizes: list[int] = []
         self.step_inputs: list[int] = []
         self.step_tokens: list[int] = []
-        self.counts = StepCounts()
+        self.counts = StepCounts()  # its `steps`: decode steps landed so far
         self.overlap = overlap  # steps without proposals launch before the step in flight is landed (`_plain`)
         self._inflight: _Launched | None = None  # such a step, queued on the device, its verdicts not advanced yet
         self._empty: Proposal | None = None  # the proposal of those steps
@@ -514,6 +512,11 @@ class BatchDecoder:
         if item in self.waiting:
             self.waiting.remove(item)
             item.error = ParadecError(f"request cancelled: {reason}")
+
+    @property
+    def steps(self) -> int:
+        """Decode steps landed so far."""
+        return self.counts.steps
 
     @property
     def idle(self) -> bool:
@@ -786,7 +789,6 @@ class BatchDecoder:
 
     def _count(self, sequences: int, inputs: int, tokens: int) -> None:
         """A decode step landed: `sequences` in its forward of `inputs` inputs emitted `tokens`."""
-        self.steps += 1
         self.counts.steps += 1
         self.batch_sizes.append(sequences)
         self.step_inputs.append(inputs)

@@ -86,7 +86,7 @@ class EagleOptions(Options):
 class WorkspaceBank:
     """The static buffers of `slots` workspaces, each a `Workspace` (a view of one row): a sequence decoded alone has
     a bank of one; a batch's EAGLE sequences share one bank, a row per cache slot of the batch, so that one step
-    (`draft_step_batched`) adds every row's staged entries and grows every row's tree: one head forward per level
+    (`draft_step`) adds every row's staged entries and grows every row's tree: one head forward per level
     for the whole batch. A row no sequence holds computes stale inputs into its own row only."""
 
     def __init__(self, head: EagleHead, options: EagleOptions, capacity: int, slots: int = 1) -> None:
@@ -110,7 +110,7 @@ class WorkspaceBank:
         self.workspaces = [Workspace(self, i) for i in range(slots)]
 
     def state(self) -> tuple[torch.Tensor, ...]:
-        """Every row's tensors, in `draft_step_batched`'s order."""
+        """Every row's tensors, in `draft_step`'s order."""
         rows = self.rows
         return self.keys, self.values, self.columns, self.inputs[:, :rows], self.features, self.inputs[:, -2], \
             self.inputs[:, -1], self.length, self.root  # fmt: skip
@@ -127,11 +127,8 @@ class Workspace:
         self.draft_slots = bank.draft_slots
         self.keys, self.values = bank.keys[index : index + 1], bank.values[index : index + 1]  # [1, nh, size, hd]
         self.slots = bank.columns
-        self.inputs = bank.inputs[index]
-        self.tokens, self.count, self.start = self.inputs[: self.rows], self.inputs[-2], self.inputs[-1]
+        self.inputs = bank.inputs[index]  # x_{t+1} of the staged entries, their count, the first's slot
         self.features = bank.features[index]  # [rows, k * H] f_t
-        self.length = bank.length[index]  # committed entries
-        self.root = bank.root[index]  # predicted hidden of the pending token
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}  # by tree size
 
     @staticmethod
@@ -156,7 +153,8 @@ def entries(head: EagleHead, embed: torch.Tensor, tokens: torch.Tensor, features
     """Entries (tokens [B, T], features [B, T, H]) at positions [B, T] -> layer inputs (B, T, H), q, k, v
     (B, nh, T, hd); one sequence's (tokens [T], features [T, H], positions [T]) as B = 1."""
     x = head.inputs(F.embedding(tokens, embed), features)
-    return (x[None] if x.dim() == 2 else x, *head.project(x[None] if x.dim() == 2 else x, positions))
+    x = x[None] if x.dim() == 2 else x
+    return (x, *head.project(x, positions))
 
 
 def top_children(
@@ -464,19 +462,12 @@ class Eagle(Drafter):
         again: the same writes) and grows its tree; each member's proposal is its row's."""
         bank, options, n = self.ws.bank, self.options, self._full_size()
         weights = (self.head, self.embed, self.lm_head, self.d2t)
-        step = self.step
-        try:
-            run = partial(step, *weights, *bank.state(), bank.capacity, options.topk, options.depth, n, True)
-            outputs = captured(bank.graphs, n, run) if bank.keys.device.type == "cuda" else run()
-        except Exception as exc:  # compiling failed: draft eagerly from now on (as `_step`)
-            if step is draft_step:
-                raise
-            self.method.compile_failed = True
-            for d in members:
-                d.step = draft_step
-            log.warning("compiling the batched EAGLE draft step failed, drafting eagerly: %s", type(exc).__name__)
-            run = partial(draft_step, *weights, *bank.state(), bank.capacity, options.topk, options.depth, n, True)
-            outputs = run()
+
+        def run(step: Callable) -> tuple:
+            go = partial(step, *weights, *bank.state(), bank.capacity, options.topk, options.depth, n, True)
+            return captured(bank.graphs, n, go) if bank.keys.device.type == "cuda" else go()
+
+        outputs = self._drafting(members, run)
         tokens, depth, mask, parent = outputs
         proposals = []
         for d in members:
@@ -513,20 +504,29 @@ class Eagle(Drafter):
         if n == 0:
             extend(self.head, self.embed, *ws.state(), ws.capacity)
             return None
-        full = n == min(options.nodes, options.topk * (1 + ws.draft_slots))
-        step = self.step if full else draft_step  # a compiled step per tree size would recompile at every size
+        if n == self._full_size():
+            tokens, depth, mask, parent = self._drafting([self], lambda step: self._grow(step, staged, True, n))
+        else:  # a compiled step per tree size would recompile at every size
+            tokens, depth, mask, parent = self._grow(draft_step, staged, False, n)
+        return tokens, TreeBuffers(parents=None, depth=depth, mask=mask, parent=parent, max_depth=options.depth)
+
+    def _drafting(self, members: list[Eagle], run: Callable[[Callable], tuple]) -> tuple:
+        """`run(step)` with this drafter's step; when compiling it fails (a compiler error, a missing toolchain),
+        every member drafts eagerly from now on, and so does this run."""
+        step = self.step
         try:
-            tokens, depth, mask, parent = self._grow(step, staged, full, n)
-        except Exception as exc:  # compiling failed (a compiler error, a missing toolchain): draft eagerly from now on
+            return run(step)
+        except Exception as exc:
             if step is draft_step:
                 raise
-            self.method.compile_failed, self.step = True, draft_step
+            self.method.compile_failed = True
+            for d in members:
+                d.step = draft_step
             first_line = (str(exc).splitlines() or [""])[0][:200]
             log.warning(
                 "compiling the EAGLE draft step failed, drafting eagerly: %s: %s", type(exc).__name__, first_line
             )
-            tokens, depth, mask, parent = self._grow(draft_step, staged, full, n)
-        return tokens, TreeBuffers(parents=None, depth=depth, mask=mask, parent=parent, max_depth=options.depth)
+            return run(draft_step)
 
     def _grow(self, step: Callable, staged: bool, full: bool, n: int) -> tuple[torch.Tensor, ...]:
         """`step` over the workspace (the step is idempotent: same inputs, same writes): by CUDA graph replay for a
