@@ -1,8 +1,9 @@
 """Where a batched decode step's time goes (not a test): B chat prompts decoded together by `Engine.batch_decoder`,
-one warm-up pass to its end (compiles, captures the graphs), then a second pass whose first `--steps` steps run
-under torch.profiler (after the prompts' prefill). Reports the step's wall ms, the device time by kernel (the top `--top`), the share of the
-step the device was busy, the host's ops and runtime calls by their own CPU time (what the device's idle gaps
-are made of) and, from the same steps run again under cProfile, the Python functions by their own time, for each `--exact` setting asked; `--out DIR` writes profile-batch.json.
+one warm-up pass to its end (compiles, captures the graphs), then a second pass whose first `--steps` decode steps
+(after the prompts' prefill) run under torch.profiler. Reports the step's wall ms (also unprofiled), the device time
+by kernel (the top `--top`), the share of the step the device was busy, the host's ops and runtime calls by their
+own CPU time (what the device's idle gaps are made of) and, from the same steps run again under cProfile, the Python
+functions by their own time, for each `--exact` setting asked; `--out DIR` writes profile-batch.json.
 
     PYTHONUNBUFFERED=1 PYTHONPATH=src python3 scripts/profile_batch.py --model qwen2.5-coder-1.5b-instruct \
         --batch 32 --exact both --out $OUT/profile-batch
