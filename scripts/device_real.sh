@@ -37,6 +37,8 @@
 #            suffix, draft, eagle at batch 8, 32, 64 on 72 chat prompts (each row's steps by kind), the batched profile
 #            (decode steps only), the server under 1, 16, 32 clients and one at a time, the batch policy's choices,
 #            multisample, the exact batched bench
+#   start-m9 2026-12-03: start-m8 without Qwen's EAGLE training (the issue 18 rows, load, policy, profile,
+#            multisample, exact batched bench), after the CUDA-only tests
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log,
 #            and copy what it wrote so far to $OUT, as collect does
 #            (a scripts/gpu_next.sh in the tree of a `wait` call replaces the chain once its log shows NEXT_AT,
@@ -409,9 +411,31 @@ m8_part() {  # the next session: issue 18 with overlapped steps (the step counts
     echo "M8 DONE $(date +%T)"
 }
 
+m9_part() {  # 2026-12-03: issue 18's targets first (batch 1 and 8/32/64 on 72 chat prompts, the server under load and
+    # one at a time), with the coarser flat buckets and the policy's probe backoff; the CUDA-only tests (the batched
+    # EAGLE bank among them) beside nothing; no head is trained (the machine is fresh: eagle is not in the rows)
+    set -e
+    mkdir -p $RES
+    prepare_exact
+    wait
+    exact_tests
+    CHAT_PC=6 bench $Q15 chat q15-batch-1 --methods vanilla $QWEN_BENCH  # batch 1 on the batched rows' 72 prompts
+    CHAT_PC=6 bench $Q15 chat q15-batch $DRAFT --methods vanilla,pld,suffix,draft --batch-sizes 8,32,64 $QWEN_BENCH
+    echo "LOAD $(date +%T)"
+    pd bench --suite chat --per-category 4 --model $Q15 --methods vanilla,pld --concurrency 1,16,32 \
+        --out $RES/q15-load --quiet || echo "load exit $?"
+    pd bench --suite chat --per-category 4 --model $Q15 --methods vanilla --concurrency 32 --server-batch 1 \
+        --out $RES/q15-load-serial --quiet || echo "load exit $?"
+    policy_bench
+    batch_profile
+    samples_bench "" --mode sample --temperature 0.7
+    CHAT_PC=2 bench $Q15 chat q15-batch-exact --methods vanilla,pld --batch-sizes 8,32 --exact $QWEN_BENCH
+    echo "M9 DONE $(date +%T)"
+}
+
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
     export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain batch_part \
-        new_methods_part m2_chain exact_part prepare_exact exact_tests exact_benches exact_probe m3_part m5_part m6_part m7_part m8_part \
+        new_methods_part m2_chain exact_part prepare_exact exact_tests exact_benches exact_probe m3_part m5_part m6_part m7_part m8_part m9_part \
         train_q15_beside_tests suffix_benches pard_benches samples_bench batch_profile runner_wide agentic_turns \
         policy_bench
     snapshot
@@ -438,10 +462,10 @@ stage)
     bash .gpu-chunks/stage.sh
     for c in "$STAGE"/parts/*.[0-9][0-9][0-9]; do [ -f "$STAGE/$(basename "$c").done" ] && rm -f "$c"; done
     ;;
-start|start-new|start-batch|start-m2|start-exact|start-m3|start-m5|start-m6|start-m7|start-m8)
+start|start-new|start-batch|start-m2|start-exact|start-m3|start-m5|start-m6|start-m7|start-m8|start-m9)
     declare -A PART=([start]=chain [start-new]=new_methods_part [start-batch]=batch_part [start-m2]=m2_chain
         [start-exact]=exact_part [start-m3]=m3_part [start-m5]=m5_part
-        [start-m6]=m6_part [start-m7]=m7_part [start-m8]=m8_part)
+        [start-m6]=m6_part [start-m7]=m7_part [start-m8]=m8_part [start-m9]=m9_part)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     launch "${PART[$1]}"
     sleep 20
@@ -456,7 +480,7 @@ wait|collect)  # both copy what the chain has written so far to $OUT: a machine 
             || [ "$SECONDS" -gt "${WAIT:-540}" ]; do sleep 2; done
         if grep -q "${NEXT_AT:-BENCH qwen2.5-coder-1.5b-instruct samples}" $LOG || [ -f $DONE ]; then
             touch "$HOME/next.started"
-            pkill -f "bash -c m7_part"; pkill -f "python3 -m paradec"; sleep 2
+            pkill -f "bash -c m[0-9]_part"; pkill -f "python3 -m paradec"; sleep 2
             rm -f $DONE
             rm -rf "$HOME/paradec-next" && mkdir -p "$HOME/paradec-next" && cp -r src scripts "$HOME/paradec-next/"
             echo "NEXT $(date +%T)" >> $LOG

@@ -346,8 +346,11 @@ def test_policy_turns_speculation_off_when_verification_costs_more():
         policy.observe(inputs, 0.001 * inputs)
     assert not policy.speculate([1.2] * 8, [6.0] * 8)  # τ 1.2 for 7x the inputs: plain decoding wins
     assert policy.speculate([5.0] * 2, [2.0] * 2)  # τ 5 for 3x the inputs: speculation wins
-    off = [policy.speculate([1.2] * 8, [6.0] * 8) for _ in range(2 * policy.probe_every)]
-    assert 0 < sum(off) < len(off)  # off, but probing now and then
+    off = [policy.speculate([1.2] * 8, [6.0] * 8) for _ in range(2 * policy.max_probe_every)]
+    probes = [i for i, on in enumerate(off) if on]  # off, but probing now and then, rarer while it keeps losing
+    gaps = [b - a for a, b in zip([-1, *probes], probes, strict=False)]
+    assert gaps[:5] == [16, 32, 64, 128, 256] and set(gaps[4:]) == {policy.max_probe_every}
+    assert policy.speculate([5.0] * 2, [2.0] * 2) and policy.probe_gap == policy.probe_every  # on again: reset
     cheap = SpeculationPolicy("auto")
     for inputs in range(4, 60, 4):  # a launch-bound forward: the inputs cost nothing
         cheap.observe(inputs, 0.002)

@@ -503,3 +503,21 @@ def test_step_split_gives_each_sequence_its_rows():
         assert torch.equal(rows, out[step.rows(b)]) and rows.data_ptr() == out[step.rows(b)].data_ptr()
     (alone,) = Step.single(pending, proposals[1], "cpu").split(out[:3])
     assert alone is not None and torch.equal(alone, out[:3])
+
+
+@pytest.mark.parametrize("shapes", ["static"], indirect=True)
+def test_flat_bucket_is_a_function_of_the_batch_bucket_and_a_query_bucket(shapes):
+    """A speculative batch's total inputs vary every step: the flat padding must not make one graph key per total.
+    Every total of a batch bucket maps to one of the few query buckets times the padded sequences, holds the
+    inputs, stays under twice the inputs on the bucket's rows, and never passes the largest bucketed step."""
+    from paradec.runners.native.graphs import Q_BUCKETS, StaticRagged, batch_bucket, flat_bucket
+
+    limit = StaticRagged.max_inputs
+    for sequences in (1, 3, 8, 12, 32, 64):
+        padded = batch_bucket(sequences, 256)
+        buckets = set()
+        for n in range(sequences, min(limit, sequences * 17) + 1):
+            nq = flat_bucket(n, padded, limit)
+            assert n <= nq <= limit and (nq == limit or nq < 2 * max(n, padded))
+            buckets.add(nq)
+        assert len(buckets) <= 6 and buckets <= {min(limit, padded * q) for q in Q_BUCKETS}

@@ -28,10 +28,11 @@ Speculation policy (`SpeculationPolicy`): from the measured step times (a step t
 counted: it timed the capture) it fits t(N) = a + b·N (N: the forward's inputs) and keeps each sequence's tokens
 and draft inputs per speculative step (`speculative_rates`); each step it compares the expected tokens per second
 of speculating (Σ τ_b / t(N_spec)) with that of plain decoding (B / t(B)) and turns proposals off for the step when
-plain decoding wins (a large batch on a compute-bound forward), probing speculation again now and then. A step
-that speculates may also cut every proposal to a depth (`SpeculationPolicy.cap`: 8, 4, 2 or 1) when the shallower
-proposals promise more tokens per second: each sequence's acceptance and proposal depth by position, over its
-uncapped speculative steps (`depth_rates`), give the tokens and inputs expected at each depth.
+plain decoding wins (a large batch on a compute-bound forward), probing speculation again now and then (ever more
+rarely while it keeps losing). A step that speculates may also cut every proposal to a depth
+(`SpeculationPolicy.cap`: 8, 4, 2 or 1) when the shallower proposals promise more tokens per second: each
+sequence's acceptance and proposal depth by position, over its uncapped speculative steps (`depth_rates`), give
+the tokens and inputs expected at each depth.
 
 Overlapped steps (`overlap`, default on): a step without any proposal (every sequence vanilla, or speculation off
 for sequences whose drafters may skip `propose` then: `Drafter.idle_skips_propose`, pld and suffix; none needing
@@ -237,7 +238,8 @@ class SpeculationPolicy:
 
     window = 64  # step timings kept for the fit
     min_samples = 8  # speculate always until this many steps were timed
-    probe_every = 16  # while off, speculate one step in this many to refresh the estimates
+    probe_every = 16  # while off, speculate one step in this many to refresh the estimates ...
+    max_probe_every = 256  # ... a gap that doubles with each probe that leaves it off, up to this
     plain_every = 64  # while on and plain steps would overlap, probe them after this many steps untimed
     plain_probe = 3  # steps a plain probe runs (two are needed for one overlapped period)
 
@@ -249,6 +251,7 @@ class SpeculationPolicy:
         # (inputs, seconds) of overlapped plain steps: their period, which hides the host's work behind the device's
         self.plain_samples: deque[tuple[int, float]] = deque(maxlen=self.window // 4)
         self.off_steps = 0
+        self.probe_gap = self.probe_every  # off steps until the next probe
         self.on_steps = 0  # speculative steps since plain steps were last timed
         self._probing = 0  # plain steps still to run in a plain probe
         self.capped_steps = 0
@@ -298,14 +301,19 @@ class SpeculationPolicy:
         if spec is None or plain is None:
             return True
         if sum(taus) / spec >= batch / plain:
-            self.off_steps = 0
+            self.off_steps, self.probe_gap = 0, self.probe_every
             self.on_steps += 1
             if overlap and self.on_steps % self.plain_every == 0:
                 self._probing = self.plain_probe - 1
                 return False
             return True
+        # a probe is a waited-for step (the overlap is lost) and may meet a new graph bucket: where speculation
+        # keeps losing, probes get rarer (the estimates still follow the batch's size and rates every step)
         self.off_steps += 1
-        return self.off_steps % self.probe_every == 0
+        if self.off_steps < self.probe_gap:
+            return False
+        self.off_steps, self.probe_gap = 0, min(2 * self.probe_gap, self.max_probe_every)
+        return True
 
     def observe(self, inputs: int, seconds: float, *, overlapped: bool = False) -> None:
         """A step of `inputs` inputs took `seconds`; `overlapped`: a plain step's period, launched before the step

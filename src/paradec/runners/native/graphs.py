@@ -57,12 +57,13 @@ def batch_bucket(b: int, slots: int) -> int:
     return min(slots, next((x for x in B_BUCKETS if x >= b), b))
 
 
-def flat_bucket(n: int) -> int:
-    """Flat inputs a batched step is padded to: n rounded up to a multiple of 8, coarser as it grows (waste <= 1/8)."""
-    step = 8
-    while step * 8 < n:
-        step *= 2
-    return -(-n // step) * step
+def flat_bucket(n: int, sequences: int, limit: int) -> int:
+    """Flat inputs a batched step of n inputs over `sequences` (padded) sequences is padded to: `sequences` times
+    the query bucket of the mean inputs per sequence, at most `limit` (n <= limit). A function of the padded
+    sequences and one of the few query buckets, so a speculative batch, whose total inputs vary each step, meets a
+    handful of graph keys per batch bucket instead of one per multiple of 8 (waste: under 2x the real inputs on
+    the bucket's rows, cheap while a step is bound by weight reads)."""
+    return min(limit, sequences * query_bucket(min(-(-n // sequences), Q_BUCKETS[-1])))
 
 
 class GraphBank:
@@ -254,7 +255,7 @@ class StaticRagged:
 
     Padding: the B sequences become `batch_bucket(B)` (dummy sequences of 0 inputs: their rows see column 0 only,
     their output is dropped), each sequence's inputs `query_bucket(n_max)` rows of the padded-query layout, and the
-    N flat inputs `flat_bucket(N)`: a padding input embeds a stale token, writes its keys/values to the cache's
+    N flat inputs `flat_bucket(N, Bq)`: a padding input embeds a stale token, writes its keys/values to the cache's
     scratch slot (its last: the runner allocates one more than it hands out) and its query to a spare row; its
     output is dropped. Row-wise work is per row, so the real rows are what the unpadded forward computes, and
     attention is per sequence over its own slot. When the step's slots are consecutive (the scheduler hands out
@@ -302,7 +303,8 @@ class StaticRagged:
         hidden state): views of static buffers, valid until the next call."""
         N, B = tokens.shape[0], len(seqs)
         sizes = [size for _, size, _, _ in seqs]
-        nq, Bq, Nq = query_bucket(max(sizes)), batch_bucket(B, self.scratch), flat_bucket(N)
+        nq, Bq = query_bucket(max(sizes)), batch_bucket(B, self.scratch)
+        Nq = flat_bucket(N, Bq, self.max_inputs)
         kv = kv_bucket(max(lengths[slot] + size for slot, size, _, _ in seqs), self.cache.capacity)
         slot_ids = [slot for slot, _, _, _ in seqs]
         first = slot_ids[0]
