@@ -4,7 +4,11 @@
 # self-chat data, then `paradec bench` on the chat and code-chat suites. Staging, here: `paradec zoo fetch NAME
 # --keep-gguf gguf/` for each model, `scripts/stage_lean.sh on`, `../shared/gpu/chunk.sh gguf/*.gguf`, one `stage`
 # call carrying .whl/ alone (a chunk fills what the checkout leaves: with the wheels beside it the call is refused),
-# one `stage` call per chunk, `scripts/stage_lean.sh off`, then `start`. Run from the repo root:
+# one `stage` call per chunk, `scripts/stage_lean.sh off`, then `start`. An idle machine goes back after 30 s with
+# everything on it: issue those calls in one message, start a chain and wait on it in the same command
+# (`bash scripts/device_real.sh start-m10; WAIT=500 bash scripts/device_real.sh wait`), and issue the next `wait` at
+# once (on 2026-12-03 a chain was lost to a first `wait` that came late; a refused first call left no wheels). Run
+# from the repo root:
 #   stage    append the carried chunks (.gpu-chunks/stage.sh), in order, whatever order they came in (a chunk that
 #            came early waits in $STAGE/parts); installs the carried .whl/ wheels (gguf) once
 #   start    start the chain in the background (it waits for the files it needs) and return
@@ -316,6 +320,13 @@ policy_bench() {  # the policy's choices (never, always, auto without and with d
     python3 "$SNAPSHOT/../scripts/bench_policy.py" --model $Q15 --batch 8 --batch 32 --method pld --method suffix \
         > $RES/policy.log 2>&1 || echo "policy exit $?"
 }
+load_benches() {  # $1: prompts per category; the server under 1, 16 and 32 clients, then one at a time at 32
+    echo "LOAD $(date +%T)"
+    pd bench --suite chat --per-category "$1" --model $Q15 --methods vanilla,pld --concurrency 1,16,32 \
+        --out $RES/q15-load --quiet || echo "load exit $?"
+    pd bench --suite chat --per-category "$1" --model $Q15 --methods vanilla --concurrency 32 --server-batch 1 \
+        --out $RES/q15-load-serial --quiet || echo "load exit $?"
+}
 batch_profile() {
     echo "PROFILE BATCH $(date +%T)"
     python3 "$SNAPSHOT/../scripts/profile_batch.py" --model $Q15 --batch 32 --exact both --out $RES/profile-batch \
@@ -400,11 +411,7 @@ m8_part() {  # the next session: issue 18 with overlapped steps (the step counts
     CHAT_PC=6 bench $Q15 chat q15-batch $DRAFT --methods "$(with_heads $Q15 vanilla,pld,suffix,draft)" \
         --batch-sizes 8,32,64 --warmup 2 $QWEN_BENCH
     batch_profile
-    echo "LOAD $(date +%T)"
-    pd bench --suite chat --per-category 4 --model $Q15 --methods vanilla,pld --concurrency 1,16,32 \
-        --out $RES/q15-load --quiet || echo "load exit $?"
-    pd bench --suite chat --per-category 4 --model $Q15 --methods vanilla --concurrency 32 --server-batch 1 \
-        --out $RES/q15-load-serial --quiet || echo "load exit $?"
+    load_benches 4
     policy_bench
     samples_bench "" --mode sample --temperature 0.7
     CHAT_PC=2 bench $Q15 chat q15-batch-exact --methods vanilla,pld --batch-sizes 8,32 --exact $QWEN_BENCH
@@ -416,16 +423,14 @@ m9_part() {  # 2026-12-03: issue 18's targets first (batch 1 and 8/32/64 on 72 c
     # EAGLE bank among them) beside nothing; no head is trained (the machine is fresh: eagle is not in the rows)
     set -e
     mkdir -p $RES
-    prepare_exact
+    DRAFT="--draft $Q05"
+    convert $Q05 &
+    convert $Q15
     wait
     exact_tests
     CHAT_PC=6 bench $Q15 chat q15-batch-1 --methods vanilla $QWEN_BENCH  # batch 1 on the batched rows' 72 prompts
     CHAT_PC=6 bench $Q15 chat q15-batch $DRAFT --methods vanilla,pld,suffix,draft --batch-sizes 8,32,64 $QWEN_BENCH
-    echo "LOAD $(date +%T)"
-    pd bench --suite chat --per-category 4 --model $Q15 --methods vanilla,pld --concurrency 1,16,32 \
-        --out $RES/q15-load --quiet || echo "load exit $?"
-    pd bench --suite chat --per-category 4 --model $Q15 --methods vanilla --concurrency 32 --server-batch 1 \
-        --out $RES/q15-load-serial --quiet || echo "load exit $?"
+    load_benches 4
     policy_bench
     batch_profile
     samples_bench "" --mode sample --temperature 0.7
@@ -433,11 +438,23 @@ m9_part() {  # 2026-12-03: issue 18's targets first (batch 1 and 8/32/64 on 72 c
     echo "M9 DONE $(date +%T)"
 }
 
+m10_part() {  # 2026-12-03, what ~10 minutes allow (the m9 chain's machine went back before it was collected): issue
+    # 18's rows (batch 1 and 8/32/64 on 72 chat prompts), the server under load and one at a time, then the CUDA tests
+    set -e
+    mkdir -p $RES
+    convert $Q15
+    CHAT_PC=6 bench $Q15 chat q15-batch-1 --methods vanilla $QWEN_BENCH
+    CHAT_PC=6 bench $Q15 chat q15-batch --methods vanilla,pld,suffix --batch-sizes 8,32,64 $QWEN_BENCH
+    load_benches 2
+    exact_tests
+    echo "M10 DONE $(date +%T)"
+}
+
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
     export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain batch_part \
-        new_methods_part m2_chain exact_part prepare_exact exact_tests exact_benches exact_probe m3_part m5_part m6_part m7_part m8_part m9_part \
+        new_methods_part m2_chain exact_part prepare_exact exact_tests exact_benches exact_probe m3_part m5_part m6_part m7_part m8_part m9_part m10_part \
         train_q15_beside_tests suffix_benches pard_benches samples_bench batch_profile runner_wide agentic_turns \
-        policy_bench
+        policy_bench load_benches
     snapshot
     rm -f $DONE
     # its own bash, so that `set -e` ends the part alone
@@ -462,10 +479,10 @@ stage)
     bash .gpu-chunks/stage.sh
     for c in "$STAGE"/parts/*.[0-9][0-9][0-9]; do [ -f "$STAGE/$(basename "$c").done" ] && rm -f "$c"; done
     ;;
-start|start-new|start-batch|start-m2|start-exact|start-m3|start-m5|start-m6|start-m7|start-m8|start-m9)
+start|start-new|start-batch|start-m2|start-exact|start-m3|start-m5|start-m6|start-m7|start-m8|start-m9|start-m10)
     declare -A PART=([start]=chain [start-new]=new_methods_part [start-batch]=batch_part [start-m2]=m2_chain
         [start-exact]=exact_part [start-m3]=m3_part [start-m5]=m5_part
-        [start-m6]=m6_part [start-m7]=m7_part [start-m8]=m8_part [start-m9]=m9_part)
+        [start-m6]=m6_part [start-m7]=m7_part [start-m8]=m8_part [start-m9]=m9_part [start-m10]=m10_part)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     launch "${PART[$1]}"
     sleep 20

@@ -339,6 +339,20 @@ def test_overlapped_plain_steps_are_timed_apart_and_probed_while_speculating():
     assert policy.speculate([3.0] * 8, proposed, overlap=True)  # τ 3: speculation still wins
 
 
+def test_policy_without_timings_speculates_for_a_bounded_number_of_steps():
+    """Steps that meet new graph buckets are not timed: a batch meeting one every step must not speculate on
+    unmeasured for ever. Past `max_unfitted` undecided steps it decodes plainly, probing one step in
+    `probe_every` (no backoff: the fit needs those samples), and decides from the fit once it has them."""
+    policy = SpeculationPolicy("auto")
+    first = [policy.speculate([1.5] * 8, [6.0] * 8) for _ in range(policy.max_unfitted)]
+    assert all(first)
+    later = [policy.speculate([1.5] * 8, [6.0] * 8) for _ in range(4 * policy.probe_every)]
+    assert sum(later) == 4 and all(later[i] for i in range(policy.probe_every - 1, len(later), policy.probe_every))
+    for inputs in range(8, 72, 8):  # the probes got timed: a launch-bound forward, speculation wins
+        policy.observe(inputs, 0.002)
+    assert all(policy.speculate([1.5] * 8, [6.0] * 8) for _ in range(8))
+
+
 def test_policy_turns_speculation_off_when_verification_costs_more():
     policy = SpeculationPolicy("auto")
     assert policy.speculate([3.0] * 4, [5.0] * 4)  # no timings yet: speculate
@@ -387,6 +401,21 @@ def test_proposals_cut_to_a_depth_keep_the_output_and_the_estimates(code_engine,
         # the estimates count the uncapped steps only: a cut step accepts one draft token at most
         assert item.spec_steps < item.decoding.stats.steps / 2
         assert sum(item.spec_accepted) + item.spec_steps == item.spec_tokens
+
+
+@pytest.mark.parametrize("method", ["pld", "draft", "suffix"])
+def test_a_step_stays_within_the_largest_bucketed_step(code_engine, method, monkeypatch):
+    """Where the runner pads steps to graph buckets, a speculative step whose inputs would pass the largest one
+    runs unbucketed (no graph): proposals are cut so that it does not; the outputs stay each sequence's own."""
+    decoder = code_engine.batch_decoder(3, speculate="always")
+    assert decoder.runner.max_bucketed_inputs is None  # unpadded steps (the CPU default): no such bound
+    monkeypatch.setattr(type(decoder.runner), "max_bucketed_inputs", property(lambda self: 9))  # 2 drafts each
+    items = [decoder.submit(code_engine.request(p, method=method, max_new_tokens=NEW)) for p in PROMPTS[:3]]
+    for _ in decoder.run(items):
+        pass
+    for prompt, item in zip(PROMPTS, items, strict=False):
+        assert item.result.token_ids == alone(code_engine, prompt, method).token_ids
+    assert max(decoder.step_inputs) <= 9 and max(decoder.step_inputs) > 3  # cut, not turned off
 
 
 def test_the_policy_cuts_proposals_when_their_tails_cost_more_than_they_give():
@@ -538,7 +567,7 @@ def test_a_step_that_captured_a_graph_is_not_timed(code_engine, monkeypatch):
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(runner, "forward", counting)
-    monkeypatch.setattr(runner, "graphs_captured", property(lambda self: min(steps["n"], 3)))  # the first 3 steps
+    monkeypatch.setattr(runner, "graph_misses", property(lambda self: min(steps["n"], 3)))  # the first 3 steps
     item = decoder.submit(code_engine.request(PROMPTS[0], method="pld", max_new_tokens=20))
     for _ in decoder.run([item]):
         pass

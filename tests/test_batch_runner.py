@@ -521,3 +521,31 @@ def test_flat_bucket_is_a_function_of_the_batch_bucket_and_a_query_bucket(shapes
             assert n <= nq <= limit and (nq == limit or nq < 2 * max(n, padded))
             buckets.add(nq)
         assert len(buckets) <= 6 and buckets <= {min(limit, padded * q) for q in Q_BUCKETS}
+
+
+@pytest.mark.parametrize("shapes", ["static"], indirect=True)
+def test_a_graph_bank_captures_a_key_when_it_is_met_again(shapes, monkeypatch):
+    """`GraphBank(capture_after=2)`: a key's first use runs the step eagerly, its second captures it, later ones
+    replay it; every use that replayed no graph is a miss (the decoder does not time those steps); past max_graphs
+    new keys run eagerly. (The capture itself needs CUDA: stood in for by a graph that runs the step.)"""
+    from paradec.runners.native.graphs import GraphBank
+
+    class Recorded:
+        def __init__(self, step):
+            self.step, self.replays = step, 0
+
+        def replay(self):
+            self.replays += 1
+            self.step()
+
+    monkeypatch.setattr(GraphBank, "_capture", lambda self, step: (step(), Recorded(step))[1])
+    bank = GraphBank(torch.device("cpu"), max_graphs=2, capture_after=2)
+    runs = []
+    for key in ["a", "a", "a", "b", "a", "b", "c", "c", "c"]:
+        bank.replay((key,), lambda key=key: runs.append(key))
+    assert runs == ["a", "a", "a", "a", "b", "a", "b", "b", "c", "c", "c"]  # a capture: a warm-up run, a replay
+    assert set(bank.graphs) == {("a",), ("b",)} and bank.graphs[("a",)].replays == 3  # its capture replays too
+    assert bank.misses == 2 + 2 + 3 and bank.uncaptured == 3  # a: eager, capture; b: the same; c: past max_graphs
+    once = GraphBank(torch.device("cpu"))  # the default: captured on first use
+    once.replay(("x",), lambda: runs.append("x"))
+    assert ("x",) in once.graphs and once.misses == 1

@@ -287,6 +287,7 @@ def test_a_near_tie_is_reported_and_does_not_fail_the_run(engine, tmp_path, caps
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["exactness"]["ok"] is True and data["exactness"]["mismatches"] == []
     assert {(m["method"], m["first_mismatch"]) for m in data["exactness"]["near_ties"]} == {("draft", 1)}
+    assert all(f"on prompt {m['prompt']!r} from" in err for m in data["exactness"]["near_ties"])  # as results.md
     assert data["summary"]["all prompts"]["draft"]["near_ties"] == 2
     md = (tmp_path / "results.md").read_text()
     assert "| 0/2 (2 near-ties) |" in md and "Near-ties:" in md and "MISMATCH" not in md

@@ -24,15 +24,20 @@ head's KV caches) and one step over the bank grows every tree: one head forward 
 graph (`paradec.drafters.eagle.WorkspaceBank`); Medusa's heads run once for all its sequences. Layerskip runs the
 target's own layers through views that serve one sequence, so it is not batched yet (`Drafter.batchable`): a batch refuses it with a clear error.
 
-Speculation policy (`SpeculationPolicy`): from the measured step times (a step that captured a CUDA graph is not
-counted: it timed the capture) it fits t(N) = a + b·N (N: the forward's inputs) and keeps each sequence's tokens
-and draft inputs per speculative step (`speculative_rates`); each step it compares the expected tokens per second
+Speculation policy (`SpeculationPolicy`): from the measured step times (a step that met a new CUDA graph bucket is
+not counted: it timed an eager first use or a capture) it fits t(N) = a + b·N (N: the forward's inputs) and keeps
+each sequence's tokens and draft inputs per speculative step (`speculative_rates`); each step it compares the expected tokens per second
 of speculating (Σ τ_b / t(N_spec)) with that of plain decoding (B / t(B)) and turns proposals off for the step when
 plain decoding wins (a large batch on a compute-bound forward), probing speculation again now and then (ever more
 rarely while it keeps losing). A step that speculates may also cut every proposal to a depth
 (`SpeculationPolicy.cap`: 8, 4, 2 or 1) when the shallower proposals promise more tokens per second: each
 sequence's acceptance and proposal depth by position, over its uncapped speculative steps (`depth_rates`), give
-the tokens and inputs expected at each depth.
+the tokens and inputs expected at each depth. Until the fit has its samples it speculates, for at most
+`max_unfitted` steps. Whatever the policy says, a step's proposals are cut so that its inputs fit the runner's
+largest bucketed step (`_within_budget`: 512 inputs, 7 draft tokens per sequence at batch 64), since a larger one
+runs without a graph; the estimates take such steps for what speculation yields at that batch size. (A cap bounds
+the draft tokens a path may use: the inputs of chains and of suffix's trees; EAGLE, Medusa, lookahead and
+multisample trees keep the node counts of their own options.)
 
 Overlapped steps (`overlap`, default on): a step without any proposal (every sequence vanilla, or speculation off
 for sequences whose drafters may skip `propose` then: `Drafter.idle_skips_propose`, pld and suffix; none needing
@@ -116,7 +121,7 @@ class StepCounts:
     plain: int = 0  # steps without proposals launched ahead of their landing (`_launch_plain`)
     overlapped: int = 0  # of those, steps launched while an earlier one was still to land
     drained: int = 0  # steps in flight landed first because the next step had proposals
-    captured: int = 0  # steps during which a CUDA graph was captured (their time is the capture's)
+    captured: int = 0  # steps that replayed no CUDA graph: a bucket's first use (eager) or its capture (untimed)
     capture_seconds: float = 0.0  # the time of those steps
 
 
@@ -237,7 +242,8 @@ class SpeculationPolicy:
     """Per step: speculate or not, from measured step costs (see the module docstring)."""
 
     window = 64  # step timings kept for the fit
-    min_samples = 8  # speculate always until this many steps were timed
+    min_samples = 8  # speculate until this many steps were timed ...
+    max_unfitted = 32  # ... for at most this many steps (then plain, with probes, until they are)
     probe_every = 16  # while off, speculate one step in this many to refresh the estimates ...
     max_probe_every = 256  # ... a gap that doubles with each probe that leaves it off, up to this
     plain_every = 64  # while on and plain steps would overlap, probe them after this many steps untimed
@@ -251,6 +257,7 @@ class SpeculationPolicy:
         # (inputs, seconds) of overlapped plain steps: their period, which hides the host's work behind the device's
         self.plain_samples: deque[tuple[int, float]] = deque(maxlen=self.window // 4)
         self.off_steps = 0
+        self.unfitted = 0  # steps decided before the fit had its samples
         self.probe_gap = self.probe_every  # off steps until the next probe
         self.on_steps = 0  # speculative steps since plain steps were last timed
         self._probing = 0  # plain steps still to run in a plain probe
@@ -299,7 +306,11 @@ class SpeculationPolicy:
         batch = len(taus)
         spec, plain = self.cost(batch + round(sum(proposed))), self.plain_cost(batch)
         if spec is None or plain is None:
-            return True
+            # no fit yet: speculate, to time speculative steps; steps that meet new graph buckets are not timed,
+            # so a batch whose every step meets one would speculate on unmeasured: past `max_unfitted` such
+            # steps, plain decoding until probes have timed enough
+            self.unfitted += 1
+            return self.unfitted <= self.max_unfitted or self._off(backoff=False)
         if sum(taus) / spec >= batch / plain:
             self.off_steps, self.probe_gap = 0, self.probe_every
             self.on_steps += 1
@@ -307,12 +318,17 @@ class SpeculationPolicy:
                 self._probing = self.plain_probe - 1
                 return False
             return True
-        # a probe is a waited-for step (the overlap is lost) and may meet a new graph bucket: where speculation
-        # keeps losing, probes get rarer (the estimates still follow the batch's size and rates every step)
+        return self._off()
+
+    def _off(self, backoff: bool = True) -> bool:
+        """A step off, unless it is time for a probe. A probe is a waited-for step (the overlap is lost) and may meet
+        a new graph bucket: while speculation keeps losing (`backoff`), probes get rarer (the estimates still
+        follow the batch's size and rates every step); while the fit lacks samples, one in `probe_every`."""
         self.off_steps += 1
         if self.off_steps < self.probe_gap:
             return False
-        self.off_steps, self.probe_gap = 0, min(2 * self.probe_gap, self.max_probe_every)
+        self.off_steps = 0
+        self.probe_gap = min(2 * self.probe_gap, self.max_probe_every) if backoff else self.probe_every
         return True
 
     def observe(self, inputs: int, seconds: float, *, overlapped: bool = False) -> None:
@@ -619,7 +635,7 @@ class BatchDecoder:
         taus, proposed = speculative_rates(items)
         speculating = self.policy.speculate(taus, proposed, overlap=self._plain(items, speculating=False))
         cap = self.policy.cap(taus, proposed, depth_rates(items)) if speculating else 0
-        captured = self.runner.graphs_captured
+        misses = self.runner.graph_misses
         inflight, self._inflight = self._inflight, None
         touched: list[BatchItem] = []
         counts = self.counts
@@ -633,7 +649,7 @@ class BatchDecoder:
             if inflight is not None:
                 touched += self._land(inflight)
             # one step's period: this one's launch to the last one's landing
-            if self._timed(captured, started) and inflight is not None:
+            if self._timed(misses, started) and inflight is not None:
                 self.policy.observe(inflight.step.size, time.perf_counter() - started, overlapped=True)
             return touched
         proposing = speculating and any(it.decoding.drafter.drafts for it in items)
@@ -645,7 +661,7 @@ class BatchDecoder:
             items = [it for it in items if not it.done]
             if not items:
                 return touched
-            started, captured = time.perf_counter(), self.runner.graphs_captured
+            started, misses = time.perf_counter(), self.runner.graph_misses
         # one forward per kind of hidden state the drafters need: those that need none join any group
         groups: dict[object, list[BatchItem]] = {}
         for it in items:
@@ -656,7 +672,7 @@ class BatchDecoder:
         inputs, stepped, emitted = 0, 0, 0
         for needs, group in groups.items():
             try:
-                proposals = _propose(group, cap)
+                proposals = _propose(group, self._within_budget(cap, len(group)))
                 step = Step([it.decoding.inputs(it.slot, proposal=p) for it, p in zip(group, proposals, strict=True)])
                 out = self.runner.forward(step, logits="all", hidden=needs)
                 verdicts = self._verify(step, group, out.logits)
@@ -680,14 +696,26 @@ class BatchDecoder:
         self._count(len(items), inputs, emitted)
         if cap and stepped:  # a cut step: what the drafters proposed under it
             self.policy.observe_cut(cap, (inputs - stepped) / stepped)
-        if self._timed(captured, started):  # a step that captured a graph timed the capture, not the step
+        if self._timed(misses, started):  # a step that met a new graph bucket timed that, not the step
             self.policy.observe(inputs, time.perf_counter() - started)
         return touched
 
-    def _timed(self, captured: int, started: float) -> bool:
-        """Whether the step begun at `started` (with `captured` graphs then) captured none, so that its time is a
-        step's; one that did is counted in `counts` instead."""
-        if self.runner.graphs_captured == captured:
+    def _within_budget(self, cap: int | None, sequences: int) -> int | None:
+        """`cap` lowered so that a step of `sequences` stays within the runner's largest bucketed step
+        (`max_bucketed_inputs`): a larger one would run unbucketed, without a graph, at several times a step's cost.
+        The cap bounds the draft tokens of a path, so the inputs of chain drafters and suffix; the other tree
+        drafters keep the node counts of their options."""
+        budget = self.runner.max_bucketed_inputs
+        if budget is None:
+            return cap
+        share = max(0, (budget - sequences) // sequences)
+        return share if cap is None else min(cap, share)
+
+    def _timed(self, misses: int, started: float) -> bool:
+        """Whether the step begun at `started` (with `misses` graph misses then) replayed graphs only (or ran
+        unbucketed), so that its time is a step's; one that met a new bucket (run eagerly the first time, captured
+        the second: `GraphBank.capture_after`) is counted in `counts` instead."""
+        if self.runner.graph_misses == misses:
             return True
         self.counts.captured += 1
         self.counts.capture_seconds += time.perf_counter() - started

@@ -422,7 +422,8 @@ def run_bench(engine, prompts: list, plan, meta: dict, out: Path, *, quiet: bool
     for record in bench.near_ties():
         print(
             f"paradec bench: near-tie (rounding, not a failure): {record.method} differs from vanilla on prompt "
-            f"{record.prompt_ids[0]!r} from new token {record.first_mismatch}: {record.ruling['text']}",
+            f"{record.mismatch_prompt or record.prompt_ids[0]!r} from new token {record.first_mismatch}: "
+            f"{record.ruling['text']}",
             file=sys.stderr,
         )
     if bench.not_compared:

@@ -303,10 +303,10 @@ def _batch_steps_lines(records: list[dict]) -> list[str]:
         "",
         "Decode steps of the timed batched runs by kind: speculative (the policy let the drafters propose; capped: cut "
         "to a depth), without proposals (launched before the step in flight landed: overlapped), drained (a step in "
-        "flight landed early because the next one had proposals), and those that captured a CUDA graph (their time "
-        "is the capture's, inside the row's wall time).",
+        "flight landed early because the next one had proposals), and those that met a new CUDA graph bucket (its "
+        "first use runs eagerly, its second captures it; their seconds are inside the row's wall time).",
         "",
-        "| row | steps | speculative | capped | without proposals | overlapped | drained | captured (s) |",
+        "| row | steps | speculative | capped | without proposals | overlapped | drained | new bucket (s) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, c in rows.items():

@@ -226,8 +226,19 @@ class BatchedNativeRunner:
 
     @property
     def graphs_captured(self) -> int:
-        """CUDA graphs of batched steps captured so far (one per bucket of `StaticRagged` that was used)."""
+        """CUDA graphs of batched steps captured so far (one per bucket of `StaticRagged` met twice)."""
         return 0 if self._static is None or self._static.bank is None else len(self._static.bank.graphs)
+
+    @property
+    def max_bucketed_inputs(self) -> int | None:
+        """Inputs of the largest step that runs on the static buckets (larger ones run unbucketed, without a
+        CUDA graph); None without static shapes (every step runs unbucketed)."""
+        return None if self._static is None else self._static.max_inputs
+
+    @property
+    def graph_misses(self) -> int:
+        """Batched steps so far that replayed no CUDA graph: a bucket's first use (run eagerly) or its capture."""
+        return 0 if self._static is None or self._static.bank is None else self._static.bank.misses
 
     @property
     def cache_bytes(self) -> int:
