@@ -119,6 +119,43 @@ def test_two_ranks_emit_what_one_process_emits(exact_dirs, tmp_path, arch):
     assert not torch.equal(whole.target.model.embed.weight, whole.target.model.lm_head.weight)
 
 
+BATCH_METHODS = (("vanilla", None), ("pld", None), ("suffix", None), ("draft", {"k": 3}))
+
+
+def _batch_rank(rank: int, world: int, init: str, target: str, draft: str, out: str) -> None:
+    """Batched decoding on one rank, the speculation policy deciding (`auto`). Rank 1's policy is made to refuse
+    speculation whatever it measures: only rank 0's choice, agreed on every step, keeps the ranks in step."""
+    from paradec.batch import SpeculationPolicy
+
+    torch.set_num_threads(1)
+    tp.init(rank, world, init, timeout_s=120)
+    try:
+        if rank == 1:
+            SpeculationPolicy.speculate = lambda self, *args, **kwargs: False
+        engine = paradec.load(target, draft, runner="native", device="cpu", tensor_parallel=True)
+        outputs = {}
+        for method, options in BATCH_METHODS:
+            batch = engine.generate_batch(PROMPTS * 2, method=method, options=options, max_new_tokens=24, max_batch=3)
+            outputs[method] = [r.token_ids for r in batch]
+        torch.save(outputs, f"{out}/batch{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_decode_a_batch_as_one_process_with_the_policy_agreed(exact_dirs, tmp_path):
+    """Continuous batching on a sharded target: every rank runs the batch decoder (SPMD); the policy's choice,
+    which each rank would take from its own timings, is rank 0's everywhere (`TensorParallel.agree`)."""
+    target, draft = (str(p) for p in exact_dirs["qwen2"])
+    mp.spawn(_batch_rank, args=(2, f"file://{tmp_path}/init", target, draft, str(tmp_path)), nprocs=2, join=True)
+    whole = paradec.load(target, draft, runner="native", device="cpu")
+    expected = {
+        method: [whole.generate(p, method=method, options=options, max_new_tokens=24).token_ids for p in PROMPTS * 2]
+        for method, options in BATCH_METHODS
+    }
+    for rank in range(2):
+        assert torch.load(tmp_path / f"batch{rank}.pt") == expected, rank
+
+
 @pytest.fixture(scope="module")
 def tied_odd_dir(tmp_path_factory, tokenizer_dir, vocab_size):
     """A tied Llama whose vocabulary (the tokenizer's + 1 row) two ranks do not split: 193 rows each, one padded."""
@@ -209,7 +246,7 @@ def test_bench_runs_on_two_ranks_and_rank_0_writes(exact_dirs, tmp_path, capsys)
     )
     common = ["bench", "--model", str(exact_dirs["qwen2"][0]), "--runner", "native", "--device", "cpu"]
     common += ["--prompts", str(prompts), "--methods", "pld,lookahead", "--max-new-tokens", "12", "--warmup", "0"]
-    common += ["--peers", "none", "--quiet"]
+    common += ["--batch-sizes", "1,2", "--peers", "none", "--quiet"]  # (batched rows: the policy agreed per step)
     records = {}
     for world in (1, 2):
         out = tmp_path / f"out{world}"
@@ -221,16 +258,14 @@ def test_bench_runs_on_two_ranks_and_rank_0_writes(exact_dirs, tmp_path, capsys)
         assert run.stderr.count("paradec bench: results in") == 1  # rank 0's line only
         data = json.loads((out / "results.json").read_text())
         assert data["complete"] and data["exactness"]["ok"] and f"--tensor-parallel {world}" in data["meta"]["command"]
-        records[world] = {(r["method"], r["prompt_ids"][0]): r["token_ids"] for r in data["records"]}
-    assert records[2] == records[1] and len(records[1]) == 3 * len(PROMPTS)
+        records[world] = {(r["method"], r["batch_size"], *r["prompt_ids"]): r["token_ids"] for r in data["records"]}
+    assert records[2] == records[1] and len([k for k in records[1] if k[1] == 1]) == 3 * len(PROMPTS)
+    assert {k[1] for k in records[1]} == {1, 2}
     written = sorted(p.name for p in tmp_path.iterdir())
     assert written == ["out1", "out2", "prompts.jsonl"]  # nothing else where the ranks ran (rank 1's: a temp dir)
-    for extra, message in (
-        (["--peers", "hf"], "pass --peers none"),
-        (["--batch-sizes", "1,2"], "batch size 1 only"),
-    ):  # (--concurrency with --tensor-parallel drives a server on N ranks: test_the_load_bench_starts_...)
-        assert main([*common[:-3], "--quiet", *extra, "--tensor-parallel", "2"]) == 2
-        assert message in capsys.readouterr().err
+    # (--concurrency with --tensor-parallel drives a server on N ranks: test_the_load_bench_starts_...)
+    assert main([*common[:-3], "--quiet", "--peers", "hf", "--tensor-parallel", "2"]) == 2
+    assert "pass --peers none" in capsys.readouterr().err
 
 
 def _post(url: str, body: dict, *, stream: bool = False):
@@ -278,16 +313,48 @@ def test_the_server_on_two_ranks_answers_as_one_process_and_survives_a_disconnec
     assert server.proc.returncode == 0, (tmp_path / "server.log").read_text()[-2000:]
 
 
-def test_serving_on_two_ranks_refuses_a_batch(capsys):
-    from paradec.cli import main
+def test_the_batched_server_on_two_ranks_answers_as_one_process_and_cancels_on_both(exact_dirs, tmp_path):
+    """`paradec serve --tensor-parallel 2 --max-batch 3`: continuous batching on both ranks, rank 0 broadcasting
+    each step's joins and cancellations. Concurrent greedy answers (pld and suffix, n = 2 among them) equal one
+    process's; a streamed request whose client leaves is cancelled on both ranks at one step boundary (its slot
+    freed), and the requests after it still find the ranks in step; SIGTERM ends both."""
+    import json
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
 
-    assert main(["serve", "--device", "cpu", "--tensor-parallel", "2", "--max-batch", "4"]) == 2
-    assert "--tensor-parallel serves one request at a time" in capsys.readouterr().err
+    from paradec.bench.load import Server
+
+    model = str(exact_dirs["qwen2"][0])
+    engine = paradec.load(model, device="cpu", runner="native")
+    prompts = [*PROMPTS, "import os\n", "x = [1, 2, 3]\nfor"]
+    expected = {m: [engine.generate(p, method=m, max_new_tokens=16).text for p in prompts] for m in ("pld", "suffix")}
+    args = ["--model", model, "--device", "cpu", "--runner", "native", "--method", "pld", "--tensor-parallel", "2"]
+    server = Server([*args, "--max-batch", "3"], tmp_path / "server.log")
+    try:
+        with urllib.request.urlopen(server.url + "/v1/models", timeout=60) as response:
+            name = json.loads(response.read())["data"][0]["id"]
+        ask = {"model": name, "max_tokens": 16, "temperature": 0}
+        jobs = [("pld", p) for p in prompts] + [("suffix", p) for p in prompts]
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda job: _post(server.url, {**ask, "prompt": job[1], "method": job[0]}), jobs))
+        assert [a["choices"][0]["text"] for a in answers] == expected["pld"] + expected["suffix"]
+        stream = _post(server.url, {**ask, "prompt": PROMPTS[0], "max_tokens": 200}, stream=True)
+        stream.readline()
+        stream.close()  # the client leaves: cancelled on both ranks
+        two = _post(server.url, {**ask, "prompt": PROMPTS[1], "n": 2})
+        assert [c["text"] for c in two["choices"]] == [expected["pld"][1]] * 2
+        with urllib.request.urlopen(server.url + "/metrics", timeout=60) as response:
+            metrics = response.read().decode()
+        assert 'paradec_generations_total{method="pld",outcome="disconnect"} 1.0' in metrics
+        assert "paradec_batch_size_count" in metrics  # the batched scheduler served them
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0, (tmp_path / "server.log").read_text()[-2000:]
 
 
 def test_the_load_bench_starts_a_server_on_two_ranks(exact_dirs, tmp_path, capsys):
     """`bench --concurrency N --tensor-parallel 2`: the bench process drives a server it starts with
-    `--tensor-parallel 2` (one request at a time), and every answer equals the one-client answer."""
+    `--tensor-parallel 2 --max-batch N` (batching on both ranks), and every answer equals the one-client answer."""
     import json
 
     from paradec.cli import main
@@ -300,6 +367,6 @@ def test_the_load_bench_starts_a_server_on_two_ranks(exact_dirs, tmp_path, capsy
     assert main([*args, "--tensor-parallel", "2", "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
     data = json.loads((out / "load.json").read_text())
     assert all(r["errors"] == 0 and r["equal"] == r["compared"] == r["requests"] for r in data["rounds"])
-    assert "batch 1, tensor parallel 2)" in data["meta"]["server"]
+    assert "batch 2, tensor parallel 2)" in data["meta"]["server"]
     assert main([*args, "--tensor-parallel", "2", "--url", "http://127.0.0.1:9", "--out", str(out)]) == 2
     assert "--tensor-parallel with --url" in capsys.readouterr().err

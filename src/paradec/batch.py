@@ -50,6 +50,10 @@ in the next one: its extra token is never emitted and its slot is freed (a stale
 that reaches max_new_tokens is not launched again. A step with proposals needs the verdicts first: it lands the step
 in flight, then runs as before.
 
+Tensor parallelism: on a sharded target (`paradec.runners.native.tp`) every rank runs the same decoder over the same
+requests (SPMD); the one choice a rank would make on its own, the policy's (from its own timings), is rank 0's on
+every rank (`TensorParallel.agree`, over a host group: one small broadcast per decode step).
+
 Samples of one request (`Request.n` > 1, `submit_samples`): n sequences of the batch, sample i seeded seed + i, in one
 `SampleGroup`. A sample's drafter may read its siblings' tokens, and nothing else of them, through its resources:
 `_SeqResources.siblings()` gives a `Siblings`, whose `others()` are read-only `TokenView`s of the other samples'
@@ -635,6 +639,10 @@ class BatchDecoder:
         taus, proposed = speculative_rates(items)
         speculating = self.policy.speculate(taus, proposed, overlap=self._plain(items, speculating=False))
         cap = self.policy.cap(taus, proposed, depth_rates(items)) if speculating else 0
+        tp = self.runner.model.tp
+        if tp is not None:  # the ranks of a sharded target take rank 0's choice (each times its own steps)
+            on, depth = tp.agree([int(speculating), -1 if cap is None else cap])
+            speculating, cap = bool(on), None if depth < 0 else depth
         misses = self.runner.graph_misses
         inflight, self._inflight = self._inflight, None
         touched: list[BatchItem] = []

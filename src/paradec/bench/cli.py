@@ -132,9 +132,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         metavar="N",
         help="shard the target over N ranks as `paradec generate --tensor-parallel` does (spawned, or joined under "
-        "torchrun): every rank runs the same bench, rank 0 prints and writes the results; the method table at "
-        "batch size 1 only, no --peers; with --concurrency the started server runs the ranks (`paradec serve "
-        "--tensor-parallel N`, one request at a time) (default: 1, one process)",
+        "torchrun): every rank runs the same bench, rank 0 prints and writes the results; no --peers; with "
+        "--concurrency the started server runs the ranks (`paradec serve "
+        "--tensor-parallel N --max-batch B`) (default: 1, one process)",
     )
     bench.set_defaults(func=cmd_bench)
 
@@ -244,8 +244,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return _bench(args)
     if parse_peers(args.peers if args.peers is not None else suite.peers if suite else None):
         raise ParadecError("--tensor-parallel benchmarks paradec's methods only: pass --peers none")
-    if batch_sizes(args.batch_sizes) != (1,):
-        raise ParadecError("--tensor-parallel runs batch size 1 only (--batch-sizes 1)")
     return tp.run_ranks(world, _bench, args)  # each rank runs _bench; rank 0 writes
 
 
@@ -365,11 +363,8 @@ def _load_mode(args, prompts, methods, model, draft, max_new_tokens: int, source
         requests = max(len(prompts), 2 * max(concurrency))
         batch = max(concurrency) if args.server_batch is None else args.server_batch
         _positive("--server-batch", batch)
-        if world > 1:  # the server shards the target; it serves one request at a time
-            if args.server_batch not in (None, 1):
-                raise ParadecError(f"--tensor-parallel {world} serves one request at a time: --server-batch 1")
+        if world > 1:  # the server shards the target (and batches on every rank: `paradec.server.tp`)
             serve += ["--tensor-parallel", str(world)]
-            batch = 1
         serve += ["--max-batch", str(batch), "--max-queue", str(requests + 1), "--timeout", "3600"]
         args.out.mkdir(parents=True, exist_ok=True)
         server = load.Server(serve, args.out / "server.log")

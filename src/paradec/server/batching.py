@@ -189,7 +189,7 @@ class BatchWorker:
             solo = self._take()
             if solo is not None:
                 try:
-                    report = run_alone(solo, self._exiting)
+                    report = self._run_solo(solo)
                 finally:
                     with self._lock:
                         self._solo = None
@@ -199,10 +199,19 @@ class BatchWorker:
                 self._step()
                 continue
             with self._lock:
-                while not self._waiting and not self._exiting:
-                    self._lock.wait()
+                if not self._waiting and not self._exiting:
+                    self._idle()
                 if self._exiting and not self._waiting and not self._batch:
                     return
+
+    def _run_solo(self, handle: Handle) -> JobReport:
+        """A job that does not batch, run with the batch drained."""
+        return run_alone(handle, self._exiting)
+
+    def _idle(self) -> None:
+        """Nothing to do (called under the lock): wait for a job or for the end."""
+        while not self._waiting and not self._exiting:
+            self._lock.wait()
 
     def _take(self) -> Handle | None:
         """Move waiting jobs into the decoder while it has room, dropping those cancelled while they waited; the

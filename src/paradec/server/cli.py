@@ -59,8 +59,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=1,
         metavar="N",
         help="shard the target over N ranks as `paradec generate --tensor-parallel` does (spawned, or joined under "
-        "torchrun): rank 0 serves HTTP and broadcasts each request to the others, which decode it with it; one "
-        "request at a time (--max-batch 1), and a cancelled request still finishes on every rank (default 1)",
+        "torchrun): rank 0 serves HTTP; one request at a time by default (each broadcast to the others, which "
+        "decode it with it; a cancelled one still finishes on every rank), or with --max-batch N > 1 continuous "
+        "batching on every rank, rank 0 broadcasting each step's joins and cancellations (default 1)",
     )
     serve.add_argument(
         "--speculate",
@@ -133,12 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.tensor_parallel != 1:
         from paradec.runners.native import tp
 
-        if args.max_batch not in (None, 1):
-            raise ParadecError(
-                f"--tensor-parallel serves one request at a time (no batched runner over a sharded model yet): "
-                f"--max-batch must be 1, got {args.max_batch}"
-            )
-        args.max_batch = 1
+        if args.max_batch is None:  # one request at a time unless asked (`paradec.server.tp`)
+            args.max_batch = 1
         return tp.run_ranks(args.tensor_parallel, _serve, args)  # each rank runs _serve
     return _serve(args)
 
@@ -172,9 +169,15 @@ def _serve(args: argparse.Namespace) -> int:
 
         from paradec.server import tp
 
-        if dist.get_rank() != 0:
+        if config.max_batch > 1:  # every rank's own decoder; rank 0's scheduler mirrors its calls to the others
+            decoder = engine.batch_decoder(config.max_batch, speculate=config.speculate)
+            if dist.get_rank() != 0:
+                return tp.follow(engine, decoder)
+            scheduler = tp.TensorParallelBatchWorker(tp.MirroredDecoder(decoder), max_queue=config.max_queue)
+        elif dist.get_rank() != 0:
             return tp.follow(engine)
-        scheduler = tp.TensorParallelWorker(max_queue=config.max_queue)
+        else:
+            scheduler = tp.TensorParallelWorker(max_queue=config.max_queue)
     app = create_app(engine, config, scheduler)
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]

@@ -55,6 +55,16 @@ class TensorParallel:
         dist.all_reduce(x, group=self.group)
         return x
 
+    def agree(self, values: list[int]) -> list[int]:
+        """Rank 0's `values` on every rank: host decisions the ranks must share although each would take its own
+        (a batch's speculation policy decides from timings, which differ between ranks). Over a gloo group on the
+        host (`init` makes one beside an NCCL group), so nothing waits for the device and a step in flight keeps
+        running; a collective: every rank calls it at the same point."""
+        box = torch.tensor(values, dtype=torch.long)
+        src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
+        dist.broadcast(box, src=src, group=_HOST_GROUPS.get(self.group, self.group))
+        return box.tolist()
+
     def gather_rows(self, x: torch.Tensor, size: int) -> torch.Tensor:
         """Every rank's `x` [n, ...] stacked rank by rank along dim 0, the first `size` rows kept: [size, ...]."""
         parts = x.new_empty((self.world * x.shape[0], *x.shape[1:]))
@@ -81,6 +91,11 @@ class TensorParallel:
         return TensorParallel(dist.get_rank(group), dist.get_world_size(group), group)
 
 
+# per device group (None: the default one), a gloo group of the same ranks for host values (`TensorParallel.agree`);
+# absent where the group is gloo already
+_HOST_GROUPS: dict = {}
+
+
 def _all_gather(out: torch.Tensor, x: torch.Tensor, group) -> None:
     """`out` [W * n, ...] = the ranks' `x` [n, ...] concatenated (NCCL and gloo alike; one tensor, no list)."""
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the new name (torch 2.13)
@@ -103,6 +118,8 @@ def init(
             f"tensor parallel: rank {rank} of {world} could not join the group at {init_method!r} within "
             f"{timeout_s:g} s ({type(exc).__name__}: {exc})"
         ) from exc
+    if backend != "gloo":  # host values travel apart from the device's collectives (every rank makes it, in order)
+        _HOST_GROUPS[None] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return TensorParallel(rank, world)
 
 
@@ -236,3 +253,4 @@ def _as_rank(rank: int, world: int, init_method: str, fn, args, timeout_s: float
         return int(fn(args) or 0)
     finally:
         dist.destroy_process_group()
+        _HOST_GROUPS.clear()
