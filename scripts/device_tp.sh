@@ -7,8 +7,8 @@
 #   WAIT=540 bash scripts/device_real.sh wait   (its results come back as results.tar, with chain.log)
 # The chain: convert the 1.5B; write a random-weight 8B-shape checkpoint with its tokenizer
 # (scripts/make_random_checkpoint.py); for each model `paradec bench` with and without --tensor-parallel 2 (vanilla,
-# pld, lookahead, suffix, greedy, exactness against that run's vanilla), then the server (one request at a time) on
-# one and on two ranks under load.
+# pld, lookahead, suffix, greedy, exactness against that run's vanilla; the 1.5B also at batch 8, the policy agreed
+# from rank 0), then the server on one and on two ranks under load, one request at a time and batching.
 set -uo pipefail
 SNAPSHOT=$HOME/paradec/src
 export PYTHONUNBUFFERED=1 PYTHONPATH="$HOME/site:$SNAPSHOT"
@@ -28,15 +28,20 @@ tp_chain() {
         name=$(basename $model)
         for world in 1 2; do
             echo "BENCH $name tp$world $(date +%T)"
+            sizes=1
+            [ "$model" = "$Q15" ] && sizes=1,8
             $pd bench --model $model --runner native --suite chat --per-category 1 --max-new-tokens 128 \
-                --methods $methods --peers none --tensor-parallel $world --out $RES/$name-tp$world --quiet \
-                || echo "bench exit $?"
+                --methods $methods --peers none --tensor-parallel $world --batch-sizes $sizes \
+                --out $RES/$name-tp$world --quiet || echo "bench exit $?"
         done
     done
     echo "LOAD $(date +%T)"
-    for world in 1 2; do  # the server the load bench starts takes --tensor-parallel (one request at a time)
-        $pd bench --model $Q15 --suite chat --per-category 2 --methods vanilla,pld --concurrency 1,8 \
-            --server-batch 1 --tensor-parallel $world --out $RES/q15-load-tp$world --quiet || echo "load exit $?"
+    for world in 1 2; do  # the server the load bench starts takes --tensor-parallel; one at a time, then batching
+        for batch in 1 8; do
+            $pd bench --model $Q15 --suite chat --per-category 2 --methods vanilla,pld --concurrency 1,8 \
+                --server-batch $batch --tensor-parallel $world --out $RES/q15-load-tp$world-b$batch --quiet \
+                || echo "load exit $?"
+        done
     done
     echo "DONE $(date +%T)"
 }

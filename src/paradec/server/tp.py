@@ -33,6 +33,7 @@ import queue
 import torch.distributed as dist
 
 from paradec.errors import ParadecError
+from paradec.runners.native.tp import host_group
 from paradec.server.batching import BatchWorker
 from paradec.server.worker import EngineWorker, Handle, emit_report, run_alone
 
@@ -43,9 +44,10 @@ IDLE, STOP = "idle", "stop"  # the broadcasts that are not requests
 
 
 def broadcast(message=None):
-    """Rank 0's `message` on every rank (a collective: all ranks call it together)."""
+    """Rank 0's `message` on every rank (a collective: all ranks call it together), over the host group (gloo
+    beside NCCL: a batched server sends one per step, which must not wait for the device)."""
     box = [message]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=host_group())
     return box[0]
 
 

@@ -62,7 +62,7 @@ class TensorParallel:
         running; a collective: every rank calls it at the same point."""
         box = torch.tensor(values, dtype=torch.long)
         src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
-        dist.broadcast(box, src=src, group=_HOST_GROUPS.get(self.group, self.group))
+        dist.broadcast(box, src=src, group=host_group(self.group))
         return box.tolist()
 
     def gather_rows(self, x: torch.Tensor, size: int) -> torch.Tensor:
@@ -94,6 +94,12 @@ class TensorParallel:
 # per device group (None: the default one), a gloo group of the same ranks for host values (`TensorParallel.agree`);
 # absent where the group is gloo already
 _HOST_GROUPS: dict = {}
+
+
+def host_group(group=None):
+    """The group to send host values over among `group`'s ranks (None: the default group): a gloo group of the same
+    ranks beside an NCCL one, else `group` itself."""
+    return _HOST_GROUPS.get(group, group)
 
 
 def _all_gather(out: torch.Tensor, x: torch.Tensor, group) -> None:
