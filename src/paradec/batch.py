@@ -26,8 +26,8 @@ target's own layers through views that serve one sequence, so it is not batched 
 
 Speculation policy (`SpeculationPolicy`): from the measured step times (a step that met a new CUDA graph bucket is
 not counted: it timed an eager first use or a capture) it fits t(N) = a + b·N (N: the forward's inputs) and keeps
-each sequence's tokens and draft inputs per speculative step (`speculative_rates`); each step it compares the expected tokens per second
-of speculating (Σ τ_b / t(N_spec)) with that of plain decoding (B / t(B)) and turns proposals off for the step when
+each sequence's tokens and draft inputs per speculative step (`speculative_rates`); each step it compares the
+expected tokens per second of speculating (Σ τ_b / t(N_spec)) with that of plain decoding (B / t(B)) and turns proposals off for the step when
 plain decoding wins (a large batch on a compute-bound forward), probing speculation again now and then (ever more
 rarely while it keeps losing). A step that speculates may also cut every proposal to a depth
 (`SpeculationPolicy.cap`: 8, 4, 2 or 1) when the shallower proposals promise more tokens per second: each
@@ -51,8 +51,8 @@ that reaches max_new_tokens is not launched again. A step with proposals needs t
 in flight, then runs as before.
 
 Tensor parallelism: on a sharded target (`paradec.runners.native.tp`) every rank runs the same decoder over the same
-requests (SPMD); the one choice a rank would make on its own, the policy's (from its own timings), is rank 0's on
-every rank (`TensorParallel.agree`, over a host group: one small broadcast per decode step).
+requests (SPMD); the one choice a rank would make on its own, the policy's (from its own timings), is made on rank 0
+and taken by every rank (`TensorParallel.agree`, over a host group: one small broadcast per decode step).
 
 Samples of one request (`Request.n` > 1, `submit_samples`): n sequences of the batch, sample i seeded seed + i, in one
 `SampleGroup`. A sample's drafter may read its siblings' tokens, and nothing else of them, through its resources:
@@ -636,13 +636,14 @@ class BatchDecoder:
 
     def _decode(self, items: list[BatchItem]) -> list[BatchItem]:
         started = time.perf_counter()
-        taus, proposed = speculative_rates(items)
-        speculating = self.policy.speculate(taus, proposed, overlap=self._plain(items, speculating=False))
-        cap = self.policy.cap(taus, proposed, depth_rates(items)) if speculating else 0
         tp = self.runner.model.tp
-        if tp is not None:  # the ranks of a sharded target take rank 0's choice (each times its own steps)
-            on, depth = tp.agree([int(speculating), -1 if cap is None else cap])
-            speculating, cap = bool(on), None if depth < 0 else depth
+        speculating, cap = False, 0
+        if tp is None or tp.rank == 0:  # a sharded target's ranks take rank 0's choice (each times its own steps)
+            taus, proposed = speculative_rates(items)
+            speculating = self.policy.speculate(taus, proposed, overlap=self._plain(items, speculating=False))
+            cap = self.policy.cap(taus, proposed, depth_rates(items)) if speculating else 0
+        if tp is not None:
+            speculating, cap = tp.agree((speculating, cap))
         misses = self.runner.graph_misses
         inflight, self._inflight = self._inflight, None
         touched: list[BatchItem] = []

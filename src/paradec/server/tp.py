@@ -30,10 +30,8 @@ import dataclasses
 import logging
 import queue
 
-import torch.distributed as dist
-
 from paradec.errors import ParadecError
-from paradec.runners.native.tp import host_group
+from paradec.runners.native.tp import broadcast_host as broadcast  # rank 0's message on every rank
 from paradec.server.batching import BatchWorker
 from paradec.server.worker import EngineWorker, Handle, emit_report, run_alone
 
@@ -41,14 +39,6 @@ log = logging.getLogger("paradec.server")
 
 HEARTBEAT_S = 20.0  # idle rank 0 broadcasts this often (the group's collective timeout is minutes)
 IDLE, STOP = "idle", "stop"  # the broadcasts that are not requests
-
-
-def broadcast(message=None):
-    """Rank 0's `message` on every rank (a collective: all ranks call it together), over the host group (gloo
-    beside NCCL: a batched server sends one per step, which must not wait for the device)."""
-    box = [message]
-    dist.broadcast_object_list(box, src=0, group=host_group())
-    return box[0]
 
 
 def decode(engine, request) -> None:

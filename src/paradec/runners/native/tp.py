@@ -55,15 +55,10 @@ class TensorParallel:
         dist.all_reduce(x, group=self.group)
         return x
 
-    def agree(self, values: list[int]) -> list[int]:
-        """Rank 0's `values` on every rank: host decisions the ranks must share although each would take its own
-        (a batch's speculation policy decides from timings, which differ between ranks). Over a gloo group on the
-        host (`init` makes one beside an NCCL group), so nothing waits for the device and a step in flight keeps
-        running; a collective: every rank calls it at the same point."""
-        box = torch.tensor(values, dtype=torch.long)
-        src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
-        dist.broadcast(box, src=src, group=host_group(self.group))
-        return box.tolist()
+    def agree(self, value):
+        """Rank 0's `value` on every rank: a host decision the ranks must share although each would take its own
+        (a batch's speculation policy decides from timings, which differ between ranks); `broadcast_host`."""
+        return broadcast_host(value, self.group)
 
     def gather_rows(self, x: torch.Tensor, size: int) -> torch.Tensor:
         """Every rank's `x` [n, ...] stacked rank by rank along dim 0, the first `size` rows kept: [size, ...]."""
@@ -91,15 +86,19 @@ class TensorParallel:
         return TensorParallel(dist.get_rank(group), dist.get_world_size(group), group)
 
 
-# per device group (None: the default one), a gloo group of the same ranks for host values (`TensorParallel.agree`);
-# absent where the group is gloo already
-_HOST_GROUPS: dict = {}
+_HOST_GROUP = None  # beside an NCCL default group, a gloo group of the same ranks for host values (`init`)
 
 
-def host_group(group=None):
-    """The group to send host values over among `group`'s ranks (None: the default group): a gloo group of the same
-    ranks beside an NCCL one, else `group` itself."""
-    return _HOST_GROUPS.get(group, group)
+def broadcast_host(message=None, group=None):
+    """Rank 0's (of `group`; None: the default group) picklable `message` on every rank: a collective, every rank
+    calls it at the same point. Over the gloo group `init` makes beside an NCCL one, so nothing waits for the
+    device and a step in flight keeps running."""
+    box = [message]
+    if group is None:
+        dist.broadcast_object_list(box, src=0, group=_HOST_GROUP)
+    else:
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
 
 
 def _all_gather(out: torch.Tensor, x: torch.Tensor, group) -> None:
@@ -125,7 +124,8 @@ def init(
             f"{timeout_s:g} s ({type(exc).__name__}: {exc})"
         ) from exc
     if backend != "gloo":  # host values travel apart from the device's collectives (every rank makes it, in order)
-        _HOST_GROUPS[None] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+        global _HOST_GROUP
+        _HOST_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return TensorParallel(rank, world)
 
 
@@ -259,4 +259,3 @@ def _as_rank(rank: int, world: int, init_method: str, fn, args, timeout_s: float
         return int(fn(args) or 0)
     finally:
         dist.destroy_process_group()
-        _HOST_GROUPS.clear()
