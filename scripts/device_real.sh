@@ -6,43 +6,20 @@
 # call carrying .whl/ alone (a chunk fills what the checkout leaves: with the wheels beside it the call is refused),
 # one `stage` call per chunk, `scripts/stage_lean.sh off`, then `start`. An idle machine goes back after 30 s with
 # everything on it: issue those calls in one message, start a chain and wait on it in the same command
-# (`bash scripts/device_real.sh start-m10; WAIT=500 bash scripts/device_real.sh wait`), and issue the next `wait` at
-# once (on 2026-12-03 a chain was lost to a first `wait` that came late; a refused first call left no wheels). Run
+# (`bash scripts/device_real.sh start-m11; WAIT=500 bash scripts/device_real.sh wait`), and issue the next `wait` at
+# once (on 2026-12-03 a chain was lost to a first `wait` that came late; a refused first call left no wheels). Send the
+# first call (.whl/ and `start-m11`) alone and the chunks only once it answered: a refused call costs 15 s of device
+# time, and 24 calls sent behind a refused first one cost 526 s (2026-12-03). Run
 # from the repo root:
 #   stage    append the carried chunks (.gpu-chunks/stage.sh), in order, whatever order they came in (a chunk that
 #            came early waits in $STAGE/parts); installs the carried .whl/ wheels (gguf) once
 #   start    start the chain in the background (it waits for the files it needs) and return
-#   start-new  start the new methods' chain instead (the Qwen pair only: `suffix` on the agentic and chat suites,
-#            `pard` trained from the 0.5B, on code-chat and chat)
-#   start-batch  start the batching chain instead (the Qwen pair only: batched bench at 1..64, the server under load
-#            from 1, 16 and 32 clients, and the one-at-a-time server at 32; the .whl/ folder must carry fastapi,
-#            uvicorn, pydantic and their dependencies for the server: pip download --only-binary=:all:
-#            --python-version 3.12 --platform manylinux2014_x86_64 -d .whl fastapi uvicorn pydantic)
-#   start-m2 start-batch's chain, then start-new's, in one background chain (the CUDA-only tests beside them)
-#   start-exact  start the exact-mode chain instead (issue 17), most wanted first: tests/test_exact_cuda.py, the
-#            batched bench at 1, 8, 32 (issue 18), `paradec bench --exact` on both targets and both suites
-#            (vanilla, pld, draft for the 1.5B; vanilla, pld, lookahead, eagle, medusa for SmolLM2),
-#            scripts/bench_runner.py with and without the exact kernels on the SmolLM2, Qwen-1.5B and 8B shapes,
-#            the exact batched bench, suffix on the agentic and chat suites (issue 19), scripts/probe_exact.py
-#   start-m3 start issue 19's chain, then start-exact's benches: PARD trained from the 0.5B beside the CUDA tests;
-#            suffix on the agentic and chat suites; multisample at n = 8 (suite `samples`, temperature 0.7);
-#            pard and draft (the stock 0.5B) on code-chat; start-exact's benches; pard and draft on chat; the probe
-#   start-m5 the third 2026-12-02 session (bench/results/m5-h200-2026-12-02): Qwen's EAGLE and PARD trained beside
-#            the CUDA tests; suffix on agentic and chat; multisample at n = 8; pard vs draft on code-chat; every
-#            method exact on both targets' chat; multisample exact; pard on chat; the batched profile, the runner
-#   start-m6 the next session: PARD (parallel layout) and EAGLE trained beside the CUDA tests; suffix with the
-#            replayed defaults, first turns and every turn of agentic; pard vs draft on code-chat; Qwen's EAGLE on code-chat and at temperature 1;
-#            multisample; the batched profile and bench at 1, 8, 32; the batch policy's depth cuts
-#            (scripts/bench_policy.py); the runner; pard vs draft on chat
-#   start-m7 the fourth 2026-12-02 session: PARD trained alone; the batched step's host profile at 32; suffix on
-#            agentic (first turns and every turn) and chat; pard vs draft on code-chat; multisample; the batched bench
-#            at 1, 8, 32; the batch policy's depth cuts; the CUDA-only tests; pard vs draft on chat
-#   start-m8 the next session: Qwen's EAGLE trained beside the CUDA-only tests; vanilla alone and vanilla, pld,
-#            suffix, draft, eagle at batch 8, 32, 64 on 72 chat prompts (each row's steps by kind), the batched profile
-#            (decode steps only), the server under 1, 16, 32 clients and one at a time, the batch policy's choices,
-#            multisample, the exact batched bench
-#   start-m9 2026-12-03: start-m8 without Qwen's EAGLE training (the issue 18 rows, load, policy, profile,
-#            multisample, exact batched bench), after the CUDA-only tests
+#   start-m11  start this session's chain instead (2026-12-03, second session; the 1.5B only): the CUDA-only tests
+#            while the 1.5B is staged (start it with the call that carries .whl/), then issue 18's rows (vanilla,
+#            pld, suffix at batch 1, 8, 32 and 64 on 72 chat prompts, in one run), pld's batched steps profiled at
+#            batch 8, the server under 1, 16 and 32 clients and one at a time, multisample (issue 19), and the
+#            runner's rooflines with one step's kernels (issue 17). The chains of earlier sessions are in git
+#            (each results folder's NOTES.md names the commit and the part)
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log,
 #            and copy what it wrote so far to $OUT, as collect does
 #            (a scripts/gpu_next.sh in the tree of a `wait` call replaces the chain once its log shows NEXT_AT,
@@ -177,148 +154,20 @@ bench_part() {  # every bench alone on the GPU, in the order the results matter
     echo "BENCHES DONE $(date +%T)"
 }
 chain() { (tests &) ; train_part && bench_part && echo "DONE $(date +%T)"; }
-m2_chain() { (tests &) ; batch_part; new_methods_part && echo "DONE $(date +%T)"; }
-
-new_methods_part() {  # suffix on the agentic suite, and PARD (adapted 0.5B) against the 0.5B draft, on the Qwen pair
-    set -e
-    mkdir -p $RES
-    local small large pard=$HOME/.cache/paradec/models/$Q15/heads/pard
-    convert $Q05 & small=$!
-    convert $Q15 & large=$!
-    wait $small
-    wait $large
-    [ -f $pard/config.json ] || train $Q15 pard $QWEN_TRAIN
-    CODE_PC=8 bench $Q15 agentic q15-agentic --draft $Q05 --methods vanilla,pld,suffix $QWEN_BENCH
-    bench $Q15 chat q15-chat-suffix --draft $Q05 --methods vanilla,pld,suffix $QWEN_BENCH
-    for suite in code-chat chat; do
-        bench $Q15 $suite q15-$suite-pard --draft $pard --methods vanilla,pard $QWEN_BENCH
-    done
-    tar cf $RES/pard.tar --exclude='*.safetensors' -C "$HOME/.cache/paradec/models/$Q15/heads" pard || true
-}
-
-batch_part() {  # batched decoding and the batched server on the Qwen pair (needs only the Qwen files)
-    set -e
-    mkdir -p $RES
-    local small large
-    convert $Q05 & small=$!
-    convert $Q15 & large=$!
-    wait $small
-    wait $large
-    echo "BATCH TESTS $(date +%T)"
-    (cd "$SNAPSHOT/.." && python3 -m pytest -q -o addopts="" -p no:cacheprovider tests/test_batch.py tests/test_batch_runner.py \
-        > $RES/batch-tests.log 2>&1) || echo "batch tests exit $?"
-    tail -n 1 $RES/batch-tests.log
-    CHAT_PC=2 bench $Q15 chat q15-batch-small --draft $Q05 --methods "$BATCH_METHODS" --batch-sizes 1,4,8 $QWEN_BENCH
-    CHAT_PC=8 bench $Q15 chat q15-batch-large --draft $Q05 --methods vanilla,pld,draft --batch-sizes 16,32,64 \
-        --warmup 0 $QWEN_BENCH
-    echo "LOAD $(date +%T)"
-    pd bench --suite chat --per-category 4 --model $Q15 --draft $Q05 --methods vanilla,pld --concurrency 1,16,32 \
-        --out $RES/q15-load --quiet || echo "load exit $?"
-    pd bench --suite chat --per-category 4 --model $Q15 --draft $Q05 --methods vanilla --concurrency 32 \
-        --server-batch 1 --out $RES/q15-load-serial --quiet || echo "load exit $?"
-}
-
-exact_part() {  # issue 17's exactness and cost, issue 18's batched graphs, issue 19's suffix: the most wanted first
-    set -e
-    mkdir -p $RES
-    prepare_exact
-    exact_tests
-    wait
-    exact_benches
-    CODE_PC=2 bench $Q15 agentic q15-agentic $DRAFT --methods vanilla,pld,suffix $QWEN_BENCH
-    bench $Q15 chat q15-chat-suffix --methods vanilla,suffix $QWEN_BENCH
-    exact_probe
-}
-
-prepare_exact() {  # the three models converted (the 1.5B in the background: `wait` for it); DRAFT, METHODS set
-    DRAFT="--draft $Q05" METHODS=vanilla,pld,draft SMOL_METHODS=vanilla,pld,lookahead,eagle,medusa
-    if [ -f "$STAGE/$Q05.gguf.ok" ]; then convert $Q05; else DRAFT="" METHODS=vanilla,pld; echo "no $Q05: no draft"; fi
-    convert $Q15 &
-    convert $SMOL
-}
-
-exact_tests() {
+# the pieces of the session chains
+exact_tests() {  # the CUDA-only tests but the slowest three (~5 min of graph captures: EXACT_TESTS=all runs them)
+    local skip=(-k "not every_method_equals and not (batched_graphs_equal and qwen2)")
+    [ "${EXACT_TESTS:-}" = all ] && skip=()
     echo "CUDA TESTS $(date +%T)"
-    (cd "$SNAPSHOT/.." && python3 -m pytest -q -o addopts="" -p no:cacheprovider -p no:logging --durations=15 \
-        tests/test_exact_cuda.py tests/test_eagle_cuda.py \
+    (cd "$SNAPSHOT/.." && python3 -m pytest -q -o addopts="" -p no:cacheprovider -p no:logging --durations=10 \
+        tests/test_exact_cuda.py tests/test_eagle_cuda.py tests/test_draft_chain.py "${skip[@]}" \
         > $RES/exact-tests.log 2>&1) || echo "exact tests exit $?"
     tail -n 3 $RES/exact-tests.log
-}
-
-exact_benches() {  # after prepare_exact
-    CHAT_PC=2 bench $Q15 chat q15-batch $DRAFT --methods vanilla,pld --batch-sizes 1,8,32 $QWEN_BENCH
-    bench $SMOL chat smol-chat--exact --methods $SMOL_METHODS --exact $SMOL_BENCH
-    bench $Q15 chat q15-chat--exact $DRAFT --methods $METHODS --exact $QWEN_BENCH
-    echo "RUNNER $(date +%T)"
-    (cd "$SNAPSHOT/.." && python3 scripts/bench_runner.py --shapes smol,q15,8b --hf "" \
-        --native graphs+compile,graphs+compile+exact,graphs+exact,graphs+exact-unfused --out $RES/runner > $RES/runner.log 2>&1) \
-        || echo "runner exit $?"
-    tail -n 12 $RES/runner.log
-    bench $SMOL code-chat smol-code-chat--exact --methods $SMOL_METHODS --exact $SMOL_BENCH
-    bench $Q15 code-chat q15-code-chat--exact $DRAFT --methods $METHODS --exact $QWEN_BENCH
-    CHAT_PC=2 bench $Q15 chat q15-batch-exact $DRAFT --methods vanilla,pld --batch-sizes 8,32 --exact $QWEN_BENCH
-}
-
-exact_probe() {
-    (cd "$SNAPSHOT/.." && python3 scripts/probe_exact.py --out $RES/probe > $RES/probe.log 2>&1) || echo "probe exit $?"
-}
-
-m3_part() {  # issue 19's three methods first (PARD trained beside the CUDA tests), then exact_part's benches
-    set -e
-    mkdir -p $RES
-    local pard=$HOME/.cache/paradec/models/$Q15/heads/pard
-    prepare_exact
-    wait
-    (train $Q15 pard $QWEN_TRAIN; tar cf $RES/pard.tar --exclude='*.safetensors' -C "$(dirname $pard)" pard || true) &
-    exact_tests
-    wait
-    CODE_PC=2 bench $Q15 agentic q15-agentic $DRAFT --methods vanilla,pld,suffix $QWEN_BENCH
-    bench $Q15 chat q15-chat-suffix --methods vanilla,pld,suffix $QWEN_BENCH
-    bench $Q15 samples q15-samples --per-category 2 --samples 8 --mode sample --temperature 0.7 \
-        --methods vanilla,multisample $QWEN_BENCH
-    if [ -f $pard/config.json ]; then
-        bench $Q15 code-chat q15-code-chat-pard --draft $pard --methods vanilla,pard $QWEN_BENCH
-        bench $Q15 code-chat q15-code-chat-draft $DRAFT --methods vanilla,draft $QWEN_BENCH
-    fi
-    exact_benches
-    if [ -f $pard/config.json ]; then
-        bench $Q15 chat q15-chat-pard --draft $pard --methods vanilla,pard $QWEN_BENCH
-        bench $Q15 chat q15-chat-draft $DRAFT --methods vanilla,draft $QWEN_BENCH
-    fi
-    exact_probe
-}
-
-# the pieces of the chains below
-train_q15_beside_tests() {  # $@: the kinds to train for the 1.5B, all at once, beside the CUDA tests
-    local kind
-    for kind in "$@"; do train $Q15 $kind $QWEN_TRAIN & done
-    exact_tests
-    wait
-    tar cf $RES/q15-cards.tar --exclude=data-cache --exclude='*.safetensors' -C "$HOME/.cache/paradec/models" \
-        $Q15/heads || true
-}
-suffix_benches() {  # suffix against pld: the agentic suite (its target) and chat (never below 0.95x)
-    CODE_PC=2 bench $Q15 agentic q15-agentic $DRAFT --methods vanilla,pld,suffix $QWEN_BENCH
-    bench $Q15 chat q15-chat-suffix --methods vanilla,pld,suffix $QWEN_BENCH
-}
-pard_benches() {  # $1: suite; pard (the trained one) and draft (the stock 0.5B), each against vanilla
-    local pard=$HOME/.cache/paradec/models/$Q15/heads/pard
-    [ -f $pard/config.json ] || return 0
-    bench $Q15 $1 q15-$1-pard --draft $pard --methods vanilla,pard $QWEN_BENCH
-    bench $Q15 $1 q15-$1-draft $DRAFT --methods vanilla,draft $QWEN_BENCH
 }
 samples_bench() {  # $1: name suffix, then options: multisample at n = 8 against n = 8 vanilla
     local name=$1
     shift
     bench $Q15 samples q15-samples$name --per-category 2 --samples 8 --methods vanilla,multisample "$@" $QWEN_BENCH
-}
-agentic_turns() {  # every turn: the later turns rewrite the code or data after the method's own answer (suffix's)
-    CODE_PC=2 bench $Q15 agentic q15-agentic-turns --turns all --methods vanilla,pld,suffix $QWEN_BENCH
-}
-policy_bench() {  # the policy's choices (never, always, auto without and with depth cuts) inside batches of 8 and 32
-    echo "POLICY $(date +%T)"
-    python3 "$SNAPSHOT/../scripts/bench_policy.py" --model $Q15 --batch 8 --batch 32 --method pld --method suffix \
-        > $RES/policy.log 2>&1 || echo "policy exit $?"
 }
 load_benches() {  # $1: prompts per category; the server under 1, 16 and 32 clients, then one at a time at 32
     echo "LOAD $(date +%T)"
@@ -327,134 +176,35 @@ load_benches() {  # $1: prompts per category; the server under 1, 16 and 32 clie
     pd bench --suite chat --per-category "$1" --model $Q15 --methods vanilla --concurrency 32 --server-batch 1 \
         --out $RES/q15-load-serial --quiet || echo "load exit $?"
 }
-batch_profile() {
-    echo "PROFILE BATCH $(date +%T)"
-    python3 "$SNAPSHOT/../scripts/profile_batch.py" --model $Q15 --batch 32 --exact both --out $RES/profile-batch \
-        > $RES/profile-batch.log 2>&1 || echo "profile exit $?"
+batch_profile() {  # $1: batch size, $2: method, $3: --exact on|off|both
+    echo "PROFILE BATCH $* $(date +%T)"
+    python3 "$SNAPSHOT/../scripts/profile_batch.py" --model $Q15 --batch "$1" --method "$2" --exact "$3" \
+        --out $RES/profile-batch-$2-$1 > $RES/profile-batch-$2-$1.log 2>&1 || echo "profile exit $?"
 }
-runner_wide() {  # the 128-row programs above M = 64 (matmul.WIDE_ROWS) against the fastest paths
+runner_profile() {  # issue 17: the rooflines of the fastest and the exact paths, and one decode step's kernels
     echo "RUNNER $(date +%T)"
-    (cd "$SNAPSHOT/.." && python3 scripts/bench_runner.py --shapes smol,q15,8b --hf "" \
-        --native graphs+compile,graphs+compile+exact,graphs+compile+exact-wide --out $RES/runner > $RES/runner.log 2>&1) \
+    (cd "$SNAPSHOT/.." && python3 scripts/bench_runner.py --shapes smol,q15,8b --hf "" --profile \
+        --native graphs+compile,graphs+compile+exact --out $RES/runner > $RES/runner.log 2>&1) \
         || echo "runner exit $?"
 }
 
-m5_part() {  # 2026-12-02, third session: issue 19's first valid numbers, Qwen's EAGLE (16), every method exact (17)
+m11_part() {  # 2026-12-03, second session: see the usage above
     set -e
     mkdir -p $RES
-    local every=vanilla,pld,lookahead,jacobi,layerskip,suffix
-    prepare_exact
+    convert $Q15 &  # waits for the staged file
+    exact_tests  # while the 1.5B is staged and converted
     wait
-    train_q15_beside_tests eagle pard  # no Medusa for Qwen (it lost on SmolLM2)
-    suffix_benches
-    samples_bench "" --mode sample --temperature 0.7
-    pard_benches code-chat
-    bench $Q15 chat q15-chat--exact-every $DRAFT --methods "$(with_heads $Q15 $every,draft)" --exact $QWEN_BENCH
-    bench $SMOL chat smol-chat--exact-every --methods "$every,eagle,medusa" --exact $SMOL_BENCH
-    samples_bench --exact --exact
-    pard_benches chat
-    batch_profile
-    runner_wide
-    echo "M5 DONE $(date +%T)"
-}
-
-m6_part() {  # the next session: what the third 2026-12-02 session changed on the CPU, then what it did not reach
-    set -e
-    mkdir -p $RES
-    prepare_exact
-    wait
-    train_q15_beside_tests pard eagle  # PARD's parallel layout and lr first; EAGLE again for code-chat
-    suffix_benches  # the replayed defaults (min_match=1, match_factor=4), timed
-    agentic_turns
-    pard_benches code-chat
-    bench $Q15 code-chat q15-code-chat-eagle --methods "$(with_heads $Q15 vanilla,pld)" $QWEN_BENCH
-    bench $Q15 chat q15-chat-eagle-sample --mode sample --temperature 1 --methods "$(with_heads $Q15 vanilla)" \
-        $QWEN_BENCH
-    samples_bench "" --mode sample --temperature 0.7
-    batch_profile
-    CHAT_PC=2 bench $Q15 chat q15-batch $DRAFT --methods vanilla,pld --batch-sizes 1,8,32 $QWEN_BENCH
-    policy_bench
-    runner_wide
-    pard_benches chat
-    echo "M6 DONE $(date +%T)"
-}
-
-m7_part() {  # 2026-12-02, fourth session: the batched step's host profile first, then the last session's CPU changes
-    set -e
-    mkdir -p $RES
-    prepare_exact
-    wait
-    train $Q15 pard $QWEN_TRAIN  # alone: the parallel layout, its agreement check and lr 5e-5, timed
-    tar cf $RES/q15-cards.tar --exclude=data-cache --exclude='*.safetensors' -C "$HOME/.cache/paradec/models" \
-        $Q15/heads || true
-    batch_profile
-    suffix_benches  # the replayed defaults (min_match=1, match_factor=4), timed
-    agentic_turns
-    pard_benches code-chat
-    samples_bench "" --mode sample --temperature 0.7
-    CHAT_PC=2 bench $Q15 chat q15-batch $DRAFT --methods vanilla,pld --batch-sizes 1,8,32 $QWEN_BENCH
-    policy_bench
-    exact_tests
-    pard_benches chat
-    echo "M7 DONE $(date +%T)"
-}
-
-m8_part() {  # the next session: issue 18 with overlapped steps (the step counts of every batched row, the policy's
-    # plain probes), the server under load, then what the fourth 2026-12-02 session did not reach
-    set -e
-    mkdir -p $RES
-    prepare_exact
-    wait
-    train_q15_beside_tests eagle  # Qwen's EAGLE-3 head for the batched EAGLE step, beside the CUDA-only tests
-    CHAT_PC=6 bench $Q15 chat q15-batch-1 --methods vanilla $QWEN_BENCH  # batch 1 on the batched rows' 72 prompts
-    # two warm-up passes: a policy that decides from timings meets other graph buckets in each pass
-    CHAT_PC=6 bench $Q15 chat q15-batch $DRAFT --methods "$(with_heads $Q15 vanilla,pld,suffix,draft)" \
-        --batch-sizes 8,32,64 --warmup 2 $QWEN_BENCH
-    batch_profile
-    load_benches 4
-    policy_bench
-    samples_bench "" --mode sample --temperature 0.7
-    CHAT_PC=2 bench $Q15 chat q15-batch-exact --methods vanilla,pld --batch-sizes 8,32 --exact $QWEN_BENCH
-    echo "M8 DONE $(date +%T)"
-}
-
-m9_part() {  # 2026-12-03: issue 18's targets first (batch 1 and 8/32/64 on 72 chat prompts, the server under load and
-    # one at a time), with the coarser flat buckets and the policy's probe backoff; the CUDA-only tests (the batched
-    # EAGLE bank among them) beside nothing; no head is trained (the machine is fresh: eagle is not in the rows)
-    set -e
-    mkdir -p $RES
-    DRAFT="--draft $Q05"
-    convert $Q05 &
-    convert $Q15
-    wait
-    exact_tests
-    CHAT_PC=6 bench $Q15 chat q15-batch-1 --methods vanilla $QWEN_BENCH  # batch 1 on the batched rows' 72 prompts
-    CHAT_PC=6 bench $Q15 chat q15-batch $DRAFT --methods vanilla,pld,suffix,draft --batch-sizes 8,32,64 $QWEN_BENCH
-    load_benches 4
-    policy_bench
-    batch_profile
-    samples_bench "" --mode sample --temperature 0.7
-    CHAT_PC=2 bench $Q15 chat q15-batch-exact --methods vanilla,pld --batch-sizes 8,32 --exact $QWEN_BENCH
-    echo "M9 DONE $(date +%T)"
-}
-
-m10_part() {  # 2026-12-03, what ~10 minutes allow (the m9 chain's machine went back before it was collected): issue
-    # 18's rows (batch 1 and 8/32/64 on 72 chat prompts), the server under load and one at a time, then the CUDA tests
-    set -e
-    mkdir -p $RES
-    convert $Q15
-    CHAT_PC=6 bench $Q15 chat q15-batch-1 --methods vanilla $QWEN_BENCH
-    CHAT_PC=6 bench $Q15 chat q15-batch --methods vanilla,pld,suffix --batch-sizes 8,32,64 $QWEN_BENCH
+    CHAT_PC=6 bench $Q15 chat q15-batch --methods vanilla,pld,suffix --batch-sizes 1,8,32,64 $QWEN_BENCH
+    batch_profile 8 pld off
     load_benches 2
-    exact_tests
-    echo "M10 DONE $(date +%T)"
+    samples_bench "" --mode sample --temperature 0.7
+    runner_profile
+    echo "M11 DONE $(date +%T)"
 }
 
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
-    export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain batch_part \
-        new_methods_part m2_chain exact_part prepare_exact exact_tests exact_benches exact_probe m3_part m5_part m6_part m7_part m8_part m9_part m10_part \
-        train_q15_beside_tests suffix_benches pard_benches samples_bench batch_profile runner_wide agentic_turns \
-        policy_bench load_benches
+    export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain \
+        exact_tests samples_bench load_benches batch_profile runner_profile m11_part
     snapshot
     rm -f $DONE
     # its own bash, so that `set -e` ends the part alone
@@ -479,10 +229,8 @@ stage)
     bash .gpu-chunks/stage.sh
     for c in "$STAGE"/parts/*.[0-9][0-9][0-9]; do [ -f "$STAGE/$(basename "$c").done" ] && rm -f "$c"; done
     ;;
-start|start-new|start-batch|start-m2|start-exact|start-m3|start-m5|start-m6|start-m7|start-m8|start-m9|start-m10)
-    declare -A PART=([start]=chain [start-new]=new_methods_part [start-batch]=batch_part [start-m2]=m2_chain
-        [start-exact]=exact_part [start-m3]=m3_part [start-m5]=m5_part
-        [start-m6]=m6_part [start-m7]=m7_part [start-m8]=m8_part [start-m9]=m9_part [start-m10]=m10_part)
+start|start-m11)
+    declare -A PART=([start]=chain [start-m11]=m11_part)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     launch "${PART[$1]}"
     sleep 20
@@ -497,7 +245,7 @@ wait|collect)  # both copy what the chain has written so far to $OUT: a machine 
             || [ "$SECONDS" -gt "${WAIT:-540}" ]; do sleep 2; done
         if grep -q "${NEXT_AT:-BENCH qwen2.5-coder-1.5b-instruct samples}" $LOG || [ -f $DONE ]; then
             touch "$HOME/next.started"
-            pkill -f "bash -c m[0-9]_part"; pkill -f "python3 -m paradec"; sleep 2
+            pkill -f "bash -c m[0-9]*_part"; pkill -f "python3 -m paradec"; sleep 2
             rm -f $DONE
             rm -rf "$HOME/paradec-next" && mkdir -p "$HOME/paradec-next" && cp -r src scripts "$HOME/paradec-next/"
             echo "NEXT $(date +%T)" >> $LOG
@@ -517,7 +265,7 @@ bench)
     tail -n 3 $LOG
     ;;
 *)
-    echo "usage: $0 stage|start|start-new|start-batch|start-m2|start-exact|start-m3|start-m5|start-m6|start-m7|start-m8|wait|collect|bench" >&2
+    echo "usage: $0 stage|start|start-m11|wait|collect|bench" >&2
     exit 2
     ;;
 esac

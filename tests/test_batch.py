@@ -63,7 +63,9 @@ def static_engine():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(BatchedNativeRunner, "__init__", static_init)
         engine = paradec.load(code_model_dir(), code_draft_dir(), runner="native", dtype="float32")
-        engine.generate_batch(PROMPTS[:1], method="draft", max_new_tokens=2)  # makes both batched runners
+        # makes both batched runners, with the slots of every test here (a later call asking for more slots would
+        # make a new runner outside this patch: unpadded)
+        engine.generate_batch(PROMPTS[:1], method="draft", max_new_tokens=2, max_batch=2 * len(PROMPTS))
     assert engine._batched.static_shapes and engine._batched_draft.static_shapes
     return engine
 
@@ -71,8 +73,58 @@ def static_engine():
 @pytest.mark.parametrize("method", ["vanilla", "pld", "draft", "eagle", "lookahead"])
 def test_bucketed_steps_equal_each_sequence_alone(static_engine, code_engine, method):
     results = static_engine.generate_batch(PROMPTS, method=method, max_new_tokens=NEW)
+    assert static_engine._batched._static is not None  # the padded runner of the fixture did the steps
     for prompt, result in zip(PROMPTS, results, strict=True):
         assert result.token_ids == alone(code_engine, prompt, method).token_ids, (method, prompt)
+
+
+def test_a_bucket_reads_its_slots_as_a_view_from_slot_0_only(static_engine, code_engine):
+    """Continuous batching, more prompts than slots: every step's graph key (`StaticRagged`'s, recorded here by a
+    bank that never captures) places its slots one of two ways, slots 0 .. B-1 read as a view or gathered, so the
+    placement of a queue's tail or of a slot whose next sequence is still prefilled never makes a new bucket; and
+    the outputs stay each prompt's alone."""
+    from paradec.runners.native.graphs import GraphBank
+
+    static = static_engine._batched._static
+    saved, static.bank = static.bank, GraphBank(torch.device("cpu"), capture_after=10**9)  # eager, keys kept
+    try:
+        prompts = PROMPTS * 2
+        lengths = [8 + 5 * i for i in range(len(prompts))]  # answers ending at different steps
+        requests = [
+            static_engine.request(p, method="pld", max_new_tokens=n) for p, n in zip(prompts, lengths, strict=True)
+        ]
+        results = static_engine.generate_batch(requests, max_batch=3)
+        keys = list(static.bank._uses)
+    finally:
+        static.bank = saved
+    for prompt, n, result in zip(prompts, lengths, results, strict=True):
+        assert result.token_ids == alone(code_engine, prompt, "pld", max_new_tokens=n).token_ids
+    placements = {key[4] for key in keys}  # (Bq, Nq, nq, kv, slot_range, taps)
+    assert None in placements and any(p is not None for p in placements)  # both kinds were met
+    assert all(p is None or p == (0, key[0]) for key, p in zip(keys, (k[4] for k in keys), strict=True))
+
+
+def test_warm_up_decodes_every_batch_bucket_and_leaves_no_steps_or_text(code_engine, monkeypatch):
+    """`BatchDecoder.warm_up`: a batch of each bucket up to max_running (and max_running) per method, speculative
+    steps among them (the prompt repeats: lookup drafters propose); afterwards no steps are counted, no per-step
+    records are left, suffix's trie of earlier outputs is empty, and decoding is what it is without a warm-up."""
+    decoder = code_engine.batch_decoder(5)
+    seen = []
+    count = decoder._count
+    monkeypatch.setattr(decoder, "_count", lambda sequences, inputs, tokens: (seen.append((sequences, inputs)),
+                                                                            count(sequences, inputs, tokens)))  # fmt: skip
+    steps = decoder.warm_up(["vanilla", "suffix"], max_new_tokens=6)
+    assert steps == len(seen) > 0
+    assert {sequences for sequences, _ in seen} >= {1, 2, 4, 5}  # the buckets under 5, and 5
+    assert any(inputs > sequences for sequences, inputs in seen)  # some steps scored proposals
+    assert decoder.counts.steps == 0 and not decoder.batch_sizes and not decoder.step_tokens and decoder.idle
+    assert not code_engine.method("suffix").tries
+    monkeypatch.undo()
+    items = [decoder.submit(code_engine.request(p, method="suffix", max_new_tokens=NEW)) for p in PROMPTS]
+    for _ in decoder.run(items):
+        pass
+    for prompt, item in zip(PROMPTS, items, strict=True):
+        assert item.result.token_ids == alone(code_engine, prompt, "suffix").token_ids
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

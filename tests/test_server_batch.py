@@ -522,6 +522,19 @@ def test_the_app_batches_when_it_can_and_says_so_once(engine, engines, caplog):
     assert ServerConfig(model_name=NAME).max_batch == 16
 
 
+def test_the_batched_server_warms_up_when_asked_and_starts_with_no_steps(engine, caplog):
+    """`warmup` (default: on CUDA only, so off here): synthetic batches of every bucket up to max_batch, with vanilla
+    and the server's method, before the first request; the scheduler then starts with no steps counted."""
+    caplog.set_level(logging.INFO, logger="paradec.server")
+    make_scheduler(engine, ServerConfig(model_name=NAME, max_batch=3, method="pld"))
+    assert "warm-up" not in caplog.text  # the CPU default: none
+    worker = make_scheduler(engine, ServerConfig(model_name=NAME, max_batch=3, method="pld", warmup=True))
+    assert "warm-up: vanilla and pld at batch sizes up to 3" in caplog.text
+    decoder = worker.decoder
+    assert decoder.counts.steps == 0 and not decoder.batch_sizes and decoder.idle
+    assert decoder.policy.samples or decoder.policy.plain_samples  # its step timings stay: the policy starts fitted
+
+
 def test_in_process_app_batches_and_answers(engine):
     from starlette.testclient import TestClient
 

@@ -30,7 +30,9 @@ def warp(logits: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
         sorted_logits, sorted_idx = torch.sort(logits, dim=-1, descending=False)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         remove_sorted = cum <= (1.0 - sp.top_p)
-        remove_sorted[..., -1] = False  # keep at least the most likely token
+        # keep at least the most likely token (`fill_`: a kernel argument; an assigned scalar is a host-to-device
+        # copy, which a CUDA graph capture refuses: the one-graph draft chain warps inside one)
+        remove_sorted[..., -1].fill_(False)
         remove = remove_sorted.scatter(-1, sorted_idx, remove_sorted)
         logits = logits.masked_fill(remove, float("-inf"))
     probs = logits.softmax(-1)

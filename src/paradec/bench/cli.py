@@ -370,7 +370,7 @@ def _load_mode(args, prompts, methods, model, draft, max_new_tokens: int, source
         server = load.Server(serve, args.out / "server.log")
         url = server.url
     try:
-        rounds = load.load_bench(url, prompts, methods, concurrency, max_new_tokens)
+        rounds = load.load_bench(url, prompts, methods, concurrency, max_new_tokens, warmup=args.warmup)
     finally:
         if server is not None:
             server.stop()

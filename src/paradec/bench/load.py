@@ -7,7 +7,8 @@ per request, on the client: latency (send to the last byte), time to first token
 completion tokens the server reports (`usage`); per round: aggregate tok/s (completion tokens / the round's wall
 time), p50/p95 latency and time to first token, errors (any non-200 answer or broken stream). Every greedy answer is
 compared with the same prompt's answer at one client (the server decoding one request alone, as offline decoding
-does): `equal` counts the answers that match it.
+does): `equal` counts the answers that match it. Each timed round follows `--warmup` untimed rounds of the same
+load (default 1), so that compilation and CUDA graph captures of its batch sizes are not timed.
 
 The server is the one at `--url`, or one started for the run (`paradec serve` with the bench's model options,
 `--max-batch` the largest N, a queue long enough for every round), stopped at the end. The client side uses the
@@ -61,23 +62,30 @@ class Round:
     equal: int | None = None  # answers equal to the one-client answer of their prompt (greedy)
     compared: int | None = None
     answers: list[Answer] = field(default_factory=list)
+    server: dict | None = None  # what the server's /metrics counted during the round (`server_delta`)
+
+
+def _get(url: str, path: str, timeout: float) -> tuple[int, str]:
+    """(status, body) of `GET url/path`; OSError or HTTPException when there is no answer."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        connection.close()
 
 
 def served_model(url: str, timeout: float = 30.0) -> str:
     """The name the server serves its model under (`GET /v1/models`)."""
-    parts = urlsplit(url)
-    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
-        connection.request("GET", "/v1/models")
-        response = connection.getresponse()
-        text = response.read().decode(errors="replace")
-        if response.status != 200:
-            raise ParadecError(f"GET {url}/v1/models answered {response.status}: {text[:200]}")
+        status, text = _get(url, "/v1/models", timeout)
+        if status != 200:
+            raise ParadecError(f"GET {url}/v1/models answered {status}: {text[:200]}")
         return json.loads(text)["data"][0]["id"]
     except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError) as exc:
         raise ParadecError(f"cannot read the served model from {url}/v1/models: {exc}") from None
-    finally:
-        connection.close()
 
 
 def body(prompt: BenchPrompt, method: str, max_tokens: int, model: str = "paradec") -> tuple[str, dict]:
@@ -99,6 +107,49 @@ def body(prompt: BenchPrompt, method: str, max_tokens: int, model: str = "parade
         if role == "user":
             break
     return "/v1/chat/completions", {**common, "messages": messages}
+
+
+def scrape(url: str, timeout: float = 30.0) -> dict[str, float]:
+    """The server's /metrics (Prometheus text) as {sample name with its labels: value}; {} when it answers none."""
+    try:
+        status, text = _get(url, "/metrics", timeout)
+    except (OSError, http.client.HTTPException):
+        return {}
+    if status != 200:
+        return {}
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                samples[name] = float(value)
+            except ValueError:
+                continue
+    return samples
+
+
+def server_delta(before: dict[str, float], after: dict[str, float]) -> dict | None:
+    """What a batching server did between two scrapes: its decode steps (all, and by kind), the mean sequences and
+    tokens per step, the steps that met a new CUDA graph bucket and their seconds, and the steps that replayed no
+    graph or ran eagerly past the bank's cap. None for a server without a batch decoder (one request at a time)."""
+    if "paradec_batch_size_count" not in after or 'paradec_batch_graphs{state="misses"}' not in after:
+        return None
+
+    def d(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    steps = d("paradec_batch_size_count")
+    kinds = ("speculative", "plain", "overlapped", "drained", "captured")
+    delta = {kind: int(d(f'paradec_decode_steps_by_kind{{kind="{kind}"}}')) for kind in kinds}
+    return {
+        "steps": int(steps),
+        "mean_batch": d("paradec_batch_size_sum") / steps if steps else None,
+        "tokens_per_step": d("paradec_batch_step_tokens_sum") / steps if steps else None,
+        **delta,
+        "new_bucket_seconds": d("paradec_decode_new_bucket_seconds"),
+        "graph_misses": int(d('paradec_batch_graphs{state="misses"}')),
+        "uncaptured": int(d('paradec_batch_graphs{state="uncaptured"}')),
+    }
 
 
 def _percentile(values: Sequence[float], share: float) -> float | None:
@@ -203,15 +254,27 @@ def run_round(
 
 
 def load_bench(
-    url: str, prompts: list[BenchPrompt], methods: Sequence[str], concurrency: Sequence[int], max_tokens: int
+    url: str,
+    prompts: list[BenchPrompt],
+    methods: Sequence[str],
+    concurrency: Sequence[int],
+    max_tokens: int,
+    warmup: int = 1,
 ) -> list[Round]:
-    """Every method at every client count (one client first, as the reference answers)."""
+    """Every method at every client count (one client first, as the reference answers), each timed round after
+    `warmup` untimed rounds of the same clients and requests: the server meets that load's batch sizes, and so
+    compiles and captures their steps, before it is timed (on 2026-12-03 an H200 run without them timed 12 s of
+    compilation in the first batched round: p50 time to first token 12.4 s at 16 clients)."""
     rounds = []
     model = served_model(url)
     for method in methods:
         reference: dict[str, str] = {}
         for clients in sorted(set(concurrency) | {1}):
+            for _ in range(warmup):
+                run_round(url, prompts, method, clients, max_tokens, model=model)
+            before = scrape(url)
             result = run_round(url, prompts, method, clients, max_tokens, model=model)
+            result.server = server_delta(before, scrape(url))
             if clients == 1:
                 reference = {a.prompt: a.text for a in result.answers if a.status == 200 and not a.error}
             compared = [a for a in result.answers if a.prompt in reference and a.status == 200 and not a.error]
@@ -252,6 +315,25 @@ def markdown(rounds: list[Round], meta: dict) -> str:
             f"{_fmt(r.latency_p50)} | {_fmt(r.latency_p95)} | {_fmt(r.ttft_p50, '.3f')} | {_fmt(r.ttft_p95, '.3f')} "
             f"| {r.errors} | {r.equal}/{r.compared} |"
         )
+    served = [r for r in rounds if r.server]
+    if served:
+        lines += [
+            "",
+            "The batching server's decode steps during each timed round (its /metrics): sequences and tokens per "
+            "step, steps by kind, steps that met a new CUDA graph bucket (an eager first use or a capture; their "
+            "seconds), and steps run eagerly because the graph bank was full.",
+            "",
+            "| method | clients | steps | mean batch | tokens/step | speculative | overlapped | drained "
+            "| new bucket (s) | uncaptured |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in served:
+            v = r.server
+            lines.append(
+                f"| {r.method} | {r.clients} | {v['steps']} | {_fmt(v['mean_batch'], '.1f')} | "
+                f"{_fmt(v['tokens_per_step'], '.1f')} | {v['speculative']} | {v['overlapped']} | {v['drained']} | "
+                f"{v['captured']} ({v['new_bucket_seconds']:.2f}) | {v['uncaptured']} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -98,6 +98,9 @@ class ServerConfig:
     docs: bool = False  # serve /docs, /redoc and /openapi.json
     max_batch: int = 16  # sequences decoded together (continuous batching); 1 = one request at a time
     speculate: str = "auto"  # the batch's speculation policy (`paradec.batch.SpeculationPolicy`): auto, always, never
+    # decode synthetic batches of every batch bucket before serving (`BatchDecoder.warm_up`: compilation and the
+    # first graphs happen before the first request); None: when the target runs on CUDA
+    warmup: bool | None = None
 
 
 def make_scheduler(
@@ -124,6 +127,18 @@ def make_scheduler(
                 cache,
                 config.speculate,
             )
+            warm = decoder.runner.device.type == "cuda" if config.warmup is None else config.warmup
+            if warm:
+                started = time.perf_counter()
+                methods = list(dict.fromkeys(("vanilla", config.method)))
+                steps = decoder.warm_up(methods)
+                log.info(
+                    "warm-up: %s at batch sizes up to %d, %d decode steps in %.1f s",
+                    " and ".join(methods),
+                    config.max_batch,
+                    steps,
+                    time.perf_counter() - started,
+                )
             return BatchWorker(decoder, max_queue=config.max_queue, on_report=on_report)
     else:
         log.info("serving one request at a time (max_batch 1)")
@@ -138,6 +153,8 @@ def create_app(engine: paradec.Engine, config: ServerConfig, scheduler: Schedule
     worker.on_report = metrics.observe
     if hasattr(worker, "on_step"):
         worker.on_step = metrics.observe_step
+    if getattr(worker, "decoder", None) is not None:  # a batching scheduler: its decoder's steps and graphs
+        metrics.watch_decoder(worker.decoder)
     api = OpenAIServer(engine, config, worker, metrics)
 
     @contextlib.asynccontextmanager

@@ -72,6 +72,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "never decodes plainly (default auto)",
     )
     serve.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with batching: before listening, decode synthetic batches of every batch bucket up to --max-batch "
+        "with vanilla and --method, so that compiling the batched step and capturing its first CUDA graphs do not "
+        "fall on the first requests (default: on when the target runs on CUDA; not under --tensor-parallel)",
+    )
+    serve.add_argument(
         "--timeout", type=float, default=600.0, help="seconds per request, queue wait included (default 600)"
     )
     serve.add_argument(
@@ -161,6 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
         docs=args.docs,
         max_batch=args.max_batch if args.max_batch is not None else DEFAULT_BATCH[engine.target.device.type == "cuda"],
         speculate=args.speculate,
+        warmup=args.warmup,
     )
     _log_to_stderr(args.log_level)
     scheduler = None

@@ -7,7 +7,10 @@ here: its choices' tokens, steps and draft counts summed (`worker.merge_stats`; 
 HTTP request: endpoint and the status it ended with (499 for a client that went away; a stream's error event's
 status when it failed after its 200).
 Live: queue depth and running generations. Per decode step of a batched server (`batching.StepReport`): the batch
-size (sequences decoded together), the target inputs of the step's forward, and the tokens it emitted.
+size (sequences decoded together), the target inputs of the step's forward, and the tokens it emitted. Of a batched
+server's decoder, read at each scrape (`watch_decoder`): its decode steps so far by kind (`paradec.batch.StepCounts`:
+speculative, plain, overlapped, drained, and those that met a new CUDA graph bucket, with their seconds) and its
+runner's CUDA graphs (captured, steps that replayed none, steps run eagerly past the bank's cap).
 """
 
 from __future__ import annotations
@@ -94,6 +97,39 @@ class ServerMetrics:
             queue_depth
         )
         Gauge("paradec_running", "Generations running", registry=self.registry).set_function(running)
+
+    STEP_KINDS = ("speculative", "capped", "plain", "overlapped", "drained", "captured")
+
+    def watch_decoder(self, decoder) -> None:
+        """Gauges read from a `BatchDecoder` at each scrape (see the module docstring); totals since the start, so a
+        client takes differences (the load bench does, per round)."""
+        steps = Gauge(
+            "paradec_decode_steps_by_kind",
+            "Decode steps of the batched decoder so far, by kind: speculative (proposals scored), capped (of those, "
+            "cut to a depth), plain (no proposal), overlapped (of those, launched while the last was in flight), "
+            "drained (a step in flight landed early for one with proposals), captured (met a new CUDA graph bucket: "
+            "run eagerly the first time, captured the second)",
+            ("kind",),
+            registry=self.registry,
+        )
+        for kind in self.STEP_KINDS:
+            steps.labels(kind).set_function(lambda kind=kind: getattr(decoder.counts, kind))
+        Gauge(
+            "paradec_decode_new_bucket_seconds",
+            "Seconds of the decode steps that met a new CUDA graph bucket (an eager first use or a capture)",
+            registry=self.registry,
+        ).set_function(lambda: decoder.counts.capture_seconds)
+        graphs = Gauge(
+            "paradec_batch_graphs",
+            "CUDA graphs of the batched runner: captured (held), misses (steps that replayed none), uncaptured (of "
+            "the misses, steps run eagerly because the bank was full)",
+            ("state",),
+            registry=self.registry,
+        )
+        runner = decoder.runner
+        graphs.labels("captured").set_function(lambda: runner.graphs_captured)
+        graphs.labels("misses").set_function(lambda: runner.graph_misses)
+        graphs.labels("uncaptured").set_function(lambda: getattr(runner, "graphs_uncaptured", 0))
 
     def count_request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()

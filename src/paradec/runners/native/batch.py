@@ -241,6 +241,11 @@ class BatchedNativeRunner:
         return 0 if self._static is None or self._static.bank is None else self._static.bank.misses
 
     @property
+    def graphs_uncaptured(self) -> int:
+        """Of `graph_misses`, the steps run eagerly because the bank held `StaticRagged.max_graphs` graphs already."""
+        return 0 if self._static is None or self._static.bank is None else self._static.bank.uncaptured
+
+    @property
     def cache_bytes(self) -> int:
         """Bytes of the KV cache of every slot, the scratch slot included (allocated up front)."""
         return self.cache.data.numel() * self.cache.data.element_size()

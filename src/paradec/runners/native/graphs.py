@@ -276,9 +276,12 @@ class StaticRagged:
     N flat inputs `flat_bucket(N, Bq)`: a padding input embeds a stale token, writes its keys/values to the cache's
     scratch slot (its last: the runner allocates one more than it hands out) and its query to a spare row; its
     output is dropped. Row-wise work is per row, so the real rows are what the unpadded forward computes, and
-    attention is per sequence over its own slot. When the step's slots are consecutive (the scheduler hands out
-    the lowest free ones) the dummies take the slots after them and keys/values are read as a view of the cache;
-    otherwise they read the scratch slot and keys/values are gathered.
+    attention is per sequence over its own slot. When the step's slots are 0 .. B-1 (the scheduler hands out the
+    lowest free ones) the dummies take the slots after them and keys/values are read as a view of the cache;
+    otherwise they read the scratch slot and keys/values are gathered. Only a view from slot 0 counts: a view from
+    any first slot made the first slot part of the graph key, and continuous batching meets many (a slot freed while
+    its next sequence is prefilled, the tail of a queue), each a new bucket to run eagerly and capture inside a
+    timed run; so a step's slot placement is one of two per bucket (from 0, or gathered).
 
     What changes between replays goes in by copies before the replay: the tokens (device to device), one host list
     of every index (one non_blocking copy), and each tree's depth and mask into the row of its place in the step
@@ -326,9 +329,8 @@ class StaticRagged:
         Nq = flat_bucket(N, Bq, self.max_inputs)
         kv = kv_bucket(max(lengths[slot] + size for slot, size, _, _ in seqs), self.cache.capacity)
         slot_ids = [slot for slot, _, _, _ in seqs]
-        first = slot_ids[0]
-        view = slot_ids == list(range(first, first + B)) and first + Bq <= self.cache.slots
-        dummies = list(range(first + B, first + Bq)) if view else [self.scratch] * (Bq - B)
+        view = slot_ids == list(range(B)) and Bq <= self.cache.slots  # slots 0 .. B-1 (see the class docstring)
+        dummies = list(range(B, Bq)) if view else [self.scratch] * (Bq - B)
         starts = [lengths[slot] for slot in slot_ids]
         for b, (_, size, depth, mask) in enumerate(seqs):
             if depth is not None:  # a tree: its layout into row b
@@ -359,7 +361,7 @@ class StaticRagged:
         self.tokens[:N].copy_(tokens, non_blocking=True)
         if taps and taps not in self.layer_states:
             self.layer_states[taps] = self.hidden.new_zeros(self.hidden.shape[0], len(taps) * self.hidden.shape[1])
-        slot_range = (first, first + Bq) if view else None
+        slot_range = (0, Bq) if view else None
 
         def step() -> None:
             rows_in, rows_out, row_slots, columns, seq, within = self.index[: 6 * Nq].view(6, Nq)
