@@ -18,9 +18,12 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/paradec generate --chat "Write a Python function that checks whether a number is prime." --method suffix --max-new-tokens 128
 
+# the suite on JOBS processes (pytest-xdist), each test file whole on one of them (its module fixtures built once)
+JOBS ?= 2
+
 test: $(STAMP)
 	$(BIN)/ruff check src tests scripts
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests scripts

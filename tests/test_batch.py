@@ -113,8 +113,8 @@ def test_warm_up_decodes_every_batch_bucket_and_leaves_no_steps_or_text(code_eng
     count = decoder._count
     monkeypatch.setattr(decoder, "_count", lambda sequences, inputs, tokens: (seen.append((sequences, inputs)),
                                                                             count(sequences, inputs, tokens)))  # fmt: skip
-    steps = decoder.warm_up(["vanilla", "suffix"], max_new_tokens=6)
-    assert steps == len(seen) > 0
+    steps, methods = decoder.warm_up(["vanilla", "suffix", "layerskip"], max_new_tokens=6)
+    assert steps == len(seen) > 0 and methods == ["vanilla", "suffix"]  # layerskip runs alone: passed over
     assert {sequences for sequences, _ in seen} >= {1, 2, 4, 5}  # the buckets under 5, and 5
     assert any(inputs > sequences for sequences, inputs in seen)  # some steps scored proposals
     assert decoder.counts.steps == 0 and not decoder.batch_sizes and not decoder.step_tokens and decoder.idle

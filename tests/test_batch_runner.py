@@ -404,7 +404,8 @@ def test_the_compiled_ragged_block_traces_whole_and_agrees(models, shapes):
                 prefill(runner.view(slot), prefix)
             for b in (1, 3):
                 for n in (1, 4):
-                    for order in (slots, slots[::-1][1:] + slots[:1]):
+                    # one sequence's slot order is its slot alone: a second order adds a slot placement, not a layout
+                    for order in (slots, slots[::-1][1:] + slots[:1])[: 1 if b == 1 else 2]:
                         step = Step([seq(order[i], tokens(170 + i, n)) for i in range(b)])
                         outs.append(runner.forward(step).logits)
                         runner.commit([0] * b)
@@ -413,6 +414,7 @@ def test_the_compiled_ragged_block_traces_whole_and_agrees(models, shapes):
     expected = run()
     torch._dynamo.reset()
     model._ragged_block = compiled(ragged_block, backend="aot_eager")
+    assert torch._dynamo.config.recompile_limit >= 64  # `compiled` raises Dynamo's default of 8
     try:
         got = run()
     finally:

@@ -533,6 +533,9 @@ def test_the_batched_server_warms_up_when_asked_and_starts_with_no_steps(engine,
     decoder = worker.decoder
     assert decoder.counts.steps == 0 and not decoder.batch_sizes and decoder.idle
     assert decoder.policy.samples or decoder.policy.plain_samples  # its step timings stay: the policy starts fitted
+    # a server method that does not batch (it runs alone) is passed over: vanilla alone warms the batch
+    worker = make_scheduler(engine, ServerConfig(model_name=NAME, max_batch=2, method="layerskip", warmup=True))
+    assert "warm-up: vanilla at batch sizes up to 2" in caplog.text and worker.decoder.idle
 
 
 def test_in_process_app_batches_and_answers(engine):

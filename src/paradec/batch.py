@@ -501,22 +501,28 @@ class BatchDecoder:
         self._empty: Proposal | None = None  # the proposal of those steps
 
     # --- warm-up ------------------------------------------------------------------------------------------------
-    def warm_up(self, methods: Iterable[str], *, sizes: Iterable[int] | None = None, max_new_tokens: int = 24) -> int:
+    def warm_up(
+        self, methods: Iterable[str], *, sizes: Iterable[int] | None = None, max_new_tokens: int = 24
+    ) -> tuple[int, list[str]]:
         """Decode synthetic requests before serving: for each method, a batch of each size of `sizes` (default: the
         batch buckets up to `max_running`, and `max_running`), so that the compilation of the batched step (12 s
         inside the first batched round of a load run on an H200, 2026-12-03) and the CUDA graphs of those sizes'
         first cache bucket happen now, not in the first requests. The prompt repeats itself, so that lookup
         drafters propose and speculative steps are met too. What it leaves: the compiled code, the graphs and the
         policy's step timings; not its steps (`counts` and the per-step records start again) nor its text (each
-        method forgets it: suffix's trie of earlier outputs). Returns the decode steps it ran."""
+        method forgets it: suffix's trie of earlier outputs). A method that does not batch is passed over. Returns
+        the decode steps it ran and the methods it ran them with."""
         from paradec.runners.native.graphs import B_BUCKETS
 
         if sizes is None:
             sizes = sorted({b for b in B_BUCKETS if b < self.max_running} | {self.max_running})
         vocab = self.runner.vocab_size
         prompt = [(17 + 31 * i) % vocab for i in range(24)] * 3
-        steps = 0
+        steps, warmed = 0, []
         for method in methods:
+            if not self.engine.request(prompt, method=method, max_new_tokens=1).drafter.batchable:
+                continue  # it runs alone (`_check_batchable`): nothing of the batch to warm
+            warmed.append(method)
             for size in sizes:
                 items = [
                     self.submit(self.engine.request(prompt, method=method, max_new_tokens=max_new_tokens))
@@ -533,7 +539,7 @@ class BatchDecoder:
         self.batch_sizes.clear()
         self.step_inputs.clear()
         self.step_tokens.clear()
-        return steps
+        return steps, warmed
 
     # --- membership ---------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> BatchItem:

@@ -130,8 +130,7 @@ def make_scheduler(
             warm = decoder.runner.device.type == "cuda" if config.warmup is None else config.warmup
             if warm:
                 started = time.perf_counter()
-                methods = list(dict.fromkeys(("vanilla", config.method)))
-                steps = decoder.warm_up(methods)
+                steps, methods = decoder.warm_up(dict.fromkeys(("vanilla", config.method)))
                 log.info(
                     "warm-up: %s at batch sizes up to %d, %d decode steps in %.1f s",
                     " and ".join(methods),
