@@ -512,15 +512,16 @@ class BatchDecoder:
         policy's step timings; not its steps (`counts` and the per-step records start again) nor its text (each
         method forgets it: suffix's trie of earlier outputs). A method that does not batch is passed over. Returns
         the decode steps it ran and the methods it ran them with."""
+        from paradec.drafters import get_drafter
         from paradec.runners.native.graphs import B_BUCKETS
 
         if sizes is None:
             sizes = sorted({b for b in B_BUCKETS if b < self.max_running} | {self.max_running})
         vocab = self.runner.vocab_size
         prompt = [(17 + 31 * i) % vocab for i in range(24)] * 3
-        steps, warmed = 0, []
+        warmed = []
         for method in methods:
-            if not self.engine.request(prompt, method=method, max_new_tokens=1).drafter.batchable:
+            if not get_drafter(method).batchable:
                 continue  # it runs alone (`_check_batchable`): nothing of the batch to warm
             warmed.append(method)
             for size in sizes:
@@ -534,8 +535,7 @@ class BatchDecoder:
                 if failed is not None:
                     raise failed
             self.engine.method(method).forget()
-            steps += self.counts.steps
-            self.counts = StepCounts()
+        steps, self.counts = self.counts.steps, StepCounts()
         self.batch_sizes.clear()
         self.step_inputs.clear()
         self.step_tokens.clear()

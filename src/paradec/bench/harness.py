@@ -244,15 +244,12 @@ class Bench:
     def _batched_turns(self, size: int) -> int:
         return sum(max(self.turn_counts[index] for index in group) for group in self._batches(size, by_category=False))
 
-    def _warm_ticks(self, size: int) -> int:
-        return self._batched_turns(size) * self.plan.warmup
-
     def _total(self) -> int:
         plan = self.plan
         total = len(plan.methods) * sum(self._method_ticks(size) for size in plan.batch_sizes)
         if self._drift_checked():
             for size in plan.batch_sizes:  # vanilla re-timed
-                total += sum(self.turn_counts) if size == 1 else self._method_ticks(size) - 1 - self._warm_ticks(size)
+                total += sum(self.turn_counts) if size == 1 else self._batched_turns(size) * plan.repeats
         for peer in plan.peers:
             for size in self._peer_batch_sizes(peer):
                 total += plan.warmup + self._peer_generations(size) * plan.repeats
@@ -411,10 +408,10 @@ class Bench:
         for group in self._batches(size, by_category=False):
             self._converse(group, self._batched_ask(method, size, timed=True))
 
-    def _batched_ask(self, method: str, size: int, *, timed: bool, kept: bool = True):
+    def _batched_ask(self, method: str, size: int, *, timed: bool, sink: list[RunRecord] | None = None):
         """`_converse`'s asker for a batched row: every asked context decoded by `Engine.generate_batch` (at most
         `size` at once); `timed`: `repeats` times, one record per turn, appended to `records` and compared with
-        vanilla alone (`kept`), or only returned (the re-timing of `_retime_batched`)."""
+        vanilla alone, or with `sink` appended there only (the re-timing of `_retime_batched`)."""
         plan, engine = self.plan, self.engine
 
         def run(turn: int, asked: list[int], contexts: list[list[int]]) -> list[list[int]]:
@@ -435,10 +432,10 @@ class Bench:
             record = _summed_record(method, category, prompt_ids, first, walls, size)
             if counts[0] is not None:
                 record.batch_steps = dataclasses.asdict(counts[0])
-            if kept:
+            if sink is None:
                 self._remember_vanilla(record, contexts, [r.token_ids for r in first])
                 self._compare(record, contexts, [r.token_ids for r in first])
-            self.records.append(record)
+            (self.records if sink is None else sink).append(record)
             return [r.token_ids for r in first]
 
         return run
@@ -514,11 +511,9 @@ class Bench:
         first = [r for r in self.records if r.method == "vanilla" and r.batch_size == size]
         if not first:
             return
-        start = len(self.records)
+        again: list[RunRecord] = []
         for group in self._batches(size, by_category=False):
-            self._converse(group, self._batched_ask("vanilla", size, timed=True, kept=False))
-        again = self.records[start:]
-        del self.records[start:]
+            self._converse(group, self._batched_ask("vanilla", size, timed=True, sink=again))
         first_seconds, again_seconds = sum(r.wall_seconds for r in first), sum(r.wall_seconds for r in again)
         tokens = sum(r.new_tokens for r in again)
         first_tokens = sum(r.new_tokens for r in first)

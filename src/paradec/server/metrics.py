@@ -129,7 +129,7 @@ class ServerMetrics:
         runner = decoder.runner
         graphs.labels("captured").set_function(lambda: runner.graphs_captured)
         graphs.labels("misses").set_function(lambda: runner.graph_misses)
-        graphs.labels("uncaptured").set_function(lambda: getattr(runner, "graphs_uncaptured", 0))
+        graphs.labels("uncaptured").set_function(lambda: runner.graphs_uncaptured)
 
     def count_request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()
