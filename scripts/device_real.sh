@@ -20,6 +20,10 @@
 #            batch 8, the server under 1, 16 and 32 clients and one at a time, multisample (issue 19), and the
 #            runner's rooflines with one step's kernels (issue 17). The chains of earlier sessions are in git
 #            (each results folder's NOTES.md names the commit and the part)
+#   start-m12  (2026-12-03, third session) what start-m11 measured, again, with the fixes it prompted (the batched
+#            references re-timed, warm-up rounds in the load bench, the server warmed up), then the code-chat suite
+#            in exact mode for the methods not yet shown exact there, a batch-32 vanilla step's profile, and Qwen's
+#            EAGLE-3 head trained and benched alone and at batch 8
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log,
 #            and copy what it wrote so far to $OUT, as collect does
 #            (a scripts/gpu_next.sh in the tree of a `wait` call replaces the chain once its log shows NEXT_AT,
@@ -202,9 +206,28 @@ m11_part() {  # 2026-12-03, second session: see the usage above
     echo "M11 DONE $(date +%T)"
 }
 
+m12_part() {  # 2026-12-03, third session: see the usage above
+    set -e
+    mkdir -p $RES
+    convert $Q15 &  # waits for the staged file
+    exact_tests  # while the 1.5B is staged and converted
+    wait
+    CHAT_PC=6 bench $Q15 chat q15-batch --methods vanilla,pld,suffix --batch-sizes 1,8,32,64 $QWEN_BENCH
+    load_benches 2
+    samples_bench "" --mode sample --temperature 0.7
+    bench $Q15 code-chat q15-code-chat-exact --exact --methods vanilla,pld,lookahead,jacobi,layerskip,suffix \
+        $QWEN_BENCH
+    batch_profile 32 vanilla off
+    train $Q15 eagle $QWEN_TRAIN
+    local methods
+    methods=$(with_heads $Q15 vanilla,pld)
+    bench $Q15 chat q15-chat-eagle --methods "$methods" --batch-sizes 1,8 $QWEN_BENCH
+    echo "M12 DONE $(date +%T)"
+}
+
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
     export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain \
-        exact_tests samples_bench load_benches batch_profile runner_profile m11_part
+        exact_tests samples_bench load_benches batch_profile runner_profile m11_part m12_part
     snapshot
     rm -f $DONE
     # its own bash, so that `set -e` ends the part alone
@@ -229,8 +252,8 @@ stage)
     bash .gpu-chunks/stage.sh
     for c in "$STAGE"/parts/*.[0-9][0-9][0-9]; do [ -f "$STAGE/$(basename "$c").done" ] && rm -f "$c"; done
     ;;
-start|start-m11)
-    declare -A PART=([start]=chain [start-m11]=m11_part)
+start|start-m11|start-m12)
+    declare -A PART=([start]=chain [start-m11]=m11_part [start-m12]=m12_part)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     launch "${PART[$1]}"
     sleep 20
@@ -265,7 +288,7 @@ bench)
     tail -n 3 $LOG
     ;;
 *)
-    echo "usage: $0 stage|start|start-m11|wait|collect|bench" >&2
+    echo "usage: $0 stage|start|start-m11|start-m12|wait|collect|bench" >&2
     exit 2
     ;;
 esac
