@@ -192,13 +192,17 @@ runner_profile() {  # issue 17: the rooflines of the fastest and the exact paths
         || echo "runner exit $?"
 }
 
-m11_part() {  # 2026-12-03, second session: see the usage above
-    set -e
+q15_batch_rows() {  # the 1.5B converted beside the CUDA-only tests, then issue 18's rows on 72 chat prompts
     mkdir -p $RES
     convert $Q15 &  # waits for the staged file
     exact_tests  # while the 1.5B is staged and converted
     wait
     CHAT_PC=6 bench $Q15 chat q15-batch --methods vanilla,pld,suffix --batch-sizes 1,8,32,64 $QWEN_BENCH
+}
+
+m11_part() {  # 2026-12-03, second session: see the usage above
+    set -e
+    q15_batch_rows
     batch_profile 8 pld off
     load_benches 2
     samples_bench "" --mode sample --temperature 0.7
@@ -208,11 +212,7 @@ m11_part() {  # 2026-12-03, second session: see the usage above
 
 m12_part() {  # 2026-12-03, third session: see the usage above
     set -e
-    mkdir -p $RES
-    convert $Q15 &  # waits for the staged file
-    exact_tests  # while the 1.5B is staged and converted
-    wait
-    CHAT_PC=6 bench $Q15 chat q15-batch --methods vanilla,pld,suffix --batch-sizes 1,8,32,64 $QWEN_BENCH
+    q15_batch_rows
     load_benches 2
     samples_bench "" --mode sample --temperature 0.7
     bench $Q15 code-chat q15-code-chat-exact --exact --methods vanilla,pld,lookahead,jacobi,layerskip,suffix \
@@ -227,7 +227,7 @@ m12_part() {  # 2026-12-03, third session: see the usage above
 
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
     export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain \
-        exact_tests samples_bench load_benches batch_profile runner_profile m11_part m12_part
+        exact_tests samples_bench load_benches batch_profile runner_profile q15_batch_rows m11_part m12_part
     snapshot
     rm -f $DONE
     # its own bash, so that `set -e` ends the part alone

@@ -386,8 +386,8 @@ def test_the_compiled_ragged_block_traces_whole_and_agrees(models, shapes):
     """On CUDA a compiled model runs each ragged block through `compiled` (torch.compile(dynamic=True,
     fullgraph=True)): its tracing must not break the graph over steps of 1 or 3 sequences, 1 or 4 inputs each, slots
     in order or not, unpadded and bucketed; those are more specialisations than Dynamo's default limit of 8
-    graphs, a hard error with fullgraph (as on the H200); and it gives the eager block's outputs (here through the
-    `aot_eager` backend: the same trace, no code generation)."""
+    graphs, a hard error with fullgraph (as on the H200); and it gives the eager block's outputs (here through
+    Dynamo's `eager` backend: the same trace, run as traced; the next tests check the graph AOT autograd makes)."""
     from paradec.runners.native.model import compiled, ragged_block
 
     if shapes == "static":
@@ -413,7 +413,7 @@ def test_the_compiled_ragged_block_traces_whole_and_agrees(models, shapes):
 
     expected = run()
     torch._dynamo.reset()
-    model._ragged_block = compiled(ragged_block, backend="aot_eager")
+    model._ragged_block = compiled(ragged_block, backend="eager")
     assert torch._dynamo.config.recompile_limit >= 64  # `compiled` raises Dynamo's default of 8
     try:
         got = run()
@@ -421,6 +421,40 @@ def test_the_compiled_ragged_block_traces_whole_and_agrees(models, shapes):
         model._ragged_block = ragged_block
     for g, e in zip(got, expected, strict=True):
         close(g, e)
+
+
+def test_the_compiled_ragged_block_meets_new_sizes_without_recompiling(models, shapes):
+    """Steps whose sizes differ from the first one's (sequences, inputs per sequence, cache slots and columns, the
+    step buffers' offsets) reuse its graph. Dynamo's duck sizing would equate sizes that happen to be equal when the
+    graph is traced (a buffer's storage offset and a cache dimension, two counts of 3) and guard on it, so a later
+    step without the coincidence recompiled: on CUDA an inductor compile of seconds inside a timed pass (what the
+    12 s over 18 new buckets of a batch-8 row in bench/results/m12-h200-2026-12-03 look like; not re-measured).
+    `compiled` turns duck sizing off; with it on, this test counts 2-3 graphs."""
+    from paradec.runners.native.model import compiled, ragged_block
+
+    graphs = []
+
+    def count(gm, _inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = models["qwen2"]
+    runner = BatchedNativeRunner(model, slots=6, static_shapes=shapes == "static")
+    slots = [runner.allocate() for _ in range(5)]
+    for i, slot in enumerate(slots):
+        prefill(runner.view(slot), tokens(180 + i, 2 + 3 * i))
+    torch._dynamo.reset()
+    model._ragged_block = compiled(ragged_block, backend=count)
+    try:
+        # more than one sequence of more than one input each, slots never 0..B-1 (gathered): one kind of step
+        for step_no, (b, n) in enumerate(((3, 3), (2, 5), (4, 2), (5, 3), (2, 7), (3, 4))):
+            order = [slots[i] for i in ((4, 2, 0, 3, 1) if step_no % 2 else (1, 3, 0, 4, 2))[:b]]
+            runner.forward(Step([seq(order[i], tokens(190 + 7 * step_no + i, n)) for i in range(b)]))
+            runner.commit([0] * b)
+    finally:
+        model._ragged_block = ragged_block
+        torch._dynamo.reset()
+    assert len(graphs) == 1
 
 
 def test_the_compiled_ragged_block_writes_the_cache_in_place(models, shapes):

@@ -10,13 +10,16 @@ after moving (gathering) the kept ones of a tree into place. A rollback or reset
 from __future__ import annotations
 
 import inspect
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
 
 from paradec.runners.base import HiddenWanted, LogitsWanted, RunnerOutput, check_inputs, layer_taps
 from paradec.runners.ledger import Ledger, tree_parents
 from paradec.tree import TreeBuffers
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 class HFRunner:
@@ -39,7 +42,7 @@ class HFRunner:
         self._keep_kw = "logits_to_keep" in params
         # transformers renamed `past_key_values` to `cache` (5.2x); support both spellings
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._cache = DynamicCache()
+        self._cache = _dynamic_cache()
         pard = getattr(model.config, "pard", None)  # a PARD-adapted draft's mask token and trained k
         self.pard = dict(pard) if isinstance(pard, dict) else None
         self._ledger = Ledger(self.max_length, name="HFRunner", what="the hf runner", hint=" (the model's context)")
@@ -58,7 +61,7 @@ class HFRunner:
 
     def reset(self) -> None:
         self._ledger.reset()
-        self._cache = DynamicCache()
+        self._cache = _dynamic_cache()
 
     @torch.inference_mode()
     def forward(
@@ -133,3 +136,11 @@ class HFRunner:
             if getattr(layer, "keys", None) is not None and layer.keys.numel():
                 layer.keys = layer.keys[..., :length, :]
                 layer.values = layer.values[..., :length, :]
+
+
+def _dynamic_cache():
+    # transformers' cache classes pull in its modelling code (~3 s of import): only a process that runs a
+    # transformers model pays for them
+    from transformers import DynamicCache
+
+    return DynamicCache()

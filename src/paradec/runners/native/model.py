@@ -359,9 +359,15 @@ def compiled(fn, backend: str = "inductor"):
     """`fn` through torch.compile(dynamic=True, fullgraph=True), allowed RECOMPILE_LIMIT graphs. Dynamo specialises
     sizes 0 and 1 (one sequence, one input per sequence, one input) and None-or-not (the batched step's slots read
     as a view or gathered): a dozen graphs for the ragged block, more than Dynamo's default limit of 8, which with
-    fullgraph=True is a hard error (bench/results/exact-h200-2026-12-02: the batched bench at batch 1, 8, 32)."""
+    fullgraph=True is a hard error (bench/results/exact-h200-2026-12-02: the batched bench at batch 1, 8, 32).
+    Duck sizing is turned off (for the process, as the limit is raised): it gave two sizes that happened to be equal
+    when a graph was traced one symbol, and a later step without the coincidence (a step buffer's storage offset
+    against a cache dimension, two counts of 3) failed that guard and recompiled: on CUDA an inductor compile of
+    seconds, met inside timed batched passes (the likely cause of bench/results/m12-h200-2026-12-03's slow new
+    buckets)."""
     dynamo = torch._dynamo.config
     dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+    torch.fx.experimental._config.use_duck_shape = False
     return torch.compile(fn, dynamic=True, fullgraph=True, backend=backend)
 
 
