@@ -108,3 +108,17 @@ def test_chat_without_a_template_or_with_a_stray_system_exit_code_2(model_dirs, 
     assert "has no chat template" in capsys.readouterr().err
     assert main([*model, "--prompt", "hi", "--system", "be brief"]) == 2
     assert "--system goes with --chat" in capsys.readouterr().err
+
+
+def test_import_and_help_leave_transformers_models_unloaded():
+    """`import paradec` and `paradec --help` do not load transformers' modelling code (~3 s of a process's start on
+    this machine's CPU): only a process that runs a transformers model pays for it (`paradec.runners.hf`)."""
+    code = (
+        "import sys, paradec, paradec.runners, paradec.server, paradec.bench; "
+        "print(sorted(m for m in sys.modules if m.startswith('transformers.model')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
+    help_run = paradec("--help")
+    assert help_run.returncode == 0 and "generate" in help_run.stdout
