@@ -24,6 +24,10 @@
 #            references re-timed, warm-up rounds in the load bench, the server warmed up), then the code-chat suite
 #            in exact mode for the methods not yet shown exact there, a batch-32 vanilla step's profile, and Qwen's
 #            EAGLE-3 head trained and benched alone and at batch 8
+#   start-m13  (2026-12-03, fourth session) issue 18's rows and the server under load again, after the fixes to the
+#            batched step (no layout copies for chains, step timings shared by an engine's decoders, shadow drafts
+#            instead of probes for host drafters), a batch-8 pld step speculating on every step profiled by phase,
+#            a batch-32 vanilla step's profile, and multisample
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log,
 #            and copy what it wrote so far to $OUT, as collect does
 #            (a scripts/gpu_next.sh in the tree of a `wait` call replaces the chain once its log shows NEXT_AT,
@@ -180,10 +184,11 @@ load_benches() {  # $1: prompts per category; the server under 1, 16 and 32 clie
     pd bench --suite chat --per-category "$1" --model $Q15 --methods vanilla --concurrency 32 --server-batch 1 \
         --out $RES/q15-load-serial --quiet || echo "load exit $?"
 }
-batch_profile() {  # $1: batch size, $2: method, $3: --exact on|off|both
+batch_profile() {  # $1: batch size, $2: method, $3: --exact on|off|both, $4: --speculate (default auto)
     echo "PROFILE BATCH $* $(date +%T)"
+    local name=profile-batch-$2-$1${4:+-$4}
     python3 "$SNAPSHOT/../scripts/profile_batch.py" --model $Q15 --batch "$1" --method "$2" --exact "$3" \
-        --out $RES/profile-batch-$2-$1 > $RES/profile-batch-$2-$1.log 2>&1 || echo "profile exit $?"
+        --speculate "${4:-auto}" --out $RES/$name > $RES/$name.log 2>&1 || echo "profile exit $?"
 }
 runner_profile() {  # issue 17: the rooflines of the fastest and the exact paths, and one decode step's kernels
     echo "RUNNER $(date +%T)"
@@ -225,9 +230,29 @@ m12_part() {  # 2026-12-03, third session: see the usage above
     echo "M12 DONE $(date +%T)"
 }
 
+m13_part() {  # 2026-12-03, fourth session: see the usage above
+    set -e
+    q15_batch_rows
+    load_benches 2
+    batch_profile 8 pld off always
+    batch_profile 32 vanilla off
+    samples_bench "" --mode sample --temperature 0.7
+    echo "M13 DONE $(date +%T)"
+}
+
+m13b_part() {  # the same session's second machine (the first was taken back mid-chain): batch 8-64 rows, the load
+    set -e
+    mkdir -p $RES
+    convert $Q15
+    CHAT_PC=6 bench $Q15 chat q15-batch --methods vanilla,pld,suffix --batch-sizes 8,32,64 $QWEN_BENCH
+    load_benches 2
+    echo "M13B DONE $(date +%T)"
+}
+
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
     export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain \
-        exact_tests samples_bench load_benches batch_profile runner_profile q15_batch_rows m11_part m12_part
+        exact_tests samples_bench load_benches batch_profile runner_profile q15_batch_rows m11_part m12_part \
+        m13_part m13b_part
     snapshot
     rm -f $DONE
     # its own bash, so that `set -e` ends the part alone
@@ -252,8 +277,8 @@ stage)
     bash .gpu-chunks/stage.sh
     for c in "$STAGE"/parts/*.[0-9][0-9][0-9]; do [ -f "$STAGE/$(basename "$c").done" ] && rm -f "$c"; done
     ;;
-start|start-m11|start-m12)
-    declare -A PART=([start]=chain [start-m11]=m11_part [start-m12]=m12_part)
+start|start-m11|start-m12|start-m13|start-m13b)
+    declare -A PART=([start]=chain [start-m11]=m11_part [start-m12]=m12_part [start-m13]=m13_part [start-m13b]=m13b_part)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     launch "${PART[$1]}"
     sleep 20
@@ -288,7 +313,7 @@ bench)
     tail -n 3 $LOG
     ;;
 *)
-    echo "usage: $0 stage|start|start-m11|start-m12|wait|collect|bench" >&2
+    echo "usage: $0 stage|start|start-m11|start-m12|start-m13|start-m13b|wait|collect|bench" >&2
     exit 2
     ;;
 esac

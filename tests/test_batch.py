@@ -16,7 +16,7 @@ import torch
 
 import paradec
 from conftest import counting, hf_greedy
-from paradec.batch import BatchDecoder, DepthRates, SpeculationPolicy, depth_rates
+from paradec.batch import BatchDecoder, DepthRates, Shadow, SpeculationPolicy, StepTimings, depth_rates
 from paradec.config import SamplingParams
 from paradec.errors import ParadecError
 from paradec.runners.native import BatchedNativeRunner
@@ -340,7 +340,10 @@ def test_steps_without_speculation_keep_the_output(code_engine, method):
 
 
 class Scripted(SpeculationPolicy):
-    """On for the first `on` steps, then off; records what each step was told."""
+    """On for the first `on` steps, then off; records what each step was told. No shadow drafts: the estimates are
+    the scored steps' alone."""
+
+    shadow_every = 0
 
     def __init__(self, on: int) -> None:
         super().__init__("auto")
@@ -588,7 +591,7 @@ def test_the_draft_model_runs_once_per_level_for_the_whole_batch(code_engine):
 
 
 def test_a_failed_step_fails_its_sequences_and_the_decoder_goes_on(code_engine, monkeypatch):
-    decoder = code_engine.batch_decoder(2)
+    decoder = code_engine.batch_decoder(2, speculate="always")  # (verified steps: the broken verifier is met)
     items = [decoder.submit(code_engine.request(p, method="pld", max_new_tokens=NEW)) for p in PROMPTS[:2]]
     while not all(i.prefilled for i in items):
         decoder.step()
@@ -620,7 +623,79 @@ def test_a_step_that_captured_a_graph_is_not_timed(code_engine, monkeypatch):
 
     monkeypatch.setattr(runner, "forward", counting)
     monkeypatch.setattr(runner, "graph_misses", property(lambda self: min(steps["n"], 3)))  # the first 3 steps
+    decoder.policy.timings = StepTimings()  # (not the engine's, which earlier tests' steps filled)
     item = decoder.submit(code_engine.request(PROMPTS[0], method="pld", max_new_tokens=20))
     for _ in decoder.run([item]):
         pass
     assert decoder.steps > 5 and len(decoder.policy.samples) == decoder.steps - 3
+
+
+def test_a_shadow_draft_accepts_what_a_verdict_would():
+    """Greedy, a verdict accepts the draft's path that the target's tokens follow: a chain's matching prefix, a
+    tree's root path down the children whose tokens are the next ones (siblings' tokens differ)."""
+    chain = Shadow.of(10, [5, 6, 7, 8], None)
+    assert chain.depth == 4
+    assert [chain.accepted(e) for e in ([5, 6, 7, 8], [5, 6, 9, 8], [4, 6, 7, 8], [5, 6, 7, 9])] == [4, 2, 0, 3]
+    # depth 1: node 0 (5) and node 1 (6); node 2 (7) under node 1, node 3 (8) under node 2, node 4 (9) under node 0
+    tree = Shadow.of(0, [5, 6, 7, 8, 9], (-1, -1, 1, 2, 0))
+    assert tree.depth == 3
+    assert tree.accepted([6, 7, 8]) == 3 and tree.accepted([5, 9, 1]) == 2 and tree.accepted([6, 7, 1]) == 2
+    assert tree.accepted([5, 7, 8]) == 1 and tree.accepted([4, 7, 8]) == 0
+
+
+class Off(SpeculationPolicy):
+    """Never speculates (a fitted policy that finds speculation losing), with shadow drafts."""
+
+    def speculate(self, taus, proposed, **kw) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("method", ["pld", "suffix"])
+def test_shadow_drafts_learn_the_rates_without_scoring_a_draft(code_engine, method):
+    """While speculation is off, host drafters draft for nothing now and then, and the tokens the target emits
+    decide those drafts: the policy's per-sequence rates grow without one draft input scored, near what scored
+    steps of the same prompts accept (copy-friendly prompts: well above one token a step)."""
+    decoder = code_engine.batch_decoder(3)
+    decoder.policy = Off("auto")
+    new = 64  # (a shadow draft is decided once the target has emitted as many tokens as it is deep)
+    items = [decoder.submit(code_engine.request(p, method=method, max_new_tokens=new)) for p in PROMPTS[:3]]
+    for _ in decoder.run(items):
+        pass
+    assert decoder.step_inputs == decoder.batch_sizes  # one input per sequence and step: nothing scored
+    assert decoder.counts.shadows > 0 and decoder.counts.speculative == 0
+    for prompt, item in zip(PROMPTS, items, strict=False):
+        assert item.result.token_ids == alone(code_engine, prompt, method, max_new_tokens=new).token_ids
+        assert sum(item.spec_accepted) + item.spec_steps == item.spec_tokens
+    long = [it for it in items if len(it.result.token_ids) >= 16]  # (one may stop within a shadow's depth)
+    assert len(long) >= 2 and all(it.spec_steps > 0 for it in long)
+    shadow_tau = sum(it.spec_tokens for it in items) / sum(it.spec_steps for it in items)
+    scored = code_engine.batch_decoder(3, speculate="always")
+    again = [scored.submit(code_engine.request(p, method=method, max_new_tokens=new)) for p in PROMPTS[:3]]
+    for _ in scored.run(again):
+        pass
+    scored_tau = sum(it.spec_tokens for it in again) / sum(it.spec_steps for it in again)
+    # shadows sample every position alike, scored steps the positions after an accepted run, and a few dozen
+    # steps either way: near, not equal (pld here: 6.9 against 11.0, suffix 2.9 against 2.4)
+    assert shadow_tau > 1.5 and 0.5 * scored_tau <= shadow_tau <= 1.5 * scored_tau, (shadow_tau, scored_tau)
+
+
+def test_a_policy_that_learns_from_shadows_does_not_probe():
+    """Probes exist to refresh the rates; with shadow drafts for every sequence (`probe=False`) an off policy
+    stays off, and turns on as soon as the rates say speculation wins."""
+    policy = SpeculationPolicy("auto")
+    for inputs in range(4, 60, 4):
+        policy.observe(inputs, 0.001 * inputs)
+    assert not any(policy.speculate([1.2] * 8, [6.0] * 8, probe=False) for _ in range(2 * policy.max_probe_every))
+    assert policy.speculate([5.0] * 2, [2.0] * 2, probe=False)
+
+
+def test_decoders_over_one_runner_share_its_step_timings(code_engine):
+    """Step costs describe the runner, not a batch: a second decoder starts fitted (a bench row of many
+    `generate_batch` calls speculated unmeasured at the start of each)."""
+    first = code_engine.batch_decoder(2)
+    items = [first.submit(code_engine.request(p, method="pld", max_new_tokens=NEW)) for p in PROMPTS[:2]]
+    for _ in first.run(items):
+        pass
+    second = code_engine.batch_decoder(2)
+    assert second.policy.timings is first.policy.timings and second.policy.cost(4) is not None
+    assert second.policy is not first.policy and second.policy.unfitted == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import make_config, save_model
 from paradec.errors import ParadecError
@@ -585,3 +586,49 @@ def test_a_graph_bank_captures_a_key_when_it_is_met_again(shapes, monkeypatch):
     once = GraphBank(torch.device("cpu"))  # the default: captured on first use
     once.replay(("x",), lambda: runs.append("x"))
     assert ("x",) in once.graphs and once.misses == 1
+
+
+class _LayoutCopies(TorchDispatchMode):
+    """Counts the copies into the tensors of `storages` (data pointers of their storages)."""
+
+    def __init__(self, storages: set[int]) -> None:
+        super().__init__()
+        self.storages, self.copies = storages, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.copy_.default and args[0].untyped_storage().data_ptr() in self.storages:
+            self.copies += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_chains_copy_no_layout_into_the_bucketed_rows(models, shapes):
+    """A chain's row of the static layout buffers already holds the chain layout: a step of chains copies no depth or
+    mask into them (two copies per sequence and step were most of a batch-32 step's 67 host copies on the H200);
+    a tree's row is loaded, and a chain that later takes that row gets the chain layout back (its rows equal a
+    single-sequence runner's)."""
+    if shapes != "static":
+        pytest.skip("the bucketed path's own test")
+    model = models["llama"]
+    prefixes = [tokens(160 + i, n) for i, n in enumerate((4, 6, 5))]
+    runner, slots = batched_with(model, prefixes)
+    static = runner._static
+    layout = {static.depth.untyped_storage().data_ptr(), static.masks.untyped_storage().data_ptr()}
+
+    def forward(step: Step):
+        with _LayoutCopies(layout) as counted:
+            out = runner.forward(step)
+        return out, counted.copies
+
+    first = [tokens(170 + b, n) for b, n in enumerate((1, 3, 2))]
+    _, copies = forward(Step([seq(slots[b], first[b]) for b in range(3)]))
+    assert copies == 0
+    runner.commit([1, 3, 2])
+    tree_ids, chain_ids = tokens(180, 6), tokens(181, 2)
+    _, copies = forward(Step([seq(slots[0], tree_ids, TREE), seq(slots[1], chain_ids)]))
+    assert copies == 2  # the tree's depth and mask into row 0
+    runner.commit([[0, 1, 3], 2])
+    last = tokens(182, 3)
+    got, copies = forward(Step([seq(slots[0], last), seq(slots[2], tokens(183, 1))]))
+    assert copies == 2  # row 0 back to the chain layout
+    committed = torch.cat([prefixes[0], first[0], tree_ids[[0, 1, 3]]])
+    close(got.logits[:3], native(model, committed).forward(last).logits)

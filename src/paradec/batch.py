@@ -28,8 +28,11 @@ Speculation policy (`SpeculationPolicy`): from the measured step times (a step t
 not counted: it timed an eager first use or a capture) it fits t(N) = a + b·N (N: the forward's inputs) and keeps
 each sequence's tokens and draft inputs per speculative step (`speculative_rates`); each step it compares the
 expected tokens per second of speculating (Σ τ_b / t(N_spec)) with that of plain decoding (B / t(B)) and turns proposals off for the step when
-plain decoding wins (a large batch on a compute-bound forward), probing speculation again now and then (ever more
-rarely while it keeps losing). A step that speculates may also cut every proposal to a depth
+plain decoding wins (a large batch on a compute-bound forward). While it is off, a sequence whose drafter drafts on
+the host alone (pld, suffix) keeps its rates fresh with shadow drafts (`BatchDecoder._shadow`: a draft made and
+never scored, decided by the tokens the target then emits); the others get probes, speculation again now and then
+(ever more rarely while it keeps losing). The step timings are the runner's (`StepTimings`), shared by every decoder
+an engine makes over it. A step that speculates may also cut every proposal to a depth
 (`SpeculationPolicy.cap`: 8, 4, 2 or 1) when the shallower proposals promise more tokens per second: each
 sequence's acceptance and proposal depth by position, over its uncapped speculative steps (`depth_rates`), give
 the tokens and inputs expected at each depth. Until the fit has its samples it speculates, for at most
@@ -109,10 +112,50 @@ class BatchItem:
     spec_inputs: int = 0
     spec_accepted: list[int] = field(default_factory=list)
     spec_depth: list[int] = field(default_factory=list)
+    shadow: Shadow | None = None  # its draft made for nothing while speculation is off, until the target decides it
+    shadow_wait: int = 0  # steps since its last shadow draft was decided
 
     @property
     def done(self) -> bool:
         return self.result is not None or self.error is not None
+
+
+@dataclass(frozen=True)
+class Shadow:
+    """A draft made while speculation was off and not scored (`BatchDecoder._shadow`): draft node i predicts the
+    token at `start` + its depth - 1 of the sequence's tokens, so once the target has emitted `depth` more tokens,
+    what a verdict would have accepted is known. Greedy, that is the verdict's own path (the argmax is the emitted
+    token); sampling, the chance that a node's token is the one drawn is the chance a verdict accepts it when the
+    draft puts all its mass on it (the host drafters' proposals), so the counts estimate the same rates."""
+
+    start: int  # len(tokens) when drafted: the first draft level predicts tokens[start]
+    tokens: list[int]
+    parents: tuple[int, ...] | None  # None: a chain
+    depth: int
+
+    @staticmethod
+    def of(start: int, tokens: list[int], parents: tuple[int, ...] | None) -> Shadow:
+        if parents is None:
+            return Shadow(start, tokens, None, len(tokens))
+        depths: list[int] = []
+        for p in parents:
+            depths.append(1 if p < 0 else depths[p] + 1)
+        return Shadow(start, tokens, parents, max(depths))
+
+    def accepted(self, emitted: Sequence[int]) -> int:
+        """Draft tokens a verdict would have accepted, given the tokens emitted from `start` on (at least `depth`)."""
+        if self.parents is None:
+            n = 0
+            while n < self.depth and self.tokens[n] == emitted[n]:
+                n += 1
+            return n
+        at, n = -1, 0
+        while n < self.depth:
+            at = next((i for i, p in enumerate(self.parents) if p == at and self.tokens[i] == emitted[n]), None)
+            if at is None:
+                break
+            n += 1
+        return n
 
 
 @dataclass
@@ -127,6 +170,7 @@ class StepCounts:
     drained: int = 0  # steps in flight landed first because the next step had proposals
     captured: int = 0  # steps that replayed no CUDA graph: a bucket's first use (eager) or its capture (untimed)
     capture_seconds: float = 0.0  # the time of those steps
+    shadows: int = 0  # shadow drafts decided (`BatchDecoder._shadow`): a speculative step's estimates, not scored
 
 
 @dataclass
@@ -242,38 +286,28 @@ def _kept_hidden(step: Step, verdicts: list[Verdict], hidden: torch.Tensor | Non
     return kept
 
 
-class SpeculationPolicy:
-    """Per step: speculate or not, from measured step costs (see the module docstring)."""
+class StepTimings:
+    """What a batched runner's decode steps cost, measured: the steps the host waited for, (inputs, seconds), with
+    the line t(N) = a + b·N fitted to them, and the overlapped plain steps' periods. They describe the runner on its
+    device, not one batch, so an engine keeps one for its batched runner and every `BatchDecoder` over that runner
+    shares it (`Engine.batch_decoder`): a second `generate_batch` starts from what the first measured instead of
+    speculating unmeasured again (a bench row of 72 prompts at batch 8 is nine calls: each one's first 32 steps
+    speculated on no fit, 95 of its 1,165 steps, on the H200, 2026-12-03)."""
 
     window = 64  # step timings kept for the fit
-    min_samples = 8  # speculate until this many steps were timed ...
-    max_unfitted = 32  # ... for at most this many steps (then plain, with probes, until they are)
-    probe_every = 16  # while off, speculate one step in this many to refresh the estimates ...
-    max_probe_every = 256  # ... a gap that doubles with each probe that leaves it off, up to this
-    plain_every = 64  # while on and plain steps would overlap, probe them after this many steps untimed
-    plain_probe = 3  # steps a plain probe runs (two are needed for one overlapped period)
 
-    def __init__(self, mode: str = "auto") -> None:
-        if mode not in SPECULATE:
-            raise ParadecError(f"speculate must be one of {', '.join(SPECULATE)}, got {mode!r}", param="speculate")
-        self.mode = mode
+    def __init__(self) -> None:
         self.samples: deque[tuple[int, float]] = deque(maxlen=self.window)  # (inputs, seconds) of waited-for steps
         # (inputs, seconds) of overlapped plain steps: their period, which hides the host's work behind the device's
         self.plain_samples: deque[tuple[int, float]] = deque(maxlen=self.window // 4)
-        self.off_steps = 0
-        self.unfitted = 0  # steps decided before the fit had its samples
-        self.probe_gap = self.probe_every  # off steps until the next probe
-        self.on_steps = 0  # speculative steps since plain steps were last timed
-        self._probing = 0  # plain steps still to run in a plain probe
-        self.capped_steps = 0
         # per depth cut: (draft inputs per sequence, steps) measured on the steps cut there; a tree cut to depth c
         # may keep more nodes than its depth share (a drafter spends its node budget where it may)
         self.cut_inputs: dict[int, tuple[float, int]] = {}
         self._fit: tuple[float, float] | None = None  # (intercept, slope) of the samples, until the next one
 
-    def cost(self, inputs: int) -> float | None:
-        """The fitted seconds of a step of `inputs` inputs (None until enough steps were timed)."""
-        if len(self.samples) < self.min_samples:
+    def cost(self, inputs: int, min_samples: int) -> float | None:
+        """The fitted seconds of a step of `inputs` inputs (None until `min_samples` steps were timed)."""
+        if len(self.samples) < min_samples:
             return None
         if self._fit is None:
             xs = [float(n) for n, _ in self.samples]
@@ -286,6 +320,60 @@ class SpeculationPolicy:
         intercept, slope = self._fit
         return intercept + slope * inputs
 
+    def observe(self, inputs: int, seconds: float, *, overlapped: bool = False) -> None:
+        if overlapped:
+            self.plain_samples.append((inputs, seconds))
+            return
+        self.samples.append((inputs, seconds))
+        self._fit = None
+
+    def observe_cut(self, cap: int, draft_inputs_per_sequence: float) -> None:
+        mean, steps = self.cut_inputs.get(cap, (0.0, 0))
+        self.cut_inputs[cap] = ((mean * steps + draft_inputs_per_sequence) / (steps + 1), steps + 1)
+
+
+class SpeculationPolicy:
+    """Per step: speculate or not, from measured step costs (see the module docstring)."""
+
+    min_samples = 8  # speculate until this many steps were timed ...
+    max_unfitted = 32  # ... for at most this many steps (then plain, with probes, until they are)
+    probe_every = 16  # while off, speculate one step in this many to refresh the estimates ...
+    max_probe_every = 256  # ... a gap that doubles with each probe that leaves it off, up to this
+    plain_every = 64  # while on and plain steps would overlap, probe them after this many steps untimed
+    plain_probe = 3  # steps a plain probe runs (two are needed for one overlapped period)
+    # while off, a sequence whose drafter drafts on the host alone drafts for nothing once in this many steps and
+    # learns from the tokens the target then emits what its draft would have accepted (`BatchDecoder._shadow`);
+    # 0: never (probes only)
+    shadow_every = 4
+
+    def __init__(self, mode: str = "auto", timings: StepTimings | None = None) -> None:
+        if mode not in SPECULATE:
+            raise ParadecError(f"speculate must be one of {', '.join(SPECULATE)}, got {mode!r}", param="speculate")
+        self.mode = mode
+        self.timings = StepTimings() if timings is None else timings
+        self.off_steps = 0
+        self.unfitted = 0  # steps decided before the fit had its samples
+        self.probe_gap = self.probe_every  # off steps until the next probe
+        self.on_steps = 0  # speculative steps since plain steps were last timed
+        self._probing = 0  # plain steps still to run in a plain probe
+        self.capped_steps = 0
+
+    @property
+    def samples(self) -> deque[tuple[int, float]]:
+        return self.timings.samples
+
+    @property
+    def plain_samples(self) -> deque[tuple[int, float]]:
+        return self.timings.plain_samples
+
+    @property
+    def cut_inputs(self) -> dict[int, tuple[float, int]]:
+        return self.timings.cut_inputs
+
+    def cost(self, inputs: int) -> float | None:
+        """The fitted seconds of a step of `inputs` inputs (None until enough steps were timed)."""
+        return self.timings.cost(inputs, self.min_samples)
+
     def plain_cost(self, inputs: int) -> float | None:
         """The seconds of a plain step of `inputs` inputs: the overlapped plain steps' measured period when there is
         one (scaled to `inputs` by the fit), else the fit's cost."""
@@ -297,11 +385,12 @@ class SpeculationPolicy:
         at = self.cost(mean_inputs)
         return seconds if fitted is None or at is None else seconds * fitted / at
 
-    def speculate(self, taus: list[float], proposed: list[float], *, overlap: bool = False) -> bool:
+    def speculate(self, taus: list[float], proposed: list[float], *, overlap: bool = False, probe: bool = True) -> bool:
         """Whether this step speculates, for sequences expected to emit `taus` tokens per speculative step with
         `proposed` draft inputs each. `overlap`: plain steps of these sequences would overlap (`BatchDecoder`);
         then, while speculating wins, a short plain probe every `plain_every` steps times them (overlapped, a plain
-        step costs less than the fit over the steps the host waited for says)."""
+        step costs less than the fit over the steps the host waited for says). `probe`: while off, speculate now and
+        then to refresh the estimates; not needed when every sequence learns its rates from shadow drafts."""
         if self.mode != "auto":
             return self.mode == "always"
         if self._probing:
@@ -322,7 +411,7 @@ class SpeculationPolicy:
                 self._probing = self.plain_probe - 1
                 return False
             return True
-        return self._off()
+        return self._off() if probe else False
 
     def _off(self, backoff: bool = True) -> bool:
         """A step off, unless it is time for a probe. A probe is a waited-for step (the overlap is lost) and may meet
@@ -339,16 +428,12 @@ class SpeculationPolicy:
         """A step of `inputs` inputs took `seconds`; `overlapped`: a plain step's period, launched before the step
         in flight landed (timed apart: the fit is over steps the host waited for)."""
         if overlapped:
-            self.plain_samples.append((inputs, seconds))
             self.on_steps = 0
-            return
-        self.samples.append((inputs, seconds))
-        self._fit = None
+        self.timings.observe(inputs, seconds, overlapped=overlapped)
 
     def observe_cut(self, cap: int, draft_inputs_per_sequence: float) -> None:
         """A step cut to depth `cap` scored this many draft inputs per sequence (a running mean per depth)."""
-        mean, steps = self.cut_inputs.get(cap, (0.0, 0))
-        self.cut_inputs[cap] = ((mean * steps + draft_inputs_per_sequence) / (steps + 1), steps + 1)
+        self.timings.observe_cut(cap, draft_inputs_per_sequence)
 
     def cap(self, taus: list[float], proposed: list[float], depths: list[DepthRates]) -> int | None:
         """The depth this speculative step's proposals are cut to: None (as the drafters make them) or one of
@@ -474,7 +559,9 @@ class BatchDecoder:
         speculate: str = "auto",
         draft_runner=None,
         overlap: bool = True,
+        timings: StepTimings | None = None,
     ) -> None:
+        """`timings`: the runner's measured step costs, shared by the decoders over it (`StepTimings`)."""
         if not isinstance(max_running, int) or not 1 <= max_running <= runner.slots:
             raise ParadecError(
                 f"max_running must be an integer in [1, {runner.slots}] (the runner's slots), got {max_running!r}",
@@ -486,7 +573,7 @@ class BatchDecoder:
         self.runner = runner
         self.max_running = max_running
         self.prefill_chunk = prefill_chunk
-        self.policy = SpeculationPolicy(speculate)
+        self.policy = SpeculationPolicy(speculate, timings)
         self.verifier = verify_deferred  # replaceable only so tests can prove they catch a wrong one
         self._draft_runner = draft_runner  # a batched runner of the draft model, or a callable making one
         self.waiting: deque[BatchItem] = deque()
@@ -508,11 +595,11 @@ class BatchDecoder:
         batch buckets up to `max_running`, and `max_running`), so that the compilation of the batched step (12 s
         inside the first batched round of a load run on an H200, 2026-12-03) and the CUDA graphs of those sizes'
         first cache bucket happen now, not in the first requests. The prompt repeats itself, so that lookup
-        drafters propose and speculative steps are met too. What it leaves: the compiled code, the graphs and the
-        policy's step timings; not its steps (`counts` and the per-step records start again) nor its text (each
+        drafters propose and speculative steps are met too: under `auto` the warm-up speculates on every step (its
+        timings are the fit's samples of speculative steps; a fitted policy would turn them off and learn from
+        shadow drafts). What it leaves: the compiled code, the graphs and the policy's step timings; not its steps (`counts` and the per-step records start again) nor its text (each
         method forgets it: suffix's trie of earlier outputs). A method that does not batch is passed over. Returns
         the decode steps it ran and the methods it ran them with."""
-        from paradec.drafters import get_drafter
         from paradec.runners.native.graphs import B_BUCKETS
 
         if sizes is None:
@@ -520,6 +607,20 @@ class BatchDecoder:
         vocab = self.runner.vocab_size
         prompt = [(17 + 31 * i) % vocab for i in range(24)] * 3
         warmed = []
+        mode, self.policy.mode = self.policy.mode, "always" if self.policy.mode == "auto" else self.policy.mode
+        try:
+            self._warm(methods, sizes, prompt, max_new_tokens, warmed)
+        finally:
+            self.policy.mode = mode
+        steps, self.counts = self.counts.steps, StepCounts()
+        self.batch_sizes.clear()
+        self.step_inputs.clear()
+        self.step_tokens.clear()
+        return steps, warmed
+
+    def _warm(self, methods, sizes, prompt: list[int], max_new_tokens: int, warmed: list[str]) -> None:
+        from paradec.drafters import get_drafter
+
         for method in methods:
             if not get_drafter(method).batchable:
                 continue  # it runs alone (`_check_batchable`): nothing of the batch to warm
@@ -535,11 +636,6 @@ class BatchDecoder:
                 if failed is not None:
                     raise failed
             self.engine.method(method).forget()
-        steps, self.counts = self.counts.steps, StepCounts()
-        self.batch_sizes.clear()
-        self.step_inputs.clear()
-        self.step_tokens.clear()
-        return steps, warmed
 
     # --- membership ---------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> BatchItem:
@@ -681,7 +777,12 @@ class BatchDecoder:
         speculating, cap = False, 0
         if tp is None or tp.rank == 0:  # a sharded target's ranks take rank 0's choice (each times its own steps)
             taus, proposed = speculative_rates(items)
-            speculating = self.policy.speculate(taus, proposed, overlap=self._plain(items, speculating=False))
+            speculating = self.policy.speculate(
+                taus,
+                proposed,
+                overlap=self._plain(items, speculating=False),
+                probe=not all(self._shadows(it) for it in items),
+            )
             cap = self.policy.cap(taus, proposed, depth_rates(items)) if speculating else 0
         if tp is not None:
             speculating, cap = tp.agree((speculating, cap))
@@ -701,6 +802,7 @@ class BatchDecoder:
             # one step's period: this one's launch to the last one's landing
             if self._timed(misses, started) and inflight is not None:
                 self.policy.observe(inflight.step.size, time.perf_counter() - started, overlapped=True)
+            self._shadow(launching)  # (after the period: the host works while the launched step runs)
             return touched
         proposing = speculating and any(it.decoding.drafter.drafts for it in items)
         counts.speculative += proposing
@@ -735,20 +837,71 @@ class BatchDecoder:
             kept = _kept_hidden(step, verdicts, out.hidden)
             if speculating and cap is None:  # what the drafters propose on their own: the policy's estimates
                 for it, verdict in zip(group, verdicts, strict=True):
-                    it.spec_steps += 1
-                    it.spec_tokens += len(verdict.tokens)
-                    it.spec_inputs += verdict.proposed
-                    bump(it.spec_accepted, verdict.accepted)
-                    bump(it.spec_depth, verdict.depth)
+                    self._decided(it, verdict.proposed, verdict.accepted, verdict.depth)
             advanced, tokens = self._advance(step, group, verdicts, out.hidden, kept)
             touched += advanced
             emitted += tokens
         self._count(len(items), inputs, emitted)
+        if not speculating:
+            self._shadow([it for it in items if not it.done])
         if cap and stepped:  # a cut step: what the drafters proposed under it
             self.policy.observe_cut(cap, (inputs - stepped) / stepped)
         if self._timed(misses, started):  # a step that met a new graph bucket timed that, not the step
             self.policy.observe(inputs, time.perf_counter() - started)
         return touched
+
+    def _shadows(self, item: BatchItem) -> bool:
+        """Whether `item` learns its speculative rates from shadow drafts while speculation is off: its drafter
+        drafts on the host alone, from the tokens (`Drafter.idle_skips_propose`: pld, suffix), and the policy
+        decides (`auto`, `shadow_every` > 0)."""
+        drafter = item.decoding.drafter
+        return (
+            self.policy.mode == "auto"
+            and self.policy.shadow_every > 0
+            and drafter.drafts
+            and drafter.idle_skips_propose
+            and not drafter.needs_hidden
+        )
+
+    def _shadow(self, items: list[BatchItem]) -> None:
+        """After a step without proposals: each sequence that shadows (`_shadows`), has no shadow draft pending and
+        has waited `shadow_every` steps since its last drafts for nothing (`Shadow`): host work only, no input
+        scored. An empty draft is decided at once (a speculative step of one token and no draft input)."""
+        budget = None
+        for it in items:
+            if it.shadow is not None or it.done or not self._shadows(it):
+                continue
+            it.shadow_wait += 1
+            if it.shadow_wait < self.policy.shadow_every:
+                continue
+            if budget is None:
+                budget = self._within_budget(None, len(items))
+            decoding = it.decoding
+            tokens, parents = decoding.drafter.draft(decoding.state, decoding.max_tokens(budget))
+            it.shadow_wait = 0
+            if tokens:
+                it.shadow = Shadow.of(len(decoding.state.tokens), list(tokens), parents)
+            else:
+                self._decided(it, 0, 0, 0)
+
+    def _settle_shadow(self, item: BatchItem) -> None:
+        """Decide `item`'s shadow draft once the target has emitted the tokens it predicted."""
+        shadow, tokens = item.shadow, item.decoding.state.tokens
+        if shadow is None or len(tokens) < shadow.start + shadow.depth:
+            return
+        item.shadow = None
+        accepted = shadow.accepted(tokens[shadow.start : shadow.start + shadow.depth])
+        self._decided(item, len(shadow.tokens), accepted, shadow.depth)
+        self.counts.shadows += 1
+
+    @staticmethod
+    def _decided(item: BatchItem, proposed: int, accepted: int, depth: int) -> None:
+        """One uncapped speculative step of `item` (scored, or a shadow draft's), for the policy's estimates."""
+        item.spec_steps += 1
+        item.spec_tokens += accepted + 1
+        item.spec_inputs += proposed
+        bump(item.spec_accepted, accepted)
+        bump(item.spec_depth, depth)
 
     def _within_budget(self, cap: int | None, sequences: int) -> int | None:
         """`cap` lowered so that a step of `sequences` stays within the runner's largest bucketed step
@@ -855,6 +1008,7 @@ class BatchDecoder:
             before = len(it.decoding.new_ids)
             piece = it.decoding.advance(step, b, verdicts[b], hidden, kept=kept[b])
             tokens += len(it.decoding.new_ids) - before
+            self._settle_shadow(it)
             if piece:
                 it.pieces.append(piece)
             if it.decoding.finish:

@@ -61,8 +61,9 @@ class Engine:
         self._methods: dict[str, Method] = {}  # one per method name, made on first use
         self._methods_lock = threading.Lock()  # requests may be built on several threads
         self._batched = None  # the batched runner over the target's weights (`batch_decoder`), made on first use
-        self.last_batch_counts = None  # the steps of the last `generate_batch` (`paradec.batch.StepCounts`)
         self._batched_draft = None  # ... and over the draft model's
+        self._batch_timings = None  # ... and what its steps cost, measured (`paradec.batch.StepTimings`)
+        self.last_batch_counts = None  # the steps of the last `generate_batch` (`paradec.batch.StepCounts`)
 
     # --- resources lent to drafters -------------------------------------------------------------------------
     def draft_runner(self) -> Runner:
@@ -300,7 +301,7 @@ class Engine:
         cache slots, sharing the target's weights; a later call may ask for at most as many). Needs the native
         runner; the generic HF runner decodes one sequence at a time. `overlap`: steps without proposals launch
         before the step in flight lands (`BatchDecoder`)."""
-        from paradec.batch import DEFAULT_PREFILL_CHUNK, BatchDecoder
+        from paradec.batch import DEFAULT_PREFILL_CHUNK, BatchDecoder, StepTimings
         from paradec.runners.native import BatchedNativeRunner, NativeRunner
 
         if not isinstance(self.target, NativeRunner):
@@ -317,6 +318,8 @@ class Engine:
                 runner = BatchedNativeRunner.sharing(self.target, max_running)
                 self._batched = runner
                 self._batched_draft = None
+                self._batch_timings = StepTimings()
+            timings = self._batch_timings
 
         def draft_runner():
             if self._batched_draft is None:
@@ -334,6 +337,7 @@ class Engine:
             speculate=speculate,
             draft_runner=draft_runner,
             overlap=overlap,
+            timings=timings,
         )
 
     def generate_batch(

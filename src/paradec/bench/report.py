@@ -305,15 +305,17 @@ def _batch_steps_lines(records: list[dict]) -> list[str]:
         "Decode steps of the timed batched runs by kind: speculative (the policy let the drafters propose; capped: cut "
         "to a depth), without proposals (launched before the step in flight landed: overlapped), drained (a step in "
         "flight landed early because the next one had proposals), and those that met a new CUDA graph bucket (its "
-        "first use runs eagerly, its second captures it; their seconds are inside the row's wall time).",
+        "first use runs eagerly, its second captures it; their seconds are inside the row's wall time); shadow "
+        "drafts: drafts made while speculation was off and decided by the tokens the target then emitted (never "
+        "scored: the policy's estimates).",
         "",
-        "| row | steps | speculative | capped | without proposals | overlapped | drained | new bucket (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | steps | speculative | capped | without proposals | overlapped | drained | new bucket (s) | shadow drafts |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, c in rows.items():
         lines.append(
             f"| {name} | {c['steps']} | {c['speculative']} | {c['capped']} | {c['plain']} | {c['overlapped']} | "
-            f"{c['drained']} | {c['captured']} ({c['capture_seconds']:.2f}) |"
+            f"{c['drained']} | {c['captured']} ({c['capture_seconds']:.2f}) | {c.get('shadows', 0)} |"
         )
     return [*lines, ""]
 
