@@ -43,7 +43,9 @@ def alone(engine, prompt, method, **kw):
 
 @pytest.mark.parametrize("method", ["vanilla", "pld", "lookahead", "jacobi", "draft", "medusa", "eagle"])
 def test_greedy_batch_equals_each_sequence_alone(code_engine, method):
-    results = code_engine.generate_batch(PROMPTS, method=method, max_new_tokens=NEW)
+    # speculating on every step: the engine's decoders share its step timings, and a fitted policy may turn
+    # speculation off on these steps (the tests of the policy are below)
+    results = code_engine.generate_batch(PROMPTS, method=method, max_new_tokens=NEW, speculate="always")
     for prompt, result in zip(PROMPTS, results, strict=True):
         single = alone(code_engine, prompt, method)
         assert result.token_ids == single.token_ids, (method, prompt)
@@ -72,7 +74,7 @@ def static_engine():
 
 @pytest.mark.parametrize("method", ["vanilla", "pld", "draft", "eagle", "lookahead"])
 def test_bucketed_steps_equal_each_sequence_alone(static_engine, code_engine, method):
-    results = static_engine.generate_batch(PROMPTS, method=method, max_new_tokens=NEW)
+    results = static_engine.generate_batch(PROMPTS, method=method, max_new_tokens=NEW, speculate="always")
     assert static_engine._batched._static is not None  # the padded runner of the fixture did the steps
     for prompt, result in zip(PROMPTS, results, strict=True):
         assert result.token_ids == alone(code_engine, prompt, method).token_ids, (method, prompt)
@@ -139,7 +141,7 @@ def test_greedy_batch_equals_transformers(engines, hf_models, arch):
 
 def test_acceptance_is_ragged_inside_one_step(code_engine):
     """Some step must accept drafts for one sequence and none for another: the case padded batches get wrong."""
-    decoder = code_engine.batch_decoder(len(PROMPTS))
+    decoder = code_engine.batch_decoder(len(PROMPTS), speculate="always")
     items = [decoder.submit(code_engine.request(p, method="pld", max_new_tokens=NEW)) for p in PROMPTS]
     ragged = 0
     while not all(item.done for item in items):
@@ -155,7 +157,7 @@ def test_acceptance_is_ragged_inside_one_step(code_engine):
 
 def test_mixed_methods_share_a_step(code_engine):
     methods = ["vanilla", "pld", "draft", "medusa", "eagle"]
-    decoder = code_engine.batch_decoder(len(methods))
+    decoder = code_engine.batch_decoder(len(methods), speculate="always")
     items = [
         decoder.submit(code_engine.request(p, method=m, max_new_tokens=NEW))
         for p, m in zip(PROMPTS, methods, strict=True)
@@ -169,7 +171,7 @@ def test_mixed_methods_share_a_step(code_engine):
 
 def test_sequences_join_and_leave(code_engine):
     """Continuous batching: 2 slots for 5 requests of different lengths; a request submitted while others run."""
-    decoder = code_engine.batch_decoder(2, prefill_chunk=3)
+    decoder = code_engine.batch_decoder(2, prefill_chunk=3, speculate="always")
     lengths = [5, 30, 12, 8, 20]
     items = [
         decoder.submit(code_engine.request(p, method="pld", max_new_tokens=n))
@@ -301,7 +303,7 @@ def test_medusa_sequences_share_one_head_forward_per_step(code_engine):
 
 
 def test_cancelling_one_sequence_leaves_the_others_unchanged(code_engine):
-    decoder = code_engine.batch_decoder(3)
+    decoder = code_engine.batch_decoder(3, speculate="always")
     prompts = [PROMPTS[0], PROMPTS[2], PROMPTS[4]]
     items = [decoder.submit(code_engine.request(p, method="draft", max_new_tokens=64)) for p in prompts]
     for _ in range(2):
