@@ -701,3 +701,42 @@ def test_decoders_over_one_runner_share_its_step_timings(code_engine):
     second = code_engine.batch_decoder(2)
     assert second.policy.timings is first.policy.timings and second.policy.cost(4) is not None
     assert second.policy is not first.policy and second.policy.unfitted == 0
+
+
+class Marginal(SpeculationPolicy):
+    """Speculates on every step, as a fitted policy expecting `gain` times plain decoding's tokens per second."""
+
+    shadow_every = 0
+
+    def __init__(self, gain: float) -> None:
+        super().__init__("auto")
+        self.fixed_gain = gain
+
+    def speculate(self, taus, proposed, **kw) -> bool:
+        self.gain = self.fixed_gain
+        return True
+
+    def cap(self, taus, proposed, depths):
+        return None
+
+
+@pytest.mark.parametrize("gain, new_graph, dropped", [(1.1, True, True), (2.0, True, False), (1.1, False, False)])
+def test_a_marginal_step_does_not_meet_a_new_graph(code_engine, monkeypatch, gain, new_graph, dropped):
+    """A speculative step that would meet an uncaptured graph bucket (tens of ms on a GPU) runs without its
+    proposals unless the policy expects a clear gain (`NEW_GRAPH_GAIN`); the outputs stay each sequence's own, and
+    the dropped steps' proposals do not enter the estimates (as unaccepted drafts)."""
+    decoder = code_engine.batch_decoder(3)
+    decoder.policy = Marginal(gain)
+    monkeypatch.setattr(type(decoder.runner), "meets_new_graph", lambda self, step, hidden=False: new_graph)
+    items = [decoder.submit(code_engine.request(p, method="pld", max_new_tokens=NEW)) for p in PROMPTS[:3]]
+    for _ in decoder.run(items):
+        pass
+    for prompt, item in zip(PROMPTS, items, strict=False):
+        assert item.result.token_ids == alone(code_engine, prompt, "pld").token_ids
+    if dropped:
+        assert decoder.counts.dropped > 0 and decoder.step_inputs == decoder.batch_sizes
+        # (a step whose proposals were empty anyway is a speculative step of one token: it counts)
+        assert all(it.spec_inputs == 0 and not any(it.spec_accepted) for it in items)
+    else:
+        assert decoder.counts.dropped == 0 and max(decoder.step_inputs) > 3
+        assert all(it.spec_steps > 0 for it in items)

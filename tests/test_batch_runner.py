@@ -632,3 +632,27 @@ def test_chains_copy_no_layout_into_the_bucketed_rows(models, shapes):
     assert copies == 2  # row 0 back to the chain layout
     committed = torch.cat([prefixes[0], first[0], tree_ids[[0, 1, 3]]])
     close(got.logits[:3], native(model, committed).forward(last).logits)
+
+
+def test_a_step_says_whether_it_meets_a_new_graph(models, shapes):
+    """`meets_new_graph`: the key a step would replay is `StaticRagged.key`'s, the one the forward then uses; it
+    is new until the bank holds it. Without a bank (no graphs: the CPU default) no step meets one."""
+    from paradec.runners.native.graphs import GraphBank
+
+    if shapes != "static":
+        pytest.skip("the bucketed path's own test")
+    model = models["llama"]
+    prefixes = [tokens(190 + i, n) for i, n in enumerate((4, 6))]
+    runner, slots = batched_with(model, prefixes)
+    step = Step([seq(slots[0], tokens(195, 3)), seq(slots[1], tokens(196, 6), TREE)])
+    assert not runner.meets_new_graph(step)  # no bank
+    static = runner._static
+    static.bank = GraphBank(torch.device("cpu"), capture_after=10**9)  # eager, the keys it met kept
+    assert runner.meets_new_graph(step)
+    runner.forward(step)
+    (key,) = static.bank._uses
+    assert key == static.key(list(step.slots), list(step.sizes), [4, 6] + [0] * (runner.slots - 2), ())
+    runner.cancel()
+    static.bank.graphs[key] = object()  # as if captured
+    assert not runner.meets_new_graph(step)
+    assert runner.meets_new_graph(Step([seq(slots[0], tokens(197, 9)), seq(slots[1], tokens(198, 1))]))

@@ -32,7 +32,8 @@ plain decoding wins (a large batch on a compute-bound forward). While it is off,
 the host alone (pld, suffix) keeps its rates fresh with shadow drafts (`BatchDecoder._shadow`: a draft made and
 never scored, decided by the tokens the target then emits); the others get probes, speculation again now and then
 (ever more rarely while it keeps losing). The step timings are the runner's (`StepTimings`), shared by every decoder
-an engine makes over it. A step that speculates may also cut every proposal to a depth
+an engine makes over it. A speculative step of host drafters that would meet a graph bucket not captured yet runs
+without its proposals unless the expected gain is clear (`NEW_GRAPH_GAIN`). A step that speculates may also cut every proposal to a depth
 (`SpeculationPolicy.cap`: 8, 4, 2 or 1) when the shallower proposals promise more tokens per second: each
 sequence's acceptance and proposal depth by position, over its uncapped speculative steps (`depth_rates`), give
 the tokens and inputs expected at each depth. Until the fit has its samples it speculates, for at most
@@ -170,6 +171,7 @@ class StepCounts:
     drained: int = 0  # steps in flight landed first because the next step had proposals
     captured: int = 0  # steps that replayed no CUDA graph: a bucket's first use (eager) or its capture (untimed)
     capture_seconds: float = 0.0  # the time of those steps
+    dropped: int = 0  # speculative steps run without their proposals: they would have met a new graph bucket
     shadows: int = 0  # shadow drafts decided (`BatchDecoder._shadow`): a speculative step's estimates, not scored
 
 
@@ -357,6 +359,9 @@ class SpeculationPolicy:
         self.on_steps = 0  # speculative steps since plain steps were last timed
         self._probing = 0  # plain steps still to run in a plain probe
         self.capped_steps = 0
+        # the last decision's expected tokens per second speculating over those of plain decoding (None: not
+        # decided from the fit: a fixed mode, a plain probe, no fit yet)
+        self.gain: float | None = None
 
     @property
     def samples(self) -> deque[tuple[int, float]]:
@@ -391,6 +396,7 @@ class SpeculationPolicy:
         then, while speculating wins, a short plain probe every `plain_every` steps times them (overlapped, a plain
         step costs less than the fit over the steps the host waited for says). `probe`: while off, speculate now and
         then to refresh the estimates; not needed when every sequence learns its rates from shadow drafts."""
+        self.gain = None
         if self.mode != "auto":
             return self.mode == "always"
         if self._probing:
@@ -404,7 +410,8 @@ class SpeculationPolicy:
             # steps, plain decoding until probes have timed enough
             self.unfitted += 1
             return self.unfitted <= self.max_unfitted or self._off(backoff=False)
-        if sum(taus) / spec >= batch / plain:
+        self.gain = (sum(taus) / spec) / (batch / plain)
+        if self.gain >= 1.0:
             self.off_steps, self.probe_gap = 0, self.probe_every
             self.on_steps += 1
             if overlap and self.on_steps % self.plain_every == 0:
@@ -466,6 +473,10 @@ class SpeculationPolicy:
         return None if self.capped_steps % self.probe_every == 0 else best
 
 
+# a speculative step that would meet a CUDA graph bucket not captured yet (its first uses run eagerly, then the
+# capture: 35-90 ms each for the 1.5B on an H200, against a 3-5 ms step) keeps its proposals only where the policy
+# expects speculating to beat plain decoding by this much; else it runs without them (host drafters only)
+NEW_GRAPH_GAIN = 1.25
 CAPS = (8, 4, 2, 1)  # the depths a speculative step may cut its proposals to (`SpeculationPolicy.cap`)
 CAP_GAIN = 1.02  # a cut must promise this many times the uncapped step's tokens per second
 MEASURED_CUT_STEPS = 3  # steps cut to a depth after which its measured draft inputs replace the estimate
@@ -821,11 +832,14 @@ class BatchDecoder:
         if False in groups and len(groups) > 1:
             plain = groups.pop(False)
             groups[next(iter(groups))] += plain
-        inputs, stepped, emitted = 0, 0, 0
+        inputs, stepped, emitted, dropped_any = 0, 0, 0, False
         for needs, group in groups.items():
             try:
                 proposals = _propose(group, self._within_budget(cap, len(group)))
                 step = Step([it.decoding.inputs(it.slot, proposal=p) for it, p in zip(group, proposals, strict=True)])
+                dropped = self._drop(step, group, needs)
+                if dropped:
+                    step = Step([it.decoding.inputs(it.slot, proposal=self._no_proposal()) for it in group])
                 out = self.runner.forward(step, logits="all", hidden=needs)
                 verdicts = self._verify(step, group, out.logits)
                 self.runner.commit([Step.keep(v) for v in verdicts])
@@ -834,8 +848,9 @@ class BatchDecoder:
                 continue
             inputs += step.size
             stepped += len(group)
+            dropped_any |= dropped
             kept = _kept_hidden(step, verdicts, out.hidden)
-            if speculating and cap is None:  # what the drafters propose on their own: the policy's estimates
+            if speculating and cap is None and not dropped:  # what the drafters propose: the policy's estimates
                 for it, verdict in zip(group, verdicts, strict=True):
                     self._decided(it, verdict.proposed, verdict.accepted, verdict.depth)
             advanced, tokens = self._advance(step, group, verdicts, out.hidden, kept)
@@ -844,11 +859,32 @@ class BatchDecoder:
         self._count(len(items), inputs, emitted)
         if not speculating:
             self._shadow([it for it in items if not it.done])
-        if cap and stepped:  # a cut step: what the drafters proposed under it
+        if cap and stepped and not dropped_any:  # a cut step: what the drafters proposed under it
             self.policy.observe_cut(cap, (inputs - stepped) / stepped)
         if self._timed(misses, started):  # a step that met a new graph bucket timed that, not the step
             self.policy.observe(inputs, time.perf_counter() - started)
         return touched
+
+    def _drop(self, step: Step, group: list[BatchItem], hidden) -> bool:
+        """Whether this speculative step runs without its proposals (`NEW_GRAPH_GAIN`): the policy decided it from
+        the fit, expects less than that gain, every drafter of the group drafts on the host alone (its proposals
+        may go unscored), and the step would meet a graph bucket not captured yet."""
+        gain = self.policy.gain
+        if gain is None or gain >= NEW_GRAPH_GAIN or step.size == len(group):
+            return False
+        if self.runner.model.tp is not None:  # (the other ranks do not decide: they would not drop alike)
+            return False
+        if not all(it.decoding.drafter.idle_skips_propose for it in group):
+            return False
+        if not self.runner.meets_new_graph(step, hidden):
+            return False
+        self.counts.dropped += 1
+        return True
+
+    def _no_proposal(self) -> Proposal:
+        if self._empty is None:
+            self._empty = Proposal.empty(self.runner.device)
+        return self._empty
 
     def _shadows(self, item: BatchItem) -> bool:
         """Whether `item` learns its speculative rates from shadow drafts while speculation is off: its drafter
@@ -941,12 +977,10 @@ class BatchDecoder:
         is greedy), the commit of each pending token, each sequence's next pending token left on the device
         (`Decoding.launched`) and the copy of the verdicts' host values. Nothing here waits for the device; `_land`
         finishes the verdicts. A failed forward fails its sequences (the second value: those it touched)."""
-        if self._empty is None:
-            self._empty = Proposal.empty(self.runner.device)
         greedy = all(it.decoding.sampling.greedy for it in items)
         deferred: list[Deferred] | None = None
         try:
-            step = Step([it.decoding.inputs(it.slot, proposal=self._empty) for it in items])
+            step = Step([it.decoding.inputs(it.slot, proposal=self._no_proposal()) for it in items])
             logits = self.runner.forward(step, logits="all").logits  # [B, V]: one row per sequence
             rows = step.split(logits)
             if greedy:

@@ -235,6 +235,17 @@ class BatchedNativeRunner:
         CUDA graph); None without static shapes (every step runs unbucketed)."""
         return None if self._static is None else self._static.max_inputs
 
+    def meets_new_graph(self, step: Step, hidden: HiddenWanted = False) -> bool:
+        """Whether `step` (a forward not yet run) would replay no CUDA graph: a bucketed step whose bucket is not
+        captured yet (its first uses run eagerly, then it is captured: tens of ms each for the 1.5B on an H200).
+        False without graphs, and for a step too wide for the buckets (it runs unbucketed either way)."""
+        static = self._static
+        if static is None or static.bank is None or not static.fits(step.size, max(step.sizes)):
+            return False
+        taps = layer_taps(hidden, self.num_layers, "the batched native runner")
+        lengths = self.cache.lengths
+        return not static.captured(static.key([s.slot for s in step.seqs], list(step.sizes), lengths, taps))
+
     @property
     def graph_misses(self) -> int:
         """Batched steps so far that replayed no CUDA graph: a bucket's first use (run eagerly) or its capture."""

@@ -314,6 +314,20 @@ class StaticRagged:
     def fits(self, n_inputs: int, n_max: int) -> bool:
         return n_inputs <= self.max_inputs and n_max <= self.max_seq_inputs
 
+    def key(self, slot_ids: list[int], sizes: list[int], lengths: list[int], taps: tuple[int, ...]) -> tuple:
+        """The graph key of a step of sequences in `slot_ids` with `sizes` inputs each, at the slots' committed
+        `lengths`: (padded sequences, flat inputs, inputs per sequence, cache columns, slot placement, taps)."""
+        B = len(slot_ids)
+        nq, Bq = query_bucket(max(sizes)), batch_bucket(B, self.scratch)
+        Nq = flat_bucket(sum(sizes), Bq, self.max_inputs)
+        kv = kv_bucket(max(lengths[slot] + size for slot, size in zip(slot_ids, sizes)), self.cache.capacity)
+        view = slot_ids == list(range(B)) and Bq <= self.cache.slots  # slots 0 .. B-1 (see the class docstring)
+        return Bq, Nq, nq, kv, (0, Bq) if view else None, taps
+
+    def captured(self, key: tuple) -> bool:
+        """Whether a step of graph `key` replays a captured graph (True without capture: nothing to meet)."""
+        return self.bank is None or key in self.bank.graphs
+
     def __call__(
         self,
         tokens: torch.Tensor,  # [N] on the device
@@ -325,11 +339,9 @@ class StaticRagged:
         hidden state): views of static buffers, valid until the next call."""
         N, B = tokens.shape[0], len(seqs)
         sizes = [size for _, size, _, _ in seqs]
-        nq, Bq = query_bucket(max(sizes)), batch_bucket(B, self.scratch)
-        Nq = flat_bucket(N, Bq, self.max_inputs)
-        kv = kv_bucket(max(lengths[slot] + size for slot, size, _, _ in seqs), self.cache.capacity)
         slot_ids = [slot for slot, _, _, _ in seqs]
-        view = slot_ids == list(range(B)) and Bq <= self.cache.slots  # slots 0 .. B-1 (see the class docstring)
+        Bq, Nq, nq, kv, slot_range, _ = self.key(slot_ids, sizes, lengths, taps)
+        view = slot_range is not None
         dummies = list(range(B, Bq)) if view else [self.scratch] * (Bq - B)
         starts = [lengths[slot] for slot in slot_ids]
         for b, (_, size, depth, mask) in enumerate(seqs):
@@ -361,7 +373,6 @@ class StaticRagged:
         self.tokens[:N].copy_(tokens, non_blocking=True)
         if taps and taps not in self.layer_states:
             self.layer_states[taps] = self.hidden.new_zeros(self.hidden.shape[0], len(taps) * self.hidden.shape[1])
-        slot_range = (0, Bq) if view else None
 
         def step() -> None:
             rows_in, rows_out, row_slots, columns, seq, within = self.index[: 6 * Nq].view(6, Nq)
