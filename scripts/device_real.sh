@@ -12,7 +12,9 @@
 # time, and 24 calls sent behind a refused first one cost 526 s (2026-12-03). Run
 # from the repo root:
 #   stage    append the carried chunks (.gpu-chunks/stage.sh), in order, whatever order they came in (a chunk that
-#            came early waits in $STAGE/parts); installs the carried .whl/ wheels (gguf) once
+#            came early waits in $STAGE/parts); installs the carried .whl/ wheels once: gguf and the serve extra
+#            (`pip download -d .whl --python-version 3.12 --platform manylinux2014_x86_64 --only-binary=:all:
+#            gguf fastapi uvicorn`; on 2026-12-04 the machine lacked fastapi and every server bench failed to start)
 #   start    start the chain in the background (it waits for the files it needs) and return
 #   start-m11  start this session's chain instead (2026-12-03, second session; the 1.5B only): the CUDA-only tests
 #            while the 1.5B is staged (start it with the call that carries .whl/), then issue 18's rows (vanilla,
@@ -28,6 +30,10 @@
 #            batched step (no layout copies for chains, step timings shared by an engine's decoders, shadow drafts
 #            instead of probes for host drafters), a batch-8 pld step speculating on every step profiled by phase,
 #            a batch-32 vanilla step's profile, and multisample
+#   start-m14  (2026-12-04) issue 18 after the joining sequences' prompt chunks share one forward (they were fed one
+#            sequence at a time): the new CUDA test beside the staging, issue 18's rows at batch 1-64, the server
+#            under load in the default and the exact mode, a batch-8 pld and a batch-32 vanilla step profiled, then
+#            the CUDA-only tests
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log,
 #            and copy what it wrote so far to $OUT, as collect does
 #            (a scripts/gpu_next.sh in the tree of a `wait` call replaces the chain once its log shows NEXT_AT,
@@ -249,10 +255,30 @@ m13b_part() {  # the same session's second machine (the first was taken back mid
     echo "M13B DONE $(date +%T)"
 }
 
+m14_part() {  # 2026-12-04: see the usage above
+    set -e
+    mkdir -p $RES
+    convert $Q15 &  # waits for the staged file
+    echo "PREFILL TESTS $(date +%T)"
+    (cd "$SNAPSHOT/.." && python3 -m pytest -q -o addopts="" -p no:cacheprovider -p no:logging \
+        tests/test_exact_cuda.py -k "prefilled_together" > $RES/prefill-tests.log 2>&1) || echo "prefill tests exit $?"
+    tail -n 2 $RES/prefill-tests.log
+    wait
+    CHAT_PC=6 bench $Q15 chat q15-batch --methods vanilla,pld,suffix --batch-sizes 1,8,32,64 $QWEN_BENCH
+    load_benches 2
+    echo "LOAD EXACT $(date +%T)"
+    pd bench --suite chat --per-category 2 --model $Q15 --methods vanilla,pld --concurrency 1,16,32 --exact \
+        --out $RES/q15-load-exact --quiet || echo "load exit $?"
+    batch_profile 8 pld off always
+    batch_profile 32 vanilla off
+    exact_tests
+    echo "M14 DONE $(date +%T)"
+}
+
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
     export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain \
         exact_tests samples_bench load_benches batch_profile runner_profile q15_batch_rows m11_part m12_part \
-        m13_part m13b_part
+        m13_part m13b_part m14_part
     snapshot
     rm -f $DONE
     # its own bash, so that `set -e` ends the part alone
@@ -277,8 +303,9 @@ stage)
     bash .gpu-chunks/stage.sh
     for c in "$STAGE"/parts/*.[0-9][0-9][0-9]; do [ -f "$STAGE/$(basename "$c").done" ] && rm -f "$c"; done
     ;;
-start|start-m11|start-m12|start-m13|start-m13b)
-    declare -A PART=([start]=chain [start-m11]=m11_part [start-m12]=m12_part [start-m13]=m13_part [start-m13b]=m13b_part)
+start|start-m11|start-m12|start-m13|start-m13b|start-m14)
+    declare -A PART=([start]=chain [start-m11]=m11_part [start-m12]=m12_part [start-m13]=m13_part [start-m13b]=m13b_part
+        [start-m14]=m14_part)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     launch "${PART[$1]}"
     sleep 20
@@ -313,7 +340,7 @@ bench)
     tail -n 3 $LOG
     ;;
 *)
-    echo "usage: $0 stage|start|start-m11|start-m12|start-m13|start-m13b|wait|collect|bench" >&2
+    echo "usage: $0 stage|start|start-m11|start-m12|start-m13|start-m13b|start-m14|wait|collect|bench" >&2
     exit 2
     ;;
 esac

@@ -740,3 +740,156 @@ def test_a_marginal_step_does_not_meet_a_new_graph(code_engine, monkeypatch, gai
     else:
         assert decoder.counts.dropped == 0 and max(decoder.step_inputs) > 3
         assert all(it.spec_steps > 0 for it in items)
+
+
+@pytest.mark.parametrize(
+    ("method", "budget", "forwards"),
+    [("pld", 4096, [5]), ("eagle", 4096, [5]), ("pld", 36, None)],  # eagle: the prefill's hidden states
+)
+def test_joining_sequences_prefill_together(code_engine, method, budget, forwards):
+    """The prompt chunks of the sequences that join in a step go through one forward (one per kind of hidden
+    state their drafters want), within `prefill_tokens` padded inputs (sequences x the longest chunk); what does not
+    fit waits for a later step. Each sequence still emits what it emits alone."""
+    decoder = BatchDecoder(
+        code_engine, code_engine.batch_decoder(6).runner, max_running=6, prefill_chunk=12, prefill_tokens=budget,
+        speculate="always", timings=StepTimings(),
+    )  # fmt: skip
+    prompts = [*PROMPTS, [7]]  # the last: one token, nothing to feed before its first step
+    requests = [code_engine.request(p, method=method, max_new_tokens=NEW) for p in prompts]
+    lengths = [len(r.prompt_ids) - 1 for r in requests]  # fed before the first step
+    assert lengths[-1] == 0 and min(lengths[:-1]) >= 1 and sorted(lengths)[-3] > 12
+    items = [decoder.submit(r) for r in requests]
+    with counting(decoder.runner, "prefill") as calls:
+        decoder.step()
+        assert items[-1].prefilled  # it decodes from the next step on
+        if forwards is not None:
+            assert [len(chains) for chains in calls] == forwards  # all five others in one forward
+            assert [len(ids) for _, ids in calls[0]] == [min(12, n) for n in lengths if n]
+        for _ in decoder.run(items):
+            pass
+    fed = Counter()
+    for chains in calls:
+        assert len(chains) * max(len(ids) for _, ids in chains) <= budget
+        for slot, ids in chains:
+            fed[slot] += len(ids)
+    if forwards is None:
+        assert len(calls) > 2 and max(len(chains) for chains in calls) == 3  # 3 x 12 <= 36 < 4 x 12
+    assert sorted(fed.values()) == sorted(n for n in lengths if n)  # every prompt fed once, in chunks
+    for prompt, item in zip(prompts, items, strict=True):
+        assert item.result.token_ids == alone(code_engine, prompt, method).token_ids, (method, prompt)
+
+
+def test_prefill_tokens_must_be_a_positive_integer(code_engine):
+    runner = code_engine.batch_decoder(2).runner
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ParadecError, match=rf"prefill_tokens must be an integer >= 1, got {bad!r}") as info:
+            BatchDecoder(code_engine, runner, max_running=2, prefill_tokens=bad)
+        assert info.value.param == "prefill_tokens"
+
+
+def test_a_wave_shares_a_forward_only_when_feeding_alone_costs_more(static_engine, code_engine, monkeypatch):
+    """With CUDA graph buckets (the CUDA default), a chunk that fits them replays a graph alone, while one unbucketed
+    forward costs about `SHARED_PREFILL` of those: a few short chunks are fed one by one on the buckets, and a wave
+    of chunks too long for the buckets (each an unbucketed forward alone) shares one forward. Outputs as alone."""
+    runner = static_engine._batched
+    assert runner.bucketed_chunk == 128
+    calls = []
+    real = runner.prefill
+
+    def recording(chains, **kw):
+        calls.append(([len(ids) for _, ids in chains], kw["bucketed"]))
+        return real(chains, **kw)
+
+    monkeypatch.setattr(runner, "prefill", recording)
+    vocab = runner.vocab_size
+    short = [(3 + 7 * i) % vocab for i in range(40)]
+    long = [(5 + 11 * i) % vocab for i in range(300)]
+    for prompts, expect in (
+        ([short, short[:30], short[:20]], [([39], True), ([29], True), ([19], True)]),
+        ([long, long[:200], short], [([299, 199, 39], False)]),  # alone: 8 + 8 + 1 > 8
+    ):
+        calls.clear()
+        decoder = BatchDecoder(static_engine, runner, max_running=3, speculate="always", timings=StepTimings())
+        items = [decoder.submit(static_engine.request(p, method="pld", max_new_tokens=8)) for p in prompts]
+        for _ in decoder.run(items):
+            pass
+        assert calls == expect
+        for prompt, item in zip(prompts, items, strict=True):
+            assert item.result.token_ids == alone(code_engine, prompt, "pld", max_new_tokens=8).token_ids
+
+
+def test_warm_up_runs_the_unbucketed_prefill_forwards_once_per_kind_of_hidden_state(static_engine, monkeypatch):
+    """With buckets, a warm-up's batches feed their short prompts on the buckets (or in one wave over consecutive
+    slots): it then runs the unbucketed prefills that serving meets first otherwise (a compilation of seconds on
+    CUDA), a chunk too long for the buckets alone and a wave over slots out of order, once for each kind of hidden
+    state its methods want (pld: none; eagle: its layers), and leaves every slot free."""
+    runner = static_engine._batched
+    calls = []
+    real = runner.prefill
+
+    def recording(chains, **kw):
+        if not kw.get("bucketed"):
+            calls.append(([slot for slot, _ in chains], [len(ids) for _, ids in chains], kw.get("hidden")))
+        return real(chains, **kw)
+
+    monkeypatch.setattr(runner, "prefill", recording)
+    decoder = BatchDecoder(static_engine, runner, max_running=3, timings=StepTimings())
+    decoder.warm_up(["pld", "vanilla", "eagle"], sizes=[1, 3], max_new_tokens=4)
+    layers = static_engine.method("eagle").head.config.feature_layers or True
+    assert calls == [([0], [136], False), ([2, 1, 0], [136] * 3, False), ([0], [136], layers),
+                     ([2, 1, 0], [136] * 3, layers)]  # fmt: skip
+    assert runner.free == runner.slots and decoder.idle
+
+
+def test_the_policy_chooses_the_sequences_whose_drafts_pay():
+    """`SpeculationPolicy.choose`: on the fitted t(N) = a + b·N, the sequences that may go without proposals
+    speculate only while their τ - 1 per draft input raises the step's tokens per second; those that must always
+    do; and `speculate` weighs the chosen ones only."""
+    policy = SpeculationPolicy("auto")
+    for inputs in range(4, 60, 4):
+        policy.observe(inputs, 0.001 + 0.0001 * inputs)  # 1 ms + 0.1 ms per input
+    taus, proposed = [3.0, 1.05, 1.0, 1.1], [4.0, 8.0, 8.0, 8.0]
+    assert policy.choose(taus, proposed, [True] * 4) == [True, False, False, False]
+    assert policy.choose(taus, proposed, [True, False, True, True]) == [True, True, False, False]  # 1 must
+    assert policy.choose([1.0] * 4, proposed, [True] * 4) == [False] * 4  # nothing to gain
+    # all four speculating: 6.15 tokens in 4.2 ms against plain decoding's 4 in 1.4 ms; the first alone: 6 in 1.8
+    assert not policy.speculate(taus, proposed) and policy.chosen is None
+    assert policy.speculate(taus, proposed, optional=[True] * 4) and policy.chosen == [True, False, False, False]
+    assert policy.gain == pytest.approx((6.0 / 0.0018) / (4 / 0.0014))
+    cheap = SpeculationPolicy("auto")
+    for inputs in range(4, 60, 4):  # launch-bound: every sequence that accepts anything pays its inputs
+        cheap.observe(inputs, 0.002)
+    assert cheap.choose(taus, proposed, [True] * 4) == [True, True, False, True]
+
+
+class Choosy(SpeculationPolicy):
+    """Speculates on every step, for the sequences at even positions of the step only (those that may go without)."""
+
+    shadow_every = 2
+
+    def speculate(self, taus, proposed, *, optional=None, **kw) -> bool:
+        self.gain = None
+        self.chosen = [b % 2 == 0 for b in range(len(taus))] if optional is not None and any(optional) else None
+        return True
+
+    def cap(self, taus, proposed, depths):
+        return None
+
+
+@pytest.mark.parametrize("method", ["pld", "suffix"])
+def test_sequences_left_out_of_a_speculative_step_score_no_draft_and_keep_their_output(code_engine, method):
+    """A sequence the policy leaves out of a speculative step scores its pending token alone, learns its rates from
+    shadow drafts meanwhile (not from the steps it sat out), and emits what it emits alone."""
+    decoder = code_engine.batch_decoder(3)
+    decoder.policy = Choosy("auto")
+    items = [decoder.submit(code_engine.request(p, method=method, max_new_tokens=NEW)) for p in PROMPTS[:3]]
+    with counting(decoder.runner, "forward") as steps:
+        for _ in decoder.run(items):
+            pass
+    speculative = [s for s in steps if s.size > len(s)]
+    assert speculative and all(size == 1 for s in speculative for b, size in enumerate(s.sizes) if b % 2)
+    assert any(len(s) > 1 for s in speculative)
+    assert decoder.counts.left_out > 0 and decoder.counts.shadows > 0
+    for prompt, item in zip(PROMPTS, items, strict=False):
+        assert item.result.token_ids == alone(code_engine, prompt, method).token_ids
+        assert sum(item.spec_accepted) + item.spec_steps == item.spec_tokens

@@ -656,3 +656,53 @@ def test_a_step_says_whether_it_meets_a_new_graph(models, shapes):
     static.bank.graphs[key] = object()  # as if captured
     assert not runner.meets_new_graph(step)
     assert runner.meets_new_graph(Step([seq(slots[0], tokens(197, 9)), seq(slots[1], tokens(198, 1))]))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_prefill_of_many_chains_equals_each_prefilled_alone(models, arch, shapes):
+    """`prefill` feeds chains of several slots (some with a committed prefix already) in one unbucketed forward and
+    commits them: each slot's cache and its next step's logits are those of the chain prefilled alone; the hidden
+    states come back per chain; no CUDA graph bucket is met (a prompt chunk would capture one of its own)."""
+    model = models[arch]
+    prefixes = [tokens(80, 4), tokens(81, 1), tokens(82, 7)]
+    chains = [tokens(90, 9), tokens(91, 3), tokens(92, 16)]
+    runner, slots = batched_with(model, prefixes)
+    before = runner._static.bank.misses if runner._static is not None and runner._static.bank is not None else 0
+    hidden = runner.prefill([(slots[b], chains[b].tolist()) for b in (2, 0, 1)], hidden=(1,))
+    assert [h.shape[0] for h in hidden] == [16, 9, 3]  # in the order asked
+    assert [runner.length(s) for s in slots] == [13, 4, 23]
+    assert runner.graph_misses == before and runner.graphs_captured == 0
+    follow = [tokens(95 + b, 2) for b in range(3)]
+    out = runner.forward(Step([seq(slots[b], follow[b]) for b in range(3)]), hidden=(1,))
+    runner.commit([2, 2, 2])
+    for b, order in zip(range(3), (1, 2, 0)):
+        fresh = native(model, prefixes[b])
+        ref = fresh.forward(chains[b], hidden=(1,))
+        fresh.commit(len(chains[b]))
+        close(hidden[order], ref.hidden)
+        n = len(prefixes[b]) + len(chains[b])
+        close(runner.cache.data[:, :, slots[b], :, :n], fresh.cache.data[..., :n, :])
+        ref = fresh.forward(follow[b], hidden=(1,))
+        close(out.logits[2 * b : 2 * b + 2], ref.logits)
+        close(out.hidden[2 * b : 2 * b + 2], ref.hidden)
+    assert runner.prefill([(slots[0], [5, 6])]) is None  # no hidden states asked for
+    assert runner.length(slots[0]) == 17
+
+
+def test_prefill_errors(models):
+    runner = BatchedNativeRunner(models["llama"], slots=3, max_cache_len=32)
+    a, b = runner.allocate(), runner.allocate()
+    with pytest.raises(ValueError, match="at least one"):
+        runner.prefill([])
+    with pytest.raises(ValueError, match=r"chain 1 \(slot 1\) of the prefill has no tokens"):
+        runner.prefill([(a, [1, 2]), (b, [])])
+    with pytest.raises(ValueError, match=r"feeds each cache slot once, got slots \[0, 0\]"):
+        runner.prefill([(a, [1, 2]), (a, [3])])
+    with pytest.raises(ParadecError, match="names cache slot 2, which is free"):
+        runner.prefill([(a, [1, 2]), (2, [3])])
+    with pytest.raises(ParadecError, match=r"sequence 1 \(slot 1\) of 0 committed \+ 33 new = 33 tokens exceeds"):
+        runner.prefill([(a, [1, 2]), (b, [3] * 33)])
+    assert (runner.length(a), runner.length(b)) == (0, 0)  # a refused prefill feeds nothing
+    runner.forward(Step([seq(a, tokens(4, 3))]))
+    with pytest.raises(RuntimeError, match="before commit"):
+        runner.prefill([(b, [1, 2])])

@@ -9,6 +9,7 @@ import pytest
 from paradec.bench import load
 from paradec.bench.prompts import BenchPrompt
 from paradec.cli import main
+from paradec.errors import ParadecError
 from paradec.zoo import code_draft_dir, code_model_dir
 
 PROMPTS = [
@@ -91,3 +92,11 @@ def test_each_timed_round_follows_untimed_rounds_of_the_same_load(monkeypatch):
 def test_bad_load_arguments_exit_2(extra, message, capsys):
     assert main(["bench", "--device", "cpu", "--suite", "smoke", *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_server_that_does_not_start_says_why(tmp_path):
+    """The started server's own last words (on its log, not its stdout) are in the error: on 2026-12-04 the GPU
+    machine lacked fastapi and the bench said only ``''``."""
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ParadecError, match=r"paradec serve did not start: .*no-such-model.* \(its log: "):
+        load.Server(["--model", str(missing)], tmp_path / "server.log")

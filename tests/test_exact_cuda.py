@@ -94,6 +94,30 @@ def test_every_method_equals_vanilla_bitwise_on_cuda(exact_dirs, tmp_path, arch)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_prompts_prefilled_together_decode_bitwise_as_alone_in_bf16(exact_dirs, arch):
+    """Exact mode: the joining sequences' prompt chunks share unbucketed forwards (`BatchDecoder._prefill`: here
+    chunks of 32 within 96 padded inputs, so prompts of 3-150 tokens are fed over several steps and forwards), and
+    every sequence still emits, bitwise, what it emits alone, greedy, plain and speculating."""
+    from paradec.batch import BatchDecoder
+
+    target, _ = exact_dirs[arch]
+    engine = paradec.load(target, runner="native", device="cuda", dtype="bfloat16", exact=True)
+    vocab = engine.target.vocab_size
+    prompts = [[(7 + 13 * i + 101 * j) % vocab for i in range(n)] for j, n in enumerate((3, 150, 40, 17, 64, 9))]
+    runner = engine.batch_decoder(len(prompts)).runner
+    for method in ("vanilla", "pld"):
+        decoder = BatchDecoder(
+            engine, runner, max_running=len(prompts), prefill_chunk=32, prefill_tokens=96, speculate="always"
+        )
+        items = [decoder.submit(engine.request(p, method=method, max_new_tokens=40)) for p in prompts]
+        for _ in decoder.run(items):
+            pass
+        for prompt, item in zip(prompts, items, strict=True):
+            alone = engine.generate(prompt, method=method, max_new_tokens=40)
+            assert item.result.token_ids == alone.token_ids, (method, len(prompt))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_batched_graphs_equal_each_sequence_alone_in_fp32(exact_dirs, arch):
     """The batched runner's captured bucketed steps (the CUDA default) emit what each sequence emits alone."""
     target, draft = exact_dirs[arch]

@@ -218,6 +218,8 @@ def test_metrics_have_the_batch_histograms(server):
         assert f"{name}_count" in text and f'{name}_bucket{{le="+Inf"}}' in text
     samples = server.metrics()
     assert samples.sum("paradec_batch_size_count") == samples.sum("paradec_batch_step_tokens_count") > 0
+    for choice in ("dropped", "left_out", "shadows"):  # the speculation policy's choices, totals so far
+        assert ("paradec_speculation_choices", (("choice", choice),)) in samples, choice
 
 
 def test_a_full_queue_answers_503_and_the_waiting_request_is_served(serve_process, engine):

@@ -234,14 +234,14 @@ def test_the_timeout_cancels_the_whole_job(engine):
 
 
 def test_a_failing_sample_fails_the_job_and_stops_its_siblings(engine, monkeypatch):
-    real = Decoding.start
+    real = Decoding.prefilled
 
-    def start(self, target, chunk=None):
+    def prefilled(self, count, hidden):  # (where a batch's prefill fails per sequence: its drafter begins)
         if self.state.sampling.seed == 21:  # sample 1 of seed 20
             raise RuntimeError("device lost")
-        return real(self, target, chunk)
+        return real(self, count, hidden)
 
-    monkeypatch.setattr(Decoding, "start", start)
+    monkeypatch.setattr(Decoding, "prefilled", prefilled)
 
     async def test(worker):
         handle = worker.submit(samples_job(engine, PROMPT, 3, 900, temperature=0.8, seed=20))

@@ -4,8 +4,10 @@
 (`paradec.runners.native.BatchedNativeRunner`: one cache slot per sequence):
 
     admit     waiting requests take a free slot (at most `max_running` run) and open their drafters
-    prefill   a joining prompt is fed in chunks of `prefill_chunk` tokens, one chunk per step, so the running
-              sequences wait at most one chunk's forward for it
+    prefill   a joining prompt is fed in chunks of `prefill_chunk` tokens, one chunk per step; a wave of joining
+              sequences shares one forward (within `prefill_tokens` padded inputs) when that costs less than
+              feeding each chunk alone (`SHARED_PREFILL`), so a burst of new requests stalls the running
+              sequences for one forward, not one per request
     propose   each running sequence's drafter proposes (the speculation policy may shrink or skip proposals)
     score     one forward over every sequence's [pending, proposal, aux] inputs, flattened (`paradec.step.Step`)
     verify    each sequence on its own rows, with its own sampling parameters and generator; the host values of
@@ -28,7 +30,9 @@ Speculation policy (`SpeculationPolicy`): from the measured step times (a step t
 not counted: it timed an eager first use or a capture) it fits t(N) = a + b·N (N: the forward's inputs) and keeps
 each sequence's tokens and draft inputs per speculative step (`speculative_rates`); each step it compares the
 expected tokens per second of speculating (Σ τ_b / t(N_spec)) with that of plain decoding (B / t(B)) and turns proposals off for the step when
-plain decoding wins (a large batch on a compute-bound forward). While it is off, a sequence whose drafter drafts on
+plain decoding wins (a large batch on a compute-bound forward). Sequences whose drafters draft on the host (pld,
+suffix) may sit a speculative step out: the policy speculates for those whose τ_b - 1 per draft input raise the
+step's rate (`SpeculationPolicy.choose`), and the others score their pending token alone. While it is off, a sequence whose drafter drafts on
 the host alone (pld, suffix) keeps its rates fresh with shadow drafts (`BatchDecoder._shadow`: a draft made and
 never scored, decided by the tokens the target then emits); the others get probes, speculation again now and then
 (ever more rarely while it keeps losing). The step timings are the runner's (`StepTimings`), shared by every decoder
@@ -87,6 +91,12 @@ from paradec.types import Proposal, Verdict
 from paradec.verify import Deferred, verify_all, verify_deferred, verify_greedy_all
 
 DEFAULT_PREFILL_CHUNK = 512  # prompt tokens a joining sequence feeds per step
+DEFAULT_PREFILL_TOKENS = 4096  # padded inputs of one forward over the joining sequences' chunks (`_prefill`)
+# One unbucketed forward over a wave of prompt chunks costs about as much as this many chunks fed alone on captured
+# CUDA graphs, and as one chunk too long for the buckets fed alone (H200, the 1.5B's shape: 20-31 ms for 1-32
+# chunks together, 2.8 ms per 80-token chunk alone, 16-23 ms per 300-token one; scripts/profile_prefill.py,
+# bench/results/m14-h200-2026-12-04). `_prefill` shares a forward when feeding alone would cost more.
+SHARED_PREFILL = 8
 SPECULATE = ("auto", "always", "never")
 
 
@@ -172,6 +182,7 @@ class StepCounts:
     captured: int = 0  # steps that replayed no CUDA graph: a bucket's first use (eager) or its capture (untimed)
     capture_seconds: float = 0.0  # the time of those steps
     dropped: int = 0  # speculative steps run without their proposals: they would have met a new graph bucket
+    left_out: int = 0  # sequence-steps of speculative steps that went without their proposals (`choose`)
     shadows: int = 0  # shadow drafts decided (`BatchDecoder._shadow`): a speculative step's estimates, not scored
 
 
@@ -362,6 +373,7 @@ class SpeculationPolicy:
         # the last decision's expected tokens per second speculating over those of plain decoding (None: not
         # decided from the fit: a fixed mode, a plain probe, no fit yet)
         self.gain: float | None = None
+        self.chosen: list[bool] | None = None  # the last decision's sequences that propose (None: every one)
 
     @property
     def samples(self) -> deque[tuple[int, float]]:
@@ -390,13 +402,24 @@ class SpeculationPolicy:
         at = self.cost(mean_inputs)
         return seconds if fitted is None or at is None else seconds * fitted / at
 
-    def speculate(self, taus: list[float], proposed: list[float], *, overlap: bool = False, probe: bool = True) -> bool:
+    def speculate(
+        self,
+        taus: list[float],
+        proposed: list[float],
+        *,
+        overlap: bool = False,
+        probe: bool = True,
+        optional: list[bool] | None = None,
+    ) -> bool:
         """Whether this step speculates, for sequences expected to emit `taus` tokens per speculative step with
         `proposed` draft inputs each. `overlap`: plain steps of these sequences would overlap (`BatchDecoder`);
         then, while speculating wins, a short plain probe every `plain_every` steps times them (overlapped, a plain
         step costs less than the fit over the steps the host waited for says). `probe`: while off, speculate now and
-        then to refresh the estimates; not needed when every sequence learns its rates from shadow drafts."""
+        then to refresh the estimates; not needed when every sequence learns its rates from shadow drafts.
+        `optional`: per sequence, whether it may go without its proposal in a speculative step (a host drafter's);
+        then only the sequences `choose` picks speculate, and `chosen` says which (None: every one)."""
         self.gain = None
+        self.chosen = None
         if self.mode != "auto":
             return self.mode == "always"
         if self._probing:
@@ -410,7 +433,12 @@ class SpeculationPolicy:
             # steps, plain decoding until probes have timed enough
             self.unfitted += 1
             return self.unfitted <= self.max_unfitted or self._off(backoff=False)
-        self.gain = (sum(taus) / spec) / (batch / plain)
+        tokens = sum(taus)
+        if optional is not None and any(optional):
+            self.chosen = self.choose(taus, proposed, optional)
+            tokens = sum(t if c else 1.0 for t, c in zip(taus, self.chosen, strict=True))
+            spec = self.cost(batch + round(sum(n for n, c in zip(proposed, self.chosen, strict=True) if c)))
+        self.gain = (tokens / spec) / (batch / plain)
         if self.gain >= 1.0:
             self.off_steps, self.probe_gap = 0, self.probe_every
             self.on_steps += 1
@@ -419,6 +447,33 @@ class SpeculationPolicy:
                 return False
             return True
         return self._off() if probe else False
+
+    def choose(self, taus: list[float], proposed: list[float], optional: list[bool]) -> list[bool]:
+        """Which sequences of a speculative step propose: every one that must (not `optional`), and of the others
+        those that raise the step's expected tokens per second. On the fitted line t(N) = a + b·N, a sequence adds
+        τ_b - 1 tokens for its d_b draft inputs, so the best set holds the sequences of highest (τ_b - 1) / d_b,
+        a prefix in that order (the ratio of two sums grows with an item exactly while the item's own ratio
+        exceeds it): the prefix whose rate is highest. A batch where a few sequences repeat their context (a
+        summary, a rewrite: τ 3) while the others accept nothing then speculates for the few only (goodput-driven
+        choice of proposal lengths per request: SmartSpec, Liu et al. 2024)."""
+        chosen = [not o for o in optional]
+        tokens = sum(t if c else 1.0 for t, c in zip(taus, chosen, strict=True))
+        inputs = len(taus) + sum(n for n, c in zip(proposed, chosen, strict=True) if c)
+        order = sorted(
+            (b for b, o in enumerate(optional) if o and proposed[b] > 0 and taus[b] > 1.0),
+            key=lambda b: (taus[b] - 1.0) / proposed[b],
+            reverse=True,
+        )
+        best, best_k = tokens / self.cost(round(inputs)), 0
+        for k, b in enumerate(order, 1):
+            tokens += taus[b] - 1.0
+            inputs += proposed[b]
+            rate = tokens / self.cost(round(inputs))
+            if rate > best:
+                best, best_k = rate, k
+        for b in order[:best_k]:
+            chosen[b] = True
+        return chosen
 
     def _off(self, backoff: bool = True) -> bool:
         """A step off, unless it is time for a probe. A probe is a waited-for step (the overlap is lost) and may meet
@@ -567,12 +622,15 @@ class BatchDecoder:
         *,
         max_running: int,
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        prefill_tokens: int = DEFAULT_PREFILL_TOKENS,
         speculate: str = "auto",
         draft_runner=None,
         overlap: bool = True,
         timings: StepTimings | None = None,
     ) -> None:
-        """`timings`: the runner's measured step costs, shared by the decoders over it (`StepTimings`)."""
+        """`prefill_chunk`: prompt tokens a joining sequence feeds per step; `prefill_tokens`: padded inputs of one
+        forward over the joining sequences' chunks (`_prefill`); `timings`: the runner's measured step costs, shared
+        by the decoders over it (`StepTimings`)."""
         if not isinstance(max_running, int) or not 1 <= max_running <= runner.slots:
             raise ParadecError(
                 f"max_running must be an integer in [1, {runner.slots}] (the runner's slots), got {max_running!r}",
@@ -580,10 +638,15 @@ class BatchDecoder:
             )
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ParadecError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}", param="prefill_chunk")
+        if isinstance(prefill_tokens, bool) or not isinstance(prefill_tokens, int) or prefill_tokens < 1:
+            raise ParadecError(
+                f"prefill_tokens must be an integer >= 1, got {prefill_tokens!r}", param="prefill_tokens"
+            )
         self.engine = engine
         self.runner = runner
         self.max_running = max_running
         self.prefill_chunk = prefill_chunk
+        self.prefill_tokens = prefill_tokens
         self.policy = SpeculationPolicy(speculate, timings)
         self.verifier = verify_deferred  # replaceable only so tests can prove they catch a wrong one
         self._draft_runner = draft_runner  # a batched runner of the draft model, or a callable making one
@@ -608,9 +671,11 @@ class BatchDecoder:
         first cache bucket happen now, not in the first requests. The prompt repeats itself, so that lookup
         drafters propose and speculative steps are met too: under `auto` the warm-up speculates on every step (its
         timings are the fit's samples of speculative steps; a fitted policy would turn them off and learn from
-        shadow drafts). What it leaves: the compiled code, the graphs and the policy's step timings; not its steps (`counts` and the per-step records start again) nor its text (each
-        method forgets it: suffix's trie of earlier outputs). A method that does not batch is passed over. Returns
-        the decode steps it ran and the methods it ran them with."""
+        shadow drafts). Then the unbucketed prefill forwards those batches may not meet (`_warm_prefill`). What it
+        leaves: the compiled code, the graphs and the policy's step timings; not its steps (`counts` and the
+        per-step records start again) nor its text (each method forgets it: suffix's trie of earlier outputs). A
+        method that does not batch is passed over. Returns the decode steps it ran and the methods it ran them
+        with."""
         from paradec.runners.native.graphs import B_BUCKETS
 
         if sizes is None:
@@ -632,10 +697,12 @@ class BatchDecoder:
     def _warm(self, methods, sizes, prompt: list[int], max_new_tokens: int, warmed: list[str]) -> None:
         from paradec.drafters import get_drafter
 
+        kinds: set = set()  # the kinds of hidden state whose unbucketed prefill forwards were warmed
         for method in methods:
             if not get_drafter(method).batchable:
                 continue  # it runs alone (`_check_batchable`): nothing of the batch to warm
             warmed.append(method)
+            wanted = set()
             for size in sizes:
                 items = [
                     self.submit(self.engine.request(prompt, method=method, max_new_tokens=max_new_tokens))
@@ -643,10 +710,34 @@ class BatchDecoder:
                 ]
                 for _ in self.run(items):
                     pass
+                wanted |= {it.decoding.drafter.needs_hidden for it in items if it.decoding is not None}
                 failed = next((it.error for it in items if it.error is not None), None)
                 if failed is not None:
                     raise failed
             self.engine.method(method).forget()
+            for hidden in wanted - kinds:
+                self._warm_prefill(hidden)
+                kinds.add(hidden)
+
+    def _warm_prefill(self, hidden) -> None:
+        """Run the unbucketed prefill forwards a warm-up's batches may not meet, so that their compilation (7-14 s
+        each for the 1.5B on an H200, scripts/profile_prefill.py) does not stall the first requests that do: one
+        chunk too long for the buckets alone, and a wave over slots that are not one consecutive range (the kind
+        of step a burst of requests joining a running batch makes). Their cache entries are rolled back."""
+        runner = self.runner
+        if runner.bucketed_chunk is None or runner.free < 2:
+            return
+        n = min(runner.bucketed_chunk + 8, runner.max_length - 1)
+        chain = [(11 + 29 * i) % runner.vocab_size for i in range(n)]
+        slots = [runner.allocate() for _ in range(min(3, runner.free))]
+        try:
+            for wave in ([slots[0]], slots[::-1]):  # reversed: gathered, not a view of consecutive slots
+                runner.prefill([(slot, chain) for slot in wave], hidden=hidden)
+                for slot in wave:
+                    runner.rollback(slot, 0)
+        finally:
+            for slot in slots:
+                runner.release(slot)
 
     # --- membership ---------------------------------------------------------------------------------------------
     def submit(self, request: Request) -> BatchItem:
@@ -764,17 +855,10 @@ class BatchDecoder:
             self._finish(item)
             touched.append(item)
         self._admit()
-        decoding = []
-        for item in list(self.running):
-            if item.prefilled:
-                decoding.append(item)
-                continue
-            try:
-                item.prefilled = item.decoding.start(self.runner.view(item.slot), chunk=self.prefill_chunk)
-            except Exception as exc:
-                self.running.remove(item)
-                self._finish(item, exc)
-                touched.append(item)
+        decoding = [item for item in self.running if item.prefilled]
+        joining = [item for item in self.running if not item.prefilled]
+        if joining:
+            touched += self._prefill(joining)
         if decoding:
             touched += self._decode(decoding)
         elif self._inflight is not None:  # its sequences ended or were cancelled: nothing more to launch
@@ -782,21 +866,80 @@ class BatchDecoder:
             self._inflight = None
         return touched
 
+    def _prefill(self, items: list[BatchItem]) -> list[BatchItem]:
+        """Feed the next prompt chunk of each joining sequence (at most `prefill_chunk` tokens). The chunks whose
+        drafters want the same kind of hidden state form a wave within `prefill_tokens` padded inputs (sequences x
+        the longest chunk, what a shared forward's attention pads to; a chunk that does not fit waits for a later
+        step, the first always fits). A wave goes through one unbucketed forward when feeding its chunks alone would
+        cost more (`SHARED_PREFILL`: on CUDA, a few short chunks replay their graphs alone), else chunk by chunk.
+        Returns the items that failed (a drafter's `begin` may)."""
+        failed: list[BatchItem] = []
+        groups: dict[object, list[tuple[BatchItem, list[int]]]] = {}
+        for item in items:
+            try:
+                ids = item.decoding.to_prefill(min(self.prefill_chunk, self.prefill_tokens))
+            except Exception as exc:
+                self._fail_one(item, exc, failed)
+                continue
+            if not ids:  # a one-token prompt: nothing to feed before its first step
+                self._begun(item, 0, None, failed)
+                continue
+            group = groups.setdefault(item.decoding.drafter.needs_hidden, [])
+            widest = max([len(ids)] + [len(chunk) for _, chunk in group])
+            if (len(group) + 1) * widest <= self.prefill_tokens:
+                group.append((item, ids))
+        for wanted, group in groups.items():
+            # fed alone, a chunk that fits the runner's buckets replays a CUDA graph, one that does not runs an
+            # unbucketed forward; one unbucketed forward for the whole wave pays when it costs less than those
+            limit = self.runner.bucketed_chunk
+            alone = sum(1 if limit is not None and len(ids) <= limit else SHARED_PREFILL for _, ids in group)
+            forwards = [group] if limit is None or alone > SHARED_PREFILL else [[one] for one in group]
+            for forward in forwards:
+                try:
+                    hidden = self.runner.prefill(
+                        [(item.slot, ids) for item, ids in forward], hidden=wanted, bucketed=len(forward) == 1
+                    )
+                except Exception as exc:
+                    for item, _ in forward:
+                        self._fail_one(item, exc, failed)
+                    continue
+                for b, (item, ids) in enumerate(forward):
+                    self._begun(item, len(ids), None if hidden is None else hidden[b], failed)
+        return failed
+
+    def _begun(self, item: BatchItem, count: int, hidden: torch.Tensor | None, failed: list[BatchItem]) -> None:
+        try:
+            item.prefilled = item.decoding.prefilled(count, hidden)
+        except Exception as exc:
+            self._fail_one(item, exc, failed)
+
+    def _fail_one(self, item: BatchItem, exc: BaseException, failed: list[BatchItem]) -> None:
+        self.running.remove(item)
+        self._finish(item, exc)
+        failed.append(item)
+
     def _decode(self, items: list[BatchItem]) -> list[BatchItem]:
         started = time.perf_counter()
         tp = self.runner.model.tp
-        speculating, cap = False, 0
+        speculating, cap, chosen = False, 0, None
         if tp is None or tp.rank == 0:  # a sharded target's ranks take rank 0's choice (each times its own steps)
             taus, proposed = speculative_rates(items)
+            shadows = [self._shadows(it) for it in items]
             speculating = self.policy.speculate(
-                taus,
-                proposed,
-                overlap=self._plain(items, speculating=False),
-                probe=not all(self._shadows(it) for it in items),
+                taus, proposed, overlap=self._plain(items, speculating=False), probe=not all(shadows), optional=shadows
             )
-            cap = self.policy.cap(taus, proposed, depth_rates(items)) if speculating else 0
+            if speculating:
+                chosen = self.policy.chosen
+                depths = depth_rates(items)
+                if chosen is not None:  # the others count as plain: one token, no draft input
+                    taus = [t if c else 1.0 for t, c in zip(taus, chosen, strict=True)]
+                    proposed = [n if c else 0.0 for n, c in zip(proposed, chosen, strict=True)]
+                    depths = [d if c else DepthRates([], []) for d, c in zip(depths, chosen, strict=True)]
+                cap = self.policy.cap(taus, proposed, depths)
         if tp is not None:
-            speculating, cap = tp.agree((speculating, cap))
+            speculating, cap, chosen = tp.agree((speculating, cap, chosen))
+        # sequences of a speculative step that go without their proposals (`SpeculationPolicy.choose`)
+        left_out = set() if chosen is None else {id(it) for it, c in zip(items, chosen, strict=True) if not c}
         misses = self.runner.graph_misses
         inflight, self._inflight = self._inflight, None
         touched: list[BatchItem] = []
@@ -815,7 +958,9 @@ class BatchDecoder:
                 self.policy.observe(inflight.step.size, time.perf_counter() - started, overlapped=True)
             self._shadow(launching)  # (after the period: the host works while the launched step runs)
             return touched
-        proposing = speculating and any(it.decoding.drafter.drafts for it in items)
+        proposing = speculating and any(it.decoding.drafter.drafts and id(it) not in left_out for it in items)
+        if not proposing:
+            speculating = False  # (no sequence was chosen: a plain step, waited for)
         counts.speculative += proposing
         counts.capped += bool(proposing and cap)
         if inflight is not None:  # this step's proposals need the verdicts in flight
@@ -835,7 +980,7 @@ class BatchDecoder:
         inputs, stepped, emitted, dropped_any = 0, 0, 0, False
         for needs, group in groups.items():
             try:
-                proposals = _propose(group, self._within_budget(cap, len(group)))
+                proposals = self._proposals(group, self._within_budget(cap, len(group)), left_out)
                 step = Step([it.decoding.inputs(it.slot, proposal=p) for it, p in zip(group, proposals, strict=True)])
                 dropped = self._drop(step, group, needs)
                 if dropped:
@@ -852,13 +997,14 @@ class BatchDecoder:
             kept = _kept_hidden(step, verdicts, out.hidden)
             if speculating and cap is None and not dropped:  # what the drafters propose: the policy's estimates
                 for it, verdict in zip(group, verdicts, strict=True):
-                    self._decided(it, verdict.proposed, verdict.accepted, verdict.depth)
+                    if id(it) not in left_out:
+                        self._decided(it, verdict.proposed, verdict.accepted, verdict.depth)
             advanced, tokens = self._advance(step, group, verdicts, out.hidden, kept)
             touched += advanced
             emitted += tokens
         self._count(len(items), inputs, emitted)
-        if not speculating:
-            self._shadow([it for it in items if not it.done])
+        self.counts.left_out += len(left_out) if speculating else 0
+        self._shadow([it for it in items if not it.done and (not speculating or id(it) in left_out)])
         if cap and stepped and not dropped_any:  # a cut step: what the drafters proposed under it
             self.policy.observe_cut(cap, (inputs - stepped) / stepped)
         if self._timed(misses, started):  # a step that met a new graph bucket timed that, not the step
@@ -880,6 +1026,13 @@ class BatchDecoder:
             return False
         self.counts.dropped += 1
         return True
+
+    def _proposals(self, group: list[BatchItem], cap: int | None, left_out: set[int]) -> list[Proposal]:
+        """The group's proposals (`_propose`), an empty one for each sequence left out."""
+        if not left_out:
+            return _propose(group, cap)
+        made = iter(_propose([it for it in group if id(it) not in left_out], cap))
+        return [self._no_proposal() if id(it) in left_out else next(made) for it in group]
 
     def _no_proposal(self) -> Proposal:
         if self._empty is None:

@@ -93,21 +93,36 @@ class Decoding:
         self._cut = -1  # where a stop string starts in the text
 
     def start(self, target: Runner, chunk: int | None = None) -> bool:
-        """Prefill the prompt but its last token on `target` (the sequence's own runner: the target, or one slot of
-        a batched runner) and begin the drafter; True once done. With `chunk`, each call feeds at most that many
-        prompt tokens (a batch interleaves them with its running sequences' steps): call it until it says True."""
-        state, drafter = self.state, self.drafter
+        """Prefill the prompt but its last token on `target` (the sequence's own runner) and begin the drafter; True
+        once done. With `chunk`, each call feeds at most that many prompt tokens: call it until it says True. (A
+        batch prefills its joining sequences together: `to_prefill`, one forward of theirs, then `prefilled`.)"""
+        if not self.started:
+            target.reset()
+        ids = self.to_prefill(chunk)
+        hidden = None
+        if ids:
+            hidden = prefill(
+                target, torch.tensor(ids, device=self.state.device), hidden=self.drafter.needs_hidden
+            ).hidden
+        return self.prefilled(len(ids), hidden)
+
+    def to_prefill(self, chunk: int | None = None) -> list[int]:
+        """The prompt tokens the next prefill forward feeds: at most `chunk` of those not fed yet, the prompt's last
+        token excepted (it is the first pending one); [] when only that one is left."""
         if not self.started:
             self.started = time.perf_counter()
-            target.reset()
-        todo = len(state.tokens) - 1 - self._fed  # the prompt's last token is the first pending one
+        todo = len(self.state.tokens) - 1 - self._fed
         count = todo if chunk is None else min(chunk, todo)
-        if count > 0:
-            ids = torch.tensor(state.tokens[self._fed : self._fed + count], device=state.device)
-            out = prefill(target, ids, hidden=drafter.needs_hidden)
-            if out.hidden is not None:
-                self._hidden.append(out.hidden)
-            self._fed += count
+        return self.state.tokens[self._fed : self._fed + count] if count > 0 else []
+
+    def prefilled(self, count: int, hidden: torch.Tensor | None) -> bool:
+        """The first `count` tokens of `to_prefill` were fed to the sequence's runner and committed there, with
+        their hidden states (`hidden`, when the drafter wants them). True once the whole prompt is in: the drafter
+        has then begun and the prompt's last token is pending."""
+        state, drafter = self.state, self.drafter
+        if hidden is not None:
+            self._hidden.append(hidden)
+        self._fed += count
         if self._fed < len(state.tokens) - 1:
             return False
         if self._hidden:

@@ -141,6 +141,8 @@ def server_delta(before: dict[str, float], after: dict[str, float]) -> dict | No
     steps = d("paradec_batch_size_count")
     kinds = ("speculative", "plain", "overlapped", "drained", "captured")
     delta = {kind: int(d(f'paradec_decode_steps_by_kind{{kind="{kind}"}}')) for kind in kinds}
+    for choice in ("dropped", "left_out", "shadows"):
+        delta[choice] = int(d(f'paradec_speculation_choices{{choice="{choice}"}}'))
     return {
         "steps": int(steps),
         "mean_batch": d("paradec_batch_size_sum") / steps if steps else None,
@@ -321,18 +323,21 @@ def markdown(rounds: list[Round], meta: dict) -> str:
             "",
             "The batching server's decode steps during each timed round (its /metrics): sequences and tokens per "
             "step, steps by kind, steps that met a new CUDA graph bucket (an eager first use or a capture; their "
-            "seconds), and steps run eagerly because the graph bank was full.",
+            "seconds), steps run eagerly because the graph bank was full, and the speculation policy's choices: "
+            "speculative steps dropped before a new bucket, sequences left out of speculative steps (sequence-steps), "
+            "shadow drafts decided.",
             "",
             "| method | clients | steps | mean batch | tokens/step | speculative | overlapped | drained "
-            "| new bucket (s) | uncaptured |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| new bucket (s) | uncaptured | dropped | left out | shadow drafts |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in served:
             v = r.server
             lines.append(
                 f"| {r.method} | {r.clients} | {v['steps']} | {_fmt(v['mean_batch'], '.1f')} | "
                 f"{_fmt(v['tokens_per_step'], '.1f')} | {v['speculative']} | {v['overlapped']} | {v['drained']} | "
-                f"{v['captured']} ({v['new_bucket_seconds']:.2f}) | {v['uncaptured']} |"
+                f"{v['captured']} ({v['new_bucket_seconds']:.2f}) | {v['uncaptured']} | {v.get('dropped', 0)} | "
+                f"{v.get('left_out', 0)} | {v.get('shadows', 0)} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -354,7 +359,8 @@ class Server:
         line = self.proc.stdout.readline()
         if "listening on http://" not in line:
             self.stop()
-            raise ParadecError(f"paradec serve did not start (its log: {log}): {line.strip()!r}")
+            said = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:]) or line.strip()
+            raise ParadecError(f"paradec serve did not start: {said or 'it printed nothing'} (its log: {log})")
         self.url = line.rsplit(" ", 1)[1].strip()
         self.banner = line.strip()  # what it serves, and how (its start line)
         threading.Thread(target=self.proc.stdout.read, daemon=True).start()  # keep the pipe drained

@@ -308,16 +308,18 @@ def _batch_steps_lines(records: list[dict]) -> list[str]:
         "first use runs eagerly, its second captures it; their seconds are inside the row's wall time); shadow "
         "drafts: drafts made while speculation was off and decided by the tokens the target then emitted (never "
         "scored: the policy's estimates); dropped: speculative steps run without their proposals because they would "
-        "have met a new graph bucket for a small expected gain.",
+        "have met a new graph bucket for a small expected gain; left out: sequences of speculative steps that went "
+        "without their proposals, as the policy chose (sequence-steps).",
         "",
-        "| row | steps | speculative | capped | without proposals | overlapped | drained | new bucket (s) | shadow drafts | dropped |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | steps | speculative | capped | without proposals | overlapped | drained | new bucket (s) | shadow drafts "
+        "| dropped | left out |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, c in rows.items():
         lines.append(
             f"| {name} | {c['steps']} | {c['speculative']} | {c['capped']} | {c['plain']} | {c['overlapped']} | "
             f"{c['drained']} | {c['captured']} ({c['capture_seconds']:.2f}) | {c.get('shadows', 0)} | "
-            f"{c.get('dropped', 0)} |"
+            f"{c.get('dropped', 0)} | {c.get('left_out', 0)} |"
         )
     return [*lines, ""]
 

@@ -114,6 +114,17 @@ class ServerMetrics:
         )
         for kind in self.STEP_KINDS:
             steps.labels(kind).set_function(lambda kind=kind: getattr(decoder.counts, kind))
+        choices = Gauge(
+            "paradec_speculation_choices",
+            "The speculation policy's choices so far: dropped (speculative steps run without their proposals: they "
+            "would have met a new CUDA graph bucket for a small expected gain), left_out (sequences of speculative "
+            "steps that went without their proposals: their drafts did not pay), shadows (drafts made while "
+            "speculation was off and decided by the tokens the target then emitted)",
+            ("choice",),
+            registry=self.registry,
+        )
+        for choice in ("dropped", "left_out", "shadows"):
+            choices.labels(choice).set_function(lambda choice=choice: getattr(decoder.counts, choice))
         Gauge(
             "paradec_decode_new_bucket_seconds",
             "Seconds of the decode steps that met a new CUDA graph bucket (an eager first use or a capture)",

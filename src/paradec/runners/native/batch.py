@@ -347,6 +347,48 @@ class BatchedNativeRunner:
         self._begin(seqs)
         return result
 
+    @property
+    def bucketed_chunk(self) -> int | None:
+        """Inputs of the longest one-sequence chain that runs on the static buckets (a CUDA graph once its bucket
+        is captured); None without static shapes."""
+        return None if self._static is None else min(self._static.max_inputs, self._static.max_seq_inputs)
+
+    @torch.no_grad()
+    def prefill(
+        self, chains: Sequence[tuple[int, Sequence[int]]], *, hidden: HiddenWanted = False, bucketed: bool = False
+    ) -> list[torch.Tensor] | None:
+        """Append each (slot, token ids) chain to its slot's committed prefix, every chain in one forward that then
+        commits: the prompt chunks of a batch's joining sequences (`paradec.batch.BatchDecoder`). The forward runs
+        unbucketed (a wave of prompt chunks comes in too many shapes for CUDA graph buckets, and each would meet
+        one of its own) unless `bucketed` and it fits them (one short chunk: its graph is replayed once captured);
+        one chain longer than PREFILL_CHUNK runs in chunks, several chains run as one forward (the caller bounds
+        their padded size: sequences x the longest). Returns each chain's hidden states (as `forward`'s) when
+        `hidden`, else None."""
+        self._check_idle()
+        if not chains:
+            raise ValueError("prefill needs at least one (slot, token ids) chain")
+        taps = layer_taps(hidden, self.num_layers, "the batched native runner")
+        seqs = []
+        for b, (slot, ids) in enumerate(chains):
+            if len(ids) == 0:
+                raise ValueError(f"chain {b} (slot {slot!r}) of the prefill has no tokens")
+            self._check_room(b, slot, len(ids))
+            seqs.append(_Seq(slot, len(ids), None, None, None))
+        if len({s.slot for s in seqs}) != len(seqs):
+            raise ValueError(f"a prefill feeds each cache slot once, got slots {[s.slot for s in seqs]}")
+        seqs = tuple(seqs)
+        tokens = torch.tensor([t for _, ids in chains for t in ids], dtype=torch.long)
+        tokens = tokens.to(self.device, non_blocking=True)
+        if len(seqs) == 1 and seqs[0].size > PREFILL_CHUNK:
+            states = self._forward_chain(seqs[0].slot, tokens, "none", bool(hidden), taps, bucketed).hidden
+        else:
+            _, states = self._run(tokens, seqs, "none", taps, bucketed)
+        if hidden and bucketed:
+            states = states.clone()  # a view of static buffers on the bucketed path
+        self._begin(seqs)
+        self.commit([s.size for s in seqs])
+        return list(states.split([s.size for s in seqs])) if hidden else None
+
     def _check_seq(self, b: int, seq: SeqInputs) -> _Seq:
         if seq.tokens.dim() != 1 or seq.tokens.shape[0] == 0:
             raise ValueError(f"sequence {b}: tokens must be a non-empty 1-D tensor, got {tuple(seq.tokens.shape)}")
@@ -367,7 +409,13 @@ class BatchedNativeRunner:
         self._ledgers[slot].check_forward(n, f"sequence {b} (slot {slot})")
 
     def _forward_chain(
-        self, slot: int, tokens: torch.Tensor, logits: LogitsWanted, hidden: bool, taps: tuple[int, ...]
+        self,
+        slot: int,
+        tokens: torch.Tensor,
+        logits: LogitsWanted,
+        hidden: bool,
+        taps: tuple[int, ...],
+        bucketed: bool = True,
     ) -> RunnerOutput:
         """A long chain of one slot in consecutive forwards of PREFILL_CHUNK inputs: each chunk counts as committed
         for the next; the length is restored afterwards, so `commit` sees one forward (`NativeRunner._forward_chain`)."""
@@ -378,7 +426,7 @@ class BatchedNativeRunner:
                 count = min(size, n - offset)
                 want = logits if logits == "all" or offset + count == n else "none"
                 chunk = (_Seq(slot, count, None, None, None),)
-                out_logits, states = self._run(tokens[offset : offset + count], chunk, want, taps)
+                out_logits, states = self._run(tokens[offset : offset + count], chunk, want, taps, bucketed)
                 if hidden:
                     hiddens.append(states.clone())  # a view of static buffers on the bucketed path
                 if out_logits is not None:
@@ -405,15 +453,21 @@ class BatchedNativeRunner:
         return TreeBuffers(parents=chain_parents(n - 1), depth=depth, mask=mask, parent=depth - 1, max_depth=n - 1)
 
     def _run(
-        self, tokens: torch.Tensor, seqs: tuple[_Seq, ...], logits: LogitsWanted, taps: tuple[int, ...]
+        self,
+        tokens: torch.Tensor,
+        seqs: tuple[_Seq, ...],
+        logits: LogitsWanted,
+        taps: tuple[int, ...],
+        bucketed: bool = True,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One ragged forward of `seqs` (checked) over `tokens` [N] on the device: logits (float32) and the final
-        hidden state, or the outputs of layers `taps`."""
+        hidden state, or the outputs of layers `taps`; on the static buckets when they fit it, unless `bucketed` is
+        False."""
         lengths = self.cache.lengths
         B = len(seqs)
         sizes = [s.size for s in seqs]
         n_max = max(sizes)
-        if self._static is not None and self._static.fits(int(tokens.shape[0]), n_max):
+        if bucketed and self._static is not None and self._static.fits(int(tokens.shape[0]), n_max):
             # a chain's layout is the one its row of the static buffers holds already: no copy (two per sequence
             # and step were most of a batch-32 step's 67 host copies, 2026-12-03)
             layouts = [
