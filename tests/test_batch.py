@@ -856,6 +856,8 @@ def test_the_policy_chooses_the_sequences_whose_drafts_pay():
     assert not policy.speculate(taus, proposed) and policy.chosen is None
     assert policy.speculate(taus, proposed, optional=[True] * 4) and policy.chosen == [True, False, False, False]
     assert policy.gain == pytest.approx((6.0 / 0.0018) / (4 / 0.0014))
+    # no draft pays: off (a step proposing nothing would be waited for, where a plain one overlaps)
+    assert not policy.speculate([1.0] * 4, proposed, optional=[True] * 4, probe=False) and policy.chosen is None
     cheap = SpeculationPolicy("auto")
     for inputs in range(4, 60, 4):  # launch-bound: every sequence that accepts anything pays its inputs
         cheap.observe(inputs, 0.002)

@@ -434,10 +434,12 @@ class SpeculationPolicy:
             self.unfitted += 1
             return self.unfitted <= self.max_unfitted or self._off(backoff=False)
         tokens = sum(taus)
-        if optional is not None and any(optional):
-            self.chosen = self.choose(taus, proposed, optional)
-            tokens = sum(t if c else 1.0 for t, c in zip(taus, self.chosen, strict=True))
-            spec = self.cost(batch + round(sum(n for n, c in zip(proposed, self.chosen, strict=True) if c)))
+        chosen = self.choose(taus, proposed, optional) if optional is not None and any(optional) else None
+        if chosen is not None and any(chosen):
+            self.chosen = chosen
+            tokens = sum(t if c else 1.0 for t, c in zip(taus, chosen, strict=True))
+            spec = self.cost(batch + round(sum(n for n, c in zip(proposed, chosen, strict=True) if c)))
+        # (none chosen: no draft pays, and speculating for all, weighed as before, loses; a probe proposes for all)
         self.gain = (tokens / spec) / (batch / plain)
         if self.gain >= 1.0:
             self.off_steps, self.probe_gap = 0, self.probe_every
