@@ -437,8 +437,8 @@ class SpeculationPolicy:
         chosen = self.choose(taus, proposed, optional) if optional is not None and any(optional) else None
         if chosen is not None and any(chosen):
             self.chosen = chosen
-            tokens = sum(t if c else 1.0 for t, c in zip(taus, chosen, strict=True))
-            spec = self.cost(batch + round(sum(n for n, c in zip(proposed, chosen, strict=True) if c)))
+            chosen_taus, chosen_inputs = sitting_out(taus, proposed, chosen)
+            tokens, spec = sum(chosen_taus), self.cost(batch + round(sum(chosen_inputs)))
         # (none chosen: no draft pays, and speculating for all, weighed as before, loses; a probe proposes for all)
         self.gain = (tokens / spec) / (batch / plain)
         if self.gain >= 1.0:
@@ -459,8 +459,8 @@ class SpeculationPolicy:
         summary, a rewrite: τ 3) while the others accept nothing then speculates for the few only (goodput-driven
         choice of proposal lengths per request: SmartSpec, Liu et al. 2024)."""
         chosen = [not o for o in optional]
-        tokens = sum(t if c else 1.0 for t, c in zip(taus, chosen, strict=True))
-        inputs = len(taus) + sum(n for n, c in zip(proposed, chosen, strict=True) if c)
+        forced_taus, forced_inputs = sitting_out(taus, proposed, chosen)
+        tokens, inputs = sum(forced_taus), len(taus) + sum(forced_inputs)
         order = sorted(
             (b for b, o in enumerate(optional) if o and proposed[b] > 0 and taus[b] > 1.0),
             key=lambda b: (taus[b] - 1.0) / proposed[b],
@@ -571,6 +571,15 @@ def _mean(rows: list[list[float]]) -> list[float]:
     """The element-wise mean of lists of different lengths (a missing element counts 0)."""
     width = max((len(r) for r in rows), default=0)
     return [sum(r[i] for r in rows if i < len(r)) / len(rows) for i in range(width)] if rows else []
+
+
+def sitting_out(taus: list[float], proposed: list[float], chosen: list[bool]) -> tuple[list[float], list[float]]:
+    """The rates of a speculative step where only the `chosen` sequences propose: the others count as plain, one
+    token and no draft input (`SpeculationPolicy.choose`)."""
+    return (
+        [t if c else 1.0 for t, c in zip(taus, chosen, strict=True)],
+        [n if c else 0.0 for n, c in zip(proposed, chosen, strict=True)],
+    )
 
 
 def speculative_rates(items: list[BatchItem]) -> tuple[list[float], list[float]]:
@@ -881,7 +890,7 @@ class BatchDecoder:
             try:
                 ids = item.decoding.to_prefill(min(self.prefill_chunk, self.prefill_tokens))
             except Exception as exc:
-                self._fail_one(item, exc, failed)
+                failed += self._fail([item], exc)
                 continue
             if not ids:  # a one-token prompt: nothing to feed before its first step
                 self._begun(item, 0, None, failed)
@@ -902,8 +911,7 @@ class BatchDecoder:
                         [(item.slot, ids) for item, ids in forward], hidden=wanted, bucketed=len(forward) == 1
                     )
                 except Exception as exc:
-                    for item, _ in forward:
-                        self._fail_one(item, exc, failed)
+                    failed += self._fail([item for item, _ in forward], exc)
                     continue
                 for b, (item, ids) in enumerate(forward):
                     self._begun(item, len(ids), None if hidden is None else hidden[b], failed)
@@ -913,12 +921,7 @@ class BatchDecoder:
         try:
             item.prefilled = item.decoding.prefilled(count, hidden)
         except Exception as exc:
-            self._fail_one(item, exc, failed)
-
-    def _fail_one(self, item: BatchItem, exc: BaseException, failed: list[BatchItem]) -> None:
-        self.running.remove(item)
-        self._finish(item, exc)
-        failed.append(item)
+            failed.extend(self._fail([item], exc))
 
     def _decode(self, items: list[BatchItem]) -> list[BatchItem]:
         started = time.perf_counter()
@@ -934,8 +937,7 @@ class BatchDecoder:
                 chosen = self.policy.chosen
                 depths = depth_rates(items)
                 if chosen is not None:  # the others count as plain: one token, no draft input
-                    taus = [t if c else 1.0 for t, c in zip(taus, chosen, strict=True)]
-                    proposed = [n if c else 0.0 for n, c in zip(proposed, chosen, strict=True)]
+                    taus, proposed = sitting_out(taus, proposed, chosen)
                     depths = [d if c else DepthRates([], []) for d, c in zip(depths, chosen, strict=True)]
                 cap = self.policy.cap(taus, proposed, depths)
         if tp is not None:

@@ -383,8 +383,8 @@ class BatchedNativeRunner:
             states = self._forward_chain(seqs[0].slot, tokens, "none", bool(hidden), taps, bucketed).hidden
         else:
             _, states = self._run(tokens, seqs, "none", taps, bucketed)
-        if hidden and bucketed:
-            states = states.clone()  # a view of static buffers on the bucketed path
+            if hidden and bucketed:
+                states = states.clone()  # a view of static buffers on the bucketed path
         self._begin(seqs)
         self.commit([s.size for s in seqs])
         return list(states.split([s.size for s in seqs])) if hidden else None
