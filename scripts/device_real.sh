@@ -34,6 +34,11 @@
 #            sequence at a time): the new CUDA test beside the staging, issue 18's rows at batch 1-64, the server
 #            under load in the default and the exact mode, a batch-8 pld and a batch-32 vanilla step profiled, then
 #            the CUDA-only tests
+#   start-m15  (2026-12-04, second session) what m14 measured, on the code that followed it (a wave of joining
+#            prompts shares a forward only when that is cheaper, the warm-up compiles the unbucketed prefill kinds,
+#            pld/suffix sequences chosen per speculative step, a new graph bucket met once steps keep asking for it,
+#            the server's streaming path made cheap): the prefill CUDA test beside the staging, issue 18's rows at
+#            batch 1-64 with 3 repeats (the median), the server under load in the default and the exact mode
 #   wait     wait for the chain until WAIT seconds after the call began (default 540, capped at 570), tail its log,
 #            and copy what it wrote so far to $OUT, as collect does
 #            (a scripts/gpu_next.sh in the tree of a `wait` call replaces the chain once its log shows NEXT_AT,
@@ -255,8 +260,7 @@ m13b_part() {  # the same session's second machine (the first was taken back mid
     echo "M13B DONE $(date +%T)"
 }
 
-m14_part() {  # 2026-12-04: see the usage above
-    set -e
+prefill_tests() {  # the 1.5B converted beside the CUDA test of prompts prefilled together
     mkdir -p $RES
     convert $Q15 &  # waits for the staged file
     echo "PREFILL TESTS $(date +%T)"
@@ -264,21 +268,38 @@ m14_part() {  # 2026-12-04: see the usage above
         tests/test_exact_cuda.py -k "prefilled_together" > $RES/prefill-tests.log 2>&1) || echo "prefill tests exit $?"
     tail -n 2 $RES/prefill-tests.log
     wait
-    CHAT_PC=6 bench $Q15 chat q15-batch --methods vanilla,pld,suffix --batch-sizes 1,8,32,64 $QWEN_BENCH
-    load_benches 2
+}
+load_exact() {
     echo "LOAD EXACT $(date +%T)"
     pd bench --suite chat --per-category 2 --model $Q15 --methods vanilla,pld --concurrency 1,16,32 --exact \
         --out $RES/q15-load-exact --quiet || echo "load exit $?"
+}
+
+m14_part() {  # 2026-12-04: see the usage above
+    set -e
+    prefill_tests
+    CHAT_PC=6 bench $Q15 chat q15-batch --methods vanilla,pld,suffix --batch-sizes 1,8,32,64 $QWEN_BENCH
+    load_benches 2
+    load_exact
     batch_profile 8 pld off always
     batch_profile 32 vanilla off
     exact_tests
     echo "M14 DONE $(date +%T)"
 }
 
+m15_part() {  # 2026-12-04, second session: see the usage above
+    set -e
+    prefill_tests
+    CHAT_PC=6 bench $Q15 chat q15-batch --methods vanilla,pld,suffix --batch-sizes 1,8,32,64 --repeats 3 $QWEN_BENCH
+    load_benches 2
+    load_exact
+    echo "M15 DONE $(date +%T)"
+}
+
 launch() {  # $1: the function to run in the background; its exit status goes to $DONE
     export -f pd with_heads per_category staged convert train bench tests train_part bench_part chain \
         exact_tests samples_bench load_benches batch_profile runner_profile q15_batch_rows m11_part m12_part \
-        m13_part m13b_part m14_part
+        m13_part m13b_part m14_part prefill_tests load_exact m15_part
     snapshot
     rm -f $DONE
     # its own bash, so that `set -e` ends the part alone
@@ -303,9 +324,9 @@ stage)
     bash .gpu-chunks/stage.sh
     for c in "$STAGE"/parts/*.[0-9][0-9][0-9]; do [ -f "$STAGE/$(basename "$c").done" ] && rm -f "$c"; done
     ;;
-start|start-m11|start-m12|start-m13|start-m13b|start-m14)
+start|start-m11|start-m12|start-m13|start-m13b|start-m14|start-m15)
     declare -A PART=([start]=chain [start-m11]=m11_part [start-m12]=m12_part [start-m13]=m13_part [start-m13b]=m13b_part
-        [start-m14]=m14_part)
+        [start-m14]=m14_part [start-m15]=m15_part)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     launch "${PART[$1]}"
     sleep 20
@@ -340,7 +361,7 @@ bench)
     tail -n 3 $LOG
     ;;
 *)
-    echo "usage: $0 stage|start|start-m11|start-m12|start-m13|start-m13b|start-m14|wait|collect|bench" >&2
+    echo "usage: $0 stage|start|start-m11|start-m12|start-m13|start-m13b|start-m14|start-m15|wait|collect|bench" >&2
     exit 2
     ;;
 esac

@@ -25,6 +25,23 @@ from paradec.runners.base import prefill
 from paradec.runners.native import BatchedNativeRunner
 
 CASES = ((1, 80), (4, 80), (16, 80), (32, 60), (2, 300), (4, 300))  # (sequences joining together, chunk tokens)
+# `--kinds`: waves of one forward each, in this order, as (first slot, chunk tokens per sequence, slots reversed): the
+# first three are what a serving warm-up runs (`BatchDecoder._warm_prefill`: a long chunk alone, a gathered wave of
+# three; then, from the warm-up's batches of more than 8, waves of equal chunks over slots 0 .. B-1); the others
+# are waves a running batch meets, each timed at its first call (a compilation shows as seconds)
+KINDS = (
+    (0, (136,), False),
+    (0, (136, 136, 136), True),
+    (0, (72,) * 12, False),
+    (0, (72,) * 16, False),
+    (5, (150, 60), False),
+    (5, (150, 60), True),
+    (3, (40, 130, 7, 90), False),
+    (9, (200, 33, 64), True),
+    (0, (150, 60), False),
+    (20, (1, 1), False),
+    (20, (1, 1), True),
+)
 
 
 def sync() -> None:
@@ -45,6 +62,7 @@ def main() -> None:
     parser.add_argument("--shape", default="q15")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--kinds", action="store_true", help="time the first call of each wave of KINDS instead")
     opts = parser.parse_args()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -54,6 +72,8 @@ def main() -> None:
     del model
     batched = BatchedNativeRunner.sharing(runner, 32)
     vocab = config.vocab_size
+    if opts.kinds:
+        return kinds(batched, vocab, opts)
     results = []
     for sequences, n in CASES:
         chains = [torch.randint(1, vocab, (n,), generator=torch.Generator().manual_seed(s)).tolist()
@@ -86,6 +106,28 @@ def main() -> None:
         opts.out.parent.mkdir(parents=True, exist_ok=True)
         opts.out.write_text(json.dumps({"shape": opts.shape, "device": torch.cuda.get_device_name() if cuda else "cpu",
                                         "cases": results}, indent=1))  # fmt: skip
+
+
+def kinds(batched: BatchedNativeRunner, vocab: int, opts) -> None:
+    """The first and second call of each wave of KINDS, in order, on one runner (slots 0 .. 31 allocated)."""
+    slots = [batched.allocate() for _ in range(32)]
+    assert slots == list(range(32))
+    results = []
+    for first, sizes, reverse in KINDS:
+        wave = list(range(first, first + len(sizes)))[:: -1 if reverse else 1]
+        chains = [[(7 + 13 * i + 101 * s) % vocab for i in range(n)] for s, n in zip(wave, sizes)]
+        times = []
+        for _ in range(2):
+            times.append(timed(lambda wave=wave, chains=chains: batched.prefill(list(zip(wave, chains)))))
+            for slot in wave:
+                batched.rollback(slot, 0)
+        row = {"slots": wave, "sizes": list(sizes), "first_ms": 1e3 * times[0], "second_ms": 1e3 * times[1]}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    if opts.out:
+        opts.out.parent.mkdir(parents=True, exist_ok=True)
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        opts.out.write_text(json.dumps({"shape": opts.shape, "device": device, "kinds": results}, indent=1))
 
 
 if __name__ == "__main__":

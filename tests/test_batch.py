@@ -16,7 +16,15 @@ import torch
 
 import paradec
 from conftest import counting, hf_greedy
-from paradec.batch import BatchDecoder, DepthRates, Shadow, SpeculationPolicy, StepTimings, depth_rates
+from paradec.batch import (
+    NEW_GRAPH_DEMAND,
+    BatchDecoder,
+    DepthRates,
+    Shadow,
+    SpeculationPolicy,
+    StepTimings,
+    depth_rates,
+)
 from paradec.config import SamplingParams
 from paradec.errors import ParadecError
 from paradec.runners.native import BatchedNativeRunner
@@ -703,43 +711,56 @@ def test_decoders_over_one_runner_share_its_step_timings(code_engine):
     assert second.policy is not first.policy and second.policy.unfitted == 0
 
 
-class Marginal(SpeculationPolicy):
-    """Speculates on every step, as a fitted policy expecting `gain` times plain decoding's tokens per second."""
+class Always(SpeculationPolicy):
+    """Speculates on every step, uncapped."""
 
     shadow_every = 0
 
-    def __init__(self, gain: float) -> None:
+    def __init__(self) -> None:
         super().__init__("auto")
-        self.fixed_gain = gain
 
     def speculate(self, taus, proposed, **kw) -> bool:
-        self.gain = self.fixed_gain
         return True
 
     def cap(self, taus, proposed, depths):
         return None
 
 
-@pytest.mark.parametrize("gain, new_graph, dropped", [(1.1, True, True), (2.0, True, False), (1.1, False, False)])
-def test_a_marginal_step_does_not_meet_a_new_graph(code_engine, monkeypatch, gain, new_graph, dropped):
-    """A speculative step that would meet an uncaptured graph bucket (tens of ms on a GPU) runs without its
-    proposals unless the policy expects a clear gain (`NEW_GRAPH_GAIN`); the outputs stay each sequence's own, and
-    the dropped steps' proposals do not enter the estimates (as unaccepted drafts)."""
+@pytest.mark.parametrize("demand, dropped", [(NEW_GRAPH_DEMAND, True), (NEW_GRAPH_DEMAND + 1, False), (0, False)])
+def test_a_speculative_step_meets_a_new_graph_only_once_its_bucket_keeps_coming_back(
+    code_engine, monkeypatch, demand, dropped
+):
+    """A speculative step of host drafters that would meet an uncaptured graph bucket (tens of ms on a GPU) runs
+    without its proposals until that bucket has been asked for more than `NEW_GRAPH_DEMAND` times (0: the step
+    replays a graph); the outputs stay each sequence's own, and the dropped steps' proposals do not enter the
+    estimates (as unaccepted drafts)."""
     decoder = code_engine.batch_decoder(3)
-    decoder.policy = Marginal(gain)
-    monkeypatch.setattr(type(decoder.runner), "meets_new_graph", lambda self, step, hidden=False: new_graph)
+    decoder.policy = Always()
+    asked = []
+    monkeypatch.setattr(
+        type(decoder.runner), "new_graph_demand", lambda self, step, hidden=False: asked.append(step.size) or demand
+    )
     items = [decoder.submit(code_engine.request(p, method="pld", max_new_tokens=NEW)) for p in PROMPTS[:3]]
     for _ in decoder.run(items):
         pass
     for prompt, item in zip(PROMPTS, items, strict=False):
         assert item.result.token_ids == alone(code_engine, prompt, "pld").token_ids
+    assert asked  # (only steps with proposals ask)
     if dropped:
-        assert decoder.counts.dropped > 0 and decoder.step_inputs == decoder.batch_sizes
-        # (a step whose proposals were empty anyway is a speculative step of one token: it counts)
+        assert decoder.counts.dropped == len(asked) and decoder.step_inputs == decoder.batch_sizes
         assert all(it.spec_inputs == 0 and not any(it.spec_accepted) for it in items)
     else:
         assert decoder.counts.dropped == 0 and max(decoder.step_inputs) > 3
         assert all(it.spec_steps > 0 for it in items)
+
+
+def test_a_graph_bucket_counts_the_steps_that_asked_for_it_until_captured():
+    from paradec.runners.native.graphs import GraphBank
+
+    bank = GraphBank(torch.device("cpu"))
+    assert [bank.want(("a",)), bank.want(("a",)), bank.want(("b",)), bank.want(("a",))] == [1, 2, 1, 3]
+    bank.graphs[("a",)] = object()  # captured
+    assert bank.want(("a",)) == 0 and bank.want(("b",)) == 2
 
 
 @pytest.mark.parametrize(
@@ -790,7 +811,9 @@ def test_prefill_tokens_must_be_a_positive_integer(code_engine):
 def test_a_wave_shares_a_forward_only_when_feeding_alone_costs_more(static_engine, code_engine, monkeypatch):
     """With CUDA graph buckets (the CUDA default), a chunk that fits them replays a graph alone, while one unbucketed
     forward costs about `SHARED_PREFILL` of those: a few short chunks are fed one by one on the buckets, and a wave
-    of chunks too long for the buckets (each an unbucketed forward alone) shares one forward. Outputs as alone."""
+    of chunks too long for the buckets (each an unbucketed forward alone) shares one forward; a wave of one-token
+    chunks goes chunk by chunk however many (its shared forward would be a kind of its own to compile). Outputs as
+    alone."""
     runner = static_engine._batched
     assert runner.bucketed_chunk == 128
     calls = []
@@ -807,9 +830,10 @@ def test_a_wave_shares_a_forward_only_when_feeding_alone_costs_more(static_engin
     for prompts, expect in (
         ([short, short[:30], short[:20]], [([39], True), ([29], True), ([19], True)]),
         ([long, long[:200], short], [([299, 199, 39], False)]),  # alone: 8 + 8 + 1 > 8
+        ([short[i : i + 2] for i in range(10)], [([1], True)] * 10),  # one-token chunks: never shared
     ):
         calls.clear()
-        decoder = BatchDecoder(static_engine, runner, max_running=3, speculate="always", timings=StepTimings())
+        decoder = BatchDecoder(static_engine, runner, max_running=10, speculate="always", timings=StepTimings())
         items = [decoder.submit(static_engine.request(p, method="pld", max_new_tokens=8)) for p in prompts]
         for _ in decoder.run(items):
             pass
@@ -820,9 +844,10 @@ def test_a_wave_shares_a_forward_only_when_feeding_alone_costs_more(static_engin
 
 def test_warm_up_runs_the_unbucketed_prefill_forwards_once_per_kind_of_hidden_state(static_engine, monkeypatch):
     """With buckets, a warm-up's batches feed their short prompts on the buckets (or in one wave over consecutive
-    slots): it then runs the unbucketed prefills that serving meets first otherwise (a compilation of seconds on
-    CUDA), a chunk too long for the buckets alone and a wave over slots out of order, once for each kind of hidden
-    state its methods want (pld: none; eagle: its layers), and leaves every slot free."""
+    slots): it then runs each kind of unbucketed prefill that serving would meet first otherwise (a compilation of
+    seconds on CUDA): a chunk too long for the buckets alone, a wave over consecutive slots and one over slots out
+    of order, once for each kind of hidden state its methods want (pld: none; eagle: its layers), and leaves every
+    slot free."""
     runner = static_engine._batched
     calls = []
     real = runner.prefill
@@ -836,8 +861,30 @@ def test_warm_up_runs_the_unbucketed_prefill_forwards_once_per_kind_of_hidden_st
     decoder = BatchDecoder(static_engine, runner, max_running=3, timings=StepTimings())
     decoder.warm_up(["pld", "vanilla", "eagle"], sizes=[1, 3], max_new_tokens=4)
     layers = static_engine.method("eagle").head.config.feature_layers or True
-    assert calls == [([0], [136], False), ([2, 1, 0], [136] * 3, False), ([0], [136], layers),
-                     ([2, 1, 0], [136] * 3, layers)]  # fmt: skip
+    assert calls == [([0], [136], False), ([0, 1, 2], [136] * 3, False), ([2, 1, 0], [136] * 3, False),
+                     ([0], [136], layers), ([0, 1, 2], [136] * 3, layers), ([2, 1, 0], [136] * 3, layers)]  # fmt: skip
+    assert runner.free == runner.slots and decoder.idle
+
+
+def test_warm_up_decodes_over_gathered_slots_too(static_engine, monkeypatch):
+    """A warm-up's batches sit in slots 0 .. B-1, where a step views the cache; once a sequence has left, a
+    server's steps gather it instead, each kind compiled on first use on CUDA. The warm-up decodes each method at
+    one sequence and at two over slots after a held one: gathered steps of one and of several sequences, plain
+    (vanilla) and speculative (pld), and every slot is free again."""
+    runner = static_engine._batched
+    static = runner._static
+    keys = []
+    real = static.key
+
+    def recording(*args):
+        keys.append(real(*args))
+        return keys[-1]
+
+    monkeypatch.setattr(static, "key", recording)
+    decoder = BatchDecoder(static_engine, runner, max_running=3, timings=StepTimings())
+    decoder.warm_up(["pld", "vanilla"], sizes=[1, 3], max_new_tokens=6)
+    gathered = {(bq, nq > 1) for bq, _, nq, _, view, _ in keys if view is None}
+    assert {(1, False), (1, True), (2, False), (2, True)} <= gathered
     assert runner.free == runner.slots and decoder.idle
 
 

@@ -634,9 +634,10 @@ def test_chains_copy_no_layout_into_the_bucketed_rows(models, shapes):
     close(got.logits[:3], native(model, committed).forward(last).logits)
 
 
-def test_a_step_says_whether_it_meets_a_new_graph(models, shapes):
-    """`meets_new_graph`: the key a step would replay is `StaticRagged.key`'s, the one the forward then uses; it
-    is new until the bank holds it. Without a bank (no graphs: the CPU default) no step meets one."""
+def test_a_step_says_how_often_its_new_graph_was_asked_for(models, shapes):
+    """`new_graph_demand`: the key a step would replay is `StaticRagged.key`'s, the one the forward then uses; until
+    the bank holds it, each ask counts (the forward itself does not). Without a bank (no graphs: the CPU default)
+    no step meets one."""
     from paradec.runners.native.graphs import GraphBank
 
     if shapes != "static":
@@ -645,17 +646,18 @@ def test_a_step_says_whether_it_meets_a_new_graph(models, shapes):
     prefixes = [tokens(190 + i, n) for i, n in enumerate((4, 6))]
     runner, slots = batched_with(model, prefixes)
     step = Step([seq(slots[0], tokens(195, 3)), seq(slots[1], tokens(196, 6), TREE)])
-    assert not runner.meets_new_graph(step)  # no bank
+    assert runner.new_graph_demand(step) == 0  # no bank
     static = runner._static
     static.bank = GraphBank(torch.device("cpu"), capture_after=10**9)  # eager, the keys it met kept
-    assert runner.meets_new_graph(step)
+    assert [runner.new_graph_demand(step), runner.new_graph_demand(step)] == [1, 2]
     runner.forward(step)
     (key,) = static.bank._uses
     assert key == static.key(list(step.slots), list(step.sizes), [4, 6] + [0] * (runner.slots - 2), ())
     runner.cancel()
+    assert runner.new_graph_demand(step) == 3
     static.bank.graphs[key] = object()  # as if captured
-    assert not runner.meets_new_graph(step)
-    assert runner.meets_new_graph(Step([seq(slots[0], tokens(197, 9)), seq(slots[1], tokens(198, 1))]))
+    assert runner.new_graph_demand(step) == 0
+    assert runner.new_graph_demand(Step([seq(slots[0], tokens(197, 9)), seq(slots[1], tokens(198, 1))])) == 1
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -342,6 +342,29 @@ def test_batched_rows_on_the_native_runner(tmp_path, capsys):
     assert "## Batched steps" in (tmp_path / "results.md").read_text()
 
 
+def test_a_batched_rows_steps_are_those_of_its_median_repeat(monkeypatch):
+    """With repeats, a batched row's time is the median repeat's, and so are the decode steps it reports (the
+    repeats' policy choices differ: the first one's new graph buckets were not what the row's time holds)."""
+    import dataclasses
+
+    from paradec.zoo import code_model_dir
+
+    engine = paradec.load(code_model_dir(), runner="native", dtype="float32")
+    prompts = [BenchPrompt("fib", "code", "def fibonacci(n):\n"), BenchPrompt("add", "code", "def add(a, b):\n")]
+    bench = Bench(engine, prompts, plan(("vanilla",), batch_sizes=(2,), repeats=3), progress=False)
+    walls, calls = iter([3.0, 1.0, 2.0]), iter(range(3))
+
+    def timed(fn):
+        out = fn()
+        engine.last_batch_counts = dataclasses.replace(engine.last_batch_counts, steps=1000 + next(calls))
+        return out, next(walls)
+
+    monkeypatch.setattr(bench, "_timed", timed)
+    bench.run()
+    (record,) = [r for r in bench.records if r.batch_size == 2]
+    assert record.wall_seconds == 2.0 and record.batch_steps["steps"] == 1002  # the third repeat: the median
+
+
 def test_samples_rows_decode_each_prompt_as_one_request_of_n(tmp_path):
     """--samples 3 on the native runner: each prompt is one request of 3 samples decoded together, one record per
     prompt summing its samples; the speedup is against vanilla's 3 samples; in greedy mode every sample of every
@@ -415,6 +438,32 @@ def test_the_timed_pass_does_not_replay_the_warm_up(model_dirs):
     replayed = [engine.generate(engine.encode(p.text), method="suffix", max_new_tokens=24).stats.steps
                 for p in BENCH_PROMPTS]  # fmt: skip
     assert sum(replayed) < sum(cold)  # the test would see a replay
+
+
+def test_a_timed_repeat_does_not_replay_the_repeat_before_it(model_dirs, monkeypatch):
+    """Each repeat of a timed generation writes the very answer the next repeat is timed on: the suffix method's
+    trie of earlier outputs would replay it (m15 on the H200: suffix 4.25x vanilla at 3 repeats, 1.20x at one).
+    The bench rewinds the method between repeats: every repeat takes the steps of the first, alone and batched."""
+    engine = paradec.load(model_dirs["llama"], device="cpu", runner="hf")
+    steps: list[list[int]] = []
+    bench = Bench(engine, BENCH_PROMPTS, plan(("vanilla", "suffix"), repeats=3, max_new_tokens=24), progress=False)
+    timed = bench._timed
+
+    def spy(fn):
+        out, wall = timed(fn)
+        if isinstance(out, list):
+            steps.append([r.stats.steps for r in out])
+        elif out.stats.method == "suffix":
+            steps.append([out.stats.steps])
+        return out, wall
+
+    monkeypatch.setattr(bench, "_timed", spy)
+    bench.run()
+    per_prompt = [steps[i : i + 3] for i in range(0, len(steps), 3)]
+    assert len(per_prompt) == len(BENCH_PROMPTS)
+    assert all(a == b == c for a, b, c in per_prompt), per_prompt
+    trie = engine.method("suffix").global_trie(24)  # what the pass leaves: each answer once, as one repeat leaves it
+    assert len(trie.sequences) <= len(BENCH_PROMPTS)
 
 
 def test_vanilla_is_re_timed_after_the_other_methods_and_the_drift_reported(engine, monkeypatch):

@@ -586,3 +586,28 @@ def test_max_batch_help_is_clear(capsys):
     assert "--max-batch MAX_BATCH" in text
     assert "requests decoded together, with continuous batching (default 16 on a GPU, 4 on the CPU; 1 = one" in text
     assert "--speculate {auto,always,never}" in text
+
+
+def test_a_slow_batch_step_is_logged_with_what_it_met(engine, monkeypatch, caplog):
+    """A step slower than `SLOW_STEP` stalls every running request (on the H200, a new kind of forward compiling:
+    6-19 s): the server log says how long, how many sequences it held and how many were joining, the CUDA graph
+    misses and the graphs torch.compile made meanwhile."""
+    from paradec.server import batching
+
+    monkeypatch.setattr(batching, "SLOW_STEP", 0.0)  # every step is slow
+    compiled = iter(range(10**6))  # 1 graph compiled per step
+    monkeypatch.setattr(batching, "compiled_graphs", lambda: next(compiled))
+
+    async def test(worker):
+        handles = [worker.submit(job(engine, prompt, "pld")) for prompt in PROMPTS[:2]]
+        for handle in handles:
+            _, done = await drain(handle)
+            assert isinstance(done, Done)
+
+    with caplog.at_level("WARNING", logger="paradec.server"):
+        run_batch_worker(engine, test, max_batch=4)
+    slow = [r.getMessage() for r in caplog.records if r.getMessage().startswith("a batch step took")]
+    assert slow and all(m.endswith("0 CUDA graph misses; 1 graphs compiled") for m in slow)
+    assert any(" of them joining;" in m and ", 0 of" not in m for m in slow) and any(", 0 of them" in m for m in slow)
+    monkeypatch.undo()
+    assert batching.compiled_graphs() >= 0  # Dynamo's own count (0 where nothing compiled)

@@ -37,7 +37,8 @@ the host alone (pld, suffix) keeps its rates fresh with shadow drafts (`BatchDec
 never scored, decided by the tokens the target then emits); the others get probes, speculation again now and then
 (ever more rarely while it keeps losing). The step timings are the runner's (`StepTimings`), shared by every decoder
 an engine makes over it. A speculative step of host drafters that would meet a graph bucket not captured yet runs
-without its proposals unless the expected gain is clear (`NEW_GRAPH_GAIN`). A step that speculates may also cut every proposal to a depth
+without its proposals until that bucket has been asked for `NEW_GRAPH_DEMAND` times (a bucket that keeps coming
+back is worth its capture, a rare shape is not). A step that speculates may also cut every proposal to a depth
 (`SpeculationPolicy.cap`: 8, 4, 2 or 1) when the shallower proposals promise more tokens per second: each
 sequence's acceptance and proposal depth by position, over its uncapped speculative steps (`depth_rates`), give
 the tokens and inputs expected at each depth. Until the fit has its samples it speculates, for at most
@@ -530,10 +531,13 @@ class SpeculationPolicy:
         return None if self.capped_steps % self.probe_every == 0 else best
 
 
-# a speculative step that would meet a CUDA graph bucket not captured yet (its first uses run eagerly, then the
-# capture: 35-90 ms each for the 1.5B on an H200, against a 3-5 ms step) keeps its proposals only where the policy
-# expects speculating to beat plain decoding by this much; else it runs without them (host drafters only)
-NEW_GRAPH_GAIN = 1.25
+# a speculative step of host drafters that would meet a CUDA graph bucket not captured yet (its first uses run
+# eagerly, then the capture: 35-90 ms each for the 1.5B on an H200, against a 3-5 ms step, so a speculative gain
+# of 25% pays for it only after ~100 steps of that bucket) runs without its proposals until this many steps have
+# asked for the bucket: a bucket that keeps coming back is captured, a shape met now and then never costs its
+# capture (m14: NEW_GRAPH_GAIN = 1.25 instead, a gain to expect; suffix at batch 32 still met 30 new buckets, 1.8 s
+# of the row's 3.96)
+NEW_GRAPH_DEMAND = 4
 CAPS = (8, 4, 2, 1)  # the depths a speculative step may cut its proposals to (`SpeculationPolicy.cap`)
 CAP_GAIN = 1.02  # a cut must promise this many times the uncapped step's tokens per second
 MEASURED_CUT_STEPS = 3  # steps cut to a depth after which its measured draft inputs replace the estimate
@@ -682,7 +686,8 @@ class BatchDecoder:
         first cache bucket happen now, not in the first requests. The prompt repeats itself, so that lookup
         drafters propose and speculative steps are met too: under `auto` the warm-up speculates on every step (its
         timings are the fit's samples of speculative steps; a fitted policy would turn them off and learn from
-        shadow drafts). Then the unbucketed prefill forwards those batches may not meet (`_warm_prefill`). What it
+        shadow drafts); then steps over slots that do not start at 0 (`_warm_gathered`), and the unbucketed
+        prefill forwards those batches may not meet (`_warm_prefill`). What it
         leaves: the compiled code, the graphs and the policy's step timings; not its steps (`counts` and the
         per-step records start again) nor its text (each method forgets it: suffix's trie of earlier outputs). A
         method that does not batch is passed over. Returns the decode steps it ran and the methods it ran them
@@ -725,16 +730,42 @@ class BatchDecoder:
                 failed = next((it.error for it in items if it.error is not None), None)
                 if failed is not None:
                     raise failed
+            self._warm_gathered(method, prompt, max_new_tokens)
             self.engine.method(method).forget()
             for hidden in wanted - kinds:
                 self._warm_prefill(hidden)
                 kinds.add(hidden)
 
+    def _warm_gathered(self, method: str, prompt: list[int], max_new_tokens: int) -> None:
+        """Decode `method` at one sequence and at two over slots that do not start at 0: steps that gather the cache
+        rows instead of viewing them, the kind every step of a server becomes once a sequence has left. The
+        warm-up's batches, all in slots 0 .. B-1, never meet them, and each kind (one sequence or several, plain
+        or speculative) compiles on first use (seconds on CUDA). Only with buckets (on CUDA), and room for it."""
+        runner = self.runner
+        if runner.bucketed_chunk is None or runner.free < 3 or self.max_running < 2:
+            return
+        held = runner.allocate()  # the lowest free slot, 0 on an idle runner: the batch's start after it
+        try:
+            for size in (1, 2):
+                items = [
+                    self.submit(self.engine.request(prompt, method=method, max_new_tokens=max_new_tokens))
+                    for _ in range(size)
+                ]
+                for _ in self.run(items):
+                    pass
+                failed = next((it.error for it in items if it.error is not None), None)
+                if failed is not None:
+                    raise failed
+        finally:
+            runner.release(held)
+
     def _warm_prefill(self, hidden) -> None:
-        """Run the unbucketed prefill forwards a warm-up's batches may not meet, so that their compilation (7-14 s
-        each for the 1.5B on an H200, scripts/profile_prefill.py) does not stall the first requests that do: one
-        chunk too long for the buckets alone, and a wave over slots that are not one consecutive range (the kind
-        of step a burst of requests joining a running batch makes). Their cache entries are rolled back."""
+        """Run each kind of unbucketed prefill forward, so that its compilation (10-19 s each for the 1.5B on an
+        H200, bench/results/m15-h200-2026-12-04/prefill-kinds.json) does not stall the first requests that meet it:
+        one chunk too long for the buckets alone, and a wave over consecutive slots (a view of the cache) and one
+        over slots out of order (gathered: a burst of requests joining a running batch). Past those three kinds,
+        waves of other sizes, lengths and first slots compiled nothing more there. Their cache entries are rolled
+        back."""
         runner = self.runner
         if runner.bucketed_chunk is None or runner.free < 2:
             return
@@ -742,7 +773,7 @@ class BatchDecoder:
         chain = [(11 + 29 * i) % runner.vocab_size for i in range(n)]
         slots = [runner.allocate() for _ in range(min(3, runner.free))]
         try:
-            for wave in ([slots[0]], slots[::-1]):  # reversed: gathered, not a view of consecutive slots
+            for wave in ([slots[0]], sorted(slots), sorted(slots, reverse=True)):
                 runner.prefill([(slot, chain) for slot in wave], hidden=hidden)
                 for slot in wave:
                     runner.rollback(slot, 0)
@@ -902,9 +933,13 @@ class BatchDecoder:
         for wanted, group in groups.items():
             # fed alone, a chunk that fits the runner's buckets replays a CUDA graph, one that does not runs an
             # unbucketed forward; one unbucketed forward for the whole wave pays when it costs less than those
+            # (a wave of one-token chunks alone: its shared forward is a kind of its own, compiled on first use for
+            # 7-10 s on the H200, bench/results/m15-h200-2026-12-04/prefill-kinds.json)
             limit = self.runner.bucketed_chunk
             alone = sum(1 if limit is not None and len(ids) <= limit else SHARED_PREFILL for _, ids in group)
-            forwards = [group] if limit is None or alone > SHARED_PREFILL else [[one] for one in group]
+            one_token = all(len(ids) == 1 for _, ids in group)
+            shared = limit is None or (alone > SHARED_PREFILL and not one_token)
+            forwards = [group] if shared else [[one] for one in group]
             for forward in forwards:
                 try:
                     hidden = self.runner.prefill(
@@ -1016,17 +1051,15 @@ class BatchDecoder:
         return touched
 
     def _drop(self, step: Step, group: list[BatchItem], hidden) -> bool:
-        """Whether this speculative step runs without its proposals (`NEW_GRAPH_GAIN`): the policy decided it from
-        the fit, expects less than that gain, every drafter of the group drafts on the host alone (its proposals
-        may go unscored), and the step would meet a graph bucket not captured yet."""
-        gain = self.policy.gain
-        if gain is None or gain >= NEW_GRAPH_GAIN or step.size == len(group):
-            return False
-        if self.runner.model.tp is not None:  # (the other ranks do not decide: they would not drop alike)
+        """Whether this speculative step runs without its proposals (`NEW_GRAPH_DEMAND`): every drafter of the group
+        drafts on the host alone (its proposals may go unscored), and the step would meet a graph bucket that is
+        not captured and that fewer than `NEW_GRAPH_DEMAND` steps before it asked for."""
+        if step.size == len(group) or self.runner.model.tp is not None:  # (other ranks would not drop alike)
             return False
         if not all(it.decoding.drafter.idle_skips_propose for it in group):
             return False
-        if not self.runner.meets_new_graph(step, hidden):
+        demand = self.runner.new_graph_demand(step, hidden)
+        if demand == 0 or demand > NEW_GRAPH_DEMAND:
             return False
         self.counts.dropped += 1
         return True

@@ -302,13 +302,14 @@ def _batch_steps_lines(records: list[dict]) -> list[str]:
     lines = [
         "## Batched steps",
         "",
-        "Decode steps of the timed batched runs by kind: speculative (the policy let the drafters propose; capped: cut "
+        "Decode steps of the timed batched runs by kind (with repeats, the repeat whose time is the row's median): "
+        "speculative (the policy let the drafters propose; capped: cut "
         "to a depth), without proposals (launched before the step in flight landed: overlapped), drained (a step in "
         "flight landed early because the next one had proposals), and those that met a new CUDA graph bucket (its "
         "first use runs eagerly, its second captures it; their seconds are inside the row's wall time); shadow "
         "drafts: drafts made while speculation was off and decided by the tokens the target then emitted (never "
         "scored: the policy's estimates); dropped: speculative steps run without their proposals because they would "
-        "have met a new graph bucket for a small expected gain; left out: sequences of speculative steps that went "
+        "have met a new graph bucket too few steps had asked for yet; left out: sequences of speculative steps that went "
         "without their proposals, as the policy chose (sequence-steps).",
         "",
         "| row | steps | speculative | capped | without proposals | overlapped | drained | new bucket (s) | shadow drafts "

@@ -112,6 +112,14 @@ class Method:
         its timed pass: a warm-up's outputs are the timed pass's answers). Measured costs are kept. This base
         learns nothing from text."""
 
+    def mark(self) -> object:
+        """What the method has learned from text so far, as a mark for `rewind` (this base: nothing)."""
+        return None
+
+    def rewind(self, mark: object) -> None:
+        """Forget what the method learned from text since `mark` (a benchmark's repeats of one prompt: each repeat
+        must not learn from the one before it, which wrote the very answer). This base learns nothing."""
+
     def limits(self) -> dict[str, int]:
         """This engine's bounds of the method's options, by `paradec.drafters.options.LIMITS` name."""
         target = self.resources.target

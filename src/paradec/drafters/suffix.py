@@ -184,6 +184,7 @@ class GlobalSuffixTrie:
         self.sequences: deque[list[int]] = deque()
         self.tokens = 0
         self.nodes = 0  # nodes but the root
+        self.added = 0  # sequences added so far (`drop_newest` takes it back)
 
     def _walk(self, tokens: list[int], delta: int) -> None:
         trie, counts = self.trie, self.trie.counts
@@ -208,12 +209,22 @@ class GlobalSuffixTrie:
         self._walk(tokens, +1)
         self.sequences.append(tokens)
         self.tokens += len(tokens)
+        self.added += 1
         while self.sequences and (
             len(self.sequences) > self.max_sequences or self.tokens > self.max_tokens or self.nodes > self.max_nodes
         ):
             old = self.sequences.popleft()
             self.tokens -= len(old)
             self._walk(old, -1)
+
+    def drop_newest(self, added: int) -> None:
+        """Take out the sequences added after the first `added` (those the bound already took out are gone), exactly
+        as the oldest are taken out: `added` is as it was then."""
+        for _ in range(min(self.added - added, len(self.sequences))):
+            newest = self.sequences.pop()
+            self.tokens -= len(newest)
+            self._walk(newest, -1)
+        self.added = min(self.added, added)
 
     def match(self, tokens: list[int], longest: int) -> tuple[int | None, int]:
         """The deepest node that a suffix of `tokens` (of at most `longest` tokens) reaches and that has a
@@ -249,6 +260,14 @@ class SuffixMethod(Method):
     def forget(self) -> None:
         """Empty the tries of earlier outputs."""
         self.tries.clear()
+
+    def mark(self) -> dict[int, int]:
+        return {depth: trie.added for depth, trie in self.tries.items()}
+
+    def rewind(self, mark: dict[int, int]) -> None:
+        """Take the outputs added since `mark` out of the tries (a trie made since then empties)."""
+        for depth, trie in self.tries.items():
+            trie.drop_newest(mark.get(depth, 0))
 
     def open(self, options: SuffixOptions) -> SuffixDrafter:
         return SuffixDrafter(self, options)

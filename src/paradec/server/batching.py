@@ -8,8 +8,9 @@ one that calls into the engine, loops:
     cancel    each handle cancelled since the last step (disconnect, timeout, shutdown) is cancelled in the decoder:
               it leaves at this step's boundary and frees its slot; the others go on
     step      `decoder.step()`: one decode step (one target forward) for every running sequence
-    push      each handle its own new text (`Piece`s), then `Done` or `Failed`; a `JobReport` per ended job, as
-              `EngineWorker` reports, and a `StepReport` per decode step (sequences, inputs, tokens) to `on_step`
+    push      each handle its own new text (`Piece`s), then `Done` or `Failed`, all of a step's through one `Outbox`
+              (one wake-up of the event loop); a `JobReport` per ended job, as `EngineWorker` reports, and a
+              `StepReport` per decode step (sequences, inputs, tokens) to `on_step`
 
 so a client that disconnects frees its slot within one step. A job of n > 1 samples (OpenAI's choices) is n sequences
 of the decoder (`BatchDecoder.submit_samples`: one `SampleGroup`, whose drafters may read each other's tokens); it
@@ -55,6 +56,7 @@ from paradec.server.worker import (
     Job,
     JobCancelled,
     JobReport,
+    Outbox,
     Piece,
     QueueFull,
     emit_report,
@@ -64,6 +66,17 @@ from paradec.server.worker import (
 )
 
 log = logging.getLogger("paradec.server")
+# a batch step (prefill and decode of every running request) slower than this many seconds is logged with what it
+# met: on the H200 a 3-4 ms step that compiles a new kind of forward stalls every request for 6-19 s
+SLOW_STEP = 1.0
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far (Dynamo's count; 0 where it never ran)."""
+    import sys
+
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    return 0 if dynamo is None else int(dynamo.counters["stats"]["unique_graphs"])
 
 
 @dataclass(frozen=True)
@@ -260,29 +273,44 @@ class BatchWorker:
                 for item in seq.items:
                     if not item.cancelled:
                         self.decoder.cancel(item, seq.handle.cancel_reason)
+        started, joining = time.perf_counter(), sum(not item.prefilled for seq in seqs for item in seq.items)
+        misses, compiled = getattr(self.decoder.runner, "graph_misses", 0), compiled_graphs()
         try:
             self.decoder.step()
         except Exception as exc:  # a bug outside any one sequence: fail the batch, keep serving
             self._fail_batch(seqs, exc)
             return
+        seconds = time.perf_counter() - started
+        if seconds > SLOW_STEP:  # every running request waited: say what the step met
+            log.warning(
+                "a batch step took %.2f s: %d sequences, %d of them joining; %d CUDA graph misses; %d graphs compiled",
+                seconds,
+                sum(len(seq.items) for seq in seqs),
+                joining,
+                getattr(self.decoder.runner, "graph_misses", 0) - misses,
+                compiled_graphs() - compiled,
+            )
         self._observe_steps()
+        out = Outbox()  # the step's events: one wake-up of the event loop for all of them
         for seq in seqs:
             handle = seq.handle
             for item in seq.items:
                 if not item.cancelled:
                     while item.pieces:
-                        handle.push(Piece(item.pieces.popleft(), item.sample))
+                        out.add(handle, Piece(item.pieces.popleft(), item.sample))
             if not seq.stopping and any(item.error is not None and not item.cancelled for item in seq.items):
                 seq.stopping = True  # one failed (or was refused): the job ends, its other sequences stop
                 for item in seq.items:
                     self.decoder.cancel(item, "a sibling sample failed")
             if seq.done:
+                out.flush()  # (its pieces before its end)
                 self._finish(seq)
             elif not seq.stopping and not handle.cancelled:
                 for item in seq.items:
                     if item.result is not None and item.sample not in seq.closed:
                         seq.closed.add(item.sample)
-                        handle.push(ChoiceDone(item.sample, item.result))
+                        out.add(handle, ChoiceDone(item.sample, item.result))
+        out.flush()
 
     def _observe_steps(self) -> None:
         """Report (and clear, so they stay small) the decoder's records of the steps that landed in this call: none

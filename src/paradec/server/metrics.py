@@ -117,7 +117,7 @@ class ServerMetrics:
         choices = Gauge(
             "paradec_speculation_choices",
             "The speculation policy's choices so far: dropped (speculative steps run without their proposals: they "
-            "would have met a new CUDA graph bucket for a small expected gain), left_out (sequences of speculative "
+            "would have met a new CUDA graph bucket too few steps had asked for), left_out (sequences of speculative "
             "steps that went without their proposals: their drafts did not pay), shadows (drafts made while "
             "speculation was off and decided by the tokens the target then emitted)",
             ("choice",),

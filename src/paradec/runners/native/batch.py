@@ -235,16 +235,17 @@ class BatchedNativeRunner:
         CUDA graph); None without static shapes (every step runs unbucketed)."""
         return None if self._static is None else self._static.max_inputs
 
-    def meets_new_graph(self, step: Step, hidden: HiddenWanted = False) -> bool:
-        """Whether `step` (a forward not yet run) would replay no CUDA graph: a bucketed step whose bucket is not
-        captured yet (its first uses run eagerly, then it is captured: tens of ms each for the 1.5B on an H200).
-        False without graphs, and for a step too wide for the buckets (it runs unbucketed either way)."""
+    def new_graph_demand(self, step: Step, hidden: HiddenWanted = False) -> int:
+        """0 if `step` (a forward not yet run) would replay a CUDA graph, or runs without one either way (no graphs; a
+        step too wide for the buckets); else, its bucket not captured yet (its first uses run eagerly, then it is
+        captured: tens of ms each for the 1.5B on an H200), how often this has been asked of that bucket, this time
+        included (`GraphBank.want`)."""
         static = self._static
         if static is None or static.bank is None or not static.fits(step.size, max(step.sizes)):
-            return False
+            return 0
         taps = layer_taps(hidden, self.num_layers, "the batched native runner")
         lengths = self.cache.lengths
-        return not static.captured(static.key([s.slot for s in step.seqs], list(step.sizes), lengths, taps))
+        return static.wanted(static.key([s.slot for s in step.seqs], list(step.sizes), lengths, taps))
 
     @property
     def graph_misses(self) -> int:

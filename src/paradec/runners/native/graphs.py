@@ -86,7 +86,18 @@ class GraphBank:
         self.uncaptured = 0  # steps run uncaptured past max_graphs so far
         self.misses = 0  # steps that replayed no graph: run eagerly (a key's earlier uses, past max_graphs) or captured
         self._uses: dict[tuple, int] = {}  # keys met fewer than capture_after times: their uses so far
+        self._wanted: dict[tuple, int] = {}  # keys not captured: how often a step asked for one (`want`)
         self._pool = None  # the graphs' memory pool, made with the first capture
+
+    def want(self, key: tuple) -> int:
+        """0 if `key` is captured; else how often a step has asked for it, this time included (a scheduler that may
+        run a step another way meets a key only once it keeps coming back: `BatchDecoder._drop`)."""
+        if key in self.graphs:
+            return 0
+        if len(self._wanted) >= 4096:  # bounded: keys asked for long ago start over
+            self._wanted.clear()
+        wanted = self._wanted[key] = self._wanted.get(key, 0) + 1
+        return wanted
 
     def replay(self, key: tuple, step: Callable[[], None]) -> None:
         graph = self.graphs.get(key)
@@ -324,9 +335,10 @@ class StaticRagged:
         view = slot_ids == list(range(B)) and Bq <= self.cache.slots  # slots 0 .. B-1 (see the class docstring)
         return Bq, Nq, nq, kv, (0, Bq) if view else None, taps
 
-    def captured(self, key: tuple) -> bool:
-        """Whether a step of graph `key` replays a captured graph (True without capture: nothing to meet)."""
-        return self.bank is None or key in self.bank.graphs
+    def wanted(self, key: tuple) -> int:
+        """`GraphBank.want`: 0 if a step of graph `key` replays a captured graph (always, without capture: nothing to
+        meet); else how often a step has asked for it."""
+        return 0 if self.bank is None else self.bank.want(key)
 
     def __call__(
         self,
