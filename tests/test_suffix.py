@@ -14,7 +14,6 @@ from paradec.config import SamplingParams
 from paradec.drafters.base import DecodeState
 from paradec.drafters.suffix import (
     GlobalSuffixTrie,
-    Nodes,
     SuffixDrafter,
     SuffixMethod,
     SuffixOptions,
@@ -27,13 +26,14 @@ from sampling_check import chi_square_p, sample_counts
 PROMPTS = ["def fibonacci(n):\n    if n < 2:\n        return n\n", "import os\nimport sys\n\nprint("]
 
 
-def dump(nodes: Nodes, node: int = 0) -> dict:
-    """A trie as nested {token: (count, children)}, for comparisons."""
-    return {token: (nodes.counts[child], dump(nodes, child)) for token, child in sorted(nodes.children[node].items())}
+def dump(trie, node: int = 0) -> list:
+    """A trie as nested [(token, count, children)] in its children's order (which breaks `best_tree`'s ties), for
+    comparisons: its paths met once (leaves) spelled out."""
+    return [(token, trie.count(child), dump(trie, child)) for token, child in trie.kids(node).items()]
 
 
-def reference_trie(sequences: list[list[int]], depth: int) -> dict:
-    """The same, built the plain way: nested dicts of counts."""
+def reference_trie(sequences: list[list[int]], depth: int) -> list:
+    """The same, built the plain way (nested dicts of counts, children in the order of their first occurrence)."""
     root: dict = {}
     for tokens in sequences:
         for start in range(len(tokens)):
@@ -42,7 +42,17 @@ def reference_trie(sequences: list[list[int]], depth: int) -> dict:
                 count, below = level.get(token, (0, {}))
                 level[token] = (count + 1, below)
                 level = below
-    return root
+
+    def listed(level: dict) -> list:
+        return [(token, count, listed(below)) for token, (count, below) in level.items()]
+
+    return listed(root)
+
+
+def unordered(tree: list) -> list:
+    """A dumped trie with its children sorted by token: the engine's trie after removals keeps the order of its
+    history, which a trie built afresh over the sequences it kept does not have."""
+    return sorted((token, count, unordered(below)) for token, count, below in tree)
 
 
 def test_request_trie_counts_every_substring_and_matches_the_longest_repeated_suffix():
@@ -50,12 +60,39 @@ def test_request_trie_counts_every_substring_and_matches_the_longest_repeated_su
     tokens = [1, 2, 3, 1, 2, 4, 1, 2]
     trie.extend(tokens[:3])
     trie.extend(tokens[3:])  # incremental == at once
-    assert dump(trie.nodes) == reference_trie([tokens], 4)
+    assert dump(trie) == reference_trie([tokens], 4)
     node, length = trie.match(8)  # "1 2" occurred twice before, continued by 3 and 4
-    assert length == 2 and {t: trie.nodes.counts[c] for t, c in trie.nodes.children[node].items()} == {3: 1, 4: 1}
+    assert length == 2 and {t: trie.count(c) for t, c in trie.kids(node).items()} == {3: 1, 4: 1}
     fresh = SuffixTrie(depth=4)
     fresh.extend([5, 6, 7])
     assert fresh.match(8) == (None, 0)  # nothing repeats: nothing to say
+
+
+def test_request_trie_leaves_paths_met_once_implicit_and_counts_as_the_plain_trie():
+    """A substring met once is a leaf read off the sequence, made a node when met again: fed in pieces of any
+    size, every count and child equals the plain trie's, while only suffixes that occurred before stay active."""
+    rng = random.Random(3)
+    for _ in range(150):
+        depth, vocab = rng.randrange(2, 9), rng.randrange(1, 6)
+        tokens = [rng.randrange(vocab) for _ in range(rng.randrange(1, 50))]
+        trie, fed = SuffixTrie(depth), 0
+        while fed < len(tokens):
+            step = rng.randrange(1, 5)
+            trie.extend(tokens[fed : fed + step])
+            fed = min(fed + step, len(tokens))
+            assert dump(trie) == reference_trie([tokens[:fed]], depth)
+            assert all(trie.count(node) >= 2 for node, _ in trie.active)
+    unique = SuffixTrie(depth=32)
+    unique.extend(list(range(100)))  # nothing repeats: 100 leaves, no node, nothing active
+    assert len(unique.nodes.children) == 1 and not unique.active and len(unique.kids(0)) == 100
+    for _ in range(30):  # the engine's trie alike, across sequences (in order, while nothing was taken out)
+        depth, vocab = rng.randrange(2, 9), rng.randrange(1, 5)
+        sequences = [[rng.randrange(vocab) for _ in range(rng.randrange(0, 30))] for _ in range(6)]
+        shared = GlobalSuffixTrie(depth, max_sequences=100, max_tokens=10_000, max_nodes=10_000)
+        for tokens in sequences:
+            shared.add(tokens)
+        assert dump(shared) == reference_trie(sequences, depth)
+        assert shared.nodes == len(shared.trie.children) - 1  # (leaves are not nodes)
 
 
 def test_best_tree_is_best_first_by_path_probability():
@@ -63,11 +100,11 @@ def test_best_tree_is_best_first_by_path_probability():
     trie.extend([9, 1, 2, 3, 9, 1, 2, 3, 9, 1, 5, 9])  # after 9: "1 2 3" twice, "1 5" once
     node, length = trie.match(8)
     assert length == 1
-    tokens, parents = best_tree(trie.nodes, node, 8, min_score=0.0)
+    tokens, parents = best_tree(trie, node, 8, min_score=0.0)
     assert tokens[:3] == [1, 2, 3] and parents[:3] == [-1, 0, 1]  # 1 (p=1), 2 (2/3), 3 (2/3)
     assert 5 in tokens and parents[tokens.index(5)] == 0  # the sibling of 2, at 1/3
-    assert best_tree(trie.nodes, node, 2, min_score=0.0) == ([1, 2], [-1, 0])
-    pruned, _ = best_tree(trie.nodes, node, 8, min_score=0.5)
+    assert best_tree(trie, node, 2, min_score=0.0) == ([1, 2], [-1, 0])
+    pruned, _ = best_tree(trie, node, 8, min_score=0.5)
     assert 5 not in pruned  # 1/3 < 0.5
 
 
@@ -78,7 +115,7 @@ def test_engine_trie_is_bounded_and_forgets_the_oldest_exactly():
     for i, tokens in enumerate(sequences):
         trie.add(tokens)
         kept = sequences[max(0, i - 3) : i + 1]
-        assert dump(trie.trie) == reference_trie(kept, 5)  # removal undoes insertion exactly
+        assert unordered(dump(trie)) == unordered(reference_trie(kept, 5))  # removal undoes insertion exactly
         assert trie.nodes == len(trie.trie.children) - 1 == len(trie.trie.counts) - 1  # nothing left behind
     small = GlobalSuffixTrie(depth=8, max_sequences=1000, max_tokens=10_000, max_nodes=300)
     for _ in range(200):
@@ -101,10 +138,10 @@ def test_engine_trie_takes_back_the_newest_exactly():
     for tokens in sequences[3:6]:  # the bound (4 sequences) takes out the two oldest
         trie.add(tokens)
     trie.drop_newest(mark)
-    assert dump(trie.trie) == reference_trie(sequences[2:3], 5) and trie.added == mark == 3
+    assert unordered(dump(trie)) == unordered(reference_trie(sequences[2:3], 5)) and trie.added == mark == 3
     assert trie.nodes == len(trie.trie.children) - 1 and trie.tokens == len(sequences[2])
     trie.add(sequences[6])  # it goes on as before
-    assert dump(trie.trie) == reference_trie([sequences[2], sequences[6]], 5)
+    assert unordered(dump(trie)) == unordered(reference_trie([sequences[2], sequences[6]], 5))
 
     method = SuffixMethod(SimpleNamespace(target=None), SuffixDrafter)
     method.global_trie(5).add(sequences[0])
@@ -112,7 +149,7 @@ def test_engine_trie_takes_back_the_newest_exactly():
     method.global_trie(5).add(sequences[1])
     method.global_trie(8).add(sequences[2])  # made after the mark
     method.rewind(mark)
-    assert dump(method.global_trie(5).trie) == reference_trie(sequences[:1], 5)
+    assert dump(method.global_trie(5)) == reference_trie(sequences[:1], 5)
     assert method.global_trie(8).nodes == 0 and not method.global_trie(8).sequences
 
 
@@ -121,11 +158,11 @@ def test_trie_nodes_cost_the_garbage_collector_nothing():
     collection take 0.3 s at 450k nodes, a stall of every request; the H200 agentic run saw 0.42 s)."""
     import gc
 
-    trie = GlobalSuffixTrie(depth=8, max_sequences=100, max_tokens=100_000, max_nodes=100_000)
+    trie = GlobalSuffixTrie(depth=16, max_sequences=100, max_tokens=100_000, max_nodes=100_000)
     rng = random.Random(1)
-    for _ in range(20):
-        trie.add([rng.randrange(1000) for _ in range(200)])
-    assert trie.nodes > 20_000
+    for _ in range(50):
+        trie.add([rng.randrange(3) for _ in range(400)])  # (a path met once is a leaf, not a node: repeats)
+    assert trie.nodes > 15_000
     assert not any(gc.is_tracked(kids) for kids in trie.trie.children.values())
     assert not gc.is_tracked(trie.trie.counts)
 

@@ -4,9 +4,10 @@
 Two frequency tries of bounded depth D (`max_depth`) hold every substring of up to D tokens, each node counting how
 often its substring occurred:
 
-- the request's own (`SuffixTrie`): its prompt and its output so far, extended by one token per emitted token in
-  O(D): the trie keeps the nodes of the suffixes that end at the last position (its *active* nodes), and each new
-  token moves every one of them one level down;
+- the request's own (`SuffixTrie`): its prompt and its output so far, extended by one token per emitted token:
+  the trie keeps the nodes of the suffixes that end at the last position and occurred before (its *active*
+  nodes), and each new token moves each of them one level down; a substring met once is one leaf, read off the
+  sequence (at most D moves a token, usually a few, where the plain trie made D - a few new nodes);
 - the engine's (`GlobalSuffixTrie`, owned by the method): the outputs of earlier requests, at most
   `SuffixMethod.max_sequences` of them and `max_tokens` tokens in all; the oldest sequence is taken out when either
   bound is passed (its substrings' counts decremented, nodes at zero removed), so memory stays bounded.
@@ -37,6 +38,8 @@ from paradec.errors import ParadecError
 from paradec.types import Verdict
 
 MAX_DEPTH = 64  # deepest substring a trie holds: every token enters up to max_depth nodes
+LEAF = MAX_DEPTH  # a leaf of `SuffixTrie` packs (token index, levels below) as index * LEAF + levels
+SPAN = 1 << 20  # and one of `GlobalSuffixTrie` (sequence number, token index) as number * SPAN + index
 
 
 @dataclass(frozen=True)
@@ -89,10 +92,22 @@ class Nodes:
         kids = self.children[node]
         child = kids.get(token)
         if child is None:
-            child = kids[token] = self._free.pop() if self._free else self._take()
-            self.children[child] = {}
-            self.counts[child] = 0
+            child = kids[token] = self.make()
         return child
+
+    def make(self) -> int:
+        """A new node, childless, count 0 (not linked to a parent yet)."""
+        node = self._free.pop() if self._free else self._take()
+        self.children[node] = {}
+        self.counts[node] = 0
+        return node
+
+    def kids(self, node: int) -> dict[int, int]:
+        """`node`'s children by token (what `best_tree` walks; `SuffixTrie` answers the same for its leaves)."""
+        return self.children[node]
+
+    def count(self, node: int) -> int:
+        return self.counts[node]
 
     def _take(self) -> int:
         self._next += 1
@@ -103,29 +118,32 @@ class Nodes:
         stack, removed = [self.children[node].pop(token)], 0
         while stack:
             current = stack.pop()
-            stack.extend(self.children.pop(current).values())
+            stack.extend(child for child in self.children.pop(current).values() if child >= 0)  # (not leaves)
             del self.counts[current]
             self._free.append(current)
             removed += 1
         return removed
 
 
-def best_tree(nodes: Nodes, match: int, max_nodes: int, min_score: float) -> tuple[list[int], list[int]]:
+def best_tree(
+    nodes: Nodes | SuffixTrie | GlobalSuffixTrie, match: int, max_nodes: int, min_score: float
+) -> tuple[list[int], list[int]]:
     """(tokens, parents) of the best-first tree of up to `max_nodes` continuations below node `match`: a node's
     score is the product of count(child) / count(parent) from `match` down to it; parents index the returned nodes
-    (-1: the root, i.e. the pending token). Nodes scoring below `min_score` are left out."""
+    (-1: the root, i.e. the pending token). Nodes scoring below `min_score` are left out. `nodes`: a trie's
+    `kids(node)` and `count(node)`."""
     tokens: list[int] = []
     parents: list[int] = []
     heap: list[tuple[float, int, int, int, int]] = []  # (-score, tie, parent index, token, node)
     tie = 0
-    children, counts = nodes.children, nodes.counts
+    count = nodes.count
 
     def push(node: int, index: int, score: float) -> None:
         nonlocal tie
-        kids = children[node]
-        total = sum(counts[child] for child in kids.values())
+        kids = nodes.kids(node)
+        total = sum(count(child) for child in kids.values())
         for token, child in kids.items():
-            child_score = score * counts[child] / total
+            child_score = score * count(child) / total
             if child_score >= min_score:
                 heapq.heappush(heap, (-child_score, tie, index, token, child))
                 tie += 1
@@ -140,40 +158,85 @@ def best_tree(nodes: Nodes, match: int, max_nodes: int, min_score: float) -> tup
 
 
 class SuffixTrie:
-    """Substrings of up to `depth` tokens of one growing sequence, with counts; `extend` adds tokens in O(depth)
-    each. `match()` is the deepest node of a suffix of the sequence that has a continuation (its length too)."""
+    """Substrings of up to `depth` tokens of one growing sequence, with counts; `match()` is the deepest node of a
+    suffix of the sequence that has a continuation (its length too).
+
+    A substring that occurred once is left implicit: its path below the last node that occurred more than once is
+    one leaf, an int < 0 in its parent's children (`~(i * LEAF + below)`: the token at index i of the sequence,
+    `below` levels allowed under it), whose single continuation is read off the sequence itself (count 1 all the
+    way down, as the plain trie would count it). A leaf met again becomes a node (count 2) whose child is the old
+    occurrence's next token, again a leaf. So `extend` moves only the suffixes that occurred before (the *active*
+    ones: the plain trie moved all `depth` of them, creating a chain of count-1 nodes for every token), and every
+    count, child and child order is the plain trie's (`kids`, `count`): a draft is the one the plain trie gave.
+    """
 
     def __init__(self, depth: int) -> None:
         self.depth = depth
         self.nodes = Nodes()
-        self.active: list[int] = []  # nodes of the suffixes ending at the last token, shortest first
-        self.length = 0  # tokens added
+        self.tokens: list[int] = []
+        # (node, length) of the suffixes ending at the last token that occurred before, shortest first
+        self.active: list[tuple[int, int]] = []
+
+    @property
+    def length(self) -> int:
+        """Tokens added."""
+        return len(self.tokens)
 
     def extend(self, tokens: list[int]) -> None:
-        nodes, counts = self.nodes, self.nodes.counts
+        nodes, depth, seq = self.nodes, self.depth, self.tokens
+        children, counts = nodes.children, nodes.counts
         for token in tokens:
+            i = len(seq)
+            seq.append(token)
             moved = []
-            for node in [0, *self.active]:
-                if len(moved) >= self.depth:
+            for node, level in ((0, 0), *self.active):
+                if level >= depth:
                     break
-                child = nodes.child(node, token)
+                kids = children[node]
+                child = kids.get(token)
+                if child is None:  # this suffix occurs once from here on: a leaf, and no longer active
+                    kids[token] = ~(i * LEAF + depth - level - 1)
+                    continue
+                if child < 0:  # met again: the leaf becomes a node, its old occurrence's next token a leaf below
+                    q, below = divmod(~child, LEAF)
+                    leaf, child = child, nodes.make()
+                    kids[token] = child
+                    counts[child] = 1
+                    if below:  # (q < i: its next token is there)
+                        children[child][seq[q + 1]] = ~(~leaf + LEAF - 1)  # (q + 1, below - 1)
                 counts[child] += 1
-                moved.append(child)
+                moved.append((child, level + 1))
             self.active = moved
-            self.length += 1
+
+    def kids(self, node: int) -> dict[int, int]:
+        """Children by token, a leaf's one continuation included."""
+        if node >= 0:
+            return self.nodes.children[node]
+        q, below = divmod(~node, LEAF)
+        if below and q + 1 < len(self.tokens):
+            return {self.tokens[q + 1]: ~(~node + LEAF - 1)}
+        return {}
+
+    def count(self, node: int) -> int:
+        return 1 if node < 0 else self.nodes.counts[node]
 
     def match(self, longest: int) -> tuple[int | None, int]:
         """The deepest node of a suffix of at most `longest` tokens that has a continuation, and its length."""
-        for length in range(min(len(self.active), longest), 0, -1):
-            node = self.active[length - 1]
-            if self.nodes.children[node]:
+        for node, length in reversed(self.active):
+            if length <= longest and self.nodes.children[node]:
                 return node, length
         return None, 0
 
 
 class GlobalSuffixTrie:
     """The engine's trie over earlier outputs: substrings of up to `depth` tokens of at most `max_sequences`
-    sequences and `max_tokens` tokens; the oldest sequence goes first when a bound is passed."""
+    sequences and `max_tokens` tokens; the oldest sequence goes first when a bound is passed.
+
+    As in `SuffixTrie`, a substring that occurred once is a leaf read off its sequence (`~((no * SPAN + i) * LEAF
+    + below)`: sequence number `no`, token index i, levels allowed below), made a node when met again; taking a
+    sequence out decrements its path's nodes and drops its leaves (a leaf, count 1, is its own occurrence). Adding
+    a 250-token output then walks only what repeats: 10 ms -> ~1 on the CI CPU (the plain trie made a node for
+    every token of every suffix)."""
 
     def __init__(self, depth: int, max_sequences: int, max_tokens: int, max_nodes: int) -> None:
         self.depth = depth
@@ -182,21 +245,68 @@ class GlobalSuffixTrie:
         self.max_nodes = max_nodes
         self.trie = Nodes()
         self.sequences: deque[list[int]] = deque()
+        self._numbers: deque[int] = deque()  # each sequence's number, as `sequences`
+        self._by_number: dict[int, list[int]] = {}  # what the leaves read
         self.tokens = 0
-        self.nodes = 0  # nodes but the root
-        self.added = 0  # sequences added so far (`drop_newest` takes it back)
+        self.nodes = 0  # nodes but the root (leaves are not nodes)
+        self.added = 0  # sequences added so far (`drop_newest` takes it back; a sequence's number is its rank)
 
-    def _walk(self, tokens: list[int], delta: int) -> None:
-        trie, counts = self.trie, self.trie.counts
+    def _leaf(self, number: int, index: int, below: int) -> int:
+        return ~((number * SPAN + index) * LEAF + below)
+
+    def _unpack(self, leaf: int) -> tuple[list[int], int, int]:
+        """A leaf's (sequence, token index, levels below)."""
+        rest, below = divmod(~leaf, LEAF)
+        number, index = divmod(rest, SPAN)
+        return self._by_number[number], index, below
+
+    def kids(self, node: int) -> dict[int, int]:
+        """Children by token, a leaf's one continuation included (as `SuffixTrie.kids`)."""
+        if node >= 0:
+            return self.trie.children[node]
+        rest, below = divmod(~node, LEAF)
+        number, index = divmod(rest, SPAN)
+        seq = self._by_number[number]
+        return {seq[index + 1]: ~(~node + LEAF - 1)} if below and index + 1 < len(seq) else {}
+
+    def count(self, node: int) -> int:
+        return 1 if node < 0 else self.trie.counts[node]
+
+    def _insert(self, number: int, tokens: list[int]) -> None:
+        children, counts, depth = self.trie.children, self.trie.counts, self.depth
+        for start in range(len(tokens)):
+            node = 0
+            for i in range(start, min(start + depth, len(tokens))):
+                token = tokens[i]
+                kids = children[node]
+                child = kids.get(token)
+                if child is None:  # this suffix occurs once from here on
+                    kids[token] = self._leaf(number, i, depth - (i - start) - 1)
+                    break
+                if child < 0:  # met again: a node, its old occurrence's next token a leaf below
+                    seq, index, below = self._unpack(child)
+                    leaf, child = child, self.trie.make()
+                    kids[token] = child
+                    self.nodes += 1
+                    counts[child] = 1
+                    if below and index + 1 < len(seq):
+                        children[child][seq[index + 1]] = ~(~leaf + LEAF - 1)  # (index + 1, below - 1)
+                counts[child] += 1
+                node = child
+
+    def _remove(self, tokens: list[int]) -> None:
+        trie, children, counts = self.trie, self.trie.children, self.trie.counts
         for start in range(len(tokens)):
             node = 0
             for token in tokens[start : start + self.depth]:
-                if delta < 0 and token not in trie.children[node]:
+                kids = children[node]
+                child = kids.get(token)
+                if child is None:
                     break
-                known = token in trie.children[node]
-                child = trie.child(node, token)
-                self.nodes += not known
-                counts[child] += delta
+                if child < 0:  # its own occurrence, left implicit: gone with it
+                    del kids[token]
+                    break
+                counts[child] -= 1
                 if counts[child] <= 0:
                     self.nodes -= trie.remove(node, token)
                     break
@@ -206,37 +316,40 @@ class GlobalSuffixTrie:
         tokens = list(tokens[-self.max_tokens :])
         if not tokens:
             return
-        self._walk(tokens, +1)
+        number = self.added
+        self._by_number[number] = tokens
+        self._insert(number, tokens)
         self.sequences.append(tokens)
+        self._numbers.append(number)
         self.tokens += len(tokens)
         self.added += 1
         while self.sequences and (
             len(self.sequences) > self.max_sequences or self.tokens > self.max_tokens or self.nodes > self.max_nodes
         ):
-            old = self.sequences.popleft()
-            self.tokens -= len(old)
-            self._walk(old, -1)
+            self._take_out(self.sequences.popleft(), self._numbers.popleft())
+
+    def _take_out(self, tokens: list[int], number: int) -> None:
+        self.tokens -= len(tokens)
+        self._remove(tokens)
+        del self._by_number[number]
 
     def drop_newest(self, added: int) -> None:
         """Take out the sequences added after the first `added` (those the bound already took out are gone), exactly
         as the oldest are taken out: `added` is as it was then."""
         for _ in range(min(self.added - added, len(self.sequences))):
-            newest = self.sequences.pop()
-            self.tokens -= len(newest)
-            self._walk(newest, -1)
+            self._take_out(self.sequences.pop(), self._numbers.pop())
         self.added = min(self.added, added)
 
     def match(self, tokens: list[int], longest: int) -> tuple[int | None, int]:
         """The deepest node that a suffix of `tokens` (of at most `longest` tokens) reaches and that has a
-        continuation, and that suffix's length."""
-        children = self.trie.children
+        continuation, and that suffix's length (a node inside a path met once is that path's leaf there)."""
         for length in range(min(longest, len(tokens), self.depth - 1), 0, -1):
             node: int | None = 0
             for token in tokens[len(tokens) - length :]:
-                node = children[node].get(token)
+                node = self.kids(node).get(token)
                 if node is None:
                     break
-            if node is not None and children[node]:
+            if node is not None and self.kids(node):
                 return node, length
         return None, 0
 
@@ -246,7 +359,7 @@ class SuffixMethod(Method):
 
     max_sequences = 256  # earlier outputs kept
     max_tokens = 131_072  # tokens kept over all of them
-    max_nodes = 1_000_000  # trie nodes (~150 bytes each): the memory bound, whatever the text
+    max_nodes = 1_000_000  # trie nodes (~150 bytes each; a path met once is one leaf, an int): the memory bound
 
     def __init__(self, resources: Resources, drafter_class: type[Drafter]) -> None:
         super().__init__(resources, drafter_class)
@@ -304,11 +417,11 @@ class SuffixDrafter(HostDrafter):
         self.trie.extend(state.tokens[self.trie.length :])
         options = self.options
         node, length = self.trie.match(options.max_match)
-        nodes = self.trie.nodes
+        nodes: SuffixTrie | GlobalSuffixTrie = self.trie
         if self.shared is not None:
             other, other_length = self.shared.match(state.tokens, options.max_match)
             if other_length > length:
-                node, length, nodes = other, other_length, self.shared.trie
+                node, length, nodes = other, other_length, self.shared
         room = self.method.resources.target.max_length - len(state.tokens)
         budget = options.max_nodes if self.policy is None else self.policy.next_k()
         size = min(budget, round(options.match_factor * length), max_tokens, room)
