@@ -122,6 +122,8 @@ def test_engine_trie_is_bounded_and_forgets_the_oldest_exactly():
         small.add([rng.randrange(50) for _ in range(40)])
         assert small.nodes <= 300 + 40 * 8  # one sequence over the cap at most, before it goes
     assert small.nodes <= 300 and len(small.sequences) >= 1
+    with pytest.raises(ValueError, match="max_tokens 1048577"):  # a leaf packs a token index below 2**20
+        GlobalSuffixTrie(depth=8, max_sequences=10, max_tokens=2**20 + 1, max_nodes=100)
     node, length = trie.match(sequences[-1][:4], 8)
     assert length >= 1 and node is not None
 

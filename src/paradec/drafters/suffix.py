@@ -239,6 +239,8 @@ class GlobalSuffixTrie:
     every token of every suffix)."""
 
     def __init__(self, depth: int, max_sequences: int, max_tokens: int, max_nodes: int) -> None:
+        if not 1 <= depth <= MAX_DEPTH or not 1 <= max_tokens <= SPAN:
+            raise ValueError(f"depth {depth} or max_tokens {max_tokens} outside [1, {MAX_DEPTH}], [1, {SPAN}]")
         self.depth = depth
         self.max_sequences = max_sequences
         self.max_tokens = max_tokens
