@@ -720,16 +720,8 @@ class BatchDecoder:
             warmed.append(method)
             wanted = set()
             for size in sizes:
-                items = [
-                    self.submit(self.engine.request(prompt, method=method, max_new_tokens=max_new_tokens))
-                    for _ in range(size)
-                ]
-                for _ in self.run(items):
-                    pass
+                items = self._warm_batch(method, size, prompt, max_new_tokens)
                 wanted |= {it.decoding.drafter.needs_hidden for it in items if it.decoding is not None}
-                failed = next((it.error for it in items if it.error is not None), None)
-                if failed is not None:
-                    raise failed
             self._warm_gathered(method, prompt, max_new_tokens)
             self.engine.method(method).forget()
             for hidden in wanted - kinds:
@@ -747,17 +739,21 @@ class BatchDecoder:
         held = runner.allocate()  # the lowest free slot, 0 on an idle runner: the batch's start after it
         try:
             for size in (1, 2):
-                items = [
-                    self.submit(self.engine.request(prompt, method=method, max_new_tokens=max_new_tokens))
-                    for _ in range(size)
-                ]
-                for _ in self.run(items):
-                    pass
-                failed = next((it.error for it in items if it.error is not None), None)
-                if failed is not None:
-                    raise failed
+                self._warm_batch(method, size, prompt, max_new_tokens)
         finally:
             runner.release(held)
+
+    def _warm_batch(self, method: str, size: int, prompt: list[int], max_new_tokens: int) -> list[BatchItem]:
+        """`size` requests of `prompt` decoded together to their end; a failure is raised."""
+        items = [
+            self.submit(self.engine.request(prompt, method=method, max_new_tokens=max_new_tokens)) for _ in range(size)
+        ]
+        for _ in self.run(items):
+            pass
+        failed = next((it.error for it in items if it.error is not None), None)
+        if failed is not None:
+            raise failed
+        return items
 
     def _warm_prefill(self, hidden) -> None:
         """Run each kind of unbucketed prefill forward, so that its compilation (10-19 s each for the 1.5B on an

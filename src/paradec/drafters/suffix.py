@@ -27,7 +27,6 @@ on a tie). Drafts are point masses (no q), verified by token match: exact for gr
 from __future__ import annotations
 
 import heapq
-from collections import deque
 from dataclasses import dataclass, field
 
 from paradec.drafters import register
@@ -157,6 +156,21 @@ def best_tree(
     return tokens, parents
 
 
+def _below(leaf: int, seq: list[int], index: int, below: int) -> dict[int, int]:
+    """A leaf's one child (a leaf at `seq[index]` with `below` levels allowed under it): the next token of its
+    occurrence, again a leaf; none past the depth or the sequence's end."""
+    return {seq[index + 1]: ~(~leaf + LEAF - 1)} if below and index + 1 < len(seq) else {}
+
+
+def _grow(nodes: Nodes, kids: dict[int, int], token: int, leaf: int, seq: list[int], index: int, below: int) -> int:
+    """The node the leaf `kids[token]` becomes when its path is met again: count 1 (its one occurrence so far), the
+    old occurrence's next token a leaf below it."""
+    child = kids[token] = nodes.make()
+    nodes.counts[child] = 1
+    nodes.children[child] = _below(leaf, seq, index, below)
+    return child
+
+
 class SuffixTrie:
     """Substrings of up to `depth` tokens of one growing sequence, with counts; `match()` is the deepest node of a
     suffix of the sequence that has a continuation (its length too).
@@ -197,13 +211,8 @@ class SuffixTrie:
                 if child is None:  # this suffix occurs once from here on: a leaf, and no longer active
                     kids[token] = ~(i * LEAF + depth - level - 1)
                     continue
-                if child < 0:  # met again: the leaf becomes a node, its old occurrence's next token a leaf below
-                    q, below = divmod(~child, LEAF)
-                    leaf, child = child, nodes.make()
-                    kids[token] = child
-                    counts[child] = 1
-                    if below:  # (q < i: its next token is there)
-                        children[child][seq[q + 1]] = ~(~leaf + LEAF - 1)  # (q + 1, below - 1)
+                if child < 0:  # met again: the leaf becomes a node
+                    child = _grow(nodes, kids, token, child, seq, *divmod(~child, LEAF))
                 counts[child] += 1
                 moved.append((child, level + 1))
             self.active = moved
@@ -212,10 +221,7 @@ class SuffixTrie:
         """Children by token, a leaf's one continuation included."""
         if node >= 0:
             return self.nodes.children[node]
-        q, below = divmod(~node, LEAF)
-        if below and q + 1 < len(self.tokens):
-            return {self.tokens[q + 1]: ~(~node + LEAF - 1)}
-        return {}
+        return _below(node, self.tokens, *divmod(~node, LEAF))
 
     def count(self, node: int) -> int:
         return 1 if node < 0 else self.nodes.counts[node]
@@ -235,8 +241,8 @@ class GlobalSuffixTrie:
     As in `SuffixTrie`, a substring that occurred once is a leaf read off its sequence (`~((no * SPAN + i) * LEAF
     + below)`: sequence number `no`, token index i, levels allowed below), made a node when met again; taking a
     sequence out decrements its path's nodes and drops its leaves (a leaf, count 1, is its own occurrence). Adding
-    a 250-token output then walks only what repeats: 10 ms -> ~1 on the CI CPU (the plain trie made a node for
-    every token of every suffix)."""
+    an output then walks only what repeats: 3.51 -> 0.46 ms on the CI CPU (`scripts/bench_suffix_tries.py`; the
+    plain trie made a node for every token of every suffix)."""
 
     def __init__(self, depth: int, max_sequences: int, max_tokens: int, max_nodes: int) -> None:
         if not 1 <= depth <= MAX_DEPTH or not 1 <= max_tokens <= SPAN:
@@ -246,30 +252,27 @@ class GlobalSuffixTrie:
         self.max_tokens = max_tokens
         self.max_nodes = max_nodes
         self.trie = Nodes()
-        self.sequences: deque[list[int]] = deque()
-        self._numbers: deque[int] = deque()  # each sequence's number, as `sequences`
-        self._by_number: dict[int, list[int]] = {}  # what the leaves read
+        self._sequences: dict[int, list[int]] = {}  # the outputs kept by number, oldest first (what leaves read)
         self.tokens = 0
         self.nodes = 0  # nodes but the root (leaves are not nodes)
         self.added = 0  # sequences added so far (`drop_newest` takes it back; a sequence's number is its rank)
 
-    def _leaf(self, number: int, index: int, below: int) -> int:
-        return ~((number * SPAN + index) * LEAF + below)
+    @property
+    def sequences(self) -> list[list[int]]:
+        """The outputs kept, oldest first."""
+        return list(self._sequences.values())
 
     def _unpack(self, leaf: int) -> tuple[list[int], int, int]:
         """A leaf's (sequence, token index, levels below)."""
         rest, below = divmod(~leaf, LEAF)
         number, index = divmod(rest, SPAN)
-        return self._by_number[number], index, below
+        return self._sequences[number], index, below
 
     def kids(self, node: int) -> dict[int, int]:
         """Children by token, a leaf's one continuation included (as `SuffixTrie.kids`)."""
         if node >= 0:
             return self.trie.children[node]
-        rest, below = divmod(~node, LEAF)
-        number, index = divmod(rest, SPAN)
-        seq = self._by_number[number]
-        return {seq[index + 1]: ~(~node + LEAF - 1)} if below and index + 1 < len(seq) else {}
+        return _below(node, *self._unpack(node))
 
     def count(self, node: int) -> int:
         return 1 if node < 0 else self.trie.counts[node]
@@ -283,16 +286,11 @@ class GlobalSuffixTrie:
                 kids = children[node]
                 child = kids.get(token)
                 if child is None:  # this suffix occurs once from here on
-                    kids[token] = self._leaf(number, i, depth - (i - start) - 1)
+                    kids[token] = ~((number * SPAN + i) * LEAF + depth - (i - start) - 1)
                     break
-                if child < 0:  # met again: a node, its old occurrence's next token a leaf below
-                    seq, index, below = self._unpack(child)
-                    leaf, child = child, self.trie.make()
-                    kids[token] = child
+                if child < 0:  # met again: the leaf becomes a node
+                    child = _grow(self.trie, kids, token, child, *self._unpack(child))
                     self.nodes += 1
-                    counts[child] = 1
-                    if below and index + 1 < len(seq):
-                        children[child][seq[index + 1]] = ~(~leaf + LEAF - 1)  # (index + 1, below - 1)
                 counts[child] += 1
                 node = child
 
@@ -319,27 +317,24 @@ class GlobalSuffixTrie:
         if not tokens:
             return
         number = self.added
-        self._by_number[number] = tokens
+        self._sequences[number] = tokens
         self._insert(number, tokens)
-        self.sequences.append(tokens)
-        self._numbers.append(number)
         self.tokens += len(tokens)
         self.added += 1
-        while self.sequences and (
-            len(self.sequences) > self.max_sequences or self.tokens > self.max_tokens or self.nodes > self.max_nodes
-        ):
-            self._take_out(self.sequences.popleft(), self._numbers.popleft())
+        kept = self._sequences
+        while kept and (len(kept) > self.max_sequences or self.tokens > self.max_tokens or self.nodes > self.max_nodes):
+            self._take_out(next(iter(kept)))
 
-    def _take_out(self, tokens: list[int], number: int) -> None:
+    def _take_out(self, number: int) -> None:
+        tokens = self._sequences.pop(number)  # (taking it out reads none of its leaves)
         self.tokens -= len(tokens)
         self._remove(tokens)
-        del self._by_number[number]
 
     def drop_newest(self, added: int) -> None:
         """Take out the sequences added after the first `added` (those the bound already took out are gone), exactly
         as the oldest are taken out: `added` is as it was then."""
-        for _ in range(min(self.added - added, len(self.sequences))):
-            self._take_out(self.sequences.pop(), self._numbers.pop())
+        for _ in range(min(self.added - added, len(self._sequences))):
+            self._take_out(next(reversed(self._sequences)))
         self.added = min(self.added, added)
 
     def match(self, tokens: list[int], longest: int) -> tuple[int | None, int]:

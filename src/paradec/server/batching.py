@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -73,8 +74,6 @@ SLOW_STEP = 1.0
 
 def compiled_graphs() -> int:
     """Graphs torch.compile has compiled in this process so far (Dynamo's count; 0 where it never ran)."""
-    import sys
-
     dynamo = sys.modules.get("torch._dynamo.utils")
     return 0 if dynamo is None else int(dynamo.counters["stats"]["unique_graphs"])
 

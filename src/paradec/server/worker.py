@@ -179,26 +179,30 @@ class Handle:
         while True:
             if time.monotonic() >= self.deadline:
                 return self._timed_out()
-            if self._events.empty() and self._timer is None:
+            if (event := self.next_nowait()) is not None:
+                return event
+            if self._timer is None:
                 wake = self.deadline - time.monotonic()
                 self._timer = self._loop.call_later(wake, self._events.put_nowait, _DEADLINE)
-            event = self._events.get_nowait() if not self._events.empty() else await self._events.get()
-            if event is _DEADLINE:  # the timer's wake-up: the check above answers it (a timer may fire a little
-                self._timer = None  # early: then it is armed again)
-                continue
-            if isinstance(event, (Done, Failed)) and self._timer is not None:
-                self._timer.cancel()
-            return event
+            if (event := self._accept(await self._events.get())) is not None:
+                return event
 
     def next_nowait(self) -> Event | None:
         """The next event if it is already here and the deadline has not passed, else None: a stream joins the
         pieces that arrived together into one chunk."""
-        if self._events.empty() or time.monotonic() >= self.deadline:
-            return None
-        event = self._events.get_nowait()
+        while not self._events.empty() and time.monotonic() < self.deadline:
+            if (event := self._accept(self._events.get_nowait())) is not None:
+                return event
+        return None
+
+    def _accept(self, event: Event | object) -> Event | None:
+        """`event` as read off the queue: None for the timer's wake-up (the deadline check answers it; a timer may
+        fire a little early: then it is armed again); the job's end cancels the timer."""
         if event is _DEADLINE:
             self._timer = None
             return None
+        if isinstance(event, (Done, Failed)) and self._timer is not None:
+            self._timer.cancel()
         return event
 
     def _timed_out(self) -> Failed:
